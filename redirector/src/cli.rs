@@ -1,0 +1,79 @@
+//! Command line: `--help` is the manual, so every flag says what it maps to.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use redirector_common::{DEFAULT_ADVERTISE_PORT, DEFAULT_LISTEN_PORT};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "redirector",
+    version,
+    about = "Sidecar-proxy semantics for Grafana Tempo live-stores, in the kernel",
+    long_about = "Sidecar-proxy semantics for Grafana Tempo live-stores, in the kernel.\n\n\
+        Tempo lets a live-store listen on `server.grpc_listen_port` (default 9095) and advertise \
+        `live_store.ring.instance_port` (e.g. 12345) in the live-store ring, so queriers dial the \
+        advertised port and a sidecar proxy forwards to the real one. redirector removes the proxy: \
+        an sk_lookup program hands connections for the advertised port straight to the live-store's \
+        listening socket, with no userspace copy and the querier's real address intact."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Attach the programs and redirect until SIGINT/SIGTERM, then detach everything.
+    #[command(after_help = "Examples:\n  \
+        redirector run                                   # 12345 -> 9095 in this network namespace\n  \
+        redirector run --advertise-port 12345 --listen-port 9095 --netns /var/run/netns/live-store-0\n  \
+        redirector run --netns /proc/4242/ns/net --netns /proc/4343/ns/net")]
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Port queriers dial: Tempo's `live_store.ring.instance_port`.
+    #[arg(long, env = "REDIRECTOR_ADVERTISE_PORT", default_value_t = DEFAULT_ADVERTISE_PORT, value_parser = parse_port)]
+    pub advertise_port: u16,
+
+    /// Port the live-store listens on: Tempo's `server.grpc_listen_port`.
+    #[arg(long, env = "REDIRECTOR_LISTEN_PORT", default_value_t = DEFAULT_LISTEN_PORT, value_parser = parse_port)]
+    pub listen_port: u16,
+
+    /// Network namespace to serve, as a path: /proc/PID/ns/net or /var/run/netns/NAME.
+    /// Repeat for several live-stores. Default: the agent's own namespace.
+    #[arg(long = "netns", value_name = "PATH", env = "REDIRECTOR_NETNS", value_delimiter = ',')]
+    pub netns: Vec<PathBuf>,
+}
+
+/// A TCP port a client can connect to: 1-65535.
+pub fn parse_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u32>() {
+        Ok(p @ 1..=65535) => Ok(p as u16),
+        Ok(p) => Err(format!("port {p} is out of range: a TCP port is 1-65535")),
+        Err(_) => Err(format!("`{s}` is not a port number: a TCP port is 1-65535")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_must_be_connectable() {
+        assert_eq!(parse_port("9095"), Ok(9095));
+        assert_eq!(parse_port("65535"), Ok(65535));
+        assert!(parse_port("0").unwrap_err().contains("out of range"));
+        assert!(parse_port("65536").unwrap_err().contains("out of range"));
+        assert!(parse_port("-1").unwrap_err().contains("not a port number"));
+        assert!(parse_port("grpc").unwrap_err().contains("not a port number"));
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}
