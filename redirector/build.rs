@@ -10,36 +10,19 @@
 //! `REDIRECTOR_BPF_TOOLCHAIN=nightly|debian` forces one; otherwise the first that
 //! is present wins. Both need `bpf-linker` on PATH.
 
-use std::{
-    env,
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{env, path::PathBuf, process::Command};
 
 use anyhow::{bail, Context, Result};
 
-const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
-const DEBIAN_BPF_CORE: &str = "/usr/lib/rustlib/bpfel-unknown-none/lib";
+#[path = "../xtask/src/toolchain.rs"]
+mod toolchain;
+use toolchain::{debian_available, nightly_has_rust_src, DEBIAN_BPF_CORE, DEBIAN_RUSTC};
+
 const TARGET: &str = "bpfel-unknown-none";
 
 enum Toolchain {
     Nightly,
     Debian,
-}
-
-fn nightly_has_rust_src() -> bool {
-    let Ok(out) = Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]).output() else {
-        return false;
-    };
-    if !out.status.success() {
-        return false;
-    }
-    let sysroot = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    Path::new(&sysroot).join("lib/rustlib/src/rust/library/core").is_dir()
-}
-
-fn debian_available() -> bool {
-    Path::new(DEBIAN_RUSTC).is_file() && Path::new(DEBIAN_BPF_CORE).is_dir()
 }
 
 fn pick_toolchain() -> Result<Toolchain> {
@@ -65,29 +48,54 @@ fn pick_toolchain() -> Result<Toolchain> {
 fn main() -> Result<()> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
     let root = manifest_dir.parent().context("workspace root")?.to_owned();
-    for watched in ["redirector-ebpf/src", "redirector-ebpf/Cargo.toml", "redirector-common/src"] {
+    for watched in [
+        "redirector-ebpf/src",
+        "redirector-ebpf/Cargo.toml",
+        "redirector-common/src",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-env-changed=REDIRECTOR_BPF_TOOLCHAIN");
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("xtask/src/toolchain.rs").display()
+    );
 
     // A target dir of its own: the outer cargo holds the lock on the main one,
     // and the eBPF build uses a different compiler.
     let target_dir = root.join("target/bpf");
     let mut cmd = Command::new("cargo");
     // Variables of the outer build that must not leak into the inner one.
-    for var in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET"] {
+    for var in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
         cmd.env_remove(var);
     }
     match pick_toolchain()? {
         Toolchain::Debian => {
-            cmd.env("RUSTC", DEBIAN_RUSTC).env("RUSTC_BOOTSTRAP", "1").arg("build");
+            cmd.env("RUSTC", DEBIAN_RUSTC)
+                .env("RUSTC_BOOTSTRAP", "1")
+                .arg("build");
         }
         Toolchain::Nightly => {
             cmd.args(["+nightly", "build", "-Z", "build-std=core"]);
         }
     }
     cmd.current_dir(&root)
-        .args(["--release", "--package", "redirector-ebpf", "--target", TARGET, "--target-dir"])
+        .args([
+            "--release",
+            "--package",
+            "redirector-ebpf",
+            "--target",
+            TARGET,
+            "--target-dir",
+        ])
         .arg(&target_dir);
     let status = cmd.status().context("running cargo for the eBPF crate")?;
     if !status.success() {
@@ -95,6 +103,7 @@ fn main() -> Result<()> {
     }
     let object = target_dir.join(TARGET).join("release/redirector-ebpf");
     let out = PathBuf::from(env::var("OUT_DIR")?).join("redirector.bpf.o");
-    std::fs::copy(&object, &out).with_context(|| format!("copying {} to {}", object.display(), out.display()))?;
+    std::fs::copy(&object, &out)
+        .with_context(|| format!("copying {} to {}", object.display(), out.display()))?;
     Ok(())
 }

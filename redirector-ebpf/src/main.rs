@@ -71,16 +71,20 @@ fn redirect(ctx: &SkLookupContext) {
     }
     let netns_cookie = NETNS_COOKIE.load();
     // SAFETY: plain hash lookup; the value is copied out at once.
-    let Some(&listen_port) = (unsafe { REDIRECTS.get(&NsPort::new(netns_cookie, local_port as u16)) }) else {
+    let Some(&listen_port) =
+        (unsafe { REDIRECTS.get(&NsPort::new(netns_cookie, local_port as u16)) })
+    else {
         return;
     };
     let key = ListenerKey::new(netns_cookie, listen_port, family as u16);
     let result = match LISTENERS.redirect_sk_lookup(ctx, key, 0) {
         // An IPv4 connection can also go to a dual-stack IPv6 listener (`[::]:port`,
         // what Go's `net.Listen("tcp", ":9095")` creates).
-        Err(_) if family as u16 == AF_INET => {
-            LISTENERS.redirect_sk_lookup(ctx, ListenerKey::new(netns_cookie, listen_port, AF_INET6), 0)
-        }
+        Err(_) if family as u16 == AF_INET => LISTENERS.redirect_sk_lookup(
+            ctx,
+            ListenerKey::new(netns_cookie, listen_port, AF_INET6),
+            0,
+        ),
         other => other,
     };
     match result {
@@ -115,7 +119,11 @@ fn register_listener(ctx: &SockOpsContext) {
         return;
     }
     // SAFETY: `ops` is the context pointer the helper expects.
-    match LISTENERS.update(ListenerKey::new(netns_cookie, port, family), unsafe { &mut *ctx.ops }, BPF_ANY as u64) {
+    match LISTENERS.update(
+        ListenerKey::new(netns_cookie, port, family),
+        unsafe { &mut *ctx.ops },
+        BPF_ANY as u64,
+    ) {
         Ok(()) => count(Counter::ListenerRegistered),
         Err(_) => count(Counter::ListenerRegisterError),
     }

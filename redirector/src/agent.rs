@@ -1,6 +1,6 @@
 //! `redirector run`: validate, attach, serve until a signal, detach.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Result;
 use tokio::signal::unix::{signal, SignalKind};
@@ -32,7 +32,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     for path in &paths {
         if !path.exists() {
-            return Err(Fatal::Usage(format!("network namespace {} does not exist", path.display())).into());
+            return Err(Fatal::Usage(format!(
+                "network namespace {} does not exist",
+                path.display()
+            ))
+            .into());
         }
     }
     check_privileges()?;
@@ -41,17 +45,30 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
 
-    let namespaces = paths.iter().map(|p| open_netns(p)).collect::<Result<Vec<_>>>()?;
+    let namespaces = paths
+        .iter()
+        .map(|p| Netns::open(p))
+        .collect::<Result<Vec<_>>>()?;
     let mut datapath = Datapath::load()?;
     println!("attached sock_ops to cgroup {}", datapath.cgroup.display());
     for netns in namespaces {
         let served = datapath.serve(netns, &[redirect])?;
+        let ports: Vec<String> = served
+            .redirects
+            .iter()
+            .map(|r| format!("{} -> {}", r.advertise_port, r.listen_port))
+            .collect();
         println!(
-            "attached sk_lookup to netns {}: {} -> {}, {} existing listener(s) registered",
-            served.netns, redirect.advertise_port, redirect.listen_port, served.existing_listeners
+            "attached sk_lookup to netns {}: {}, {} existing listener(s) registered",
+            served.netns,
+            ports.join(", "),
+            served.existing_listeners
         );
     }
-    println!("ready: redirecting in {} network namespace(s)", datapath.served.len());
+    println!(
+        "ready: redirecting in {} network namespace(s)",
+        datapath.served.len()
+    );
 
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM received"),
@@ -59,19 +76,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     let counters = datapath.counters()?;
     drop(datapath);
-    let summary: Vec<String> = counters.iter().map(|(c, v)| format!("{}={v}", c.name())).collect();
+    let summary: Vec<String> = counters
+        .iter()
+        .map(|(c, v)| format!("{}={v}", c.name()))
+        .collect();
     println!("detached all programs; counters: {}", summary.join(" "));
     Ok(())
-}
-
-fn open_netns(path: &Path) -> Result<Netns> {
-    Netns::open(path).map_err(|e| {
-        if !path.exists() {
-            Fatal::Usage(format!("network namespace {} vanished before it could be served", path.display())).into()
-        } else {
-            e
-        }
-    })
 }
 
 fn check_privileges() -> Result<()> {
@@ -80,7 +90,10 @@ fn check_privileges() -> Result<()> {
         return Ok(());
     }
     let names: Vec<&str> = missing.iter().map(|(n, _)| *n).collect();
-    let reasons: Vec<String> = missing.iter().map(|(n, why)| format!("{n} to {why}")).collect();
+    let reasons: Vec<String> = missing
+        .iter()
+        .map(|(n, why)| format!("{n} to {why}"))
+        .collect();
     Err(Fatal::Environment(format!(
         "missing capabilities {}: run as root or grant them ({})",
         names.join(", "),

@@ -44,7 +44,12 @@ pub struct RunArgs {
 
     /// Network namespace to serve, as a path: /proc/PID/ns/net or /var/run/netns/NAME.
     /// Repeat for several live-stores. Default: the agent's own namespace.
-    #[arg(long = "netns", value_name = "PATH", env = "REDIRECTOR_NETNS", value_delimiter = ',')]
+    #[arg(
+        long = "netns",
+        value_name = "PATH",
+        env = "REDIRECTOR_NETNS",
+        value_delimiter = ','
+    )]
     pub netns: Vec<PathBuf>,
 }
 
@@ -68,7 +73,9 @@ mod tests {
         assert!(parse_port("0").unwrap_err().contains("out of range"));
         assert!(parse_port("65536").unwrap_err().contains("out of range"));
         assert!(parse_port("-1").unwrap_err().contains("not a port number"));
-        assert!(parse_port("grpc").unwrap_err().contains("not a port number"));
+        assert!(parse_port("grpc")
+            .unwrap_err()
+            .contains("not a port number"));
     }
 
     #[test]

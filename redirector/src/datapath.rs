@@ -22,8 +22,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use redirector_common::{
-    Counter, ListenerKey, NsPort, GLOBAL_NETNS_COOKIE, MAP_COUNTERS, MAP_LISTENERS, MAP_LISTEN_PORTS, MAP_REDIRECTS,
-    PROG_SK_LOOKUP, PROG_SOCK_OPS, SHARED_MAPS,
+    Counter, ListenerKey, NsPort, GLOBAL_NETNS_COOKIE, MAP_COUNTERS, MAP_LISTENERS,
+    MAP_LISTEN_PORTS, MAP_REDIRECTS, PROG_SK_LOOKUP, PROG_SOCK_OPS, SHARED_MAPS,
 };
 
 use crate::{cgroup, listeners, netns::Netns, sys};
@@ -60,16 +60,28 @@ impl Datapath {
     pub fn load() -> Result<Self> {
         require_bpffs()?;
         let cgroup = cgroup::cgroup2_mount()?;
-        let mut main = EbpfLoader::new().load(OBJECT).map_err(|e| kernel_error(e.into(), "loading the eBPF maps"))?;
+        let mut main = EbpfLoader::new()
+            .load(OBJECT)
+            .map_err(|e| kernel_error(e.into(), "loading the eBPF maps"))?;
         let prog: &mut SockOps = program(&mut main, PROG_SOCK_OPS)?.try_into()?;
-        prog.load()
-            .map_err(|e| kernel_error(e.into(), "loading the sock_ops program (BPF_PROG_TYPE_SOCK_OPS, Linux >= 5.15)"))?;
-        let cgroup_dir = fs::File::open(&cgroup).with_context(|| format!("opening cgroup v2 root {}", cgroup.display()))?;
+        prog.load().map_err(|e| {
+            kernel_error(
+                e.into(),
+                "loading the sock_ops program (BPF_PROG_TYPE_SOCK_OPS, Linux >= 5.15)",
+            )
+        })?;
+        let cgroup_dir = fs::File::open(&cgroup)
+            .with_context(|| format!("opening cgroup v2 root {}", cgroup.display()))?;
         // On kernels with BPF links (all we support) aya attaches through a link,
         // which the kernel always adds in multi-attach mode: other tools' programs
         // on the root cgroup keep running. Link creation rejects any mode flag.
         prog.attach(&cgroup_dir, CgroupAttachMode::Single)
-            .map_err(|e| kernel_error(e.into(), &format!("attaching sock_ops to cgroup {}", cgroup.display())))?;
+            .map_err(|e| {
+                kernel_error(
+                    e.into(),
+                    &format!("attaching sock_ops to cgroup {}", cgroup.display()),
+                )
+            })?;
         Ok(Self {
             main,
             cgroup,
@@ -110,9 +122,13 @@ impl Datapath {
     }
 
     fn set_redirects(&mut self, cookie: u64, redirects: &[Redirect]) -> Result<()> {
-        let [redirect_map, listen_map] = self.main.maps_disjoint_mut([MAP_REDIRECTS, MAP_LISTEN_PORTS]);
-        let mut redirect_map: HashMap<_, NsPort, u16> = redirect_map.context("REDIRECTS map")?.try_into()?;
-        let mut listen_map: HashMap<_, NsPort, u16> = listen_map.context("LISTEN_PORTS map")?.try_into()?;
+        let [redirect_map, listen_map] = self
+            .main
+            .maps_disjoint_mut([MAP_REDIRECTS, MAP_LISTEN_PORTS]);
+        let mut redirect_map: HashMap<_, NsPort, u16> =
+            redirect_map.context("REDIRECTS map")?.try_into()?;
+        let mut listen_map: HashMap<_, NsPort, u16> =
+            listen_map.context("LISTEN_PORTS map")?.try_into()?;
         for r in redirects {
             redirect_map
                 .insert(NsPort::new(cookie, r.advertise_port), r.listen_port, 0)
@@ -125,11 +141,17 @@ impl Datapath {
     }
 
     fn clear_redirects(&mut self, cookie: u64, redirects: &[Redirect]) {
-        for (map, port) in redirects
-            .iter()
-            .flat_map(|r| [(MAP_REDIRECTS, r.advertise_port), (MAP_LISTEN_PORTS, r.listen_port)])
-        {
-            if let Some(Ok(mut m)) = self.main.map_mut(map).map(HashMap::<_, NsPort, u16>::try_from) {
+        for (map, port) in redirects.iter().flat_map(|r| {
+            [
+                (MAP_REDIRECTS, r.advertise_port),
+                (MAP_LISTEN_PORTS, r.listen_port),
+            ]
+        }) {
+            if let Some(Ok(mut m)) = self
+                .main
+                .map_mut(map)
+                .map(HashMap::<_, NsPort, u16>::try_from)
+            {
                 // Missing entries are fine: we are undoing a partial setup.
                 let _ = m.remove(&NsPort::new(cookie, port));
             }
@@ -138,12 +160,29 @@ impl Datapath {
 
     /// Puts listeners that existed before the agent into `LISTENERS`.
     fn register_existing(&mut self, netns: &Netns, port: u16) -> Result<usize> {
-        let found = listeners::find_existing(netns, port)
-            .with_context(|| format!("looking for listeners on port {port} in {}", netns.path.display()))?;
-        let mut map: SockHash<_, ListenerKey> = self.main.map_mut(MAP_LISTENERS).context("LISTENERS map")?.try_into()?;
+        let found = listeners::find_existing(netns, port).with_context(|| {
+            format!(
+                "looking for listeners on port {port} in {}",
+                netns.path.display()
+            )
+        })?;
+        let mut map: SockHash<_, ListenerKey> = self
+            .main
+            .map_mut(MAP_LISTENERS)
+            .context("LISTENERS map")?
+            .try_into()?;
         for l in &found {
-            map.insert(ListenerKey::new(netns.cookie, port, l.family), l.socket.as_raw_fd(), 0)
-                .with_context(|| format!("registering listening socket inode {} of pid {}", l.inode, l.pid))?;
+            map.insert(
+                ListenerKey::new(netns.cookie, port, l.family),
+                l.socket.as_raw_fd(),
+                0,
+            )
+            .with_context(|| {
+                format!(
+                    "registering listening socket inode {} of pid {}",
+                    l.inode, l.pid
+                )
+            })?;
             tracing::info!(port, pid = l.pid, inode = l.inode, netns = %netns.path.display(), "registered existing listener");
         }
         Ok(found.len())
@@ -161,16 +200,28 @@ impl Datapath {
             .map_err(|e| kernel_error(e.into(), "loading the sk_lookup instance"))?;
         drop(pins);
         let prog: &mut SkLookup = program(&mut instance, PROG_SK_LOOKUP)?.try_into()?;
-        prog.load()
-            .map_err(|e| kernel_error(e.into(), "loading the sk_lookup program (BPF_PROG_TYPE_SK_LOOKUP, Linux >= 5.9)"))?;
-        prog.attach(netns.file.as_fd())
-            .map_err(|e| kernel_error(e.into(), &format!("attaching sk_lookup to {}", netns.path.display())))?;
+        prog.load().map_err(|e| {
+            kernel_error(
+                e.into(),
+                "loading the sk_lookup program (BPF_PROG_TYPE_SK_LOOKUP, Linux >= 5.9)",
+            )
+        })?;
+        prog.attach(netns.file.as_fd()).map_err(|e| {
+            kernel_error(
+                e.into(),
+                &format!("attaching sk_lookup to {}", netns.path.display()),
+            )
+        })?;
         Ok(instance)
     }
 
     /// Kernel counters summed over CPUs, in `Counter::ALL` order.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
-        let map: PerCpuArray<&MapData, u64> = self.main.map(MAP_COUNTERS).context("COUNTERS map")?.try_into()?;
+        let map: PerCpuArray<&MapData, u64> = self
+            .main
+            .map(MAP_COUNTERS)
+            .context("COUNTERS map")?
+            .try_into()?;
         Counter::ALL
             .iter()
             .map(|&c| Ok((c, map.get(&(c as u32), 0)?.iter().sum())))
@@ -195,12 +246,17 @@ fn require_bpffs() -> Result<()> {
 /// Turns permission and support errors from the kernel into messages that name
 /// the capability or feature, keeping the original error as the cause.
 fn kernel_error(err: anyhow::Error, what: &str) -> anyhow::Error {
-    let errno = err
-        .chain()
-        .find_map(|c| c.downcast_ref::<std::io::Error>().and_then(|e| e.raw_os_error()));
+    let errno = err.chain().find_map(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .and_then(|e| e.raw_os_error())
+    });
     let hint = match errno {
-        Some(libc::EPERM) | Some(libc::EACCES) => " (permission denied: needs CAP_BPF and CAP_NET_ADMIN, or root)",
-        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(ENOTSUPP) => " (the kernel does not support this)",
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            " (permission denied: needs CAP_BPF and CAP_NET_ADMIN, or root)"
+        }
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(ENOTSUPP) => {
+            " (the kernel does not support this)"
+        }
         _ => "",
     };
     err.context(format!("{what}{hint}"))
@@ -223,7 +279,10 @@ impl PinWindow {
         // process with our pid is stale.
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut window = Self { dir, paths: Vec::new() };
+        let mut window = Self {
+            dir,
+            paths: Vec::new(),
+        };
         for name in SHARED_MAPS {
             let path = window.dir.join(name);
             main.map(name)

@@ -31,9 +31,16 @@ pub fn find_existing(netns: &Netns, port: u16) -> io::Result<Vec<Listener>> {
     // which works for namespaces that no process lives in (bind mounts).
     let inodes = sys::in_netns(netns.file.as_fd(), || {
         let mut found = Vec::new();
-        for (file, family) in [("/proc/thread-self/net/tcp", AF_INET), ("/proc/thread-self/net/tcp6", AF_INET6)] {
+        for (file, family) in [
+            ("/proc/thread-self/net/tcp", AF_INET),
+            ("/proc/thread-self/net/tcp6", AF_INET6),
+        ] {
             match fs::read_to_string(file) {
-                Ok(table) => found.extend(listening_inodes(&table, port).into_iter().map(|i| (i, family))),
+                Ok(table) => found.extend(
+                    listening_inodes(&table, port)
+                        .into_iter()
+                        .map(|i| (i, family)),
+                ),
                 // No IPv6 in this kernel or namespace.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
@@ -48,7 +55,11 @@ pub fn find_existing(netns: &Netns, port: u16) -> io::Result<Vec<Listener>> {
     let mut listeners = Vec::new();
     for (inode, family) in inodes {
         let Some(&(pid, fd)) = owners.get(&inode) else {
-            tracing::warn!(inode, port, "listening socket has no owning process we can see (hostPID off?)");
+            tracing::warn!(
+                inode,
+                port,
+                "listening socket has no owning process we can see (hostPID off?)"
+            );
             continue;
         };
         match sys::copy_fd_from(pid, fd) {
@@ -58,7 +69,13 @@ pub fn find_existing(netns: &Netns, port: u16) -> io::Result<Vec<Listener>> {
                 pid,
                 socket,
             }),
-            Err(e) => tracing::warn!(inode, pid, fd, port, "cannot copy listening socket (pidfd_getfd): {e}"),
+            Err(e) => tracing::warn!(
+                inode,
+                pid,
+                fd,
+                port,
+                "cannot copy listening socket (pidfd_getfd): {e}"
+            ),
         }
     }
     Ok(listeners)
@@ -89,7 +106,11 @@ fn socket_owners(mut wanted: Vec<u64>) -> HashMap<u64, (i32, i32)> {
         return owners;
     };
     for entry in procs.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
             continue;
         };
         if pid == me {
@@ -112,7 +133,11 @@ fn socket_owners(mut wanted: Vec<u64>) -> HashMap<u64, (i32, i32)> {
                 continue;
             };
             if let Some(pos) = wanted.iter().position(|w| *w == inode) {
-                if let Some(fd) = fd_entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) {
+                if let Some(fd) = fd_entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<i32>().ok())
+                {
                     owners.insert(inode, (pid, fd));
                     wanted.swap_remove(pos);
                 }

@@ -9,9 +9,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
-use crate::sys;
+use crate::{error::Fatal, sys};
 
 /// The agent's own network namespace, the default target.
 pub const SELF_NETNS: &str = "/proc/self/ns/net";
@@ -25,19 +25,31 @@ pub struct Netns {
 impl Netns {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => anyhow::anyhow!("network namespace {} does not exist", path.display()),
-            _ => anyhow::Error::new(e).context(format!("opening network namespace {}", path.display())),
+            io::ErrorKind::NotFound => Fatal::Usage(format!(
+                "network namespace {} does not exist",
+                path.display()
+            ))
+            .into(),
+            _ => anyhow::Error::new(e)
+                .context(format!("opening network namespace {}", path.display())),
         })?;
         // Anything but a netns file is rejected by setns(CLONE_NEWNET) with EINVAL below.
-        let meta = file.metadata().with_context(|| format!("stat {}", path.display()))?;
+        let meta = file
+            .metadata()
+            .with_context(|| format!("stat {}", path.display()))?;
         if meta.is_dir() {
-            bail!("{} is a directory, not a network namespace file", path.display());
+            return Err(Fatal::Usage(format!(
+                "{} is a directory, not a network namespace",
+                path.display()
+            ))
+            .into());
         }
         let cookie = sys::in_netns(file.as_fd(), sys::current_netns_cookie).map_err(|e| {
             if e.raw_os_error() == Some(libc::EINVAL) {
-                anyhow::anyhow!("{} is not a network namespace", path.display())
+                Fatal::Usage(format!("{} is not a network namespace", path.display())).into()
             } else {
-                anyhow::Error::new(e).context(format!("entering network namespace {}", path.display()))
+                anyhow::Error::new(e)
+                    .context(format!("entering network namespace {}", path.display()))
             }
         })?;
         Ok(Self {
@@ -55,6 +67,12 @@ impl Netns {
 
 impl fmt::Display for Netns {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (net:[{}], cookie {})", self.path.display(), self.inode(), self.cookie)
+        write!(
+            f,
+            "{} (net:[{}], cookie {})",
+            self.path.display(),
+            self.inode(),
+            self.cookie
+        )
     }
 }

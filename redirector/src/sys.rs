@@ -16,7 +16,10 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Runs `f` on a thread that has entered the network namespace `netns`. Sockets
 /// created there belong to that namespace for their whole life, whichever thread
 /// uses them later; the calling thread's namespace never changes.
-pub fn in_netns<T: Send>(netns: BorrowedFd<'_>, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+pub fn in_netns<T: Send>(
+    netns: BorrowedFd<'_>,
+    f: impl FnOnce() -> io::Result<T> + Send,
+) -> io::Result<T> {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -80,7 +83,8 @@ pub fn copy_fd_from(pid: i32, fd: i32) -> io::Result<OwnedFd> {
 
 /// Whether `path` is on a bpffs mount.
 pub fn is_bpffs(path: &Path) -> io::Result<bool> {
-    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let c_path =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
     // SAFETY: zeroed statfs is a valid out-buffer for statfs(2).
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: c_path is NUL-terminated, st is a valid out-pointer.
@@ -93,9 +97,21 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
 /// Linux capabilities the agent needs, with the reason an operator reads.
 pub const REQUIRED_CAPABILITIES: [(u32, &str, &str); 4] = [
     (39, "CAP_BPF", "load eBPF programs and maps"),
-    (12, "CAP_NET_ADMIN", "attach sk_lookup to network namespaces and sock_ops to the cgroup"),
-    (21, "CAP_SYS_ADMIN", "enter other network namespaces (setns) and pin to bpffs"),
-    (19, "CAP_SYS_PTRACE", "copy a live-store's existing listening socket (pidfd_getfd)"),
+    (
+        12,
+        "CAP_NET_ADMIN",
+        "attach sk_lookup to network namespaces and sock_ops to the cgroup",
+    ),
+    (
+        21,
+        "CAP_SYS_ADMIN",
+        "enter other network namespaces (setns) and pin to bpffs",
+    ),
+    (
+        19,
+        "CAP_SYS_PTRACE",
+        "copy a live-store's existing listening socket (pidfd_getfd)",
+    ),
 ];
 
 /// The required capabilities missing from this process's effective set.

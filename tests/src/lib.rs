@@ -1,1 +1,408 @@
+//! Fixtures for the privileged integration tests: network namespaces joined by
+//! veth pairs, named servers that say who answered and whom they saw, and the
+//! real agent binary run as a child process. Every fixture undoes itself on
+//! drop, so a failing test leaves no namespace, process or program behind.
 
+use std::{
+    io::{self, BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+pub const ADVERTISE: u16 = redirector_common::DEFAULT_ADVERTISE_PORT;
+pub const LISTEN: u16 = redirector_common::DEFAULT_LISTEN_PORT;
+
+/// Addresses inside the test namespaces only (RFC 2544 benchmarking range and a
+/// ULA prefix); the namespaces have no route anywhere else.
+pub const QUERIER_V4: &str = "198.18.0.1";
+pub const LIVE_STORE_V4: &str = "198.18.0.2";
+pub const QUERIER_V6: &str = "fd00:5eed::1";
+pub const LIVE_STORE_V6: &str = "fd00:5eed::2";
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A network namespace named after this process and a counter, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Result<Self> {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("rdt-{}-{n}-{tag}", std::process::id());
+        ip(&["netns", "add", &name])?;
+        let ns = Self { name };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    /// Runs `f` on a thread inside this namespace; sockets it creates live here.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let file = std::fs::File::open(self.path()).expect("open netns file");
+        thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns on this thread only, with a valid netns fd.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(
+                    rc,
+                    0,
+                    "setns into {}: {}",
+                    self.name,
+                    io::Error::last_os_error()
+                );
+                f()
+            })
+            .join()
+            .expect("thread inside netns panicked")
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Joins a querier namespace and a live-store namespace with a veth pair that
+/// carries both IPv4 and IPv6 (DAD off so v6 addresses are usable at once).
+pub fn veth(querier: &Netns, live_store: &Netns) -> Result<()> {
+    ip(&[
+        "-n",
+        &querier.name,
+        "link",
+        "add",
+        "vq",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "vl",
+        "netns",
+        &live_store.name,
+    ])?;
+    for (ns, dev, v4, v6) in [
+        (querier, "vq", QUERIER_V4, QUERIER_V6),
+        (live_store, "vl", LIVE_STORE_V4, LIVE_STORE_V6),
+    ] {
+        ip(&[
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{v4}/24"),
+            "dev",
+            dev,
+        ])?;
+        ip(&[
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{v6}/64"),
+            "dev",
+            dev,
+            "nodad",
+        ])?;
+        ip(&["-n", &ns.name, "link", "set", dev, "up"])?;
+    }
+    Ok(())
+}
+
+/// A TCP server that answers each connection with its own name and the peer
+/// address it saw, then echoes what it read: tests can tell *which* socket
+/// answered and that the client's address survived.
+pub struct Server {
+    pub name: String,
+    accepted: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Listens on `addr` inside `ns` ("[::]:9095" is dual-stack, like Go's ":9095").
+    pub fn start(ns: &Netns, addr: &str, name: &str) -> Result<Self> {
+        let addr: SocketAddr = addr.parse().context("server address")?;
+        let listener = ns
+            .run(|| TcpListener::bind(addr))
+            .with_context(|| format!("bind {addr} in {}", ns.name))?;
+        Ok(Self::serve(listener, name))
+    }
+
+    pub fn serve(listener: TcpListener, name: &str) -> Self {
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = {
+            let (accepted, stop, name) = (accepted.clone(), stop.clone(), name.to_owned());
+            thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((conn, peer)) => {
+                            accepted.lock().expect("lock").push(peer);
+                            let name = name.clone();
+                            thread::spawn(move || answer(conn, &name, peer));
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(2))
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+                // The listener closes here, before `stop()` returns.
+            })
+        };
+        Self {
+            name: name.to_owned(),
+            accepted,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn accepted(&self) -> Vec<SocketAddr> {
+        self.accepted.lock().expect("lock").clone()
+    }
+
+    /// Closes the listening socket (and returns once it is closed).
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+fn answer(mut conn: TcpStream, name: &str, peer: SocketAddr) {
+    let _ = conn.set_nonblocking(false);
+    let mut payload = Vec::new();
+    if conn.read_to_end(&mut payload).is_err() {
+        return;
+    }
+    let _ = conn.write_all(format!("{name} {peer}\n").as_bytes());
+    let _ = conn.write_all(&payload);
+}
+
+/// What a `Server` answered.
+#[derive(Debug)]
+pub struct Reply {
+    pub server: String,
+    pub peer_seen: SocketAddr,
+    pub echo: Vec<u8>,
+    pub local_addr: SocketAddr,
+}
+
+/// Connects from inside `ns` to `addr`, sends `payload`, and reads the reply.
+pub fn request(ns: &Netns, addr: &str, payload: &[u8]) -> io::Result<Reply> {
+    let addr: SocketAddr = addr.parse().map_err(io::Error::other)?;
+    ns.run(|| {
+        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let local_addr = conn.local_addr()?;
+        conn.write_all(payload)?;
+        conn.shutdown(Shutdown::Write)?;
+        let mut reader = BufReader::new(conn);
+        let mut header = String::new();
+        reader.read_line(&mut header)?;
+        let (server, peer) = header
+            .trim_end()
+            .split_once(' ')
+            .ok_or_else(|| io::Error::other(format!("bad reply header {header:?}")))?;
+        let mut echo = Vec::new();
+        reader.read_to_end(&mut echo)?;
+        Ok(Reply {
+            server: server.to_owned(),
+            peer_seen: peer.parse().map_err(io::Error::other)?,
+            echo,
+            local_addr,
+        })
+    })
+}
+
+/// Path of the agent binary `cargo xtask test` built.
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("REDIRECTOR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/release/redirector"
+            ))
+        })
+}
+
+/// The real agent, started with `redirector run ARGS` and stopped with SIGTERM.
+pub struct Agent {
+    child: Child,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+fn collect(stream: impl Read + Send + 'static, into: Arc<Mutex<Vec<String>>>) {
+    thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            into.lock().expect("lock").push(line);
+        }
+    });
+}
+
+impl Agent {
+    /// Starts the agent and waits until it prints its `ready` line.
+    pub fn start(args: &[&str]) -> Result<Self> {
+        let mut child = Command::new(agent_bin())
+            .arg("run")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", agent_bin().display()))?;
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        collect(child.stdout.take().context("stdout")?, stdout.clone());
+        collect(child.stderr.take().context("stderr")?, stderr.clone());
+        let mut agent = Self {
+            child,
+            stdout,
+            stderr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if agent.stdout().iter().any(|l| l.starts_with("ready")) {
+                return Ok(agent);
+            }
+            if let Some(status) = agent.child.try_wait()? {
+                thread::sleep(Duration::from_millis(50));
+                bail!(
+                    "agent exited with {status} before ready; stderr: {}",
+                    agent.stderr().join("\n")
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent not ready after 20 s; stderr: {}",
+                    agent.stderr().join("\n")
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn stdout(&self) -> Vec<String> {
+        self.stdout.lock().expect("lock").clone()
+    }
+
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().expect("lock").clone()
+    }
+
+    /// SIGTERM, wait for exit, and return the exit status and everything printed.
+    pub fn stop(mut self) -> Result<Stopped> {
+        let status = self.terminate()?;
+        // Let the reader threads drain the pipes.
+        thread::sleep(Duration::from_millis(50));
+        Ok(Stopped {
+            status,
+            stdout: self.stdout(),
+            stderr: self.stderr(),
+        })
+    }
+
+    fn terminate(&mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.child.try_wait()? {
+            return Ok(status);
+        }
+        // SAFETY: kill(2) on the pid of a child we started and have not reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        self.child.kill()?;
+        bail!("agent ignored SIGTERM for 10 s and was killed")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.terminate();
+    }
+}
+
+pub struct Stopped {
+    pub status: ExitStatus,
+    pub stdout: Vec<String>,
+    pub stderr: Vec<String>,
+}
+
+impl Stopped {
+    /// A kernel counter from the agent's exit summary (`counters: name=value ...`).
+    pub fn counter(&self, name: &str) -> u64 {
+        let line = self
+            .stdout
+            .iter()
+            .find(|l| l.contains("counters:"))
+            .unwrap_or_else(|| panic!("no counters line in agent output {:?}", self.stdout));
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no counter {name} in {line:?}"))
+    }
+}
+
+/// Names of loaded BPF programs that belong to redirector.
+pub fn redirector_programs() -> Vec<String> {
+    aya::programs::loaded_programs()
+        .filter_map(|p| p.ok())
+        .filter_map(|p| p.name_as_str().map(str::to_owned))
+        .filter(|n| n == redirector_common::PROG_SK_LOOKUP || n == redirector_common::PROG_SOCK_OPS)
+        .collect()
+}
+
+/// `v4` as a dual-stack socket reports it (`::ffff:a.b.c.d`) or plain.
+pub fn same_ip(seen: &SocketAddr, expected: &str) -> bool {
+    seen.ip().to_canonical().to_string() == expected
+}

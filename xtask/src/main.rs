@@ -1,1 +1,118 @@
-fn main() {}
+//! `cargo xtask setup|build|run|test`: the project's own build driver. Every
+//! command first makes sure the machine has what it needs (idempotently), so a
+//! fresh clone on a fresh machine needs nothing else.
+
+mod setup;
+mod toolchain;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run and test redirector")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: the eBPF toolchain, bpf-linker, iproute2, bpffs.
+    Setup,
+    /// Build target/release/redirector with the kernel programs inside.
+    Build,
+    /// Build and run the agent: 12345 -> 9095 in this network namespace, until Ctrl-C.
+    /// Arguments after `--` go to `redirector run` (see `redirector run --help`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit tests, then the privileged integration tests (as root,
+    /// one at a time, since they share kernel state such as the root cgroup).
+    Test {
+        /// Only integration tests whose name contains this.
+        filter: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let root = workspace_root();
+    match cli.command {
+        Cmd::Setup => setup::ensure(),
+        Cmd::Build => {
+            setup::ensure()?;
+            build(&root)
+        }
+        Cmd::Run { args } => {
+            setup::ensure()?;
+            build(&root)?;
+            let bin = root.join("target/release/redirector");
+            eprintln!("xtask: running {} run {}", bin.display(), args.join(" "));
+            cmd(Command::new(bin).arg("run").args(&args))
+        }
+        Cmd::Test { filter } => {
+            setup::ensure()?;
+            build(&root)?;
+            cmd(cargo(&root).args([
+                "test",
+                "--release",
+                "-p",
+                "redirector",
+                "-p",
+                "redirector-common",
+                "-p",
+                "xtask",
+            ]))?;
+            let mut integration = cargo(&root);
+            integration
+                .args(["test", "--release", "-p", "redirector-tests", "--"])
+                .arg("--test-threads=1")
+                .env("REDIRECTOR_BIN", root.join("target/release/redirector"));
+            if let Some(f) = filter {
+                integration.arg(f);
+            }
+            cmd(&mut integration)
+        }
+    }
+}
+
+fn build(root: &Path) -> Result<()> {
+    cmd(cargo(root).args(["build", "--release", "-p", "redirector"]))
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root);
+    c
+}
+
+pub(crate) fn cmd(c: &mut Command) -> Result<()> {
+    let status = c.status().with_context(|| format!("starting {c:?}"))?;
+    if !status.success() {
+        bail!("{c:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    // xtask lives one level below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}

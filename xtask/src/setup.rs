@@ -1,0 +1,130 @@
+//! Idempotent machine setup, following ../shared/TOOLCHAIN.md: Debian's
+//! rustc-web ships a prebuilt `core` for bpfel-unknown-none (rustup's nightly
+//! cannot fetch rust-src here), and bpf-linker 0.13 links against LLVM 22.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Result};
+
+use crate::{
+    cmd,
+    toolchain::{debian_available, nightly_has_rust_src, DEBIAN_BPF_CORE, DEBIAN_RUSTC},
+};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// Debian packages and the file each one provides, so a present file skips the
+/// package manager entirely.
+const EBPF_TOOLCHAIN: [(&str, &str); 2] = [
+    ("rustc-web", DEBIAN_RUSTC),
+    ("libstd-rust-web-dev-bpf", DEBIAN_BPF_CORE),
+];
+const LLVM: (&str, &str) = ("llvm-22-dev", "/usr/lib/llvm-22/lib/libLLVM.so");
+const TEST_TOOLS: [(&str, &str); 2] = [
+    ("iproute2", "/usr/bin/ip"),
+    ("util-linux", "/usr/bin/setpriv"),
+];
+
+pub fn ensure() -> Result<()> {
+    let mut wanted: Vec<(&str, &str)> = Vec::new();
+    if !debian_available() && !nightly_has_rust_src() {
+        wanted.extend(EBPF_TOOLCHAIN);
+    }
+    let linker_ok = bpf_linker_ok();
+    if !linker_ok {
+        wanted.push(LLVM);
+    }
+    wanted.extend(TEST_TOOLS);
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(_, f)| !Path::new(f).exists())
+        .map(|(p, _)| *p)
+        .collect();
+    if !missing.is_empty() {
+        apt_install(&missing)?;
+    }
+    if !linker_ok {
+        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (LLVM 22)");
+        cmd(
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--locked",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                ])
+                .args(["--no-default-features", "--features", "llvm-22"])
+                // bpf-linker's build script reads LLVM_PREFIX, llvm-sys reads LLVM_SYS_221_PREFIX.
+                .env("LLVM_PREFIX", LLVM_PREFIX)
+                .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX),
+        )?;
+    }
+    ensure_bpffs()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
+    if !Path::new("/usr/bin/apt-get").exists() {
+        bail!(
+            "missing: {}. This system has no apt-get: install the equivalents by hand (a Rust toolchain that can \
+             build bpfel-unknown-none, i.e. nightly with rust-src; LLVM 22 development files; iproute2; util-linux), \
+             then `cargo install bpf-linker --version {BPF_LINKER_VERSION}`",
+            packages.join(", ")
+        );
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages {}: run `cargo xtask setup` as root",
+            packages.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", packages.join(" "));
+    cmd(Command::new("apt-get").args(["update", "-q"]))?;
+    cmd(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
+        .unwrap_or(false)
+}
+
+fn ensure_bpffs() -> Result<()> {
+    let mounted = std::fs::read_to_string("/proc/self/mounts")
+        .map(|m| {
+            m.lines().any(|l| {
+                l.split_whitespace().nth(1) == Some(BPFFS)
+                    && l.split_whitespace().nth(2) == Some("bpf")
+            })
+        })
+        .unwrap_or(false);
+    if mounted {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("bpffs is not mounted at {BPFFS}: run `mount -t bpf bpf {BPFFS}` as root");
+    }
+    eprintln!("xtask: mounting bpffs at {BPFFS}");
+    cmd(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
+}
