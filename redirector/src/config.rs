@@ -1,0 +1,957 @@
+//! Configuration files: Tempo's own config (read for two ports, everything else
+//! ignored) and redirector's `redirector.yaml` (strict: a typo is an error, not a
+//! silently ignored setting).
+//!
+//! Every error here is the operator's to fix, so each one is a single line that
+//! starts with `FILE:LINE:COLUMN:` where serde_yaml knows the position, and is a
+//! [`Fatal::Usage`] (exit code 2).
+
+// Wired into the CLI by the agent work (issue 4).
+#![allow(dead_code)]
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Result;
+use serde::{de, Deserialize, Deserializer, Serialize};
+
+use crate::error::Fatal;
+
+/// Tempo's `server.grpc_listen_port` when the file does not set it.
+pub const TEMPO_DEFAULT_GRPC_LISTEN_PORT: u16 = 9095;
+
+/// The two ports redirector needs from a live-store's Tempo config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TempoPorts {
+    /// `server.grpc_listen_port`: where the live-store's gRPC socket listens.
+    pub listen_port: u16,
+    /// `live_store.ring.instance_port`: what the ring tells queriers to dial.
+    pub advertise_port: u16,
+}
+
+/// Reads the two ports out of Tempo's config file at `path`.
+pub fn tempo_ports(path: &Path) -> Result<TempoPorts> {
+    parse_tempo(&read(path)?, path)
+}
+
+/// [`tempo_ports`] on text already read; `origin` names it in errors.
+pub fn parse_tempo(text: &str, origin: &Path) -> Result<TempoPorts> {
+    // No deny_unknown_fields anywhere here: Tempo's file has hundreds of keys that
+    // are none of our business, and new Tempo releases add more.
+    #[derive(Deserialize)]
+    struct Root {
+        server: Option<Server>,
+        live_store: Option<LiveStore>,
+    }
+    #[derive(Deserialize)]
+    struct Server {
+        #[serde(default, deserialize_with = "opt_port")]
+        grpc_listen_port: Option<u16>,
+    }
+    #[derive(Deserialize)]
+    struct LiveStore {
+        ring: Option<Ring>,
+    }
+    #[derive(Deserialize)]
+    struct Ring {
+        #[serde(default, deserialize_with = "opt_port")]
+        instance_port: Option<u16>,
+    }
+
+    let root: Option<Root> = serde_yaml::from_str(text).map_err(|e| yaml_error(origin, &e))?;
+    let listen_port = root
+        .as_ref()
+        .and_then(|r| r.server.as_ref())
+        .and_then(|s| s.grpc_listen_port)
+        .unwrap_or(TEMPO_DEFAULT_GRPC_LISTEN_PORT);
+    let advertise_port = root
+        .as_ref()
+        .and_then(|r| r.live_store.as_ref())
+        .and_then(|l| l.ring.as_ref())
+        .and_then(|r| r.instance_port)
+        .ok_or_else(|| {
+            usage(format!(
+                "{}: live_store.ring.instance_port is not set: set it to the port queriers should dial \
+                 (e.g. 12345), different from server.grpc_listen_port ({listen_port})",
+                origin.display()
+            ))
+        })?;
+    if advertise_port == listen_port {
+        return Err(usage(format!(
+            "{}: live_store.ring.instance_port and server.grpc_listen_port are both {listen_port}: \
+             there is nothing to redirect; advertise a different port in live_store.ring.instance_port",
+            origin.display()
+        )));
+    }
+    Ok(TempoPorts {
+        listen_port,
+        advertise_port,
+    })
+}
+
+/// redirector's own `redirector.yaml`. Every field is optional; the CLI decides
+/// what an absent one means, and a flag given on the command line wins.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Port pairs to redirect; no two share an advertise port.
+    #[serde(default, deserialize_with = "redirect_list")]
+    pub redirects: Vec<RedirectSpec>,
+    /// Network namespaces to serve: `/proc/PID/ns/net` or `/var/run/netns/NAME`.
+    #[serde(default)]
+    pub netns: Vec<PathBuf>,
+    /// Find live-store namespaces by themselves instead of listing them.
+    pub discover: Option<bool>,
+    /// Which cgroups discovery considers; see [`cgroup_pattern_matches`].
+    #[serde(default, deserialize_with = "opt_pattern")]
+    pub cgroup_pattern: Option<String>,
+    /// Pin programs and maps under bpffs so redirects outlive the agent.
+    pub pin: Option<bool>,
+    /// How flow records are written.
+    pub flow_format: Option<FlowFormat>,
+    /// Where flow records go (a file path).
+    pub flow_log: Option<PathBuf>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, e.g. `0.0.0.0:9464`.
+    pub metrics_addr: Option<SocketAddr>,
+    /// A live-store's Tempo config to take one more redirect from ([`tempo_ports`]).
+    pub tempo_config: Option<PathBuf>,
+}
+
+/// One advertise -> listen pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct RedirectSpec {
+    pub advertise_port: u16,
+    pub listen_port: u16,
+}
+
+/// Flow record formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowFormat {
+    Text,
+    Json,
+    Logfmt,
+}
+
+impl FlowFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlowFormat::Text => "text",
+            FlowFormat::Json => "json",
+            FlowFormat::Logfmt => "logfmt",
+        }
+    }
+}
+
+impl fmt::Display for FlowFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Reads and validates `redirector.yaml` at `path`.
+pub fn load(path: &Path) -> Result<FileConfig> {
+    parse(&read(path)?, path)
+}
+
+/// [`load`] on text already read; `origin` names it in errors. An empty file (or
+/// one with only comments) is the all-defaults config.
+pub fn parse(text: &str, origin: &Path) -> Result<FileConfig> {
+    let cfg: Option<FileConfig> = serde_yaml::from_str(text).map_err(|e| yaml_error(origin, &e))?;
+    Ok(cfg.unwrap_or_default())
+}
+
+/// The redirects a config asks for: its `redirects` list plus, when
+/// `tempo_config` is set, the pair read from that Tempo file. Errors if the Tempo
+/// file's advertise port is already in the list with another listen port.
+pub fn resolve_redirects(cfg: &FileConfig) -> Result<Vec<RedirectSpec>> {
+    let mut out = cfg.redirects.clone();
+    if let Some(tempo) = &cfg.tempo_config {
+        let ports = tempo_ports(tempo)?;
+        let spec = RedirectSpec {
+            advertise_port: ports.advertise_port,
+            listen_port: ports.listen_port,
+        };
+        match out
+            .iter()
+            .find(|r| r.advertise_port == spec.advertise_port)
+        {
+            // Saying the same thing twice (list and Tempo file) is harmless.
+            Some(r) if *r == spec => {}
+            Some(r) => {
+                return Err(usage(format!(
+                    "advertise port {} goes to listen port {} in `redirects` but to {} in tempo_config {}: \
+                     one advertise port can only go to one listener",
+                    spec.advertise_port,
+                    r.listen_port,
+                    spec.listen_port,
+                    tempo.display()
+                )))
+            }
+            None => out.push(spec),
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a cgroup path (as in `/proc/PID/cgroup`, e.g.
+/// `/kubepods.slice/kubepods-burstable.slice/...-pod<uid>.slice/cri-containerd-<id>.scope`)
+/// matches `cgroup_pattern`. Deliberately not a regex: a pattern without `*` or
+/// `?` matches if it occurs anywhere in the path (substring); a pattern with
+/// them is a glob over the whole path, where `*` matches any run of characters
+/// including `/` and `?` matches exactly one character. There is no escaping and
+/// no `[...]` class.
+pub fn cgroup_pattern_matches(pattern: &str, cgroup_path: &str) -> bool {
+    if !pattern.contains(['*', '?']) {
+        return cgroup_path.contains(pattern);
+    }
+    glob_match(pattern.as_bytes(), cgroup_path.as_bytes())
+}
+
+/// Iterative wildcard match with single backtracking point: linear enough for
+/// cgroup paths and without recursion depth to worry about.
+fn glob_match(pat: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pat.len() && (pat[p] == b'?' || pat[p] == text[t]) {
+            p += 1;
+            t += 1;
+        } else if p < pat.len() && pat[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if let Some((sp, st)) = star {
+            p = sp + 1;
+            t = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    pat[p..].iter().all(|&c| c == b'*')
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| usage(format!("cannot read {}: {e}", path.display())))
+}
+
+fn usage(msg: String) -> anyhow::Error {
+    Fatal::Usage(msg).into()
+}
+
+/// `FILE:LINE:COLUMN: message`, one line. serde_yaml appends ` at line L column C`
+/// to its own message (and libyaml may add a context); the location moves to the
+/// front where editors and humans look for it.
+fn yaml_error(origin: &Path, err: &serde_yaml::Error) -> anyhow::Error {
+    let mut msg = err.to_string();
+    let prefix = match err.location() {
+        Some(loc) => {
+            let suffix = format!(" at line {} column {}", loc.line(), loc.column());
+            if let Some(i) = msg.find(&suffix) {
+                msg.replace_range(i..i + suffix.len(), "");
+            }
+            format!("{}:{}:{}", origin.display(), loc.line(), loc.column())
+        }
+        None => origin.display().to_string(),
+    };
+    let msg = msg.split_whitespace().collect::<Vec<_>>().join(" ");
+    usage(format!("{prefix}: {msg}"))
+}
+
+/// Reads a TCP port (1-65535) from whatever scalar YAML gives, so the error can
+/// quote what the file says. Errors are raised while serde_yaml is still on the
+/// value, which makes it prefix the full key path and point at the value.
+struct PortVisitor {
+    /// `key:` with nothing after it (YAML null) means "not set" where allowed.
+    allow_null: bool,
+}
+
+impl PortVisitor {
+    fn check<E: de::Error>(n: i128) -> Result<Option<u16>, E> {
+        match n {
+            1..=65535 => Ok(Some(n as u16)),
+            _ => Err(E::custom(format!(
+                "port {n} is out of range: a TCP port is 1-65535"
+            ))),
+        }
+    }
+
+    fn not_a_port<E: de::Error>(shown: &str) -> E {
+        let hint = if shown.contains("${") {
+            " (environment placeholders are not expanded here: write the number)"
+        } else {
+            ""
+        };
+        E::custom(format!(
+            "`{shown}` is not a port number{hint}: a TCP port is 1-65535"
+        ))
+    }
+}
+
+impl<'de> de::Visitor<'de> for PortVisitor {
+    type Value = Option<u16>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a TCP port number (1-65535)")
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Self::check(i128::from(v))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Self::check(i128::from(v))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Err(Self::not_a_port(&v.to_string()))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        // Quoted digits are still a port.
+        match v.trim().parse::<i128>() {
+            Ok(n) => Self::check(n),
+            Err(_) => Err(Self::not_a_port(v)),
+        }
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+        Err(Self::not_a_port(&v.to_string()))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        if self.allow_null {
+            Ok(None)
+        } else {
+            Err(E::custom("no value: a TCP port is 1-65535"))
+        }
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        self.visit_unit()
+    }
+}
+
+/// A port that must be there.
+struct Port(u16);
+
+impl<'de> Deserialize<'de> for Port {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match d.deserialize_any(PortVisitor { allow_null: false })? {
+            Some(p) => Ok(Port(p)),
+            None => Err(de::Error::custom("no value: a TCP port is 1-65535")),
+        }
+    }
+}
+
+fn opt_port<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    d.deserialize_any(PortVisitor { allow_null: true })
+}
+
+/// Reads one `{advertise_port, listen_port}` mapping. The pair checks (equal
+/// ports, an advertise port already used by an earlier entry) run inside the
+/// mapping so serde_yaml reports them at that entry, not at the list.
+struct RedirectVisitor<'a> {
+    seen: &'a mut HashSet<u16>,
+}
+
+impl<'de> de::Visitor<'de> for RedirectVisitor<'_> {
+    type Value = RedirectSpec;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a mapping with advertise_port and listen_port")
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<RedirectSpec, A::Error> {
+        // A derived identifier rejects unknown keys while serde_yaml is on the
+        // key, so the error points at it rather than at the mapping.
+        #[derive(Deserialize)]
+        #[serde(field_identifier, rename_all = "snake_case")]
+        enum Field {
+            AdvertisePort,
+            ListenPort,
+        }
+        let (mut advertise, mut listen) = (None, None);
+        while let Some(key) = map.next_key::<Field>()? {
+            let (slot, name) = match key {
+                Field::AdvertisePort => (&mut advertise, "advertise_port"),
+                Field::ListenPort => (&mut listen, "listen_port"),
+            };
+            if slot.is_some() {
+                return Err(de::Error::duplicate_field(name));
+            }
+            *slot = Some(map.next_value::<Port>()?.0);
+        }
+        let advertise_port = advertise.ok_or_else(|| de::Error::missing_field("advertise_port"))?;
+        let listen_port = listen.ok_or_else(|| de::Error::missing_field("listen_port"))?;
+        if advertise_port == listen_port {
+            return Err(de::Error::custom(format!(
+                "advertise_port and listen_port are both {listen_port}: a redirect needs two different ports"
+            )));
+        }
+        if !self.seen.insert(advertise_port) {
+            return Err(de::Error::custom(format!(
+                "advertise_port {advertise_port} appears more than once in redirects: \
+                 one advertise port can only go to one listener"
+            )));
+        }
+        Ok(RedirectSpec {
+            advertise_port,
+            listen_port,
+        })
+    }
+}
+
+impl<'de> de::DeserializeSeed<'de> for RedirectVisitor<'_> {
+    type Value = RedirectSpec;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<RedirectSpec, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for RedirectSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(RedirectVisitor {
+            seen: &mut HashSet::new(),
+        })
+    }
+}
+
+struct RedirectListVisitor;
+
+impl<'de> de::Visitor<'de> for RedirectListVisitor {
+    type Value = Vec<RedirectSpec>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of {advertise_port, listen_port} mappings")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Vec::new())
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Vec::new())
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        while let Some(spec) = seq.next_element_seed(RedirectVisitor { seen: &mut seen })? {
+            out.push(spec);
+        }
+        Ok(out)
+    }
+}
+
+fn redirect_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<RedirectSpec>, D::Error> {
+    d.deserialize_option(RedirectListVisitor)
+}
+
+fn opt_pattern<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s = Option::<String>::deserialize(d)?;
+    match s {
+        // An empty substring matches every cgroup, which is never what a pattern is for.
+        Some(s) if s.trim().is_empty() => Err(de::Error::custom(
+            "cgroup_pattern is empty: give a substring or a glob with * and ?, or remove the key",
+        )),
+        s => Ok(s),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin() -> &'static Path {
+        Path::new("redirector.yaml")
+    }
+
+    fn err(text: &str) -> String {
+        let e = parse(text, origin()).unwrap_err();
+        assert!(
+            matches!(e.downcast_ref::<Fatal>(), Some(Fatal::Usage(_))),
+            "not a usage error: {e:#}"
+        );
+        let s = e.to_string();
+        assert!(!s.contains('\n'), "multi-line error: {s}");
+        s
+    }
+
+    fn tempo_err(text: &str) -> String {
+        let e = parse_tempo(text, Path::new("tempo.yaml")).unwrap_err();
+        assert!(
+            matches!(e.downcast_ref::<Fatal>(), Some(Fatal::Usage(_))),
+            "not a usage error: {e:#}"
+        );
+        let s = e.to_string();
+        assert!(!s.contains('\n'), "multi-line error: {s}");
+        s
+    }
+
+    /// A live-store's config as a Tempo deployment would have it: many sections
+    /// redirector must not care about.
+    const REALISTIC_TEMPO: &str = r#"
+target: live-store
+multitenancy_enabled: true
+stream_over_http_enabled: true
+
+server:
+  http_listen_port: 3200
+  grpc_listen_port: 9095
+  log_level: info
+  log_format: logfmt
+  grpc_server_max_recv_msg_size: 16777216
+  grpc_server_max_send_msg_size: 16777216
+
+memberlist:
+  abort_if_cluster_join_fails: false
+  bind_port: 7946
+  join_members:
+    - dns+tempo-gossip-ring.tempo.svc.cluster.local:7946
+
+distributor:
+  receivers:
+    otlp:
+      protocols:
+        grpc:
+          endpoint: 0.0.0.0:4317
+        http:
+          endpoint: 0.0.0.0:4318
+  ring:
+    kvstore:
+      store: memberlist
+
+ingester:
+  lifecycler:
+    ring:
+      replication_factor: 3
+      kvstore:
+        store: memberlist
+    tokens_file_path: /var/tempo/tokens.json
+
+live_store:
+  ring:
+    instance_port: 12345   # the sidecar's port: queriers dial this
+    instance_addr: ${POD_IP}
+    kvstore:
+      store: memberlist
+    heartbeat_timeout: 1m
+  complete_block_timeout: 15m
+  query_blocks: 3
+
+querier:
+  frontend_worker:
+    frontend_address: tempo-query-frontend-discovery.tempo.svc.cluster.local:9095
+  max_concurrent_queries: 20
+
+compactor:
+  compaction:
+    block_retention: 336h
+
+metrics_generator:
+  processor:
+    service_graphs:
+      dimensions: [http.method]
+  storage:
+    path: /var/tempo/wal
+    remote_write:
+      - url: http://prometheus:9090/api/v1/write
+        send_exemplars: true
+
+storage:
+  trace:
+    backend: s3
+    s3:
+      bucket: tempo-traces
+      endpoint: s3.eu-west-1.amazonaws.com
+      region: eu-west-1
+    wal:
+      path: /var/tempo/wal
+    pool:
+      max_workers: 400
+      queue_depth: 20000
+
+overrides:
+  defaults:
+    ingestion:
+      rate_limit_bytes: 15000000
+      burst_size_bytes: 20000000
+    metrics_generator:
+      processors: [service-graphs, span-metrics]
+  per_tenant_override_config: /runtime-config/overrides.yaml
+
+usage_report:
+  reporting_enabled: false
+"#;
+
+    #[test]
+    fn realistic_tempo_config() {
+        let p = parse_tempo(REALISTIC_TEMPO, Path::new("tempo.yaml")).unwrap();
+        assert_eq!(
+            p,
+            TempoPorts {
+                listen_port: 9095,
+                advertise_port: 12345
+            }
+        );
+    }
+
+    #[test]
+    fn tempo_listen_port_defaults_to_9095() {
+        let p = parse_tempo(
+            "server:\n  http_listen_port: 3200\nlive_store:\n  ring:\n    instance_port: 12345\n",
+            Path::new("tempo.yaml"),
+        )
+        .unwrap();
+        assert_eq!(p.listen_port, 9095);
+        assert_eq!(p.advertise_port, 12345);
+        // No server section at all, and an empty `grpc_listen_port:`.
+        let p = parse_tempo(
+            "live_store: {ring: {instance_port: 23456}}\n",
+            Path::new("t"),
+        )
+        .unwrap();
+        assert_eq!((p.listen_port, p.advertise_port), (9095, 23456));
+        let p = parse_tempo(
+            "server:\n  grpc_listen_port:\nlive_store: {ring: {instance_port: 23456}}\n",
+            Path::new("t"),
+        )
+        .unwrap();
+        assert_eq!(p.listen_port, 9095);
+    }
+
+    #[test]
+    fn tempo_custom_listen_port_and_quoted_numbers() {
+        let p = parse_tempo(
+            "server: {grpc_listen_port: 9096}\nlive_store: {ring: {instance_port: \"12346\"}}\n",
+            Path::new("t"),
+        )
+        .unwrap();
+        assert_eq!((p.listen_port, p.advertise_port), (9096, 12346));
+    }
+
+    #[test]
+    fn tempo_missing_instance_port_names_the_key() {
+        for text in [
+            "",
+            "# only a comment\n",
+            "server:\n  grpc_listen_port: 9095\n",
+            "live_store:\n",
+            "live_store:\n  ring:\n    kvstore: {store: memberlist}\n",
+            "live_store:\n  ring:\n    instance_port:\n",
+        ] {
+            let e = tempo_err(text);
+            assert!(
+                e.starts_with("tempo.yaml: live_store.ring.instance_port is not set"),
+                "{text:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn tempo_invalid_ports_name_key_value_and_position() {
+        let e = tempo_err("live_store:\n  ring:\n    instance_port: 0\n");
+        assert!(
+            e.starts_with("tempo.yaml:3:20: live_store.ring.instance_port: port 0 is out of range"),
+            "{e}"
+        );
+        let e = tempo_err("live_store:\n  ring:\n    instance_port: 70000\n");
+        assert!(
+            e.contains("live_store.ring.instance_port: port 70000 is out of range"),
+            "{e}"
+        );
+        let e = tempo_err("live_store:\n  ring:\n    instance_port: grpc\n");
+        assert!(
+            e.contains("live_store.ring.instance_port: `grpc` is not a port number"),
+            "{e}"
+        );
+        let e = tempo_err("live_store:\n  ring:\n    instance_port: -1\n");
+        assert!(e.contains("port -1 is out of range"), "{e}");
+        let e = tempo_err("live_store:\n  ring:\n    instance_port: 12.5\n");
+        assert!(e.contains("`12.5` is not a port number"), "{e}");
+        let e = tempo_err("live_store:\n  ring:\n    instance_port: [1]\n");
+        assert!(
+            e.contains("instance_port: invalid type: sequence, expected a TCP port number"),
+            "{e}"
+        );
+        let e = tempo_err("live_store:\n  ring:\n    instance_port: true\n");
+        assert!(e.contains("`true` is not a port number"), "{e}");
+        let e = tempo_err(
+            "server:\n  grpc_listen_port: ${GRPC_PORT}\nlive_store: {ring: {instance_port: 1}}\n",
+        );
+        assert!(e.starts_with("tempo.yaml:2:21: server.grpc_listen_port: `${GRPC_PORT}` is not a port number (environment placeholders"), "{e}");
+    }
+
+    #[test]
+    fn tempo_equal_ports_is_an_error() {
+        let e = tempo_err(
+            "server: {grpc_listen_port: 9095}\nlive_store: {ring: {instance_port: 9095}}\n",
+        );
+        assert!(e.contains("both 9095"), "{e}");
+    }
+
+    #[test]
+    fn tempo_syntax_error_has_a_position() {
+        let e = tempo_err("server:\n  grpc_listen_port: 9095\n   bad: [\n");
+        assert!(e.starts_with("tempo.yaml:"), "{e}");
+        let pos: Vec<&str> = e.splitn(4, ':').collect();
+        assert!(
+            pos[1].parse::<usize>().is_ok() && pos[2].parse::<usize>().is_ok(),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unreadable_files_name_path_and_os_error() {
+        let path = Path::new("/nonexistent/redirector-test/tempo.yaml");
+        for e in [tempo_ports(path).unwrap_err(), load(path).unwrap_err()] {
+            assert!(matches!(e.downcast_ref::<Fatal>(), Some(Fatal::Usage(_))));
+            let s = e.to_string();
+            assert!(s.contains("/nonexistent/redirector-test/tempo.yaml"), "{s}");
+            assert!(s.contains("No such file or directory"), "{s}");
+        }
+    }
+
+    #[test]
+    fn tempo_ports_reads_a_file() {
+        let dir =
+            std::env::temp_dir().join(format!("redirector-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tempo.yaml");
+        std::fs::write(&path, REALISTIC_TEMPO).unwrap();
+        let p = tempo_ports(&path).unwrap();
+        std::fs::write(
+            dir.join("redirector.yaml"),
+            format!(
+                "tempo_config: {}\nredirects:\n  - {{advertise_port: 12346, listen_port: 9096}}\n",
+                path.display()
+            ),
+        )
+        .unwrap();
+        let cfg = load(&dir.join("redirector.yaml")).unwrap();
+        let all = resolve_redirects(&cfg).unwrap();
+        std::fs::write(
+            dir.join("conflict.yaml"),
+            format!(
+                "tempo_config: {}\nredirects:\n  - {{advertise_port: 12345, listen_port: 9096}}\n",
+                path.display()
+            ),
+        )
+        .unwrap();
+        let conflict = resolve_redirects(&load(&dir.join("conflict.yaml")).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!((p.listen_port, p.advertise_port), (9095, 12345));
+        assert_eq!(
+            all,
+            vec![
+                RedirectSpec {
+                    advertise_port: 12346,
+                    listen_port: 9096
+                },
+                RedirectSpec {
+                    advertise_port: 12345,
+                    listen_port: 9095
+                },
+            ]
+        );
+        let e = conflict.unwrap_err().to_string();
+        assert!(
+            e.contains("advertise port 12345 goes to listen port 9096"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn full_config() {
+        let cfg = parse(
+            r#"
+# redirector.yaml
+redirects:
+  - advertise_port: 12345
+    listen_port: 9095
+  - {advertise_port: 12346, listen_port: 9096}
+netns: [/var/run/netns/live-store-0, /proc/4242/ns/net]
+discover: true
+cgroup_pattern: "*tempo-live-store*"
+pin: true
+flow_format: logfmt
+flow_log: /var/log/redirector/flows.log
+metrics_addr: 0.0.0.0:9464
+tempo_config: /etc/tempo/tempo.yaml
+"#,
+            origin(),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg,
+            FileConfig {
+                redirects: vec![
+                    RedirectSpec {
+                        advertise_port: 12345,
+                        listen_port: 9095
+                    },
+                    RedirectSpec {
+                        advertise_port: 12346,
+                        listen_port: 9096
+                    },
+                ],
+                netns: vec![
+                    PathBuf::from("/var/run/netns/live-store-0"),
+                    PathBuf::from("/proc/4242/ns/net")
+                ],
+                discover: Some(true),
+                cgroup_pattern: Some("*tempo-live-store*".into()),
+                pin: Some(true),
+                flow_format: Some(FlowFormat::Logfmt),
+                flow_log: Some(PathBuf::from("/var/log/redirector/flows.log")),
+                metrics_addr: Some("0.0.0.0:9464".parse().unwrap()),
+                tempo_config: Some(PathBuf::from("/etc/tempo/tempo.yaml")),
+            }
+        );
+        for (text, want) in [("text", FlowFormat::Text), ("json", FlowFormat::Json)] {
+            let cfg = parse(&format!("flow_format: {text}\n"), origin()).unwrap();
+            assert_eq!(cfg.flow_format, Some(want));
+            assert_eq!(want.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn empty_config_is_all_defaults() {
+        for text in ["", "\n", "# nothing yet\n", "---\n"] {
+            assert_eq!(
+                parse(text, origin()).unwrap(),
+                FileConfig::default(),
+                "{text:?}"
+            );
+        }
+        assert_eq!(
+            parse("redirects:\nnetns:\n", origin()).unwrap(),
+            FileConfig::default()
+        );
+    }
+
+    #[test]
+    fn unknown_field_is_an_error_with_position() {
+        let e = err("pin: true\ndiscover: false\nfoo: 1\n");
+        assert!(
+            e.starts_with("redirector.yaml:3:1: unknown field `foo`, expected one of `redirects`"),
+            "{e}"
+        );
+        let e =
+            err("redirects:\n  - advertise_port: 12345\n    listen_port: 9095\n    listen: 1\n");
+        assert!(
+            e.starts_with("redirector.yaml:4:5: redirects[0]: unknown field `listen`, expected `advertise_port` or `listen_port`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn type_errors_have_positions() {
+        let e = err("pin: maybe\n");
+        assert!(
+            e.starts_with(
+                "redirector.yaml:1:6: pin: invalid type: string \"maybe\", expected a boolean"
+            ),
+            "{e}"
+        );
+        let e = err("flow_format: xml\n");
+        assert!(e.starts_with("redirector.yaml:1:14: flow_format: unknown variant `xml`, expected one of `text`, `json`, `logfmt`"), "{e}");
+        let e = err("metrics_addr: 9464\n");
+        assert!(e.starts_with("redirector.yaml:1:15: metrics_addr:"), "{e}");
+        let e = err("netns: /var/run/netns/a\n");
+        assert!(
+            e.starts_with("redirector.yaml:1:8: netns: invalid type"),
+            "{e}"
+        );
+        let e = err("cgroup_pattern: \"\"\n");
+        assert!(e.contains("cgroup_pattern is empty"), "{e}");
+        let e = err("- 1\n");
+        assert!(e.starts_with("redirector.yaml:1:1:"), "{e}");
+    }
+
+    #[test]
+    fn redirect_ports_are_validated() {
+        let e = err("redirects:\n  - advertise_port: 0\n    listen_port: 9095\n");
+        assert!(
+            e.starts_with(
+                "redirector.yaml:2:21: redirects[0].advertise_port: port 0 is out of range"
+            ),
+            "{e}"
+        );
+        let e = err("redirects:\n  - {advertise_port: 12345, listen_port: 65536}\n");
+        assert!(
+            e.contains("redirects[0].listen_port: port 65536 is out of range"),
+            "{e}"
+        );
+        let e = err("redirects:\n  - {advertise_port: twelve, listen_port: 9095}\n");
+        assert!(
+            e.contains("redirects[0].advertise_port: `twelve` is not a port number"),
+            "{e}"
+        );
+        let e = err("redirects:\n  - {advertise_port: 12345}\n");
+        assert!(
+            e.contains("redirects[0]: missing field `listen_port`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn equal_ports_in_a_redirect_is_an_error() {
+        let e = err("redirects:\n  - {advertise_port: 12345, listen_port: 9095}\n  - advertise_port: 9096\n    listen_port: 9096\n");
+        assert!(
+            e.starts_with(
+                "redirector.yaml:3:5: redirects[1]: advertise_port and listen_port are both 9096"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn duplicate_advertise_ports_are_an_error() {
+        let e = err("redirects:\n  - {advertise_port: 12345, listen_port: 9095}\n  - {advertise_port: 12345, listen_port: 9096}\n");
+        assert!(
+            e.starts_with(
+                "redirector.yaml:3:5: redirects[1]: advertise_port 12345 appears more than once"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn syntax_error_is_one_line_with_position() {
+        let e = err("pin: true\n  discover: [\n");
+        assert!(e.starts_with("redirector.yaml:"), "{e}");
+        let parts: Vec<&str> = e.splitn(4, ':').collect();
+        assert!(parts[1].parse::<usize>().is_ok(), "{e}");
+        assert!(parts[2].parse::<usize>().is_ok(), "{e}");
+        assert!(
+            !parts[3].contains(" at line "),
+            "location left in the message: {e}"
+        );
+    }
+
+    #[test]
+    fn cgroup_patterns() {
+        let kube = "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234.slice/cri-containerd-abcd.scope";
+        assert!(cgroup_pattern_matches("pod1234", kube));
+        assert!(!cgroup_pattern_matches("pod9999", kube));
+        assert!(cgroup_pattern_matches("/kubepods.slice/*pod1234*", kube));
+        assert!(cgroup_pattern_matches("*cri-containerd-????.scope", kube));
+        assert!(!cgroup_pattern_matches("*cri-containerd-???.scope", kube));
+        // A glob is anchored at both ends; a plain substring is not.
+        assert!(!cgroup_pattern_matches("kubepods.slice*", kube));
+        assert!(cgroup_pattern_matches("*", kube));
+        assert!(cgroup_pattern_matches("*a*b*c*", "xaybzc"));
+        assert!(!cgroup_pattern_matches("*a*b*c", "xaybzcd"));
+    }
+}
