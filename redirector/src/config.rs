@@ -940,6 +940,34 @@ tempo_config: /etc/tempo/tempo.yaml
         );
     }
 
+    /// The shipped deployment files must satisfy the real schema, not only the
+    /// copy of it in tests/tests/deploy.rs.
+    #[test]
+    fn deploy_files_are_valid() {
+        let tempo = parse_tempo(
+            include_str!("../../deploy/tempo-values.yaml"),
+            Path::new("deploy/tempo-values.yaml"),
+        )
+        .unwrap();
+        let manifests = include_str!("../../deploy/daemonset.yaml");
+        let embedded: Vec<String> = serde_yaml::Deserializer::from_str(manifests)
+            .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
+            .filter(|doc| doc.get("kind").and_then(|k| k.as_str()) == Some("ConfigMap"))
+            .filter_map(|doc| {
+                doc.get("data")?
+                    .get("redirector.yaml")?
+                    .as_str()
+                    .map(String::from)
+            })
+            .collect();
+        assert_eq!(embedded.len(), 1);
+        let cfg = parse(&embedded[0], Path::new("ConfigMap redirector.yaml")).unwrap();
+        assert!(cfg.redirects.contains(&RedirectSpec {
+            advertise_port: tempo.advertise_port,
+            listen_port: tempo.listen_port,
+        }));
+    }
+
     #[test]
     fn cgroup_patterns() {
         let kube = "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234.slice/cri-containerd-abcd.scope";

@@ -1,0 +1,481 @@
+//! The deployment files in deploy/ against the contract the agent relies on:
+//! image, arguments, probes, privileges, mounts and the embedded configuration.
+//! Unprivileged: it only reads files.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use serde_yaml::Value;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn read(name: &str) -> String {
+    let path = deploy_dir().join(name);
+    fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// Every non-empty document of a multi-document YAML file.
+fn documents(name: &str) -> Vec<Value> {
+    let text = read(name);
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{name}: invalid YAML: {e}")))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Walks a dotted path of mapping keys.
+fn get<'a>(v: &'a Value, path: &str) -> &'a Value {
+    path.split('.').fold(v, |v, key| {
+        v.get(key)
+            .unwrap_or_else(|| panic!("missing `{key}` of `{path}` in {v:?}"))
+    })
+}
+
+fn str_of<'a>(v: &'a Value, path: &str) -> &'a str {
+    get(v, path)
+        .as_str()
+        .unwrap_or_else(|| panic!("`{path}` is not a string"))
+}
+
+fn seq<'a>(v: &'a Value, path: &str) -> &'a Vec<Value> {
+    get(v, path)
+        .as_sequence()
+        .unwrap_or_else(|| panic!("`{path}` is not a list"))
+}
+
+fn by_kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    let found: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d.get("kind").and_then(Value::as_str) == Some(kind))
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one {kind} in daemonset.yaml"
+    );
+    found[0]
+}
+
+fn manifests() -> Vec<Value> {
+    documents("daemonset.yaml")
+}
+
+fn daemonset_pod() -> Value {
+    get(by_kind(&manifests(), "DaemonSet"), "spec.template.spec").clone()
+}
+
+fn container() -> Value {
+    let pod = daemonset_pod();
+    let containers = seq(&pod, "containers");
+    assert_eq!(containers.len(), 1, "one agent container per pod");
+    containers[0].clone()
+}
+
+fn args() -> Vec<String> {
+    seq(&container(), "args")
+        .iter()
+        .map(|a| a.as_str().expect("args are strings").to_owned())
+        .collect()
+}
+
+/// The value after `flag` in the container's arguments (`--flag value` or `--flag=value`).
+fn arg_value(flag: &str) -> String {
+    let args = args();
+    for (i, a) in args.iter().enumerate() {
+        if a == flag {
+            return args.get(i + 1).cloned().expect("flag without a value");
+        }
+        if let Some(v) = a.strip_prefix(&format!("{flag}=")) {
+            return v.to_owned();
+        }
+    }
+    panic!("{flag} not in args {args:?}")
+}
+
+/// `# Image: NAME` in the Dockerfile: the tag the build documents.
+fn dockerfile_image() -> String {
+    read("Dockerfile")
+        .lines()
+        .find_map(|l| l.strip_prefix("# Image:"))
+        .map(|s| s.trim().to_owned())
+        .expect("the Dockerfile documents its image as `# Image: NAME:TAG`")
+}
+
+#[test]
+fn every_manifest_parses() {
+    for entry in fs::read_dir(deploy_dir()).expect("deploy/ exists") {
+        let path = entry.expect("directory entry").path();
+        if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        ) {
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .expect("UTF-8 file name");
+            assert!(!documents(name).is_empty(), "{name} has no documents");
+        }
+    }
+    let kinds: BTreeSet<String> = manifests()
+        .iter()
+        .map(|d| str_of(d, "kind").to_owned())
+        .collect();
+    for kind in ["Namespace", "ServiceAccount", "ConfigMap", "DaemonSet"] {
+        assert!(kinds.contains(kind), "daemonset.yaml lacks a {kind}");
+    }
+    // Everything lands in the one namespace the file creates.
+    let docs = manifests();
+    let ns = str_of(by_kind(&docs, "Namespace"), "metadata.name");
+    for d in docs.iter().filter(|d| str_of(d, "kind") != "Namespace") {
+        assert_eq!(str_of(d, "metadata.namespace"), ns, "{d:?}");
+    }
+}
+
+#[test]
+fn image_matches_the_dockerfile_and_crate_version() {
+    let image = dockerfile_image();
+    assert_eq!(str_of(&container(), "image"), image);
+    let cargo =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../redirector/Cargo.toml"))
+            .expect("redirector/Cargo.toml");
+    let version = cargo
+        .lines()
+        .find_map(|l| l.strip_prefix("version = "))
+        .map(|v| v.trim().trim_matches('"').to_owned())
+        .expect("redirector's version");
+    assert!(
+        image.ends_with(&format!(":{version}")),
+        "image {image} is not tagged with redirector's version {version}"
+    );
+    assert!(
+        read("Dockerfile").contains(&format!("-t {image} ")),
+        "the Dockerfile's build command uses another tag than {image}"
+    );
+}
+
+#[test]
+fn args_run_the_agent_with_config_discovery_and_pinning() {
+    let args = args();
+    assert_eq!(args.first().map(String::as_str), Some("run"), "{args:?}");
+    for flag in ["--pin", "--discover", "--config", "--metrics-addr"] {
+        assert!(
+            args.iter()
+                .any(|a| a == flag || a.starts_with(&format!("{flag}="))),
+            "{flag} missing from {args:?}"
+        );
+    }
+}
+
+#[test]
+fn probes_hit_healthz_and_readyz_on_the_metrics_port() {
+    let c = container();
+    let metrics: SocketAddr = arg_value("--metrics-addr")
+        .parse()
+        .expect("--metrics-addr is an address:port");
+    assert!(
+        metrics.ip().is_unspecified(),
+        "the kubelet probes the pod IP: --metrics-addr must listen on all addresses, not {metrics}"
+    );
+    // A probe port is a number or the name of a declared container port.
+    let resolve = |port: &Value| -> u64 {
+        if let Some(n) = port.as_u64() {
+            return n;
+        }
+        let name = port.as_str().expect("probe port is a number or a name");
+        seq(&c, "ports")
+            .iter()
+            .find(|p| p.get("name").and_then(Value::as_str) == Some(name))
+            .and_then(|p| p.get("containerPort").and_then(Value::as_u64))
+            .unwrap_or_else(|| panic!("probe port `{name}` is not a declared container port"))
+    };
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        let get_ = get(&c, &format!("{probe}.httpGet"));
+        assert_eq!(str_of(get_, "path"), path, "{probe}");
+        assert_eq!(
+            resolve(get(get_, "port")),
+            u64::from(metrics.port()),
+            "{probe} port differs from --metrics-addr"
+        );
+    }
+    for r in [
+        "requests.cpu",
+        "requests.memory",
+        "limits.cpu",
+        "limits.memory",
+    ] {
+        get(&c, &format!("resources.{r}"));
+    }
+}
+
+#[test]
+fn privileges_are_exactly_four_capabilities() {
+    let c = container();
+    let sc = get(&c, "securityContext");
+    assert_eq!(get(sc, "privileged").as_bool(), Some(false));
+    let names = |path: &str| -> BTreeSet<String> {
+        seq(sc, path)
+            .iter()
+            .map(|c| c.as_str().expect("capability names are strings").to_owned())
+            .collect()
+    };
+    assert_eq!(
+        names("capabilities.add"),
+        ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]
+            .map(String::from)
+            .into(),
+    );
+    assert_eq!(names("capabilities.drop"), ["ALL".to_owned()].into());
+    assert_eq!(
+        seq(sc, "capabilities.add").len(),
+        4,
+        "duplicated capability"
+    );
+    // The API server rejects allowPrivilegeEscalation: false together with SYS_ADMIN.
+    assert_ne!(
+        sc.get("allowPrivilegeEscalation").and_then(Value::as_bool),
+        Some(false)
+    );
+
+    let pod = daemonset_pod();
+    assert_eq!(get(&pod, "hostPID").as_bool(), Some(true));
+    assert_ne!(
+        pod.get("hostNetwork").and_then(Value::as_bool),
+        Some(true),
+        "hostNetwork is not needed"
+    );
+    let tolerations = seq(&pod, "tolerations");
+    assert!(
+        tolerations.iter().any(
+            |t| t.get("operator").and_then(Value::as_str) == Some("Exists")
+                && t.get("key").is_none()
+        ),
+        "the DaemonSet must tolerate every taint to reach every node"
+    );
+    let ds = by_kind(&manifests(), "DaemonSet").clone();
+    assert_eq!(str_of(&ds, "spec.updateStrategy.type"), "RollingUpdate");
+    assert_eq!(
+        get(&ds, "spec.updateStrategy.rollingUpdate.maxUnavailable").as_u64(),
+        Some(1)
+    );
+}
+
+/// (container mount path, host path, mount propagation) of every hostPath mount.
+fn host_mounts() -> Vec<(String, String, Option<String>, bool)> {
+    let pod = daemonset_pod();
+    let c = container();
+    let volumes = seq(&pod, "volumes");
+    seq(&c, "volumeMounts")
+        .iter()
+        .filter_map(|m| {
+            let name = str_of(m, "name");
+            let vol = volumes
+                .iter()
+                .find(|v| v.get("name").and_then(Value::as_str) == Some(name))
+                .unwrap_or_else(|| panic!("volumeMount {name} has no volume"));
+            let host = vol.get("hostPath")?;
+            Some((
+                str_of(m, "mountPath").to_owned(),
+                str_of(host, "path").to_owned(),
+                m.get("mountPropagation")
+                    .and_then(Value::as_str)
+                    .map(String::from),
+                m.get("readOnly").and_then(Value::as_bool).unwrap_or(false),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn mounts_include_bpffs_and_the_host_cgroup() {
+    let mounts = host_mounts();
+    let find = |host: &str| {
+        mounts
+            .iter()
+            .find(|(_, h, _, _)| h == host)
+            .unwrap_or_else(|| panic!("no hostPath mount of {host} in {mounts:?}"))
+    };
+    let (path, _, propagation, ro) = find("/sys/fs/bpf");
+    assert_eq!(path, "/sys/fs/bpf", "the agent pins under /sys/fs/bpf");
+    assert!(!ro, "--pin writes to bpffs");
+    // Bidirectional would be rejected for a non-privileged container.
+    assert_eq!(propagation.as_deref(), Some("HostToContainer"));
+    let (path, _, _, _) = find("/sys/fs/cgroup");
+    // Over the runtime's namespaced cgroup mount, so the agent sees the host's root.
+    assert_eq!(path, "/sys/fs/cgroup");
+    let (path, _, _, _) = find("/var/run/netns");
+    assert_eq!(path, "/var/run/netns");
+    assert!(
+        mounts.iter().all(|(_, h, _, _)| h != "/proc"),
+        "hostPID already makes /proc the host's"
+    );
+}
+
+/// redirector.yaml's schema as the agent enforces it (redirector/src/config.rs).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct FileConfig {
+    #[serde(default)]
+    redirects: Vec<Redirect>,
+    #[serde(default)]
+    netns: Vec<PathBuf>,
+    discover: Option<bool>,
+    cgroup_pattern: Option<String>,
+    pin: Option<bool>,
+    flow_format: Option<FlowFormat>,
+    flow_log: Option<PathBuf>,
+    metrics_addr: Option<SocketAddr>,
+    tempo_config: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Redirect {
+    advertise_port: u16,
+    listen_port: u16,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum FlowFormat {
+    Text,
+    Json,
+    Logfmt,
+}
+
+fn embedded_config() -> FileConfig {
+    let docs = manifests();
+    let cm = by_kind(&docs, "ConfigMap");
+    // The key itself has a dot, so no dotted path here.
+    let text = get(cm, "data")
+        .get("redirector.yaml")
+        .and_then(Value::as_str)
+        .expect("the ConfigMap has data.\"redirector.yaml\"");
+    serde_yaml::from_str(text).unwrap_or_else(|e| panic!("ConfigMap redirector.yaml: {e}"))
+}
+
+#[test]
+fn configmap_holds_a_valid_redirector_yaml_where_config_points() {
+    let cfg = embedded_config();
+    assert!(!cfg.redirects.is_empty(), "no redirects configured");
+    let mut seen = BTreeSet::new();
+    for r in &cfg.redirects {
+        assert!(r.advertise_port != 0 && r.listen_port != 0, "{r:?}");
+        assert_ne!(r.advertise_port, r.listen_port, "{r:?}");
+        assert!(
+            seen.insert(r.advertise_port),
+            "duplicate advertise port {r:?}"
+        );
+    }
+    if let Some(p) = &cfg.cgroup_pattern {
+        assert!(!p.trim().is_empty());
+    }
+
+    // --config names the ConfigMap's key inside the ConfigMap's volume.
+    let docs = manifests();
+    let cm_name = str_of(by_kind(&docs, "ConfigMap"), "metadata.name").to_owned();
+    let pod = daemonset_pod();
+    let vol = seq(&pod, "volumes")
+        .iter()
+        .find(|v| {
+            v.get("configMap")
+                .and_then(|c| c.get("name"))
+                .and_then(Value::as_str)
+                == Some(&cm_name)
+        })
+        .expect("a volume from the ConfigMap");
+    let vol_name = str_of(vol, "name");
+    let c = container();
+    let mount = seq(&c, "volumeMounts")
+        .iter()
+        .find(|m| m.get("name").and_then(Value::as_str) == Some(vol_name))
+        .expect("the ConfigMap volume is mounted");
+    assert_eq!(
+        format!("{}/redirector.yaml", str_of(mount, "mountPath")),
+        arg_value("--config")
+    );
+}
+
+#[test]
+fn tempo_values_match_the_configured_redirect() {
+    let docs = documents("tempo-values.yaml");
+    assert_eq!(docs.len(), 1);
+    let tempo = &docs[0];
+    let listen = get(tempo, "server.grpc_listen_port").as_u64();
+    let advertise = get(tempo, "live_store.ring.instance_port").as_u64();
+    assert_eq!(listen, Some(9095));
+    assert_eq!(advertise, Some(12345));
+    let cfg = embedded_config();
+    assert!(
+        cfg.redirects
+            .iter()
+            .any(|r| Some(u64::from(r.listen_port)) == listen
+                && Some(u64::from(r.advertise_port)) == advertise),
+        "the ConfigMap does not redirect Tempo's instance_port to its grpc_listen_port: {:?}",
+        cfg.redirects
+    );
+}
+
+#[test]
+fn dockerfile_is_multi_stage_and_ships_only_the_binary() {
+    let text = read("Dockerfile");
+    let instructions: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let from: Vec<usize> = instructions
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.to_ascii_uppercase().starts_with("FROM "))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        from.len() >= 2,
+        "the Dockerfile needs a build and a runtime stage"
+    );
+    let build = instructions[from[0]];
+    assert!(build.contains("debian:bookworm"), "{build}");
+    assert!(
+        text.contains("cargo build --release --locked -p redirector")
+            || text.contains("cargo xtask build"),
+        "the build stage does not build the agent"
+    );
+
+    let last = &instructions[from[from.len() - 1]..];
+    let keyword = |l: &&str| {
+        l.split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_ascii_uppercase()
+    };
+    let copies: Vec<&&str> = last
+        .iter()
+        .filter(|l| matches!(keyword(l).as_str(), "COPY" | "ADD"))
+        .collect();
+    assert_eq!(
+        copies.len(),
+        1,
+        "the runtime stage copies more than the binary: {copies:?}"
+    );
+    let copy: Vec<&str> = copies[0].split_whitespace().collect();
+    assert!(copy.iter().any(|w| w.starts_with("--from=")), "{copy:?}");
+    assert_eq!(copy.last(), Some(&"/usr/local/bin/redirector"));
+    assert_eq!(copy.len(), 4, "one source file, one destination: {copy:?}");
+    assert!(
+        !last.iter().any(|l| keyword(l) == "RUN"),
+        "the runtime stage should not run anything at build time"
+    );
+    assert!(
+        last.iter()
+            .any(|l| keyword(l) == "ENTRYPOINT" && l.contains("/usr/local/bin/redirector")),
+        "the entrypoint is the agent"
+    );
+}
