@@ -2,6 +2,7 @@
 //! command first makes sure the machine has what it needs (idempotently), so a
 //! fresh clone on a fresh machine needs nothing else.
 
+mod bench;
 mod setup;
 mod toolchain;
 
@@ -38,6 +39,9 @@ enum Cmd {
         /// Only integration tests whose name contains this.
         filter: Option<String>,
     },
+    /// Benchmark redirector against direct, nftables and sidecar proxies, in
+    /// namespaces on this machine: `--quick` (< 1 min) or full (minutes).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -86,7 +90,15 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(f) = filter {
                 integration.arg(f);
             }
-            cmd(&mut integration)
+            cmd(&mut integration)?;
+            // Last, so its agents never overlap the integration tests (which
+            // assert that no redirector program is loaded).
+            bench::run(&root, bench::BenchArgs::smoke())
+        }
+        Cmd::Bench(args) => {
+            setup::ensure()?;
+            build(&root)?;
+            bench::run(&root, args)
         }
     }
 }

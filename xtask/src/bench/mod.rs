@@ -1,0 +1,391 @@
+//! `cargo xtask bench [--quick|--smoke]`: redirector against direct, nftables
+//! and userspace sidecar proxies, on one machine in one run, interleaved
+//! (A B C ... A B C ...) so machine noise hits every path alike.
+//!
+//! Layout: `topology` (namespaces, veth), `servers` (live-store stand-in),
+//! `grpc` (its service), `paths` (redirector, nftables, proxies), `workloads`
+//! (load generators), `cpu`, `bpf` (sk_lookup cost), `stats`, `report`,
+//! `charts`, `packages` (Debian installs).
+
+mod bpf;
+mod charts;
+mod cpu;
+mod grpc;
+mod packages;
+mod paths;
+mod report;
+mod servers;
+mod stats;
+mod topology;
+mod workloads;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use paths::{PathKind, Proof, Running};
+use report::{Measurement, PathStatus, Results};
+use topology::Topology;
+use workloads::{Kind, Querier, Spec, Workload};
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct BenchArgs {
+    /// Short run (well under a minute): fewer repeats, shorter slots.
+    #[arg(long, conflicts_with = "smoke")]
+    pub quick: bool,
+    /// Seconds-long run that only proves every path carries traffic and the
+    /// report is produced (run by `cargo xtask test`); no performance claims.
+    #[arg(long)]
+    pub smoke: bool,
+    /// Output directory [default: docs/bench for a full run, target/bench/<mode> otherwise].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Repeats of the interleaved round (overrides the mode's default).
+    #[arg(long)]
+    pub repeats: Option<usize>,
+    /// Only these paths (comma-separated names; direct is always included).
+    #[arg(long, value_delimiter = ',')]
+    pub paths: Vec<String>,
+}
+
+impl BenchArgs {
+    pub fn smoke() -> Self {
+        Self {
+            smoke: true,
+            ..Self::default()
+        }
+    }
+}
+
+/// How long and how often: the only difference between the modes.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub mode: &'static str,
+    pub repeats: usize,
+    pub slot_secs: f64,
+    pub open_loop_rates: Vec<u64>,
+    pub saturation_inflight: usize,
+    pub bpf_repeat: u32,
+}
+
+impl Plan {
+    fn for_args(a: &BenchArgs) -> Self {
+        let mut p = if a.smoke {
+            Plan {
+                mode: "smoke",
+                repeats: 1,
+                slot_secs: 0.1,
+                open_loop_rates: vec![500],
+                saturation_inflight: 8,
+                bpf_repeat: 10_000,
+            }
+        } else if a.quick {
+            Plan {
+                mode: "quick",
+                repeats: 2,
+                slot_secs: 0.3,
+                open_loop_rates: vec![2000],
+                saturation_inflight: 32,
+                bpf_repeat: 1_000_000,
+            }
+        } else {
+            Plan {
+                mode: "full",
+                repeats: 5,
+                slot_secs: 2.0,
+                open_loop_rates: vec![1000, 4000],
+                saturation_inflight: 32,
+                bpf_repeat: 1_000_000,
+            }
+        };
+        if let Some(r) = a.repeats {
+            p.repeats = r.max(1);
+        }
+        p
+    }
+
+    fn workloads(&self) -> Vec<Workload> {
+        let w = |name: String, kind, what: String, spec| Workload {
+            name,
+            kind,
+            what,
+            spec,
+        };
+        let mut v = vec![
+            w(
+                "rr-64B".into(),
+                Kind::Rr,
+                "ping-pong 64 B on one persistent connection".into(),
+                Spec::Rr { size: 64 },
+            ),
+            w(
+                "rr-1KiB".into(),
+                Kind::Rr,
+                "ping-pong 1 KiB on one persistent connection".into(),
+                Spec::Rr { size: 1024 },
+            ),
+            w(
+                "crr".into(),
+                Kind::Crr,
+                "connect, 64 B request/response, close; one client thread".into(),
+                Spec::Crr,
+            ),
+        ];
+        for &rate in &self.open_loop_rates {
+            for conns in [1, 16] {
+                v.push(w(
+                    format!("grpc-unary-{conns}c-{rate}rps"),
+                    Kind::Open,
+                    format!("gRPC unary, open loop at {rate} req/s over {conns} connection(s)"),
+                    Spec::Open { conns, rate },
+                ));
+            }
+        }
+        for conns in [1, 16] {
+            v.push(w(
+                format!("grpc-sat-{conns}c"),
+                Kind::Saturation,
+                format!(
+                    "gRPC unary, closed loop, {} in flight over {conns} connection(s)",
+                    self.saturation_inflight
+                ),
+                Spec::Saturation {
+                    conns,
+                    inflight: self.saturation_inflight,
+                },
+            ));
+        }
+        v.push(w(
+            "bulk-stream".into(),
+            Kind::Bulk,
+            "gRPC server-streaming, 64 x 64 KiB messages per call, one connection".into(),
+            Spec::Bulk,
+        ));
+        v
+    }
+}
+
+pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
+    let started = Instant::now();
+    let plan = Plan::for_args(&args);
+    let out = args.out.clone().unwrap_or_else(|| {
+        if plan.mode == "full" {
+            root.join("docs/bench")
+        } else {
+            root.join("target/bench").join(plan.mode)
+        }
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+    let work = WorkDir::create(root)?;
+    let agent = root.join("target/release/redirector");
+
+    let mut notes = packages::ensure();
+    let mut statuses = Vec::new();
+    let mut chosen = Vec::new();
+    for kind in paths::ALL {
+        let wanted = kind == PathKind::Direct
+            || args.paths.is_empty()
+            || args.paths.iter().any(|p| p == kind.name());
+        let status = match kind.available(&agent) {
+            Ok(()) if wanted => {
+                chosen.push(kind);
+                None
+            }
+            Ok(()) => Some("not selected".to_owned()),
+            Err(why) => Some(why),
+        };
+        statuses.push(PathStatus {
+            name: kind.name().into(),
+            what: kind.describe().into(),
+            measured: status.is_none(),
+            note: status.unwrap_or_default(),
+        });
+    }
+    for s in statuses.iter().filter(|s| !s.measured) {
+        eprintln!("bench: skipping {}: {}", s.name, s.note);
+    }
+
+    let topo = Topology::create()?;
+    let live_store = servers::LiveStore::start(&topo.live_store)?;
+    let querier = Querier::new(&topo.querier)?;
+    let workloads = plan.workloads();
+    let slot = Duration::from_secs_f64(plan.slot_secs);
+
+    let mut measurements = Vec::new();
+    let mut proofs: Vec<Proof> = Vec::new();
+    let mut sk_lookup_cost = Vec::new();
+    let mut merged: BTreeMap<(String, String), Histogram<u64>> = BTreeMap::new();
+    for repeat in 0..plan.repeats {
+        for &kind in &chosen {
+            eprintln!(
+                "bench: round {}/{} path {}",
+                repeat + 1,
+                plan.repeats,
+                kind.name()
+            );
+            let accepts_before = live_store.accepted();
+            let mut test_run_redirects = 0u64;
+            let running = Running::start(kind, &topo, &agent, work.path())
+                .with_context(|| format!("starting path {}", kind.name()))?;
+            let addr = Topology::live_store_addr(kind.port());
+            let result = (|| -> Result<()> {
+                workloads::wait_reachable(&topo.querier, addr, Duration::from_secs(15))?;
+                for w in &workloads {
+                    let s = querier
+                        .run(w.spec, addr, slot)
+                        .with_context(|| format!("{} over {}", w.name, kind.name()))?;
+                    if s.ops == 0 {
+                        bail!("{} over {}: no operation completed", w.name, kind.name());
+                    }
+                    let metrics = s.metrics(w.kind);
+                    let entry = merged
+                        .entry((w.name.clone(), kind.name().to_owned()))
+                        .or_insert_with(stats::new_histogram);
+                    entry.add(&s.hist).context("merge histogram")?;
+                    measurements.push(Measurement {
+                        path: kind.name().into(),
+                        workload: w.name.clone(),
+                        repeat,
+                        ops: s.ops,
+                        secs: s.secs,
+                        metrics,
+                    });
+                }
+                if kind == PathKind::Redirector && repeat == 0 {
+                    match topo.live_store.run(|| bpf::measure(plan.bpf_repeat, 5)) {
+                        Ok(c) => {
+                            // Test runs bump the agent's `redirected` counter too;
+                            // the proof must count real connections only.
+                            test_run_redirects = c
+                                .iter()
+                                .filter(|c| c.retval == 1 && c.case.starts_with("redirect"))
+                                .map(|c| c.runs)
+                                .sum();
+                            sk_lookup_cost = c;
+                        }
+                        Err(e) => notes.push(format!("BPF_PROG_TEST_RUN: {e:#}")),
+                    }
+                }
+                Ok(())
+            })();
+            let proof = running.stop(live_store.accepted() - accepts_before);
+            result?;
+            let mut proof = proof.with_context(|| format!("stopping path {}", kind.name()))?;
+            if kind == PathKind::Redirector {
+                proof.handled = proof.handled.saturating_sub(test_run_redirects);
+                proof.evidence = format!(
+                    "{} ({test_run_redirects} of the redirects were BPF_PROG_TEST_RUN runs, not counted in handled)",
+                    proof.evidence
+                );
+            }
+            proofs.push(proof);
+        }
+    }
+    drop(querier);
+    drop(live_store);
+    drop(topo);
+
+    let cdfs = merged
+        .iter()
+        .map(|((w, p), h)| ((w.clone(), p.clone()), stats::cdf(h)))
+        .collect();
+    let results = Results::new(
+        &plan,
+        statuses,
+        &workloads,
+        measurements,
+        proofs,
+        sk_lookup_cost,
+        cdfs,
+        notes,
+        started.elapsed().as_secs_f64(),
+    );
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    let md = report::markdown(&results);
+    std::fs::write(out.join("results.md"), &md)?;
+    charts::write(&results, &out).context("charts")?;
+    println!("{md}");
+    eprintln!(
+        "bench: wrote {}/results.{{md,json}} and charts in {:.0} s",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    work.done();
+    if args.smoke {
+        smoke_check(&results)?;
+    }
+    Ok(())
+}
+
+/// Smoke mode's assertions: every measured path carried traffic by its own
+/// account, and the report exists. No performance assertions.
+fn smoke_check(r: &Results) -> Result<()> {
+    let mut failed = Vec::new();
+    for s in r.paths.iter().filter(|s| s.measured) {
+        let handled: u64 = r
+            .proofs
+            .iter()
+            .filter(|p| p.path == s.name)
+            .map(|p| p.handled)
+            .sum();
+        let unverifiable = matches!(s.name.as_str(), "envoy" | "traefik");
+        if handled == 0 && !unverifiable {
+            failed.push(format!("{} shows no handled connections", s.name));
+        }
+    }
+    for m in ["direct", "redirector", "nftables", "tokio-proxy"] {
+        if !r.paths.iter().any(|s| s.name == m && s.measured) {
+            failed.push(format!("{m} was not measured"));
+        }
+    }
+    if failed.is_empty() {
+        eprintln!("bench: smoke OK: every path carried traffic (see proofs in the report)");
+        Ok(())
+    } else {
+        bail!("smoke bench: {}", failed.join("; "))
+    }
+}
+
+/// Scratch directory for proxy configs, logs and the flow log: removed after
+/// a successful run, kept (and named) after a failed one for diagnosis.
+struct WorkDir {
+    path: PathBuf,
+    done: bool,
+}
+
+impl WorkDir {
+    fn create(root: &Path) -> Result<Self> {
+        let path = root
+            .join("target/bench")
+            .join(format!("work-{}", std::process::id()));
+        std::fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
+        Ok(Self { path, done: false })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn done(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if self.done {
+            let _ = std::fs::remove_dir_all(&self.path);
+        } else {
+            eprintln!("bench: logs and configs kept in {}", self.path.display());
+        }
+    }
+}

@@ -1,0 +1,634 @@
+//! Results: the raw JSON, the summary (median over repeats with spread, ratio
+//! to direct), the targets check, and the Markdown report.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use serde::Serialize;
+
+use super::{
+    bpf::ProgCost,
+    paths::Proof,
+    stats::{ratio, spread, Spread},
+    workloads::{Kind, Workload},
+    Plan,
+};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Measurement {
+    pub path: String,
+    pub workload: String,
+    pub repeat: usize,
+    pub ops: u64,
+    pub secs: f64,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PathStatus {
+    pub name: String,
+    pub what: String,
+    pub measured: bool,
+    pub note: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpu: String,
+    pub cores: usize,
+    pub memory: String,
+    pub date: String,
+    pub commit: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SummaryRow {
+    pub workload: String,
+    pub metric: String,
+    pub path: String,
+    #[serde(flatten)]
+    pub stat: Spread,
+    pub ratio_to_direct: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Target {
+    pub target: String,
+    pub goal: String,
+    pub value: Option<f64>,
+    pub met: Option<bool>,
+    pub detail: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Results {
+    pub machine: Machine,
+    pub plan: Plan,
+    pub paths: Vec<PathStatus>,
+    pub workloads: Vec<Workload>,
+    pub summary: Vec<SummaryRow>,
+    pub targets: Vec<Target>,
+    pub sk_lookup_cost: Vec<ProgCost>,
+    pub proofs: Vec<Proof>,
+    pub notes: Vec<String>,
+    pub elapsed_secs: f64,
+    pub measurements: Vec<Measurement>,
+    /// Latency CDF points (µs, fraction) per workload and path, all repeats merged.
+    pub cdfs: BTreeMap<String, BTreeMap<String, Vec<(f64, f64)>>>,
+}
+
+impl Results {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        plan: &Plan,
+        paths: Vec<PathStatus>,
+        workloads: &[Workload],
+        measurements: Vec<Measurement>,
+        proofs: Vec<Proof>,
+        sk_lookup_cost: Vec<ProgCost>,
+        cdfs: BTreeMap<(String, String), Vec<(f64, f64)>>,
+        notes: Vec<String>,
+        elapsed_secs: f64,
+    ) -> Self {
+        let summary = summarize(&measurements);
+        let targets = targets(&summary, workloads);
+        let mut by_workload: BTreeMap<String, BTreeMap<String, Vec<(f64, f64)>>> = BTreeMap::new();
+        for ((w, p), c) in cdfs {
+            by_workload.entry(w).or_default().insert(p, c);
+        }
+        Self {
+            machine: machine(),
+            plan: plan.clone(),
+            paths,
+            workloads: workloads.to_vec(),
+            summary,
+            targets,
+            sk_lookup_cost,
+            proofs,
+            notes,
+            elapsed_secs,
+            measurements,
+            cdfs: by_workload,
+        }
+    }
+
+    pub fn median(&self, path: &str, workload: &str, metric: &str) -> Option<f64> {
+        find(&self.summary, path, workload, metric).map(|r| r.stat.median)
+    }
+
+    pub fn measured_paths(&self) -> Vec<&str> {
+        self.paths
+            .iter()
+            .filter(|p| p.measured)
+            .map(|p| p.name.as_str())
+            .collect()
+    }
+}
+
+fn first_line(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_default();
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().to_owned()))
+        .unwrap_or_default();
+    Machine {
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        cpu,
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        memory,
+        date: first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        commit: first_line("git", &["rev-parse", "--short", "HEAD"]),
+    }
+}
+
+/// Median and spread per (workload, metric, path), with the ratio to direct.
+pub fn summarize(ms: &[Measurement]) -> Vec<SummaryRow> {
+    let mut groups: BTreeMap<(String, String, String), Vec<f64>> = BTreeMap::new();
+    for m in ms {
+        for (k, v) in &m.metrics {
+            groups
+                .entry((m.workload.clone(), k.clone(), m.path.clone()))
+                .or_default()
+                .push(*v);
+        }
+    }
+    let mut rows: Vec<SummaryRow> = groups
+        .into_iter()
+        .filter_map(|((workload, metric, path), v)| {
+            Some(SummaryRow {
+                workload,
+                metric,
+                path,
+                stat: spread(&v)?,
+                ratio_to_direct: None,
+            })
+        })
+        .collect();
+    let direct: BTreeMap<(String, String), f64> = rows
+        .iter()
+        .filter(|r| r.path == "direct")
+        .map(|r| ((r.workload.clone(), r.metric.clone()), r.stat.median))
+        .collect();
+    for r in &mut rows {
+        r.ratio_to_direct = direct
+            .get(&(r.workload.clone(), r.metric.clone()))
+            .and_then(|d| ratio(r.stat.median, *d));
+    }
+    rows
+}
+
+fn find<'a>(
+    rows: &'a [SummaryRow],
+    path: &str,
+    workload: &str,
+    metric: &str,
+) -> Option<&'a SummaryRow> {
+    rows.iter()
+        .find(|r| r.path == path && r.workload == workload && r.metric == metric)
+}
+
+const PROXIES: [&str; 5] = ["nginx", "haproxy", "tokio-proxy", "envoy", "traefik"];
+
+/// The best userspace proxy's median for a metric: lowest if `lower_better`.
+fn best_proxy(
+    rows: &[SummaryRow],
+    workload: &str,
+    metric: &str,
+    lower_better: bool,
+) -> Option<(String, f64)> {
+    PROXIES
+        .iter()
+        .filter_map(|p| find(rows, p, workload, metric).map(|r| (p.to_string(), r.stat.median)))
+        .reduce(|a, b| {
+            let b_better = if lower_better { b.1 < a.1 } else { b.1 > a.1 };
+            if b_better {
+                b
+            } else {
+                a
+            }
+        })
+}
+
+fn target(
+    name: String,
+    goal: String,
+    value: Option<f64>,
+    ok: impl Fn(f64) -> bool,
+    detail: String,
+) -> Target {
+    Target {
+        target: name,
+        goal,
+        value,
+        met: value.map(ok),
+        detail,
+    }
+}
+
+/// The targets, checked against the medians.
+pub fn targets(rows: &[SummaryRow], workloads: &[Workload]) -> Vec<Target> {
+    let mut t = Vec::new();
+    let red = |w: &str, m: &str| find(rows, "redirector", w, m);
+    let pct = |r: f64| format!("{:+.1}%", (r - 1.0) * 100.0);
+    for w in workloads.iter().filter(|w| w.kind == Kind::Rr) {
+        for (metric, limit) in [("p50_us", 1.02), ("p99_us", 1.05)] {
+            let r = red(&w.name, metric).and_then(|r| r.ratio_to_direct);
+            t.push(target(
+                format!("{} {metric}: redirector vs direct", w.name),
+                format!("<= {limit:.2}x"),
+                r,
+                |v| v <= limit,
+                r.map(|v| format!("{} vs direct", pct(v)))
+                    .unwrap_or_default(),
+            ));
+        }
+    }
+    let bulk = workloads
+        .iter()
+        .find(|w| w.kind == Kind::Bulk)
+        .map(|w| w.name.as_str());
+    if let Some(b) = bulk {
+        let r = red(b, "mib_per_s").and_then(|r| r.ratio_to_direct);
+        t.push(target(
+            "bulk MiB/s: redirector vs direct".into(),
+            ">= 0.98x".into(),
+            r,
+            |v| v >= 0.98,
+            r.map(|v| format!("{} vs direct", pct(v)))
+                .unwrap_or_default(),
+        ));
+        let r = red(b, "cpu_s_per_gib").and_then(|r| r.ratio_to_direct);
+        t.push(target(
+            "bulk CPU s/GiB: redirector vs direct (same, within 5%)".into(),
+            "<= 1.05x".into(),
+            r,
+            |v| v <= 1.05,
+            r.map(|v| format!("{} vs direct", pct(v)))
+                .unwrap_or_default(),
+        ));
+    }
+    let crr = red("crr", "conn_per_s");
+    let r = crr.and_then(|r| r.ratio_to_direct);
+    t.push(target(
+        "CRR conn/s: redirector vs direct".into(),
+        ">= 0.97x".into(),
+        r,
+        |v| v >= 0.97,
+        r.map(|v| format!("{} vs direct", pct(v)))
+            .unwrap_or_default(),
+    ));
+    let nft = find(rows, "nftables", "crr", "conn_per_s").map(|r| r.stat.median);
+    let r = crr.zip(nft).and_then(|(c, n)| ratio(c.stat.median, n));
+    t.push(target(
+        "CRR conn/s: redirector vs nftables redirect".into(),
+        "> 1.00x".into(),
+        r,
+        |v| v > 1.0,
+        r.map(|v| format!("{} vs nftables", pct(v)))
+            .unwrap_or_default(),
+    ));
+    // Against the best userspace proxy at equal offered load: the fixed-load
+    // workloads (RR ping-pong and open-loop gRPC).
+    let equal_load = workloads
+        .iter()
+        .filter(|w| matches!(w.kind, Kind::Rr | Kind::Open));
+    for w in equal_load {
+        for (metric, goal) in [("p50_us", 1.3), ("p99_us", 2.0)] {
+            let best = best_proxy(rows, &w.name, metric, true);
+            let mine = red(&w.name, metric).map(|r| r.stat.median);
+            let r = best.as_ref().zip(mine).and_then(|((_, b), m)| ratio(*b, m));
+            t.push(target(
+                format!("{} {metric}: best proxy / redirector", w.name),
+                format!(">= {goal:.1}x"),
+                r,
+                |v| v >= goal,
+                best.map(|(p, _)| format!("best proxy: {p}"))
+                    .unwrap_or_default(),
+            ));
+        }
+    }
+    let best = best_proxy(rows, "crr", "conn_per_s", false);
+    let r = best
+        .as_ref()
+        .zip(crr)
+        .and_then(|((_, b), c)| ratio(c.stat.median, *b));
+    t.push(target(
+        "CRR conn/s: redirector / best proxy".into(),
+        ">= 1.8x".into(),
+        r,
+        |v| v >= 1.8,
+        best.map(|(p, _)| format!("best proxy: {p}"))
+            .unwrap_or_default(),
+    ));
+    if let Some(b) = bulk {
+        let best = best_proxy(rows, b, "cpu_s_per_gib", true);
+        let mine = red(b, "cpu_s_per_gib").map(|r| r.stat.median);
+        let r = best.as_ref().zip(mine).and_then(|((_, p), m)| ratio(m, *p));
+        t.push(target(
+            "bulk CPU s/GiB: redirector / best proxy".into(),
+            "<= 0.5x".into(),
+            r,
+            |v| v <= 0.5,
+            best.map(|(p, _)| format!("best proxy: {p}"))
+                .unwrap_or_default(),
+        ));
+    }
+    t
+}
+
+/// The metrics shown in the Markdown tables for each kind of workload.
+fn shown(kind: Kind) -> &'static [&'static str] {
+    match kind {
+        Kind::Rr => &[
+            "p50_us",
+            "p90_us",
+            "p99_us",
+            "p99.9_us",
+            "max_us",
+            "cpu_us_per_req",
+        ],
+        Kind::Crr => &["conn_per_s", "p50_us", "p99_us", "cpu_us_per_conn"],
+        Kind::Open => &[
+            "p50_us",
+            "p90_us",
+            "p99_us",
+            "p99.9_us",
+            "max_us",
+            "cpu_us_per_req",
+        ],
+        Kind::Saturation => &["req_per_s", "p50_us", "p99_us", "cpu_us_per_req"],
+        Kind::Bulk => &["mib_per_s", "cpu_s_per_gib"],
+    }
+}
+
+fn num(v: f64) -> String {
+    let a = v.abs();
+    if a >= 1000.0 {
+        format!("{v:.0}")
+    } else if a >= 100.0 {
+        format!("{v:.1}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+pub fn markdown(r: &Results) -> String {
+    let mut s = String::new();
+    let m = &r.machine;
+    let paths = r.measured_paths();
+    let _ = writeln!(s, "# redirector benchmark ({} run)\n", r.plan.mode);
+    let _ = writeln!(
+        s,
+        "Machine: {} ({} cores, {}), kernel {}; {}; commit {}. {} interleaved round(s), {:.1} s per workload slot; run took {:.0} s.\n",
+        m.cpu, m.cores, m.memory, m.kernel, m.date, m.commit, r.plan.repeats, r.plan.slot_secs, r.elapsed_secs
+    );
+    let _ = writeln!(s, "## Paths\n\n| path | what | measured |\n|---|---|---|");
+    for p in &r.paths {
+        let status = if p.measured {
+            "yes".to_owned()
+        } else {
+            format!("no: {}", p.note)
+        };
+        let _ = writeln!(s, "| {} | {} | {} |", p.name, p.what, status);
+    }
+    let _ = writeln!(
+        s,
+        "\n## Ratio to direct\n\nMedian over rounds divided by direct's median; `±` is the half-range over rounds relative to the median. Latencies and CPU: lower is better; rates: higher is better. The `direct` column is absolute (µs, req/s, conn/s, MiB/s, CPU µs per request, CPU s per GiB; CPU is whole-machine, all cores).\n"
+    );
+    let _ = write!(s, "| workload | metric | direct |");
+    for p in paths.iter().filter(|p| **p != "direct") {
+        let _ = write!(s, " {p} |");
+    }
+    let _ = write!(s, "\n|---|---|---|");
+    for _ in paths.iter().filter(|p| **p != "direct") {
+        let _ = write!(s, "---|");
+    }
+    s.push('\n');
+    for w in &r.workloads {
+        for metric in shown(w.kind) {
+            let Some(d) = find(&r.summary, "direct", &w.name, metric) else {
+                continue;
+            };
+            let _ = write!(
+                s,
+                "| {} | {} | {} ±{:.0}% |",
+                w.name,
+                metric,
+                num(d.stat.median),
+                d.stat.spread * 100.0
+            );
+            for p in paths.iter().filter(|p| **p != "direct") {
+                match find(&r.summary, p, &w.name, metric) {
+                    Some(row) => match row.ratio_to_direct {
+                        Some(q) => {
+                            let _ = write!(s, " {q:.2}x ±{:.0}% |", row.stat.spread * 100.0);
+                        }
+                        None => {
+                            let _ = write!(s, " {} |", num(row.stat.median));
+                        }
+                    },
+                    None => s.push_str(" - |"),
+                }
+            }
+            s.push('\n');
+        }
+    }
+    let _ = writeln!(s, "\n## Absolute medians\n");
+    let _ = write!(s, "| workload | metric |");
+    for p in &paths {
+        let _ = write!(s, " {p} |");
+    }
+    let _ = write!(s, "\n|---|---|");
+    for _ in &paths {
+        s.push_str("---|");
+    }
+    s.push('\n');
+    for w in &r.workloads {
+        for metric in shown(w.kind) {
+            let _ = write!(s, "| {} | {} |", w.name, metric);
+            for p in &paths {
+                match find(&r.summary, p, &w.name, metric) {
+                    Some(row) => {
+                        let _ = write!(s, " {} |", num(row.stat.median));
+                    }
+                    None => s.push_str(" - |"),
+                }
+            }
+            s.push('\n');
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\n## Targets\n\n| target | goal | measured | met | |\n|---|---|---|---|---|"
+    );
+    for t in &r.targets {
+        let v = t
+            .value
+            .map(|v| format!("{v:.3}x"))
+            .unwrap_or_else(|| "n/a".into());
+        let met = match t.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "n/a",
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} |",
+            t.target, t.goal, v, met, t.detail
+        );
+    }
+    if !r.sk_lookup_cost.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## sk_lookup program cost (BPF_PROG_TEST_RUN)\n\n| case | ns per run | retval | repeat |\n|---|---|---|---|"
+        );
+        for c in &r.sk_lookup_cost {
+            let _ = writeln!(
+                s,
+                "| {} | {:.1} | {} | {} |",
+                c.case, c.ns_per_run, c.retval, c.repeat
+            );
+        }
+    }
+    let _ = writeln!(s, "\n## Workloads\n");
+    for w in &r.workloads {
+        let _ = writeln!(s, "- `{}`: {}", w.name, w.what);
+    }
+    let _ = writeln!(s, "\n## Proof each path carried the traffic (per round)\n\n| path | handled | evidence |\n|---|---|---|");
+    for p in &r.proofs {
+        let _ = writeln!(s, "| {} | {} | {} |", p.path, p.handled, p.evidence);
+    }
+    if !r.notes.is_empty() {
+        let _ = writeln!(s, "\n## Notes\n");
+        for n in &r.notes {
+            let _ = writeln!(s, "- {n}");
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::workloads::Spec;
+
+    fn meas(path: &str, workload: &str, repeat: usize, metric: &str, v: f64) -> Measurement {
+        Measurement {
+            path: path.into(),
+            workload: workload.into(),
+            repeat,
+            ops: 1,
+            secs: 1.0,
+            metrics: [(metric.to_owned(), v)].into_iter().collect(),
+        }
+    }
+
+    #[test]
+    fn summary_medians_and_ratios() {
+        let ms = vec![
+            meas("direct", "crr", 0, "conn_per_s", 100.0),
+            meas("direct", "crr", 1, "conn_per_s", 110.0),
+            meas("direct", "crr", 2, "conn_per_s", 90.0),
+            meas("redirector", "crr", 0, "conn_per_s", 99.0),
+            meas("redirector", "crr", 1, "conn_per_s", 95.0),
+            meas("redirector", "crr", 2, "conn_per_s", 97.0),
+            meas("nftables", "crr", 0, "conn_per_s", 80.0),
+            meas("haproxy", "crr", 0, "conn_per_s", 50.0),
+            meas("nginx", "crr", 0, "conn_per_s", 60.0),
+        ];
+        let rows = summarize(&ms);
+        let red = find(&rows, "redirector", "crr", "conn_per_s").expect("row");
+        assert_eq!(red.stat.median, 97.0);
+        assert_eq!(red.ratio_to_direct, Some(0.97));
+        let wl = vec![Workload {
+            name: "crr".into(),
+            kind: Kind::Crr,
+            what: String::new(),
+            spec: Spec::Crr,
+        }];
+        let t = targets(&rows, &wl);
+        let get = |name: &str| t.iter().find(|x| x.target == name).expect(name);
+        assert_eq!(get("CRR conn/s: redirector vs direct").met, Some(true));
+        assert_eq!(
+            get("CRR conn/s: redirector vs nftables redirect").met,
+            Some(true)
+        );
+        let best = get("CRR conn/s: redirector / best proxy");
+        assert_eq!(best.detail, "best proxy: nginx");
+        assert!((best.value.expect("value") - 97.0 / 60.0).abs() < 1e-9);
+        assert_eq!(best.met, Some(false));
+    }
+
+    #[test]
+    fn markdown_has_tables() {
+        let ms = vec![
+            meas("direct", "crr", 0, "conn_per_s", 100.0),
+            meas("redirector", "crr", 0, "conn_per_s", 98.0),
+        ];
+        let wl = vec![Workload {
+            name: "crr".into(),
+            kind: Kind::Crr,
+            what: "connect".into(),
+            spec: Spec::Crr,
+        }];
+        let plan = Plan {
+            mode: "smoke",
+            repeats: 1,
+            slot_secs: 0.1,
+            open_loop_rates: vec![],
+            saturation_inflight: 1,
+            bpf_repeat: 1,
+        };
+        let paths = ["direct", "redirector"]
+            .iter()
+            .map(|p| PathStatus {
+                name: (*p).into(),
+                what: String::new(),
+                measured: true,
+                note: String::new(),
+            })
+            .collect();
+        let r = Results::new(
+            &plan,
+            paths,
+            &wl,
+            ms,
+            vec![],
+            vec![],
+            BTreeMap::new(),
+            vec![],
+            1.0,
+        );
+        let md = markdown(&r);
+        assert!(
+            md.contains("| workload | metric | direct | redirector |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| crr | conn_per_s | 100.0 ±0% | 0.98x ±0% |"),
+            "{md}"
+        );
+        assert!(md.contains("CRR conn/s: redirector vs direct"), "{md}");
+    }
+}

@@ -1,0 +1,460 @@
+//! Load generators, all running in the querier namespace: raw request/response
+//! on one persistent connection (RR), connect-request-close (CRR), gRPC unary
+//! open-loop at fixed offered rates and closed-loop at saturation, and gRPC
+//! server-streaming bulk transfer. Each returns a `Sample` with its latency
+//! histogram and the whole machine's CPU time over the measurement.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::runtime::Runtime;
+
+use super::{
+    cpu::CpuTimes,
+    grpc,
+    stats::{self, new_histogram},
+    topology::Netns,
+};
+
+/// Everything one workload run produced.
+pub struct Sample {
+    pub ops: u64,
+    pub errors: u64,
+    pub secs: f64,
+    pub bytes: u64,
+    pub cpu_secs: f64,
+    pub hist: Histogram<u64>,
+}
+
+/// Which figures a workload reports.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub enum Kind {
+    /// Ping-pong on one connection: latency and CPU per round trip.
+    Rr,
+    /// Connect, request, close: connections/s, latency, CPU per connection.
+    Crr,
+    /// gRPC unary at a fixed offered rate: latency from the scheduled send.
+    Open,
+    /// gRPC unary closed loop: requests/s and latency at saturation.
+    Saturation,
+    /// gRPC streaming: MiB/s and CPU seconds per GiB.
+    Bulk,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Workload {
+    pub name: String,
+    pub kind: Kind,
+    pub what: String,
+    #[serde(skip)]
+    pub spec: Spec,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Spec {
+    Rr { size: usize },
+    Crr,
+    Open { conns: usize, rate: u64 },
+    Saturation { conns: usize, inflight: usize },
+    Bulk,
+}
+
+impl Sample {
+    /// The figures reported for a workload of `kind`.
+    pub fn metrics(&self, kind: Kind) -> BTreeMap<String, f64> {
+        let mut m = BTreeMap::new();
+        let l = stats::latency(&self.hist);
+        let per_sec = if self.secs > 0.0 {
+            self.ops as f64 / self.secs
+        } else {
+            0.0
+        };
+        let cpu_us_per_op = if self.ops > 0 {
+            self.cpu_secs * 1e6 / self.ops as f64
+        } else {
+            f64::NAN
+        };
+        let lat = |m: &mut BTreeMap<String, f64>, all: bool| {
+            m.insert("p50_us".into(), l.p50_us);
+            m.insert("p99_us".into(), l.p99_us);
+            if all {
+                m.insert("p90_us".into(), l.p90_us);
+                m.insert("p99.9_us".into(), l.p999_us);
+                m.insert("max_us".into(), l.max_us);
+            }
+        };
+        match kind {
+            Kind::Rr | Kind::Open => {
+                lat(&mut m, true);
+                m.insert("req_per_s".into(), per_sec);
+                m.insert("cpu_us_per_req".into(), cpu_us_per_op);
+            }
+            Kind::Crr => {
+                lat(&mut m, true);
+                m.insert("conn_per_s".into(), per_sec);
+                m.insert("cpu_us_per_conn".into(), cpu_us_per_op);
+            }
+            Kind::Saturation => {
+                lat(&mut m, false);
+                m.insert("req_per_s".into(), per_sec);
+                m.insert("cpu_us_per_req".into(), cpu_us_per_op);
+            }
+            Kind::Bulk => {
+                let mib = self.bytes as f64 / (1u64 << 20) as f64;
+                let gib = self.bytes as f64 / (1u64 << 30) as f64;
+                m.insert(
+                    "mib_per_s".into(),
+                    if self.secs > 0.0 {
+                        mib / self.secs
+                    } else {
+                        0.0
+                    },
+                );
+                m.insert(
+                    "cpu_s_per_gib".into(),
+                    if gib > 0.0 {
+                        self.cpu_secs / gib
+                    } else {
+                        f64::NAN
+                    },
+                );
+            }
+        }
+        m.insert("errors".into(), self.errors as f64);
+        m
+    }
+}
+
+/// The querier side: a tokio runtime in the querier namespace for gRPC, and
+/// plain threads in it for the raw workloads.
+pub struct Querier<'a> {
+    pub ns: &'a Netns,
+    pub rt: Runtime,
+}
+
+impl<'a> Querier<'a> {
+    pub fn new(ns: &'a Netns) -> Result<Self> {
+        Ok(Self {
+            ns,
+            rt: super::topology::runtime_in(ns, 2, "rdb-querier")?,
+        })
+    }
+
+    pub fn run(&self, spec: Spec, addr: SocketAddr, dur: Duration) -> Result<Sample> {
+        match spec {
+            Spec::Rr { size } => self.ns.run(|| rr(addr, size, dur)),
+            Spec::Crr => self.ns.run(|| crr(addr, dur)),
+            Spec::Open { conns, rate } => self.open_loop(addr, conns, rate, dur),
+            Spec::Saturation { conns, inflight } => self.saturation(addr, conns, inflight, dur),
+            Spec::Bulk => self.bulk(addr, dur),
+        }
+    }
+
+    /// Runs `fut` on the querier runtime's workers (so its sockets are created
+    /// in the querier namespace), bounded by `limit`.
+    fn on_rt<T: Send + 'static>(
+        &self,
+        limit: Duration,
+        fut: impl std::future::Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        let handle = self.rt.spawn(async move {
+            tokio::time::timeout(limit, fut)
+                .await
+                .map_err(|_| anyhow::anyhow!("workload did not finish in {limit:?}"))?
+        });
+        self.rt
+            .block_on(handle)
+            .map_err(|e| anyhow::anyhow!("workload task: {e}"))?
+    }
+
+    fn connect_all(&self, addr: SocketAddr, conns: usize) -> Result<Vec<grpc::Client>> {
+        self.on_rt(Duration::from_secs(10), async move {
+            let mut clients = Vec::with_capacity(conns);
+            for _ in 0..conns {
+                let mut c = grpc::connect(addr).await?;
+                // Warm the connection (HTTP/2 settings, windows) before timing.
+                for _ in 0..20 {
+                    grpc::search(&mut c).await.context("warm-up call")?;
+                }
+                clients.push(c);
+            }
+            Ok(clients)
+        })
+    }
+
+    /// Open loop: requests are scheduled at fixed intervals whatever happens to
+    /// earlier ones, and latency counts from the scheduled time, so a stall is
+    /// charged to every request it delays (no coordinated omission). The
+    /// schedule is kept by a dedicated thread with 1 ns timer slack, since
+    /// tokio's timer wheel has millisecond granularity.
+    fn open_loop(
+        &self,
+        addr: SocketAddr,
+        conns: usize,
+        rate: u64,
+        dur: Duration,
+    ) -> Result<Sample> {
+        let clients = self.connect_all(addr, conns)?;
+        let total = ((rate as f64) * dur.as_secs_f64()).round().max(1.0) as u64;
+        let interval = Duration::from_secs_f64(1.0 / rate as f64);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        let collector = self.rt.spawn(async move {
+            let mut hist = new_histogram();
+            let mut errors = 0u64;
+            let mut set = tokio::task::JoinSet::new();
+            let mut i = 0usize;
+            let mut record = |r: Result<Option<Duration>, tokio::task::JoinError>,
+                              hist: &mut Histogram<u64>| match r {
+                Ok(Some(d)) => {
+                    let _ = hist.record(d.as_nanos() as u64);
+                }
+                _ => errors += 1,
+            };
+            while let Some(scheduled) = rx.recv().await {
+                let mut c = clients[i % clients.len()].clone();
+                i += 1;
+                set.spawn(async move {
+                    let r =
+                        tokio::time::timeout(Duration::from_secs(5), grpc::search(&mut c)).await;
+                    matches!(r, Ok(Ok(_))).then(|| scheduled.elapsed())
+                });
+                while let Some(r) = set.try_join_next() {
+                    record(r, &mut hist);
+                }
+            }
+            while let Some(r) = set.join_next().await {
+                record(r, &mut hist);
+            }
+            (hist, errors)
+        });
+        // SAFETY: prctl(2) on this thread only; 1 ns slack makes nanosleep precise.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1) };
+        let cpu0 = CpuTimes::now()?;
+        let start = Instant::now() + Duration::from_millis(2);
+        for i in 0..total {
+            let at = start + interval * i as u32;
+            let now = Instant::now();
+            if at > now {
+                std::thread::sleep(at - now);
+            }
+            if tx.send(at).is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        let (hist, errors) = self
+            .rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(30), collector).await })
+            .context("open-loop requests did not finish in 30 s")?
+            .map_err(|e| anyhow::anyhow!("collector: {e}"))?;
+        let secs = start.elapsed().as_secs_f64();
+        let cpu_secs = cpu0.busy_secs_until(&CpuTimes::now()?);
+        Ok(Sample {
+            ops: hist.len(),
+            errors,
+            secs,
+            bytes: 0,
+            cpu_secs,
+            hist,
+        })
+    }
+
+    /// Closed loop: `inflight` callers spread over `conns` connections, each
+    /// issuing its next call as soon as the previous one returns.
+    fn saturation(
+        &self,
+        addr: SocketAddr,
+        conns: usize,
+        inflight: usize,
+        dur: Duration,
+    ) -> Result<Sample> {
+        let clients = self.connect_all(addr, conns)?;
+        let cpu0 = CpuTimes::now()?;
+        let start = Instant::now();
+        let (hist, errors) = self.on_rt(dur + Duration::from_secs(30), async move {
+            let deadline = tokio::time::Instant::now() + dur;
+            let mut set = tokio::task::JoinSet::new();
+            for i in 0..inflight {
+                let mut c = clients[i % clients.len()].clone();
+                set.spawn(async move {
+                    let mut hist = new_histogram();
+                    let mut errors = 0u64;
+                    while tokio::time::Instant::now() < deadline {
+                        let t = Instant::now();
+                        match tokio::time::timeout(Duration::from_secs(5), grpc::search(&mut c))
+                            .await
+                        {
+                            Ok(Ok(_)) => {
+                                let _ = hist.record(t.elapsed().as_nanos() as u64);
+                            }
+                            _ => errors += 1,
+                        }
+                    }
+                    (hist, errors)
+                });
+            }
+            let mut hist = new_histogram();
+            let mut errors = 0;
+            while let Some(r) = set.join_next().await {
+                let (h, e) = r.context("caller task")?;
+                hist.add(&h).context("merge histograms")?;
+                errors += e;
+            }
+            Ok((hist, errors))
+        })?;
+        let secs = start.elapsed().as_secs_f64();
+        let cpu_secs = cpu0.busy_secs_until(&CpuTimes::now()?);
+        Ok(Sample {
+            ops: hist.len(),
+            errors,
+            secs,
+            bytes: 0,
+            cpu_secs,
+            hist,
+        })
+    }
+
+    /// Server streaming on one connection: repeated Fetch calls of 64 x 64 KiB
+    /// (a querier pulling a live-store's recent blocks), for `dur`.
+    fn bulk(&self, addr: SocketAddr, dur: Duration) -> Result<Sample> {
+        let clients = self.connect_all(addr, 1)?;
+        let cpu0 = CpuTimes::now()?;
+        let start = Instant::now();
+        let (bytes, calls, hist) = self.on_rt(dur + Duration::from_secs(30), async move {
+            let mut c = clients.into_iter().next().context("no client connection")?;
+            let deadline = Instant::now() + dur;
+            let (mut bytes, mut calls) = (0u64, 0u64);
+            let mut hist = new_histogram();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                bytes += grpc::fetch(&mut c, 64, 64 * 1024).await?;
+                let _ = hist.record(t.elapsed().as_nanos() as u64);
+                calls += 1;
+            }
+            Ok((bytes, calls, hist))
+        })?;
+        let secs = start.elapsed().as_secs_f64();
+        let cpu_secs = cpu0.busy_secs_until(&CpuTimes::now()?);
+        Ok(Sample {
+            ops: calls,
+            errors: 0,
+            secs,
+            bytes,
+            cpu_secs,
+            hist,
+        })
+    }
+}
+
+/// Ping-pong of `size` bytes on one persistent connection (blocking sockets on
+/// one thread: the lowest-noise client there is).
+fn rr(addr: SocketAddr, size: usize, dur: Duration) -> Result<Sample> {
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .with_context(|| format!("connect {addr}"))?;
+    conn.set_nodelay(true)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let out = vec![b'r'; size];
+    let mut back = vec![0u8; size];
+    for _ in 0..200 {
+        conn.write_all(&out)?;
+        conn.read_exact(&mut back)?;
+    }
+    let mut hist = new_histogram();
+    let cpu0 = CpuTimes::now()?;
+    let start = Instant::now();
+    let deadline = start + dur;
+    let mut now = start;
+    while now < deadline {
+        conn.write_all(&out)?;
+        conn.read_exact(&mut back).context("echo reply")?;
+        let after = Instant::now();
+        let _ = hist.record((after - now).as_nanos() as u64);
+        now = after;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu_secs = cpu0.busy_secs_until(&CpuTimes::now()?);
+    if back != out {
+        bail!("echo returned different bytes");
+    }
+    Ok(Sample {
+        ops: hist.len(),
+        errors: 0,
+        secs,
+        bytes: 0,
+        cpu_secs,
+        hist,
+    })
+}
+
+/// Connect, send 64 bytes, read them back, close; repeated for `dur`. The
+/// latency covers the whole exchange including the handshake.
+fn crr(addr: SocketAddr, dur: Duration) -> Result<Sample> {
+    let mut hist = new_histogram();
+    let mut errors = 0u64;
+    let out = [b'c'; 64];
+    let mut back = [0u8; 64];
+    let one = |back: &mut [u8; 64]| -> std::io::Result<()> {
+        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        conn.set_nodelay(true)?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        conn.write_all(&out)?;
+        conn.read_exact(back)?;
+        Ok(())
+    };
+    for _ in 0..50 {
+        one(&mut back).context("CRR warm-up")?;
+    }
+    let cpu0 = CpuTimes::now()?;
+    let start = Instant::now();
+    let deadline = start + dur;
+    let mut now = start;
+    while now < deadline {
+        let r = one(&mut back);
+        let after = Instant::now();
+        match r {
+            Ok(()) => {
+                let _ = hist.record((after - now).as_nanos() as u64);
+            }
+            // Bounded: a path that refuses every connection still ends at the deadline.
+            Err(_) => errors += 1,
+        }
+        now = after;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu_secs = cpu0.busy_secs_until(&CpuTimes::now()?);
+    Ok(Sample {
+        ops: hist.len(),
+        errors,
+        secs,
+        bytes: 0,
+        cpu_secs,
+        hist,
+    })
+}
+
+/// Waits until `addr` accepts a connection from inside `ns` (a proxy that has
+/// just been started), for at most `limit`.
+pub fn wait_reachable(ns: &Netns, addr: SocketAddr, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    ns.run(|| loop {
+        if let Ok(mut c) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            // Prove the whole path works, not just the proxy's accept: echo 1 byte.
+            let _ = c.set_read_timeout(Some(Duration::from_millis(500)));
+            let mut b = [0u8; 1];
+            if c.write_all(b"p").is_ok() && c.read_exact(&mut b).is_ok() {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{addr} not reachable after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    })
+}
