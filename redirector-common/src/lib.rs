@@ -19,9 +19,22 @@ pub const MAP_LISTENERS: &str = "LISTENERS";
 pub const MAP_REDIRECTS: &str = "REDIRECTS";
 pub const MAP_LISTEN_PORTS: &str = "LISTEN_PORTS";
 pub const MAP_COUNTERS: &str = "COUNTERS";
+pub const MAP_PENDING: &str = "PENDING";
+pub const MAP_FLOWS: &str = "FLOWS";
+pub const MAP_FLOW_EVENTS: &str = "FLOW_EVENTS";
+pub const MAP_REFUSED_BUDGET: &str = "REFUSED_BUDGET";
 /// Every map that all program instances must share (the per-namespace
 /// `sk_lookup` instances and the one `sock_ops` instance).
-pub const SHARED_MAPS: [&str; 4] = [MAP_LISTENERS, MAP_REDIRECTS, MAP_LISTEN_PORTS, MAP_COUNTERS];
+pub const SHARED_MAPS: [&str; 8] = [
+    MAP_LISTENERS,
+    MAP_REDIRECTS,
+    MAP_LISTEN_PORTS,
+    MAP_COUNTERS,
+    MAP_PENDING,
+    MAP_FLOWS,
+    MAP_FLOW_EVENTS,
+    MAP_REFUSED_BUDGET,
+];
 
 /// Load-time constant of each `sk_lookup` instance: the cookie of the network
 /// namespace it is attached to. `sk_lookup` programs cannot call
@@ -32,6 +45,16 @@ pub const GLOBAL_NETNS_COOKIE: &str = "NETNS_COOKIE";
 pub const MAX_LISTENERS: u32 = 4096;
 /// Capacity of the redirect tables: one entry per (namespace, port).
 pub const MAX_REDIRECTS: u32 = 4096;
+
+/// Connections between redirect and handshake completion (SYN floods evict).
+pub const MAX_PENDING: u32 = 16384;
+/// Redirected connections open at once; beyond this a flow is counted in
+/// `FlowTableFull` and gets no close record.
+pub const MAX_FLOWS: u32 = 65536;
+/// Default flow ring buffer size (bytes, a power-of-two number of pages).
+pub const DEFAULT_FLOW_RING_BYTES: u32 = 1 << 20;
+/// Refused-connection records each CPU may emit per second; all are counted.
+pub const REFUSED_RECORDS_PER_SEC: u64 = 100;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -99,9 +122,25 @@ pub enum Counter {
     ListenerRegistered = 3,
     /// Registering a listener failed (map full, ...).
     ListenerRegisterError = 4,
+    /// A redirected connection completed its handshake (open record).
+    FlowsOpened = 5,
+    /// A redirected connection closed (close record).
+    FlowsClosed = 6,
+    /// Payload bytes received from queriers on closed flows.
+    BytesReceived = 7,
+    /// Payload bytes sent to queriers and acknowledged, on closed flows.
+    BytesSent = 8,
+    /// A record could not be put in the ring buffer (full): lost, but counted.
+    RecordsDropped = 9,
+    /// A refused-connection record was not emitted (rate limit); still counted
+    /// in `NoListener`.
+    RefusedRecordsSuppressed = 10,
+    /// A redirected connection could not be tracked (flow table full): it has
+    /// an open record but will get no close record.
+    FlowTableFull = 11,
 }
 
-pub const COUNTER_COUNT: u32 = 5;
+pub const COUNTER_COUNT: u32 = 12;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -110,6 +149,13 @@ impl Counter {
         Counter::AssignError,
         Counter::ListenerRegistered,
         Counter::ListenerRegisterError,
+        Counter::FlowsOpened,
+        Counter::FlowsClosed,
+        Counter::BytesReceived,
+        Counter::BytesSent,
+        Counter::RecordsDropped,
+        Counter::RefusedRecordsSuppressed,
+        Counter::FlowTableFull,
     ];
 
     /// Name used in logs, `status` output and metrics.
@@ -120,12 +166,97 @@ impl Counter {
             Counter::AssignError => "assign_error",
             Counter::ListenerRegistered => "listener_registered",
             Counter::ListenerRegisterError => "listener_register_error",
+            Counter::FlowsOpened => "flows_opened",
+            Counter::FlowsClosed => "flows_closed",
+            Counter::BytesReceived => "bytes_received",
+            Counter::BytesSent => "bytes_sent",
+            Counter::RecordsDropped => "records_dropped",
+            Counter::RefusedRecordsSuppressed => "refused_records_suppressed",
+            Counter::FlowTableFull => "flow_table_full",
         }
     }
 }
 
+/// A connection seen by `sk_lookup` and not yet by `sock_ops`: the 4-tuple
+/// half that both see, in the namespace. Addresses in network byte order, an
+/// IPv4 address in `remote_ip[0]`; ports in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PendingKey {
+    pub netns_cookie: u64,
+    pub remote_ip: [u32; 4],
+    pub remote_port: u16,
+    pub local_port: u16,
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// Per-flow state kept between the open and the close record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FlowState {
+    pub start_ns: u64,
+    pub listen_port: u16,
+    /// `FLOW_*` bits seen on state transitions.
+    pub flags: u16,
+    pub _pad: u32,
+}
+
+/// The peer's FIN arrived: it counts one in `bytes_received`.
+pub const FLOW_PEER_FIN: u16 = 1;
+/// Our FIN was acknowledged: it counts one in `bytes_acked`.
+pub const FLOW_FIN_ACKED: u16 = 2;
+/// A retransmission timeout fired on this flow.
+pub const FLOW_RTO: u16 = 4;
+
+/// Kinds of flow record.
+pub const EVENT_OPEN: u8 = 1;
+pub const EVENT_CLOSE: u8 = 2;
+pub const EVENT_REFUSED: u8 = 3;
+
+/// How a flow ended (close records).
+pub const END_FIN: u8 = 1;
+pub const END_RST: u8 = 2;
+pub const END_ABORTED: u8 = 3;
+
+/// One record in the `FLOW_EVENTS` ring buffer. Addresses in network byte
+/// order (IPv4 in `[0]`), ports in host byte order, times from
+/// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FlowEvent {
+    pub kind: u8,
+    pub end: u8,
+    pub family: u16,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub listen_port: u16,
+    pub _pad: u16,
+    pub srtt_us: u32,
+    pub netns_cookie: u64,
+    pub socket_cookie: u64,
+    pub ts_ns: u64,
+    pub duration_ns: u64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub retransmits: u32,
+    pub _pad2: u32,
+    pub remote_ip: [u32; 4],
+    pub local_ip: [u32; 4],
+}
+
+const _: () = assert!(core::mem::size_of::<PendingKey>() == 32);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 104);
+
 #[cfg(feature = "user")]
 mod user {
+    // SAFETY: as below.
+    unsafe impl aya::Pod for super::PendingKey {}
+    // SAFETY: as below.
+    unsafe impl aya::Pod for super::FlowState {}
+    // SAFETY: as below.
+    unsafe impl aya::Pod for super::FlowEvent {}
     // SAFETY: plain #[repr(C)] integers with explicit padding: every bit pattern is valid.
     unsafe impl aya::Pod for super::NsPort {}
     // SAFETY: as above.

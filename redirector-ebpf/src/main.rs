@@ -1,15 +1,17 @@
 //! Kernel side of redirector.
 //!
-//! - `redir_sockops` (cgroup v2 root, `sock_ops`): when a socket starts listening
-//!   on a served listen port, put it in `LISTENERS` under its namespace's cookie.
 //! - `redir_lookup` (one instance per served network namespace, `sk_lookup`): when
 //!   a new TCP connection arrives for an advertised port, hand it to the listener
 //!   registered for the matching listen port in the same namespace.
+//! - `redir_sockops` (cgroup v2 root, `sock_ops`): registers listeners on served
+//!   listen ports, and writes the open and close record of every redirected flow.
 //!
 //! Both programs fail open: any miss or error leaves the kernel's own lookup in
 //! charge, so nothing here can make a working port stop working.
 #![no_std]
 #![no_main]
+
+mod flows;
 
 use aya_ebpf::{
     bindings::{sk_action::SK_PASS, BPF_ANY, BPF_SOCK_OPS_TCP_LISTEN_CB},
@@ -44,9 +46,14 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT,
 
 #[inline(always)]
 fn count(counter: Counter) {
+    add(counter, 1);
+}
+
+#[inline(always)]
+fn add(counter: Counter, n: u64) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         // SAFETY: per-CPU slot, and BPF programs are not preempted on their CPU.
-        unsafe { *slot += 1 };
+        unsafe { *slot += n };
     }
 }
 
@@ -70,9 +77,9 @@ fn redirect(ctx: &SkLookupContext) {
         return;
     }
     let netns_cookie = NETNS_COOKIE.load();
+    let advertise_port = local_port as u16;
     // SAFETY: plain hash lookup; the value is copied out at once.
-    let Some(&listen_port) =
-        (unsafe { REDIRECTS.get(&NsPort::new(netns_cookie, local_port as u16)) })
+    let Some(&listen_port) = (unsafe { REDIRECTS.get(&NsPort::new(netns_cookie, advertise_port)) })
     else {
         return;
     };
@@ -88,17 +95,24 @@ fn redirect(ctx: &SkLookupContext) {
         other => other,
     };
     match result {
-        Ok(()) => count(Counter::Redirected),
+        Ok(()) => {
+            count(Counter::Redirected);
+            flows::redirected(ctx, netns_cookie, listen_port);
+        }
         // aya-ebpf reports a missing key as -ENOENT.
-        Err(-2) => count(Counter::NoListener),
+        Err(-2) => {
+            count(Counter::NoListener);
+            flows::refused(ctx, netns_cookie, listen_port);
+        }
         Err(_) => count(Counter::AssignError),
     }
 }
 
 #[sock_ops]
 pub fn redir_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_TCP_LISTEN_CB {
-        register_listener(&ctx);
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_LISTEN_CB => register_listener(&ctx),
+        op => flows::on_sock_op(&ctx, op),
     }
     // Any other return value makes the kernel fail the socket operation.
     1
@@ -119,9 +133,10 @@ fn register_listener(ctx: &SockOpsContext) {
         return;
     }
     // SAFETY: `ops` is the context pointer the helper expects.
+    let ops = unsafe { &mut *ctx.ops };
     match LISTENERS.update(
         ListenerKey::new(netns_cookie, port, family),
-        unsafe { &mut *ctx.ops },
+        ops,
         BPF_ANY as u64,
     ) {
         Ok(()) => count(Counter::ListenerRegistered),

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use redirector_common::{DEFAULT_ADVERTISE_PORT, DEFAULT_LISTEN_PORT};
 
+use crate::flowlog::FlowFormat;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "redirector",
@@ -51,6 +53,42 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub netns: Vec<PathBuf>,
+
+    /// Flow record format: `text` for people, `json` or `logfmt` (one record per
+    /// line) for Loki, Vector or promtail. Default: text on a terminal, json otherwise.
+    #[arg(long, env = "REDIRECTOR_FLOW_FORMAT", value_enum)]
+    pub flow_format: Option<FlowFormat>,
+
+    /// Append flow records to this file instead of stdout.
+    #[arg(long, env = "REDIRECTOR_FLOW_LOG", value_name = "PATH")]
+    pub flow_log: Option<PathBuf>,
+
+    /// Prometheus /metrics, /healthz and /readyz. Port 0 picks a free port (printed).
+    #[arg(
+        long,
+        env = "REDIRECTOR_METRICS_ADDR",
+        default_value = "127.0.0.1:9464"
+    )]
+    pub metrics_addr: std::net::SocketAddr,
+
+    /// Size of the kernel's flow record ring buffer in bytes: a power of two, at
+    /// least 4096. A record takes 112 bytes; a full ring drops (and counts) records.
+    #[arg(
+        long,
+        env = "REDIRECTOR_FLOW_RING_BYTES",
+        default_value_t = redirector_common::DEFAULT_FLOW_RING_BYTES,
+        value_parser = parse_ring_bytes
+    )]
+    pub flow_ring_bytes: u32,
+}
+
+fn parse_ring_bytes(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n) if n >= 4096 && n.is_power_of_two() => Ok(n),
+        _ => Err(format!(
+            "`{s}` is not a valid ring size: a power of two of at least 4096 bytes"
+        )),
+    }
 }
 
 /// A TCP port a client can connect to: 1-65535.

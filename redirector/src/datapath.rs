@@ -17,12 +17,12 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    maps::{HashMap, MapData, SockHash},
     programs::{CgroupAttachMode, SkLookup, SockOps},
     Ebpf, EbpfLoader,
 };
 use redirector_common::{
-    Counter, ListenerKey, NsPort, GLOBAL_NETNS_COOKIE, MAP_COUNTERS, MAP_LISTENERS,
+    ListenerKey, NsPort, GLOBAL_NETNS_COOKIE, MAP_COUNTERS, MAP_FLOW_EVENTS, MAP_LISTENERS,
     MAP_LISTEN_PORTS, MAP_REDIRECTS, PROG_SK_LOOKUP, PROG_SOCK_OPS, SHARED_MAPS,
 };
 
@@ -44,6 +44,8 @@ pub struct Redirect {
 /// What `serve` did in one namespace, for the operator.
 pub struct Served {
     pub netns: Netns,
+    /// Kernel id of this namespace's sk_lookup program (readiness checks).
+    pub prog_id: u32,
     pub redirects: Vec<Redirect>,
     pub existing_listeners: usize,
     _instance: Ebpf,
@@ -52,15 +54,25 @@ pub struct Served {
 pub struct Datapath {
     main: Ebpf,
     pub cgroup: PathBuf,
+    pub sock_ops_id: u32,
     pub served: Vec<Served>,
+}
+
+/// Handles on shared maps for the tasks that read them while the datapath runs
+/// (flow reader, metrics): separate fds on the same kernel maps.
+pub struct MapHandles {
+    pub flow_events: MapData,
+    pub counters: MapData,
+    pub listeners: MapData,
 }
 
 impl Datapath {
     /// Loads the shared maps and attaches `sock_ops` to the cgroup v2 root.
-    pub fn load() -> Result<Self> {
+    pub fn load(flow_ring_bytes: u32) -> Result<Self> {
         require_bpffs()?;
         let cgroup = cgroup::cgroup2_mount()?;
         let mut main = EbpfLoader::new()
+            .map_max_entries(MAP_FLOW_EVENTS, flow_ring_bytes)
             .load(OBJECT)
             .map_err(|e| kernel_error(e.into(), "loading the eBPF maps"))?;
         let prog: &mut SockOps = program(&mut main, PROG_SOCK_OPS)?.try_into()?;
@@ -82,10 +94,26 @@ impl Datapath {
                     &format!("attaching sock_ops to cgroup {}", cgroup.display()),
                 )
             })?;
+        let sock_ops_id = prog.info()?.id();
         Ok(Self {
             main,
             cgroup,
+            sock_ops_id,
             served: Vec::new(),
+        })
+    }
+
+    /// New fds on the maps that tasks read while the datapath runs.
+    pub fn map_handles(&self) -> Result<MapHandles> {
+        let pins = PinWindow::open(&self.main)?;
+        let open = |name: &str| -> Result<MapData> {
+            let path = pins.path(name)?;
+            MapData::from_pin(path).with_context(|| format!("reopening map {name}"))
+        };
+        Ok(MapHandles {
+            flow_events: open(MAP_FLOW_EVENTS)?,
+            counters: open(MAP_COUNTERS)?,
+            listeners: open(MAP_LISTENERS)?,
         })
     }
 
@@ -101,13 +129,14 @@ impl Datapath {
             for r in redirects {
                 existing += self.register_existing(&netns, r.listen_port)?;
             }
-            let instance = self.attach_sk_lookup(&netns)?;
-            Ok((existing, instance))
+            let (instance, prog_id) = self.attach_sk_lookup(&netns)?;
+            Ok((existing, instance, prog_id))
         });
         match result {
-            Ok((existing_listeners, instance)) => {
+            Ok((existing_listeners, instance, prog_id)) => {
                 self.served.push(Served {
                     netns,
+                    prog_id,
                     redirects: redirects.to_vec(),
                     existing_listeners,
                     _instance: instance,
@@ -188,7 +217,7 @@ impl Datapath {
         Ok(found.len())
     }
 
-    fn attach_sk_lookup(&mut self, netns: &Netns) -> Result<Ebpf> {
+    fn attach_sk_lookup(&mut self, netns: &Netns) -> Result<(Ebpf, u32)> {
         let pins = PinWindow::open(&self.main)?;
         let mut loader = EbpfLoader::new();
         for (name, path) in &pins.paths {
@@ -212,20 +241,8 @@ impl Datapath {
                 &format!("attaching sk_lookup to {}", netns.path.display()),
             )
         })?;
-        Ok(instance)
-    }
-
-    /// Kernel counters summed over CPUs, in `Counter::ALL` order.
-    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
-        let map: PerCpuArray<&MapData, u64> = self
-            .main
-            .map(MAP_COUNTERS)
-            .context("COUNTERS map")?
-            .try_into()?;
-        Counter::ALL
-            .iter()
-            .map(|&c| Ok((c, map.get(&(c as u32), 0)?.iter().sum())))
-            .collect()
+        let id = prog.info()?.id();
+        Ok((instance, id))
     }
 }
 
@@ -244,8 +261,20 @@ fn require_bpffs() -> Result<()> {
 }
 
 /// Turns permission and support errors from the kernel into messages that name
-/// the capability or feature, keeping the original error as the cause.
+/// the capability or feature, keeping the original error as the cause. A
+/// verifier log goes to the debug log, not into the one-line error.
 fn kernel_error(err: anyhow::Error, what: &str) -> anyhow::Error {
+    let text = format!("{err:#}");
+    if let Some((_, log)) = text.split_once("Verifier output:") {
+        tracing::debug!("verifier log for {what}:{log}");
+        let verdict = log.lines().map(str::trim).find(|l| {
+            !l.is_empty() && !l.starts_with(|c: char| c.is_ascii_digit() || c == 'R' || c == '(')
+        });
+        return anyhow!(
+            "{what}: the kernel verifier rejected the program ({}); RUST_LOG=debug shows its log",
+            verdict.unwrap_or("no reason given")
+        );
+    }
     let errno = err.chain().find_map(|c| {
         c.downcast_ref::<std::io::Error>()
             .and_then(|e| e.raw_os_error())
@@ -292,6 +321,16 @@ impl PinWindow {
             window.paths.push((name, path));
         }
         Ok(window)
+    }
+}
+
+impl PinWindow {
+    fn path(&self, name: &str) -> Result<&Path> {
+        self.paths
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, p)| p.as_path())
+            .with_context(|| format!("map {name} is not shared"))
     }
 }
 

@@ -1,11 +1,15 @@
 mod agent;
 mod cgroup;
+mod check;
 mod cli;
+mod config;
 mod datapath;
 mod error;
+mod flowlog;
 mod listeners;
 mod netns;
 mod sys;
+mod telemetry;
 
 use std::process::ExitCode;
 

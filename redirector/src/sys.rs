@@ -128,3 +128,51 @@ pub fn missing_capabilities() -> io::Result<Vec<(&'static str, &'static str)>> {
         .map(|&(_, name, why)| (name, why))
         .collect())
 }
+
+/// `bpf_attach_type` values for `prog_query`.
+pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
+pub const BPF_SK_LOOKUP: u32 = 36;
+const BPF_PROG_QUERY: libc::c_long = 16;
+
+/// Ids of the programs of `attach_type` attached directly to `target` (a
+/// netns or cgroup fd): whether our programs are still in place.
+pub fn prog_query(target: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u32>> {
+    let mut ids = [0u32; 64];
+    // The `query` member of `union bpf_attr`: target_fd, attach_type,
+    // query_flags, attach_flags, prog_ids (u64), prog_cnt, then fields we
+    // leave zero; the rest of the union must be zero too.
+    let mut attr = [0u64; 16];
+    attr[0] = target.as_raw_fd() as u32 as u64 | ((attach_type as u64) << 32);
+    attr[2] = ids.as_mut_ptr() as u64;
+    attr[3] = ids.len() as u64;
+    // SAFETY: bpf(2) with a zeroed attr of the documented layout; the kernel
+    // writes at most prog_cnt ids into `ids` and the count into attr[3].
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr) as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let count = (attr[3] as u32).min(ids.len() as u32) as usize;
+    Ok(ids[..count].to_vec())
+}
+
+/// Nanoseconds to add to a CLOCK_MONOTONIC time (`bpf_ktime_get_ns`) to get
+/// Unix time.
+pub fn monotonic_to_unix_offset_ns() -> i128 {
+    fn now(clock: libc::clockid_t) -> i128 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+    }
+    now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC)
+}

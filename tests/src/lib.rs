@@ -290,9 +290,13 @@ fn collect(stream: impl Read + Send + 'static, into: Arc<Mutex<Vec<String>>>) {
 impl Agent {
     /// Starts the agent and waits until it prints its `ready` line.
     pub fn start(args: &[&str]) -> Result<Self> {
-        let mut child = Command::new(agent_bin())
-            .arg("run")
-            .args(args)
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("run").args(args);
+        // A free port of its own, so tests never collide on the default 9464.
+        if !args.contains(&"--metrics-addr") {
+            cmd.args(["--metrics-addr", "127.0.0.1:0"]);
+        }
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

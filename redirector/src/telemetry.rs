@@ -1,0 +1,205 @@
+//! The agent's HTTP endpoint: Prometheus metrics read from the kernel's own
+//! counters at scrape time, `/healthz` (the process serves) and `/readyz`
+//! (every program is still attached where it should be).
+
+use std::{
+    fs::File,
+    net::SocketAddr,
+    os::fd::AsFd,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context, Result};
+use axum::{extract::State, http::StatusCode, routing::get, Router};
+use aya::maps::{MapData, PerCpuArray, SockHash};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter as PromCounter, gauge::Gauge},
+    registry::Registry,
+};
+use redirector_common::{Counter, ListenerKey};
+
+use crate::sys;
+
+/// What readiness checks: each (namespace, sk_lookup program id), and the cgroup
+/// with the sock_ops program id.
+pub struct Attachments {
+    pub cgroup: File,
+    pub sock_ops_id: u32,
+    pub namespaces: Vec<(String, File, u32)>,
+}
+
+impl Attachments {
+    /// Namespaces (or the cgroup) whose program is no longer attached.
+    pub fn missing(&self) -> Vec<String> {
+        let mut missing = Vec::new();
+        let attached = |fd: &File, kind, id| {
+            sys::prog_query(fd.as_fd(), kind)
+                .map(|ids| ids.contains(&id))
+                .unwrap_or(false)
+        };
+        if !attached(&self.cgroup, sys::BPF_CGROUP_SOCK_OPS, self.sock_ops_id) {
+            missing.push("sock_ops on the cgroup v2 root".to_owned());
+        }
+        for (name, fd, id) in &self.namespaces {
+            if !attached(fd, sys::BPF_SK_LOOKUP, *id) {
+                missing.push(format!("sk_lookup in {name}"));
+            }
+        }
+        missing
+    }
+}
+
+/// Metric families mirror kernel counters: on each scrape the counters advance
+/// by what the kernel counted since the previous scrape.
+struct Metrics {
+    registry: Registry,
+    kernel: Vec<(Counter, PromCounter)>,
+    last: Vec<u64>,
+    active: Gauge,
+    listeners: Gauge,
+    programs: Gauge,
+}
+
+pub struct Telemetry {
+    counters: PerCpuArray<MapData, u64>,
+    listeners: SockHash<MapData, ListenerKey>,
+    attachments: Attachments,
+    metrics: Mutex<Metrics>,
+}
+
+/// (metric name, help) for the kernel counters that are exported.
+fn describe(c: Counter) -> Option<(&'static str, &'static str)> {
+    Some(match c {
+        Counter::Redirected => ("connections_redirected", "New connections to an advertised port handed to the live-store"),
+        Counter::NoListener => ("connections_refused", "New connections to an advertised port that found no live-store listener"),
+        Counter::AssignError => ("assign_errors", "Registered listeners the kernel refused to assign (e.g. IPv6 connection, IPv4 listener)"),
+        Counter::ListenerRegistered => ("listener_registrations", "Listeners registered by the sock_ops program"),
+        Counter::ListenerRegisterError => ("listener_registration_errors", "Listeners that could not be registered"),
+        Counter::FlowsOpened => ("flows_opened", "Redirected connections that completed the handshake"),
+        Counter::FlowsClosed => ("flows_closed", "Redirected connections that closed"),
+        Counter::BytesReceived => ("bytes_received", "Payload bytes received from queriers on closed redirected flows"),
+        Counter::BytesSent => ("bytes_sent", "Payload bytes sent to queriers and acknowledged on closed redirected flows"),
+        Counter::RecordsDropped => ("flow_records_dropped", "Flow records lost because the ring buffer was full"),
+        Counter::RefusedRecordsSuppressed => ("refused_records_suppressed", "Refused-connection records not written (rate limit)"),
+        Counter::FlowTableFull => ("flow_table_full", "Redirected flows not tracked to their close (flow table full)"),
+    })
+}
+
+impl Telemetry {
+    pub fn new(counters: MapData, listeners: MapData, attachments: Attachments) -> Result<Self> {
+        let mut registry = Registry::with_prefix("redirector");
+        let mut kernel = Vec::new();
+        for c in Counter::ALL {
+            if let Some((name, help)) = describe(c) {
+                let counter = PromCounter::default();
+                registry.register(name, help, counter.clone());
+                kernel.push((c, counter));
+            }
+        }
+        let active = Gauge::default();
+        registry.register(
+            "connections_active",
+            "Redirected connections open now",
+            active.clone(),
+        );
+        let listeners_gauge = Gauge::default();
+        registry.register(
+            "listeners_registered",
+            "Live-store listening sockets registered now",
+            listeners_gauge.clone(),
+        );
+        let programs = Gauge::default();
+        registry.register(
+            "programs_attached",
+            "redirector programs attached (sock_ops + one sk_lookup per namespace)",
+            programs.clone(),
+        );
+        Ok(Self {
+            counters: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(counters))
+                .context("COUNTERS map")?,
+            listeners: SockHash::try_from(aya::maps::Map::SockHash(listeners))
+                .context("LISTENERS map")?,
+            attachments,
+            metrics: Mutex::new(Metrics {
+                registry,
+                last: vec![0; kernel.len()],
+                kernel,
+                active,
+                listeners: listeners_gauge,
+                programs,
+            }),
+        })
+    }
+
+    pub fn kernel_counter(&self, c: Counter) -> u64 {
+        self.counters
+            .get(&(c as u32), 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+
+    pub fn render(&self) -> Result<String> {
+        let mut m = self
+            .metrics
+            .lock()
+            .map_err(|_| anyhow::anyhow!("metrics lock poisoned"))?;
+        let m = &mut *m;
+        for (i, (c, counter)) in m.kernel.iter().enumerate() {
+            let now = self.kernel_counter(*c);
+            counter.inc_by(now.saturating_sub(m.last[i]));
+            m.last[i] = now;
+        }
+        let opened = self.kernel_counter(Counter::FlowsOpened);
+        let closed =
+            self.kernel_counter(Counter::FlowsClosed) + self.kernel_counter(Counter::FlowTableFull);
+        m.active.set(opened.saturating_sub(closed) as i64);
+        m.listeners
+            .set(self.listeners.keys().filter(|k| k.is_ok()).count() as i64);
+        let total = 1 + self.attachments.namespaces.len();
+        m.programs
+            .set((total - self.attachments.missing().len()) as i64);
+        let mut out = String::new();
+        encode(&mut out, &m.registry)?;
+        Ok(out)
+    }
+}
+
+async fn metrics(State(t): State<Arc<Telemetry>>) -> (StatusCode, String) {
+    match t.render() {
+        Ok(body) => (StatusCode::OK, body),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")),
+    }
+}
+
+async fn ready(State(t): State<Arc<Telemetry>>) -> (StatusCode, String) {
+    let missing = t.attachments.missing();
+    if missing.is_empty() {
+        (StatusCode::OK, "ready\n".to_owned())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not attached: {}\n", missing.join(", ")),
+        )
+    }
+}
+
+/// Binds `addr` and serves until the runtime stops. Returns the bound address
+/// (port 0 picks a free one).
+pub async fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint on {addr}"))?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(telemetry);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("metrics endpoint stopped: {e}");
+        }
+    });
+    Ok(bound)
+}

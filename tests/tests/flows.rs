@@ -1,0 +1,423 @@
+//! Flow records and metrics against the real kernel: every redirected
+//! connection yields an open and a close record with the kernel's own byte
+//! counts; nothing is lost without being counted.
+
+use std::{
+    collections::HashMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    time::Duration,
+};
+
+use redirector_tests::*;
+
+struct Setup {
+    q: Netns,
+    l: Netns,
+    log: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let q = Netns::new("q").expect("querier netns");
+        let l = Netns::new("l").expect("live-store netns");
+        veth(&q, &l).expect("veth");
+        let log = std::env::temp_dir().join(format!("{}.flows", l.name));
+        let _ = std::fs::remove_file(&log);
+        Self { q, l, log }
+    }
+
+    fn agent(&self, extra: &[&str]) -> Agent {
+        let mut args = vec![
+            "--netns".to_owned(),
+            self.l.path().display().to_string(),
+            "--flow-log".to_owned(),
+            self.log.display().to_string(),
+            "--metrics-addr".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        Agent::start(&refs).expect("agent starts")
+    }
+
+    fn json_records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .expect("flow log")
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn metrics_url(agent: &Agent, path: &str) -> String {
+    let line = agent
+        .stdout()
+        .into_iter()
+        .find(|l| l.starts_with("metrics on http://"))
+        .expect("agent prints its metrics address");
+    let addr = line
+        .trim_start_matches("metrics on http://")
+        .split('/')
+        .next()
+        .expect("addr")
+        .to_owned();
+    format!("{addr}{path}")
+}
+
+/// Minimal HTTP/1.1 GET over loopback: (status code, body).
+fn http_get(addr_path: &str) -> (u16, String) {
+    let (addr, path) = addr_path.split_at(addr_path.find('/').expect("path"));
+    let mut conn = TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = String::new();
+    conn.read_to_string(&mut response).expect("response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn metric(body: &str, name: &str) -> u64 {
+    body.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or_else(|| panic!("metric {name} missing from:\n{body}"))
+}
+
+#[test]
+fn open_and_close_records_carry_exact_bytes_and_addresses() {
+    let s = Setup::new();
+    let _live_store = Server::start(&s.l, "[::]:9095", "live-store").expect("live-store listens");
+    let agent = s.agent(&["--flow-format", "json"]);
+    let mut expected = Vec::new();
+    for (addr, n) in [
+        (format!("{LIVE_STORE_V4}:{ADVERTISE}"), 10_000usize),
+        (format!("[{LIVE_STORE_V6}]:{ADVERTISE}"), 777),
+    ] {
+        let payload = vec![b'x'; n];
+        let reply = request(&s.q, &addr, &payload).expect("redirected request");
+        // What the querier received: the header line plus the echo.
+        let header = format!("live-store {}\n", reply.peer_seen);
+        expected.push((
+            reply.local_addr,
+            n as u64,
+            (header.len() + reply.echo.len()) as u64,
+        ));
+    }
+    let stopped = agent.stop().expect("agent stops");
+    let records = s.json_records();
+    assert_eq!(
+        records.len(),
+        4,
+        "one open and one close per connection: {records:?}"
+    );
+    for (client, received, sent) in expected {
+        let for_client: Vec<&serde_json::Value> = records
+            .iter()
+            .filter(|r| {
+                r["client_port"] == client.port()
+                    && same_ip(
+                        &SocketAddr::new(
+                            r["client_addr"]
+                                .as_str()
+                                .expect("addr")
+                                .parse()
+                                .expect("ip"),
+                            0,
+                        ),
+                        &client.ip().to_string(),
+                    )
+            })
+            .collect();
+        assert_eq!(
+            for_client.len(),
+            2,
+            "open + close for {client}: {records:?}"
+        );
+        let (open, close) = (for_client[0], for_client[1]);
+        assert_eq!(open["event"], "open");
+        assert_eq!(close["event"], "close");
+        for r in [open, close] {
+            assert_eq!(r["advertise_port"], ADVERTISE);
+            assert_eq!(r["listen_port"], LISTEN);
+            assert_eq!(r["netns"], s.l.path().display().to_string());
+        }
+        assert_eq!(
+            close["bytes_received"], received,
+            "payload bytes from the querier, exactly"
+        );
+        assert_eq!(
+            close["bytes_sent"], sent,
+            "payload bytes to the querier, exactly"
+        );
+        assert!(close["duration_ms"].as_f64().expect("duration") > 0.0);
+        assert_eq!(close["end"], "fin");
+    }
+    assert_eq!(stopped.counter("flows_opened"), 2);
+    assert_eq!(stopped.counter("flows_closed"), 2);
+    assert_eq!(stopped.counter("records_dropped"), 0);
+}
+
+#[test]
+fn reset_by_the_server_is_reported_as_rst() {
+    let s = Setup::new();
+    let listener =
+        s.l.run(|| std::net::TcpListener::bind("[::]:9095"))
+            .expect("live-store listens");
+    let agent = s.agent(&["--flow-format", "json"]);
+    let server = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().expect("accept");
+        // SO_LINGER {on, 0}: close() sends a RST instead of a FIN.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt with a valid fd and a correctly sized struct.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&conn),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as u32,
+            )
+        };
+        assert_eq!(rc, 0, "SO_LINGER");
+        drop(conn);
+    });
+    let err = request(&s.q, &format!("{LIVE_STORE_V4}:{ADVERTISE}"), b"x")
+        .expect_err("the server resets");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    server.join().expect("server thread");
+    agent.stop().expect("agent stops");
+    let records = s.json_records();
+    let close = records
+        .iter()
+        .find(|r| r["event"] == "close")
+        .expect("a close record");
+    assert_eq!(close["end"], "rst", "{records:?}");
+}
+
+#[test]
+fn a_burst_of_5000_connections_is_fully_accounted_for() {
+    const N: u64 = 5000;
+    let s = Setup::new();
+    let _live_store = Server::start(&s.l, "[::]:9095", "live-store").expect("live-store listens");
+    // A small ring makes drops possible; whatever happens, none may go uncounted.
+    let agent = s.agent(&["--flow-format", "json", "--flow-ring-bytes", "16384"]);
+    let addr: SocketAddr = format!("{LIVE_STORE_V4}:{ADVERTISE}")
+        .parse()
+        .expect("addr");
+    s.q.run(|| {
+        for _ in 0..N {
+            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect");
+            c.shutdown(std::net::Shutdown::Write).expect("shutdown");
+            let mut sink = Vec::new();
+            c.read_to_end(&mut sink).expect("reply");
+        }
+    });
+    // Let the last closes happen (server side closes after replying).
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped = agent.stop().expect("agent stops");
+    let delivered = s.json_records().len() as u64;
+    let dropped = stopped.counter("records_dropped");
+    assert_eq!(stopped.counter("redirected"), N);
+    assert_eq!(stopped.counter("flows_opened"), N);
+    assert_eq!(stopped.counter("flows_closed"), N);
+    assert_eq!(
+        delivered + dropped,
+        2 * N,
+        "delivered {delivered} + dropped {dropped} == one open and one close per connection"
+    );
+}
+
+#[test]
+fn metrics_match_the_traffic_and_readyz_flips_when_detached() {
+    let s = Setup::new();
+    let agent = s.agent(&[]);
+    let url = |p: &str| metrics_url(&agent, p);
+    assert_eq!(http_get(&url("/healthz")).0, 200);
+    assert_eq!(http_get(&url("/readyz")).0, 200);
+
+    // Two refusals (no live-store yet), then three redirected requests.
+    for _ in 0..2 {
+        assert!(request(&s.q, &format!("{LIVE_STORE_V4}:{ADVERTISE}"), b"x").is_err());
+    }
+    let _live_store = Server::start(&s.l, "[::]:9095", "live-store").expect("live-store listens");
+    let mut sent = 0;
+    for n in [1usize, 100, 1000] {
+        request(
+            &s.q,
+            &format!("{LIVE_STORE_V4}:{ADVERTISE}"),
+            &vec![b'y'; n],
+        )
+        .expect("redirected");
+        sent += n as u64;
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let (status, body) = http_get(&url("/metrics"));
+    assert_eq!(status, 200);
+    assert_eq!(metric(&body, "redirector_connections_refused_total"), 2);
+    assert_eq!(metric(&body, "redirector_connections_redirected_total"), 3);
+    assert_eq!(metric(&body, "redirector_flows_closed_total"), 3);
+    assert_eq!(metric(&body, "redirector_bytes_received_total"), sent);
+    assert_eq!(metric(&body, "redirector_connections_active"), 0);
+    assert_eq!(metric(&body, "redirector_listeners_registered"), 1);
+    assert_eq!(metric(&body, "redirector_programs_attached"), 2);
+    assert_eq!(metric(&body, "redirector_flow_records_dropped_total"), 0);
+
+    // Someone detaches our sk_lookup link behind the agent's back.
+    detach_links_of(redirector_common::PROG_SK_LOOKUP);
+    let (status, body) = http_get(&url("/readyz"));
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("sk_lookup"), "{body}");
+    let (_, body) = http_get(&url("/metrics"));
+    assert_eq!(metric(&body, "redirector_programs_attached"), 1);
+    drop(agent);
+}
+
+#[test]
+fn json_and_logfmt_lines_parse_and_carry_every_field() {
+    for format in ["json", "logfmt"] {
+        let s = Setup::new();
+        let _live_store =
+            Server::start(&s.l, "[::]:9095", "live-store").expect("live-store listens");
+        let agent = s.agent(&["--flow-format", format]);
+        request(&s.q, &format!("{LIVE_STORE_V4}:{ADVERTISE}"), b"hello").expect("redirected");
+        // A refused record too: a second namespace port with no listener is not
+        // redirected, so refuse by closing the live-store first.
+        drop(_live_store);
+        assert!(request(&s.q, &format!("{LIVE_STORE_V4}:{ADVERTISE}"), b"x").is_err());
+        agent.stop().expect("agent stops");
+        let text = std::fs::read_to_string(&s.log).expect("flow log");
+        let records: Vec<HashMap<String, String>> = text
+            .lines()
+            .map(|line| match format {
+                "json" => serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(line)
+                    .unwrap_or_else(|e| panic!("bad JSON ({e}): {line}"))
+                    .into_iter()
+                    .map(|(k, v)| {
+                        (
+                            k,
+                            v.as_str()
+                                .map(str::to_owned)
+                                .unwrap_or_else(|| v.to_string()),
+                        )
+                    })
+                    .collect(),
+                _ => logfmt::parse(line)
+                    .into_iter()
+                    .map(|p| (p.key, p.val.unwrap_or_default()))
+                    .collect(),
+            })
+            .collect();
+        let kinds: Vec<&str> = records.iter().map(|r| r["event"].as_str()).collect();
+        assert_eq!(kinds, ["open", "close", "refused"], "{format}: {text}");
+        let common = [
+            "time",
+            "netns",
+            "netns_cookie",
+            "client_addr",
+            "client_port",
+            "local_addr",
+            "advertise_port",
+            "listen_port",
+        ];
+        let close_only = [
+            "duration_ms",
+            "bytes_received",
+            "bytes_sent",
+            "srtt_us",
+            "retransmits",
+            "end",
+        ];
+        for r in &records {
+            for field in common {
+                assert!(
+                    r.contains_key(field) && !r[field].is_empty(),
+                    "{format}: {field} missing in {r:?}"
+                );
+            }
+        }
+        for field in close_only {
+            assert!(
+                records[1].contains_key(field),
+                "{format}: close lacks {field}"
+            );
+        }
+        assert_eq!(records[1]["bytes_received"], "5");
+        assert_eq!(records[0]["client_addr"], QUERIER_V4);
+        assert_eq!(records[2]["client_addr"], QUERIER_V4);
+    }
+}
+
+/// Detaches every BPF link of the program named `name` (as another tool or an
+/// operator with bpftool could), through BPF_LINK_GET_FD_BY_ID + BPF_LINK_DETACH.
+fn detach_links_of(name: &str) {
+    const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let ids: Vec<u32> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str() == Some(name))
+        .map(|p| p.id())
+        .collect();
+    let mut detached = 0;
+    for link in aya::programs::loaded_links().filter_map(Result::ok) {
+        if !ids.contains(&link.program_id()) {
+            continue;
+        }
+        let mut attr = [0u64; 16];
+        attr[0] = link.id() as u64;
+        // SAFETY: bpf(2) with a zeroed attr whose first field is the link id.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_LINK_GET_FD_BY_ID,
+                attr.as_mut_ptr(),
+                128u32,
+            )
+        };
+        assert!(
+            fd >= 0,
+            "BPF_LINK_GET_FD_BY_ID: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut attr = [0u64; 16];
+        attr[0] = fd as u64;
+        // SAFETY: bpf(2) with a zeroed attr whose first field is the link fd.
+        let rc =
+            unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_mut_ptr(), 128u32) };
+        assert_eq!(
+            rc,
+            0,
+            "BPF_LINK_DETACH: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: closing the fd we just got.
+        unsafe { libc::close(fd as i32) };
+        detached += 1;
+    }
+    assert!(detached > 0, "no link of {name} found");
+}
