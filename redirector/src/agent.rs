@@ -19,6 +19,7 @@ use tokio::{
 
 use crate::{
     cli::RunArgs,
+    config,
     datapath::{Datapath, Redirect},
     error::Fatal,
     flowlog::{self, FlowFormat, Recorder},
@@ -28,9 +29,18 @@ use crate::{
 };
 
 pub async fn run(args: RunArgs) -> Result<()> {
-    let redirect = Redirect {
-        advertise_port: args.advertise_port,
-        listen_port: args.listen_port,
+    let redirect = match &args.tempo_config {
+        Some(path) => {
+            let ports = config::tempo_ports(path)?;
+            Redirect {
+                advertise_port: ports.advertise_port,
+                listen_port: ports.listen_port,
+            }
+        }
+        None => Redirect {
+            advertise_port: args.advertise_port,
+            listen_port: args.listen_port,
+        },
     };
     if redirect.advertise_port == redirect.listen_port {
         return Err(Fatal::Usage(format!(

@@ -2,9 +2,6 @@
 //! found and, when it fails, what to change. Probes only read state, except the
 //! program-type probes, which load (and at once close) a two-instruction program.
 
-// Wired into the CLI by the agent work (issue 4).
-#![allow(dead_code)]
-
 use std::{ffi::CStr, path::Path};
 
 use aya::{

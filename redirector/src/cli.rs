@@ -32,6 +32,21 @@ pub enum Command {
         redirector run --advertise-port 12345 --listen-port 9095 --netns /var/run/netns/live-store-0\n  \
         redirector run --netns /proc/4242/ns/net --netns /proc/4343/ns/net")]
     Run(RunArgs),
+    /// Probe what this node needs (privileges, kernel, BTF, sk_lookup, sock_ops,
+    /// cgroup v2, bpffs) and print PASS/FAIL with a fix for each. Changes nothing.
+    /// Exit code 0 when everything passes, 3 otherwise.
+    #[command(after_help = "Examples:\n  redirector check\n  redirector check --output json")]
+    Check {
+        /// `table` for people, `json` for scripts.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
 }
 
 #[derive(Args, Debug)]
@@ -43,6 +58,12 @@ pub struct RunArgs {
     /// Port the live-store listens on: Tempo's `server.grpc_listen_port`.
     #[arg(long, env = "REDIRECTOR_LISTEN_PORT", default_value_t = DEFAULT_LISTEN_PORT, value_parser = parse_port)]
     pub listen_port: u16,
+
+    /// Take both ports from Tempo's own config file: `server.grpc_listen_port`
+    /// (default 9095) and `live_store.ring.instance_port` (required). Overrides
+    /// --advertise-port and --listen-port.
+    #[arg(long, env = "REDIRECTOR_TEMPO_CONFIG", value_name = "TEMPO_YAML")]
+    pub tempo_config: Option<PathBuf>,
 
     /// Network namespace to serve, as a path: /proc/PID/ns/net or /var/run/netns/NAME.
     /// Repeat for several live-stores. Default: the agent's own namespace.

@@ -48,6 +48,18 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             cli::Command::Run(args) => agent::run(args).await,
+            cli::Command::Check { output } => {
+                let checks = check::run_checks();
+                match output {
+                    cli::Output::Table => print!("{}", check::render_table(&checks)),
+                    cli::Output::Json => println!("{}", check::render_json(&checks)),
+                }
+                if check::all_passed(&checks) {
+                    Ok(())
+                } else {
+                    Err(error::Fatal::Environment("some checks failed (see above)".into()).into())
+                }
+            }
         }
     });
     match result {
