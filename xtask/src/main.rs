@@ -98,7 +98,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(args) => {
             setup::ensure()?;
             build(&root)?;
-            bench::run(&root, args)
+            bench::main(&root, args)
         }
     }
 }

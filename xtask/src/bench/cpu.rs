@@ -2,22 +2,101 @@
 //! whichever process or softirq context it lands in (proxies, the kernel's
 //! network stack, the agent, conntrack).
 
-use anyhow::{Context, Result};
+use std::{
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
+
+use anyhow::{bail, Context, Result};
 
 #[derive(Clone, Copy, Debug)]
 pub struct CpuTimes {
     busy: u64,
+    own_usec: Option<u64>,
 }
 
 impl CpuTimes {
     pub fn now() -> Result<Self> {
         let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-        parse(&stat).context("no aggregate cpu line in /proc/stat")
+        let mut t = parse(&stat).context("no aggregate cpu line in /proc/stat")?;
+        t.own_usec = BENCH_CGROUP.get().and_then(|c| cgroup_usage_usec(c));
+        Ok(t)
     }
 
     /// CPU-seconds spent (all cores together) between `self` and `later`.
     pub fn busy_secs_until(&self, later: &CpuTimes) -> f64 {
         later.busy.saturating_sub(self.busy) as f64 / clock_ticks()
+    }
+
+    /// CPU-seconds spent by the bench's own cgroup (client, live-store
+    /// stand-in, proxies, agent, and the softirq work that runs in their
+    /// context), or NaN without one. Unlike /proc/stat this leaves out
+    /// whatever else the machine is doing (it is shared).
+    pub fn own_secs_until(&self, later: &CpuTimes) -> f64 {
+        match (self.own_usec, later.own_usec) {
+            (Some(a), Some(b)) => b.saturating_sub(a) as f64 / 1e6,
+            _ => f64::NAN,
+        }
+    }
+}
+
+static BENCH_CGROUP: OnceLock<PathBuf> = OnceLock::new();
+
+fn cgroup_usage_usec(dir: &Path) -> Option<u64> {
+    let stat = std::fs::read_to_string(dir.join("cpu.stat")).ok()?;
+    stat.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn cgroup2_mount() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        (post.split_whitespace().next() == Some("cgroup2"))
+            .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
+    })
+}
+
+/// A cgroup v2 `rdb-<pid>` holding this process (and so every child it
+/// starts), for CPU accounting; on drop the process moves back and the cgroup
+/// is removed. Programs attached to the root cgroup (redirector's sock_ops)
+/// apply to it like to any other descendant.
+pub struct BenchCgroup {
+    dir: PathBuf,
+    home: PathBuf,
+}
+
+impl BenchCgroup {
+    pub fn enter() -> Result<Self> {
+        let root = cgroup2_mount().context("no cgroup2 mount")?;
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .context("no cgroup v2 entry in /proc/self/cgroup")?;
+        let home = root.join(rel.trim_start_matches('/'));
+        let dir = root.join(format!("rdb-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        let cg = Self { dir, home };
+        std::fs::write(cg.dir.join("cgroup.procs"), std::process::id().to_string())
+            .context("moving the bench into its cgroup")?;
+        if cgroup_usage_usec(&cg.dir).is_none() {
+            bail!("{} has no cpu.stat usage_usec", cg.dir.display());
+        }
+        let _ = BENCH_CGROUP.set(cg.dir.clone());
+        Ok(cg)
+    }
+}
+
+impl Drop for BenchCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            self.home.join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+        // Fails while a child is still inside; children are stopped by then.
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 
@@ -46,7 +125,10 @@ fn parse(stat: &str) -> Option<CpuTimes> {
     // time is already included in user/nice, so it is left out of the sum.
     let total: u64 = fields.iter().take(8).sum();
     let idle = fields[3] + fields.get(4).copied().unwrap_or(0);
-    Some(CpuTimes { busy: total - idle })
+    Some(CpuTimes {
+        busy: total - idle,
+        own_usec: None,
+    })
 }
 
 #[cfg(test)]

@@ -514,13 +514,18 @@ impl Agent {
             .args(["run", "--help"])
             .output()
             .context("redirector run --help")?;
-        let has_flow_log = String::from_utf8_lossy(&help.stdout).contains("--flow-log");
+        let help = String::from_utf8_lossy(&help.stdout);
+        let has_flow_log = help.contains("--flow-log");
         let mut cmd = Command::new(bin);
         cmd.arg("run")
             .args(["--advertise-port", &ADVERTISE_PORT.to_string()])
             .args(["--listen-port", &LISTEN_PORT.to_string()])
             .arg("--netns")
             .arg(ls.path());
+        if help.contains("--metrics-addr") {
+            // A free port: the default one may be taken by another agent on the host.
+            cmd.args(["--metrics-addr", "127.0.0.1:0"]);
+        }
         let flows = dir.join("flows.json");
         let flow_log = if has_flow_log {
             cmd.arg("--flow-log")
@@ -594,6 +599,8 @@ impl Agent {
 
     fn stop(mut self) -> Result<Proof> {
         let pid = self.child.pid();
+        // The agent's own CPU (userspace: flow records, metrics), read before exit.
+        let agent_cpu = process_cpu_secs(pid);
         let status = self.child.terminate();
         // The reader thread drains the pipe after exit.
         let deadline = Instant::now() + Duration::from_secs(2);
@@ -610,9 +617,29 @@ impl Agent {
         Ok(Proof {
             path: "redirector".into(),
             handled: redirected,
-            evidence: format!("{}; flow logging: {}", line.trim(), self.flow_log),
+            evidence: format!(
+                "{}; flow logging: {}; agent process CPU {}",
+                line.trim(),
+                self.flow_log,
+                agent_cpu
+                    .map(|s| format!("{s:.2} s"))
+                    .unwrap_or_else(|| "unknown".into())
+            ),
         })
     }
+}
+
+/// utime + stime of a live process, in seconds (/proc/PID/stat fields 14, 15).
+fn process_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; fields resume after ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    // SAFETY: sysconf(3) has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some((utime + stime) / hz)
 }
 
 /// `name=N` from the agent's `counters:` line.
@@ -635,7 +662,7 @@ impl TokioProxy {
             std::net::TcpListener::bind(("::", ADVERTISE_PORT)).context("bind [::]:12345")
         })?;
         listener.set_nonblocking(true)?;
-        let rt = runtime_in(ls, 2, "rdb-tokio-proxy")?;
+        let rt = runtime_in(ls, 2, "rdb-tokio-proxy", None)?;
         let handled = Arc::new(AtomicU64::new(0));
         let listener = {
             let _g = rt.enter();

@@ -24,7 +24,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::{
     grpc::{LiveStoreService, CONN_WINDOW, STREAM_WINDOW},
-    topology::{runtime_in, Netns, LISTEN_PORT},
+    topology::{live_store_cpu, runtime_in, Netns, LISTEN_PORT},
 };
 
 pub struct LiveStore {
@@ -39,8 +39,8 @@ impl LiveStore {
             .run(|| StdListener::bind(("::", LISTEN_PORT)).context("bind [::]:9095"))
             .with_context(|| format!("live-store listener in {}", ns.name))?;
         listener.set_nonblocking(true)?;
-        // Two workers, like a live-store pod with a 2-CPU limit on this 2-core box.
-        let rt = runtime_in(ns, 2, "rdb-live-store")?;
+        // Two workers (a Go live-store has GOMAXPROCS threads), both on one CPU.
+        let rt = runtime_in(ns, 2, "rdb-live-store", Some(live_store_cpu()))?;
         let accepted = Arc::new(AtomicU64::new(0));
         let (grpc_tx, grpc_rx) = mpsc::unbounded_channel::<std::io::Result<TcpStream>>();
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();

@@ -204,9 +204,21 @@ fn remove_stale() {
 /// created by tasks spawned on it belong to that namespace. Only ever await
 /// such work through `spawn`, never directly in `block_on` (that polls on the
 /// caller's thread, in the caller's namespace).
-pub fn runtime_in(ns: &Netns, workers: usize, name: &str) -> Result<tokio::runtime::Runtime> {
+///
+/// `cpu` pins the workers: see [`QUERIER_CPU`].
+pub fn runtime_in(
+    ns: &Netns,
+    workers: usize,
+    name: &str,
+    cpu: Option<usize>,
+) -> Result<tokio::runtime::Runtime> {
     let name = name.to_owned();
     ns.run(move || {
+        if let Some(c) = cpu {
+            // Threads inherit the creator's affinity; pinning here covers the
+            // workers and any blocking-pool thread they start.
+            pin_current_thread(c);
+        }
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
             .thread_name(name)
@@ -214,4 +226,28 @@ pub fn runtime_in(ns: &Netns, workers: usize, name: &str) -> Result<tokio::runti
             .build()
             .context("building tokio runtime")
     })
+}
+
+/// The querier (load generators) runs on CPU 0 and the live-store stand-in
+/// on the last CPU. Unpinned, a ping-pong's latency depends on whether the
+/// scheduler happened to put both ends on one CPU or two, which differs from
+/// connection to connection and swamps the differences between paths. Proxies
+/// and the agent are left free, as a sidecar would be.
+pub const QUERIER_CPU: usize = 0;
+
+pub fn live_store_cpu() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get().saturating_sub(1))
+        .unwrap_or(0)
+}
+
+/// Best effort: a failure leaves the thread unpinned (noisier, still correct).
+pub fn pin_current_thread(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity(0, ..)
+    // act on this thread's own mask.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
 }

@@ -20,7 +20,7 @@ use super::{
     cpu::CpuTimes,
     grpc,
     stats::{self, new_histogram},
-    topology::Netns,
+    topology::{pin_current_thread, Netns, QUERIER_CPU},
 };
 
 /// Everything one workload run produced.
@@ -30,6 +30,8 @@ pub struct Sample {
     pub secs: f64,
     pub bytes: u64,
     pub cpu_secs: f64,
+    /// CPU of the bench's own cgroup (NaN without one).
+    pub own_cpu_secs: f64,
     pub hist: Histogram<u64>,
 }
 
@@ -76,11 +78,14 @@ impl Sample {
         } else {
             0.0
         };
-        let cpu_us_per_op = if self.ops > 0 {
-            self.cpu_secs * 1e6 / self.ops as f64
-        } else {
-            f64::NAN
+        let per_op = |cpu: f64| {
+            if self.ops > 0 {
+                cpu * 1e6 / self.ops as f64
+            } else {
+                f64::NAN
+            }
         };
+        let (cpu_us_per_op, own_us_per_op) = (per_op(self.cpu_secs), per_op(self.own_cpu_secs));
         let lat = |m: &mut BTreeMap<String, f64>, all: bool| {
             m.insert("p50_us".into(), l.p50_us);
             m.insert("p99_us".into(), l.p99_us);
@@ -95,16 +100,19 @@ impl Sample {
                 lat(&mut m, true);
                 m.insert("req_per_s".into(), per_sec);
                 m.insert("cpu_us_per_req".into(), cpu_us_per_op);
+                m.insert("own_cpu_us_per_req".into(), own_us_per_op);
             }
             Kind::Crr => {
                 lat(&mut m, true);
                 m.insert("conn_per_s".into(), per_sec);
                 m.insert("cpu_us_per_conn".into(), cpu_us_per_op);
+                m.insert("own_cpu_us_per_conn".into(), own_us_per_op);
             }
             Kind::Saturation => {
                 lat(&mut m, false);
                 m.insert("req_per_s".into(), per_sec);
                 m.insert("cpu_us_per_req".into(), cpu_us_per_op);
+                m.insert("own_cpu_us_per_req".into(), own_us_per_op);
             }
             Kind::Bulk => {
                 let mib = self.bytes as f64 / (1u64 << 20) as f64;
@@ -117,14 +125,9 @@ impl Sample {
                         0.0
                     },
                 );
-                m.insert(
-                    "cpu_s_per_gib".into(),
-                    if gib > 0.0 {
-                        self.cpu_secs / gib
-                    } else {
-                        f64::NAN
-                    },
-                );
+                let per_gib = |cpu: f64| if gib > 0.0 { cpu / gib } else { f64::NAN };
+                m.insert("cpu_s_per_gib".into(), per_gib(self.cpu_secs));
+                m.insert("own_cpu_s_per_gib".into(), per_gib(self.own_cpu_secs));
             }
         }
         m.insert("errors".into(), self.errors as f64);
@@ -143,14 +146,20 @@ impl<'a> Querier<'a> {
     pub fn new(ns: &'a Netns) -> Result<Self> {
         Ok(Self {
             ns,
-            rt: super::topology::runtime_in(ns, 2, "rdb-querier")?,
+            rt: super::topology::runtime_in(ns, 2, "rdb-querier", Some(QUERIER_CPU))?,
         })
     }
 
     pub fn run(&self, spec: Spec, addr: SocketAddr, dur: Duration) -> Result<Sample> {
         match spec {
-            Spec::Rr { size } => self.ns.run(|| rr(addr, size, dur)),
-            Spec::Crr => self.ns.run(|| crr(addr, dur)),
+            Spec::Rr { size } => self.ns.run(|| {
+                pin_current_thread(QUERIER_CPU);
+                rr(addr, size, dur)
+            }),
+            Spec::Crr => self.ns.run(|| {
+                pin_current_thread(QUERIER_CPU);
+                crr(addr, dur)
+            }),
             Spec::Open { conns, rate } => self.open_loop(addr, conns, rate, dur),
             Spec::Saturation { conns, inflight } => self.saturation(addr, conns, inflight, dur),
             Spec::Bulk => self.bulk(addr, dur),
@@ -234,34 +243,43 @@ impl<'a> Querier<'a> {
             }
             (hist, errors)
         });
-        // SAFETY: prctl(2) on this thread only; 1 ns slack makes nanosleep precise.
-        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1) };
         let cpu0 = CpuTimes::now()?;
         let start = Instant::now() + Duration::from_millis(2);
-        for i in 0..total {
-            let at = start + interval * i as u32;
-            let now = Instant::now();
-            if at > now {
-                std::thread::sleep(at - now);
-            }
-            if tx.send(at).is_err() {
-                break;
-            }
-        }
-        drop(tx);
+        // The dispatcher belongs to the querier: its own thread on the
+        // querier's CPU, with 1 ns timer slack so nanosleep wakes on time.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                pin_current_thread(QUERIER_CPU);
+                // SAFETY: prctl(2) on this thread only.
+                unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1) };
+                for i in 0..total {
+                    let at = start + interval * i as u32;
+                    let now = Instant::now();
+                    if at > now {
+                        std::thread::sleep(at - now);
+                    }
+                    if tx.send(at).is_err() {
+                        break;
+                    }
+                }
+                drop(tx);
+            });
+        });
         let (hist, errors) = self
             .rt
             .block_on(async { tokio::time::timeout(Duration::from_secs(30), collector).await })
             .context("open-loop requests did not finish in 30 s")?
             .map_err(|e| anyhow::anyhow!("collector: {e}"))?;
         let secs = start.elapsed().as_secs_f64();
-        let cpu_secs = cpu0.busy_secs_until(&CpuTimes::now()?);
+        let cpu1 = CpuTimes::now()?;
+        let (cpu_secs, own_cpu_secs) = (cpu0.busy_secs_until(&cpu1), cpu0.own_secs_until(&cpu1));
         Ok(Sample {
             ops: hist.len(),
             errors,
             secs,
             bytes: 0,
             cpu_secs,
+            own_cpu_secs,
             hist,
         })
     }
@@ -310,13 +328,15 @@ impl<'a> Querier<'a> {
             Ok((hist, errors))
         })?;
         let secs = start.elapsed().as_secs_f64();
-        let cpu_secs = cpu0.busy_secs_until(&CpuTimes::now()?);
+        let cpu1 = CpuTimes::now()?;
+        let (cpu_secs, own_cpu_secs) = (cpu0.busy_secs_until(&cpu1), cpu0.own_secs_until(&cpu1));
         Ok(Sample {
             ops: hist.len(),
             errors,
             secs,
             bytes: 0,
             cpu_secs,
+            own_cpu_secs,
             hist,
         })
     }
@@ -341,13 +361,15 @@ impl<'a> Querier<'a> {
             Ok((bytes, calls, hist))
         })?;
         let secs = start.elapsed().as_secs_f64();
-        let cpu_secs = cpu0.busy_secs_until(&CpuTimes::now()?);
+        let cpu1 = CpuTimes::now()?;
+        let (cpu_secs, own_cpu_secs) = (cpu0.busy_secs_until(&cpu1), cpu0.own_secs_until(&cpu1));
         Ok(Sample {
             ops: calls,
             errors: 0,
             secs,
             bytes,
             cpu_secs,
+            own_cpu_secs,
             hist,
         })
     }
@@ -379,7 +401,8 @@ fn rr(addr: SocketAddr, size: usize, dur: Duration) -> Result<Sample> {
         now = after;
     }
     let secs = start.elapsed().as_secs_f64();
-    let cpu_secs = cpu0.busy_secs_until(&CpuTimes::now()?);
+    let cpu1 = CpuTimes::now()?;
+    let (cpu_secs, own_cpu_secs) = (cpu0.busy_secs_until(&cpu1), cpu0.own_secs_until(&cpu1));
     if back != out {
         bail!("echo returned different bytes");
     }
@@ -389,6 +412,7 @@ fn rr(addr: SocketAddr, size: usize, dur: Duration) -> Result<Sample> {
         secs,
         bytes: 0,
         cpu_secs,
+        own_cpu_secs,
         hist,
     })
 }
@@ -428,13 +452,15 @@ fn crr(addr: SocketAddr, dur: Duration) -> Result<Sample> {
         now = after;
     }
     let secs = start.elapsed().as_secs_f64();
-    let cpu_secs = cpu0.busy_secs_until(&CpuTimes::now()?);
+    let cpu1 = CpuTimes::now()?;
+    let (cpu_secs, own_cpu_secs) = (cpu0.busy_secs_until(&cpu1), cpu0.own_secs_until(&cpu1));
     Ok(Sample {
         ops: hist.len(),
         errors,
         secs,
         bytes: 0,
         cpu_secs,
+        own_cpu_secs,
         hist,
     })
 }
