@@ -95,11 +95,7 @@ fn run(cli: Cli) -> Result<()> {
             // assert that no redirector program is loaded).
             bench::run(&root, bench::BenchArgs::smoke())
         }
-        Cmd::Bench(args) => {
-            setup::ensure()?;
-            build(&root)?;
-            bench::main(&root, args)
-        }
+        Cmd::Bench(args) => bench::main(&root, args),
     }
 }
 

@@ -52,6 +52,9 @@ pub struct BenchArgs {
     /// Only these paths (comma-separated names; direct is always included).
     #[arg(long, value_delimiter = ',')]
     pub paths: Vec<String>,
+    /// Benchmark the agent already in target/release (skip setup and build).
+    #[arg(long)]
+    pub no_build: bool,
 }
 
 impl BenchArgs {
@@ -171,11 +174,19 @@ impl Plan {
     }
 }
 
-/// `cargo xtask bench`: the `xtask` alias builds a debug binary, and an
-/// unoptimised load generator, live-store stand-in and tokio proxy would
-/// measure the harness, not the paths. So a debug build re-runs itself as
-/// the release build with the same arguments.
+/// Set on the release re-run: the agent is already built.
+const BUILT_ENV: &str = "RDB_BENCH_AGENT_BUILT";
+
+/// `cargo xtask bench`: builds the agent (unless `--no-build`), then runs the
+/// bench from a release build of xtask. The `xtask` alias builds a debug
+/// binary, and an unoptimised load generator, live-store stand-in and tokio
+/// proxy would measure the harness, not the paths; so a debug build re-runs
+/// itself as the release build with the same arguments.
 pub fn main(root: &Path, args: BenchArgs) -> Result<()> {
+    if !args.no_build && std::env::var_os(BUILT_ENV).is_none() {
+        crate::setup::ensure()?;
+        crate::build(root)?;
+    }
     if !cfg!(debug_assertions) {
         return run(root, args);
     }
@@ -189,7 +200,8 @@ pub fn main(root: &Path, args: BenchArgs) -> Result<()> {
     crate::cmd(
         std::process::Command::new(root.join("target/release/xtask"))
             .current_dir(root)
-            .args(std::env::args_os().skip(1)),
+            .args(std::env::args_os().skip(1))
+            .env(BUILT_ENV, "1"),
     )
 }
 
