@@ -101,8 +101,8 @@ impl Plan {
             Plan {
                 mode: "full",
                 repeats: 5,
-                slot_secs: 2.0,
-                open_loop_rates: vec![1000, 4000],
+                slot_secs: 1.5,
+                open_loop_rates: vec![2000, 8000],
                 saturation_inflight: 32,
                 bpf_repeat: 1_000_000,
             }
@@ -205,6 +205,8 @@ pub fn main(root: &Path, args: BenchArgs) -> Result<()> {
     )
 }
 
+const SETTLE: Duration = Duration::from_millis(200);
+
 pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
     let started = Instant::now();
     let plan = Plan::for_args(&args);
@@ -279,6 +281,10 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
             let result = (|| -> Result<()> {
                 workloads::wait_reachable(&topo.querier, addr, Duration::from_secs(15))?;
                 for w in &workloads {
+                    // A short idle gap, the same for every path, so deferred
+                    // work of one workload (TIME_WAIT reaping, flow records
+                    // still being written) does not land in the next one.
+                    std::thread::sleep(SETTLE);
                     let s = querier
                         .run(w.spec, addr, slot)
                         .with_context(|| format!("{} over {}", w.name, kind.name()))?;
@@ -329,6 +335,13 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
             proofs.push(proof);
         }
     }
+    let mut profile = Vec::new();
+    if chosen.contains(&PathKind::Redirector) {
+        match profile_redirector(&topo, &querier, &agent, work.path(), slot) {
+            Ok(p) => profile = p,
+            Err(e) => notes.push(format!("profile: {e:#}")),
+        }
+    }
     drop(querier);
     drop(live_store);
     drop(topo);
@@ -345,6 +358,7 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         measurements,
         proofs,
         sk_lookup_cost,
+        profile,
         cdfs,
         notes,
         started.elapsed().as_secs_f64(),
@@ -367,6 +381,57 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         smoke_check(&results, args.paths.is_empty())?;
     }
     Ok(())
+}
+
+/// Where redirector's per-connection cost goes: one extra redirector slot
+/// (outside the measurements: run-time stats add two clock reads per program
+/// run) with the kernel's BPF run-time statistics on, plus the agent's own
+/// CPU time (flow records) over the same workload.
+fn profile_redirector(
+    topo: &Topology,
+    querier: &Querier,
+    agent: &Path,
+    dir: &Path,
+    slot: Duration,
+) -> Result<Vec<bpf::ProgProfile>> {
+    let before: Vec<u32> = bpf::run_stats().iter().map(|s| s.0).collect();
+    let running = Running::start(PathKind::Redirector, topo, agent, dir)?;
+    let result = (|| -> Result<Vec<bpf::ProgProfile>> {
+        // Programs that appeared with this agent are its own.
+        let ids: Vec<u32> = bpf::run_stats()
+            .iter()
+            .map(|s| s.0)
+            .filter(|id| !before.contains(id))
+            .collect();
+        let pid = running.agent_pid().context("no agent pid")?;
+        let addr = Topology::live_store_addr(PathKind::Redirector.port());
+        workloads::wait_reachable(&topo.querier, addr, Duration::from_secs(15))?;
+        let _stats = bpf::RunStats::enable()?;
+        let mut out = Vec::new();
+        for (name, spec) in [("crr", Spec::Crr), ("rr-64B", Spec::Rr { size: 64 })] {
+            let s0 = bpf::run_stats();
+            let cpu0 = paths::process_cpu_secs(pid);
+            let sample = querier.run(spec, addr, slot)?;
+            // Let the agent drain the flow records this workload produced.
+            std::thread::sleep(Duration::from_millis(300));
+            let s1 = bpf::run_stats();
+            let cpu1 = paths::process_cpu_secs(pid);
+            out.extend(bpf::profile(&s0, &s1, &ids, name, sample.ops));
+            if let (Some(a), Some(b)) = (cpu0, cpu1) {
+                out.push(bpf::ProgProfile {
+                    program: "agent process (userspace: flow records, metrics)".into(),
+                    workload: name.into(),
+                    runs: 0,
+                    ns_per_run: 0.0,
+                    runs_per_op: 0.0,
+                    ns_per_op: (b - a) * 1e9 / sample.ops.max(1) as f64,
+                });
+            }
+        }
+        Ok(out)
+    })();
+    running.stop(0)?;
+    result
 }
 
 /// Smoke mode's assertions: every measured path carried traffic by its own

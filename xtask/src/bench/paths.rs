@@ -173,7 +173,14 @@ impl Running {
         })
     }
 
-    /// For redirector: the agent, so the bench can find its programs.
+    /// The agent's pid, on the redirector path.
+    pub fn agent_pid(&self) -> Option<u32> {
+        match self {
+            Running::Redirector(a) => Some(a.child.pid()),
+            _ => None,
+        }
+    }
+
     pub fn stop(self, direct_accepts: u64) -> Result<Proof> {
         match self {
             Running::Direct => Ok(Proof {
@@ -630,7 +637,7 @@ impl Agent {
 }
 
 /// utime + stime of a live process, in seconds (/proc/PID/stat fields 14, 15).
-fn process_cpu_secs(pid: u32) -> Option<f64> {
+pub fn process_cpu_secs(pid: u32) -> Option<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces; fields resume after ')'.
     let rest = stat.rsplit_once(')')?.1;

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use serde::Serialize;
 
 use super::{
-    bpf::ProgCost,
+    bpf::{ProgCost, ProgProfile},
     paths::Proof,
     stats::{ratio, spread, Spread},
     workloads::{Kind, Workload},
@@ -69,6 +69,8 @@ pub struct Results {
     pub summary: Vec<SummaryRow>,
     pub targets: Vec<Target>,
     pub sk_lookup_cost: Vec<ProgCost>,
+    /// Redirector's per-connection cost by component (kernel run-time stats).
+    pub profile: Vec<ProgProfile>,
     pub proofs: Vec<Proof>,
     pub notes: Vec<String>,
     pub elapsed_secs: f64,
@@ -86,6 +88,7 @@ impl Results {
         measurements: Vec<Measurement>,
         proofs: Vec<Proof>,
         sk_lookup_cost: Vec<ProgCost>,
+        profile: Vec<ProgProfile>,
         cdfs: BTreeMap<(String, String), Vec<(f64, f64)>>,
         notes: Vec<String>,
         elapsed_secs: f64,
@@ -104,6 +107,7 @@ impl Results {
             summary,
             targets,
             sk_lookup_cost,
+            profile,
             proofs,
             notes,
             elapsed_secs,
@@ -526,6 +530,19 @@ pub fn markdown(r: &Results) -> String {
             );
         }
     }
+    if !r.profile.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## Profile: redirector's cost per operation (kernel BPF run-time stats, agent CPU)\n\n| workload | component | runs per op | ns per run | ns per op |\n|---|---|---|---|---|"
+        );
+        for p in &r.profile {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.2} | {:.0} | {:.0} |",
+                p.workload, p.program, p.runs_per_op, p.ns_per_run, p.ns_per_op
+            );
+        }
+    }
     let _ = writeln!(s, "\n## Workloads\n");
     for w in &r.workloads {
         let _ = writeln!(s, "- `{}`: {}", w.name, w.what);
@@ -629,6 +646,7 @@ mod tests {
             paths,
             &wl,
             ms,
+            vec![],
             vec![],
             vec![],
             BTreeMap::new(),
