@@ -3,7 +3,10 @@
 use std::path::Path;
 
 use anyhow::{anyhow, Result};
-use plotters::prelude::*;
+use plotters::{
+    prelude::*,
+    style::text_anchor::{HPos, Pos, VPos},
+};
 
 use super::{report::Results, workloads::Kind};
 
@@ -21,6 +24,17 @@ const COLORS: [RGBColor; 8] = [
 fn color(paths: &[&str], path: &str) -> RGBColor {
     let i = paths.iter().position(|p| *p == path).unwrap_or(0);
     COLORS[i % COLORS.len()]
+}
+
+/// Three significant figures or so, for axis ticks and bar labels.
+fn short(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
 }
 
 fn e<E: std::fmt::Debug>(err: E) -> anyhow::Error {
@@ -134,7 +148,7 @@ fn cdf(r: &Results, workload: &str, file: &Path) -> Result<()> {
 /// One panel of bars per (workload, metric): median per path.
 fn bars(r: &Results, panels: &[(String, &str, &str)], file: &Path) -> Result<()> {
     let paths = r.measured_paths();
-    let root = SVGBackend::new(file, (420 * panels.len() as u32, 420)).into_drawing_area();
+    let root = SVGBackend::new(file, (460 * panels.len() as u32, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(e)?;
     let areas = root.split_evenly((1, panels.len()));
     for ((workload, metric, title), area) in panels.iter().zip(areas.iter()) {
@@ -152,7 +166,7 @@ fn bars(r: &Results, panels: &[(String, &str, &str)], file: &Path) -> Result<()>
         let mut chart = ChartBuilder::on(area)
             .caption(*title, ("sans-serif", 15))
             .margin(10)
-            .x_label_area_size(60)
+            .x_label_area_size(30)
             .y_label_area_size(60)
             .build_cartesian_2d(0f64..n as f64, 0f64..top)
             .map_err(e)?;
@@ -168,17 +182,25 @@ fn bars(r: &Results, panels: &[(String, &str, &str)], file: &Path) -> Result<()>
                     String::new()
                 }
             })
-            .x_label_style(
-                ("sans-serif", 11)
-                    .into_font()
-                    .transform(FontTransform::Rotate90),
-            )
+            .x_label_style(("sans-serif", 10))
+            .y_label_formatter(&|y| short(*y))
             .draw()
             .map_err(e)?;
         chart
             .draw_series(vals.iter().map(|(i, p, v)| {
                 let x = *i as f64;
                 Rectangle::new([(x + 0.15, 0.0), (x + 0.85, *v)], color(&paths, p).filled())
+            }))
+            .map_err(e)?;
+        // The value above each bar: the chart is read for ratios.
+        chart
+            .draw_series(vals.iter().map(|(i, _, v)| {
+                Text::new(
+                    short(*v),
+                    (*i as f64 + 0.5, *v + top * 0.02),
+                    TextStyle::from(("sans-serif", 10).into_font())
+                        .pos(Pos::new(HPos::Center, VPos::Bottom)),
+                )
             }))
             .map_err(e)?;
     }

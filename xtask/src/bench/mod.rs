@@ -266,7 +266,12 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
     let mut sk_lookup_cost = Vec::new();
     let mut merged: BTreeMap<(String, String), Histogram<u64>> = BTreeMap::new();
     for repeat in 0..plan.repeats {
-        for &kind in &chosen {
+        // Each round starts one path later (A B C, B C A, C A B, ...): a
+        // fixed order would give every path the same neighbour and the same
+        // position after setup, and that bias would never average out.
+        let mut order = chosen.clone();
+        order.rotate_left(repeat % chosen.len().max(1));
+        for &kind in &order {
             eprintln!(
                 "bench: round {}/{} path {}",
                 repeat + 1,
