@@ -1,16 +1,21 @@
-//! `redirector run`: validate, attach, serve until a signal, detach.
+//! `redirector run`: resolve the settings, attach, keep the set of served
+//! namespaces current (explicit ones that vanish, discovered ones that come and
+//! go), serve until a signal, then detach (or, with `--pin`, leave it running).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs::{File, OpenOptions},
     io::{self, IsTerminal, Write},
+    net::SocketAddr,
+    os::unix::fs::MetadataExt,
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
 use aya::maps::{Map, MapData, RingBuf};
-use redirector_common::{Counter, FlowEvent};
+use redirector_common::{Counter, FlowEvent, DEFAULT_ADVERTISE_PORT, DEFAULT_LISTEN_PORT};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -19,76 +24,160 @@ use tokio::{
 
 use crate::{
     cli::RunArgs,
-    config,
+    config::{self, FileConfig},
     datapath::{Datapath, Redirect},
+    discover,
     error::Fatal,
     flowlog::{self, FlowFormat, Recorder},
     netns::{Netns, SELF_NETNS},
+    pins::{PinLayout, PIN_ROOT},
     sys,
     telemetry::{self, Attachments, Telemetry},
 };
 
-pub async fn run(args: RunArgs) -> Result<()> {
-    let redirect = match &args.tempo_config {
-        Some(path) => {
-            let ports = config::tempo_ports(path)?;
-            Redirect {
-                advertise_port: ports.advertise_port,
-                listen_port: ports.listen_port,
-            }
-        }
-        None => Redirect {
-            advertise_port: args.advertise_port,
-            listen_port: args.listen_port,
-        },
+const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
+const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
+
+/// Everything `run` needs, after flags, the config file and defaults are merged.
+struct Settings {
+    redirects: Vec<Redirect>,
+    netns: Vec<PathBuf>,
+    discover: bool,
+    cgroup_pattern: Option<String>,
+    listener_grace: Duration,
+    pin: bool,
+    flow_format: Option<FlowFormat>,
+    flow_log: Option<PathBuf>,
+    metrics_addr: SocketAddr,
+    flow_ring_bytes: u32,
+}
+
+fn usage(msg: String) -> anyhow::Error {
+    Fatal::Usage(msg).into()
+}
+
+fn settings(args: RunArgs) -> Result<Settings> {
+    let file = match &args.config {
+        Some(path) => config::load(path)?,
+        None => FileConfig::default(),
     };
-    if redirect.advertise_port == redirect.listen_port {
-        return Err(Fatal::Usage(format!(
-            "--advertise-port and --listen-port are both {}: the advertised port must differ from the port the live-store listens on",
-            redirect.listen_port
-        ))
-        .into());
-    }
-    let paths: Vec<PathBuf> = if args.netns.is_empty() {
-        vec![PathBuf::from(SELF_NETNS)]
+    let redirects: Vec<Redirect> = if args.advertise_port.is_some() || args.listen_port.is_some() {
+        vec![Redirect {
+            advertise_port: args.advertise_port.unwrap_or(DEFAULT_ADVERTISE_PORT),
+            listen_port: args.listen_port.unwrap_or(DEFAULT_LISTEN_PORT),
+        }]
+    } else if let Some(path) = &args.tempo_config {
+        let ports = config::tempo_ports(path)?;
+        vec![Redirect {
+            advertise_port: ports.advertise_port,
+            listen_port: ports.listen_port,
+        }]
     } else {
-        args.netns.clone()
+        let from_file = config::resolve_redirects(&file)?;
+        if from_file.is_empty() {
+            vec![Redirect {
+                advertise_port: DEFAULT_ADVERTISE_PORT,
+                listen_port: DEFAULT_LISTEN_PORT,
+            }]
+        } else {
+            from_file
+                .into_iter()
+                .map(|r| Redirect {
+                    advertise_port: r.advertise_port,
+                    listen_port: r.listen_port,
+                })
+                .collect()
+        }
     };
-    for path in &paths {
+    for r in &redirects {
+        if r.advertise_port == r.listen_port {
+            return Err(usage(format!(
+                "--advertise-port and --listen-port are both {}: the advertised port must differ from the port the live-store listens on",
+                r.listen_port
+            )));
+        }
+    }
+    let discover = args.discover || file.discover.unwrap_or(false);
+    let mut netns = if args.netns.is_empty() {
+        file.netns
+    } else {
+        args.netns
+    };
+    if netns.is_empty() && !discover {
+        netns.push(PathBuf::from(SELF_NETNS));
+    }
+    let metrics_addr = match args.metrics_addr.or(file.metrics_addr) {
+        Some(addr) => addr,
+        None => DEFAULT_METRICS_ADDR
+            .parse()
+            .context("default metrics address")?,
+    };
+    Ok(Settings {
+        redirects,
+        netns,
+        discover,
+        cgroup_pattern: args.cgroup_pattern.or(file.cgroup_pattern),
+        listener_grace: Duration::from_secs(args.listener_grace),
+        pin: args.pin || file.pin.unwrap_or(false),
+        flow_format: args.flow_format.or(file.flow_format),
+        flow_log: args.flow_log.or(file.flow_log),
+        metrics_addr,
+        flow_ring_bytes: args.flow_ring_bytes,
+    })
+}
+
+/// How a served namespace came to be served, which decides when it stops.
+enum Origin {
+    /// Listed by the operator: served until its path disappears.
+    Explicit { path: PathBuf, ino: u64 },
+    /// Found by discovery: served while it exists and, within the grace
+    /// period, has a listener.
+    Discovered {
+        ino: u64,
+        without_listener_since: Option<Instant>,
+    },
+}
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    let s = settings(args)?;
+    for path in &s.netns {
         if !path.exists() {
-            return Err(Fatal::Usage(format!(
+            return Err(usage(format!(
                 "network namespace {} does not exist",
                 path.display()
-            ))
-            .into());
+            )));
         }
     }
     check_privileges()?;
-    let (flow_out, flow_format) = open_flow_output(&args)?;
+    let (flow_out, flow_format) = open_flow_output(&s)?;
 
-    // Signals first: a SIGTERM that arrives while attaching still detaches cleanly.
+    // Signals first: a SIGTERM that arrives while attaching still ends cleanly.
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
 
-    let namespaces = paths
+    let namespaces = s
+        .netns
         .iter()
         .map(|p| Netns::open(p))
         .collect::<Result<Vec<_>>>()?;
-    let mut datapath = Datapath::load(args.flow_ring_bytes)?;
-    println!("attached sock_ops to cgroup {}", datapath.cgroup.display());
+    let pins = s.pin.then(PinLayout::default);
+    let mut datapath = Datapath::load(s.flow_ring_bytes, pins)?;
+    let verb = if datapath.sock_ops_adopted {
+        "adopted"
+    } else {
+        "attached"
+    };
+    println!("{verb} sock_ops on cgroup {}", datapath.cgroup.display());
+
+    let mut origins: HashMap<u64, Origin> = HashMap::new();
     for netns in namespaces {
-        let served = datapath.serve(netns, &[redirect])?;
-        let ports: Vec<String> = served
-            .redirects
-            .iter()
-            .map(|r| format!("{} -> {}", r.advertise_port, r.listen_port))
-            .collect();
-        println!(
-            "attached sk_lookup to netns {}: {}, {} existing listener(s) registered",
-            served.netns,
-            ports.join(", "),
-            served.existing_listeners
-        );
+        let origin = Origin::Explicit {
+            path: netns.path.clone(),
+            ino: netns.inode(),
+        };
+        let cookie = netns.cookie;
+        serve(&mut datapath, netns, &s.redirects)?;
+        origins.insert(cookie, origin);
     }
 
     let handles = datapath.map_handles()?;
@@ -97,15 +186,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         handles.listeners,
         attachments(&datapath)?,
     )?);
-    let metrics_addr = telemetry::serve(args.metrics_addr, telemetry.clone()).await?;
+    let metrics_addr = telemetry::serve(s.metrics_addr, telemetry.clone()).await?;
     println!("metrics on http://{metrics_addr}/metrics (also /healthz, /readyz)");
 
+    let names = Arc::new(Mutex::new(HashMap::new()));
     let recorder = Recorder {
-        netns_names: datapath
-            .served
-            .iter()
-            .map(|s| (s.netns.cookie, s.netns.path.display().to_string()))
-            .collect::<HashMap<_, _>>(),
+        netns_names: names.clone(),
         clock_offset_ns: sys::monotonic_to_unix_offset_ns(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -116,17 +202,41 @@ pub async fn run(args: RunArgs) -> Result<()> {
         flow_out,
         stop_rx,
     ));
+
+    let mut agent = Agent {
+        datapath,
+        origins,
+        settings: s,
+        telemetry: telemetry.clone(),
+        names,
+    };
+    agent.maintain()?;
+    agent.publish()?;
     println!(
-        "ready: redirecting in {} network namespace(s)",
-        datapath.served.len()
+        "ready: redirecting in {} network namespace(s){}",
+        agent.datapath.served.len(),
+        if agent.settings.discover {
+            ", discovering more"
+        } else {
+            ""
+        }
     );
 
-    tokio::select! {
-        _ = sigterm.recv() => tracing::info!("SIGTERM received"),
-        _ = sigint.recv() => tracing::info!("SIGINT received"),
+    let mut tick = tokio::time::interval(MAINTAIN_EVERY);
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM received"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT received"); break; }
+            _ = tick.tick() => {
+                if let Err(e) = agent.maintain().and_then(|()| agent.publish()) {
+                    tracing::error!("updating served namespaces: {e:#}");
+                }
+            }
+        }
     }
-    drop(datapath);
-    // The programs are gone: drain what they wrote, then report.
+    let pinned = agent.settings.pin;
+    drop(agent);
+    // Unpinned programs are gone now: drain what they wrote, then report.
     let _ = stop_tx.send(true);
     let delivered = match reader.await {
         Ok(Ok(n)) => n,
@@ -143,8 +253,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .iter()
         .map(|&c| format!("{}={}", c.name(), telemetry.kernel_counter(c)))
         .collect();
+    let what = if pinned {
+        format!(
+            "left programs attached and pinned under {PIN_ROOT} (`redirector detach` removes them)"
+        )
+    } else {
+        "detached all programs".to_owned()
+    };
     println!(
-        "detached all programs; flow records delivered={delivered}; counters: {}",
+        "{what}; flow records delivered={delivered}; counters: {}",
         summary.join(" ")
     );
     let dropped = telemetry.kernel_counter(Counter::RecordsDropped);
@@ -157,12 +274,139 @@ pub async fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+fn serve(datapath: &mut Datapath, netns: Netns, redirects: &[Redirect]) -> Result<()> {
+    let served = datapath.serve(netns, redirects)?;
+    let ports: Vec<String> = served
+        .redirects
+        .iter()
+        .map(|r| format!("{} -> {}", r.advertise_port, r.listen_port))
+        .collect();
+    println!(
+        "{} sk_lookup in netns {}: {}, {} existing listener(s) registered",
+        if served.adopted {
+            "adopted"
+        } else {
+            "attached"
+        },
+        served.netns,
+        ports.join(", "),
+        served.existing_listeners
+    );
+    Ok(())
+}
+
+struct Agent {
+    datapath: Datapath,
+    origins: HashMap<u64, Origin>,
+    settings: Settings,
+    telemetry: Arc<Telemetry>,
+    names: Arc<Mutex<HashMap<u64, String>>>,
+}
+
+impl Agent {
+    /// Drops namespaces that are gone (or whose live-store stopped for good) and,
+    /// with discovery, serves new ones.
+    fn maintain(&mut self) -> Result<()> {
+        let scan = self.settings.discover.then(|| {
+            let ports: Vec<u16> = self
+                .settings
+                .redirects
+                .iter()
+                .map(|r| r.listen_port)
+                .collect();
+            discover::scan(&ports, self.settings.cgroup_pattern.as_deref())
+        });
+        let now = Instant::now();
+        let mut gone: Vec<(u64, &'static str)> = Vec::new();
+        for (cookie, origin) in self.origins.iter_mut() {
+            match origin {
+                Origin::Explicit { path, ino } => {
+                    // A deleted bind mount (ip netns del) or a dead process: the
+                    // path no longer names the namespace we hold open.
+                    if std::fs::metadata(&*path).map(|m| m.ino()).ok() != Some(*ino) {
+                        gone.push((*cookie, "its namespace path is gone"));
+                    }
+                }
+                Origin::Discovered {
+                    ino,
+                    without_listener_since,
+                } => match scan.as_ref().and_then(|s| s.get(ino)) {
+                    None => gone.push((*cookie, "no process is left in the namespace")),
+                    Some(c) if c.has_listener => *without_listener_since = None,
+                    Some(_) => {
+                        let since = *without_listener_since.get_or_insert(now);
+                        if now.duration_since(since) >= self.settings.listener_grace {
+                            gone.push((*cookie, "its live-store stopped listening"));
+                        }
+                    }
+                },
+            }
+        }
+        for (cookie, why) in gone {
+            self.origins.remove(&cookie);
+            if let Some(netns) = self.datapath.unserve(cookie) {
+                println!("detached sk_lookup from netns {netns}: {why}");
+            }
+        }
+        let Some(scan) = scan else {
+            return Ok(());
+        };
+        let served: HashSet<u64> = self
+            .origins
+            .values()
+            .map(|o| match o {
+                Origin::Explicit { ino, .. } | Origin::Discovered { ino, .. } => *ino,
+            })
+            .collect();
+        for (ino, candidate) in scan {
+            if !candidate.has_listener || served.contains(&ino) {
+                continue;
+            }
+            // The process may have exited since the scan: try again next time.
+            let netns = match Netns::open(&candidate.path) {
+                Ok(n) if n.inode() == ino => n,
+                Ok(_) | Err(_) => continue,
+            };
+            let cookie = netns.cookie;
+            match serve(&mut self.datapath, netns, &self.settings.redirects) {
+                Ok(()) => {
+                    self.origins.insert(
+                        cookie,
+                        Origin::Discovered {
+                            ino,
+                            without_listener_since: None,
+                        },
+                    );
+                }
+                Err(e) => tracing::warn!(
+                    "serving discovered netns {}: {e:#}",
+                    candidate.path.display()
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    /// Shares the current set of namespaces with readiness checks and flow records.
+    fn publish(&self) -> Result<()> {
+        self.telemetry
+            .set_namespaces(attachments(&self.datapath)?.namespaces);
+        if let Ok(mut names) = self.names.lock() {
+            names.clear();
+            for s in &self.datapath.served {
+                names.insert(s.netns.cookie, s.netns.path.display().to_string());
+            }
+        }
+        Ok(())
+    }
+}
+
 fn attachments(datapath: &Datapath) -> Result<Attachments> {
     let reopen = |f: &File| f.try_clone().context("duplicating a namespace fd");
     Ok(Attachments {
         cgroup: File::open(&datapath.cgroup)
             .with_context(|| format!("opening {}", datapath.cgroup.display()))?,
-        sock_ops_id: datapath.sock_ops_id,
+        sock_ops_id: datapath.sock_ops.prog_id,
         namespaces: datapath
             .served
             .iter()
@@ -170,7 +414,7 @@ fn attachments(datapath: &Datapath) -> Result<Attachments> {
                 Ok((
                     s.netns.path.display().to_string(),
                     reopen(&s.netns.file)?,
-                    s.prog_id,
+                    s.link.prog_id,
                 ))
             })
             .collect::<Result<_>>()?,
@@ -179,19 +423,17 @@ fn attachments(datapath: &Datapath) -> Result<Attachments> {
 
 type FlowOut = Box<dyn Write + Send>;
 
-fn open_flow_output(args: &RunArgs) -> Result<(FlowOut, FlowFormat)> {
-    match &args.flow_log {
+fn open_flow_output(s: &Settings) -> Result<(FlowOut, FlowFormat)> {
+    match &s.flow_log {
         Some(path) => {
             let file = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|e| {
-                    Fatal::Usage(format!("cannot open flow log {}: {e}", path.display()))
-                })?;
+                .map_err(|e| usage(format!("cannot open flow log {}: {e}", path.display())))?;
             Ok((
                 Box::new(io::BufWriter::new(file)),
-                args.flow_format.unwrap_or(FlowFormat::Json),
+                s.flow_format.unwrap_or(FlowFormat::Json),
             ))
         }
         None => {
@@ -200,7 +442,7 @@ fn open_flow_output(args: &RunArgs) -> Result<(FlowOut, FlowFormat)> {
             } else {
                 FlowFormat::Json
             };
-            Ok((Box::new(io::stdout()), args.flow_format.unwrap_or(default)))
+            Ok((Box::new(io::stdout()), s.flow_format.unwrap_or(default)))
         }
     }
 }
@@ -260,7 +502,7 @@ fn drain(
     Ok(n)
 }
 
-fn check_privileges() -> Result<()> {
+pub fn check_privileges() -> Result<()> {
     let missing = sys::missing_capabilities()?;
     if missing.is_empty() {
         return Ok(());

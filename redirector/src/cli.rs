@@ -2,10 +2,8 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
-use redirector_common::{DEFAULT_ADVERTISE_PORT, DEFAULT_LISTEN_PORT};
-
 use crate::flowlog::FlowFormat;
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,12 +24,27 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Attach the programs and redirect until SIGINT/SIGTERM, then detach everything.
+    /// Attach the programs and redirect until SIGINT/SIGTERM. Without --pin,
+    /// everything is detached on exit; with --pin it stays and the next agent adopts it.
     #[command(after_help = "Examples:\n  \
         redirector run                                   # 12345 -> 9095 in this network namespace\n  \
         redirector run --advertise-port 12345 --listen-port 9095 --netns /var/run/netns/live-store-0\n  \
-        redirector run --netns /proc/4242/ns/net --netns /proc/4343/ns/net")]
+        redirector run --tempo-config /etc/tempo/tempo.yaml --discover --pin\n  \
+        redirector run --config /etc/redirector/redirector.yaml")]
     Run(RunArgs),
+    /// Show what is served: namespaces, ports, whether a live-store listener is
+    /// registered, counters. Reads the pinned state, so it works while an agent
+    /// runs with --pin and after it stopped. Changes nothing.
+    #[command(after_help = "Examples:\n  redirector status\n  redirector status --output json")]
+    Status {
+        /// `table` for people, `json` for scripts.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Remove everything a --pin agent left attached and pinned under
+    /// /sys/fs/bpf/redirector, and say what was removed.
+    #[command(after_help = "Examples:\n  redirector detach")]
+    Detach,
     /// Probe what this node needs (privileges, kernel, BTF, sk_lookup, sock_ops,
     /// cgroup v2, bpffs) and print PASS/FAIL with a fix for each. Changes nothing.
     /// Exit code 0 when everything passes, 3 otherwise.
@@ -49,24 +62,29 @@ pub enum Output {
     Json,
 }
 
+/// Flags override the `--config` file, which overrides the defaults.
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Port queriers dial: Tempo's `live_store.ring.instance_port`.
-    #[arg(long, env = "REDIRECTOR_ADVERTISE_PORT", default_value_t = DEFAULT_ADVERTISE_PORT, value_parser = parse_port)]
-    pub advertise_port: u16,
+    /// redirector.yaml: redirects, namespaces, discovery, pinning, flow format,
+    /// metrics address. Unknown keys are errors.
+    #[arg(long, env = "REDIRECTOR_CONFIG", value_name = "YAML")]
+    pub config: Option<PathBuf>,
 
-    /// Port the live-store listens on: Tempo's `server.grpc_listen_port`.
-    #[arg(long, env = "REDIRECTOR_LISTEN_PORT", default_value_t = DEFAULT_LISTEN_PORT, value_parser = parse_port)]
-    pub listen_port: u16,
+    /// Port queriers dial: Tempo's `live_store.ring.instance_port` [default: 12345].
+    #[arg(long, env = "REDIRECTOR_ADVERTISE_PORT", value_parser = parse_port)]
+    pub advertise_port: Option<u16>,
+
+    /// Port the live-store listens on: Tempo's `server.grpc_listen_port` [default: 9095].
+    #[arg(long, env = "REDIRECTOR_LISTEN_PORT", value_parser = parse_port)]
+    pub listen_port: Option<u16>,
 
     /// Take both ports from Tempo's own config file: `server.grpc_listen_port`
-    /// (default 9095) and `live_store.ring.instance_port` (required). Overrides
-    /// --advertise-port and --listen-port.
+    /// (default 9095) and `live_store.ring.instance_port` (required).
     #[arg(long, env = "REDIRECTOR_TEMPO_CONFIG", value_name = "TEMPO_YAML")]
     pub tempo_config: Option<PathBuf>,
 
     /// Network namespace to serve, as a path: /proc/PID/ns/net or /var/run/netns/NAME.
-    /// Repeat for several live-stores. Default: the agent's own namespace.
+    /// Repeat for several live-stores. Default (without --discover): the agent's own.
     #[arg(
         long = "netns",
         value_name = "PATH",
@@ -74,6 +92,27 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub netns: Vec<PathBuf>,
+
+    /// Serve every network namespace that has a socket listening on a listen port
+    /// (with hostPID: every live-store pod on the node), checked every second; stop
+    /// serving a namespace when it disappears or its live-store stays down.
+    #[arg(long, env = "REDIRECTOR_DISCOVER")]
+    pub discover: bool,
+
+    /// With --discover, only namespaces of processes whose cgroup path contains
+    /// this (or matches it as a glob with `*`/`?`), e.g. `*tempo*live-store*`.
+    #[arg(long, env = "REDIRECTOR_CGROUP_PATTERN")]
+    pub cgroup_pattern: Option<String>,
+
+    /// With --discover, seconds a served namespace may have no listener before
+    /// it is dropped (a live-store restarting in place keeps its namespace).
+    #[arg(long, env = "REDIRECTOR_LISTENER_GRACE", default_value_t = 60)]
+    pub listener_grace: u64,
+
+    /// Pin programs, links and maps under /sys/fs/bpf/redirector so redirects keep
+    /// working while the agent restarts or is upgraded; the next agent adopts them.
+    #[arg(long, env = "REDIRECTOR_PIN")]
+    pub pin: bool,
 
     /// Flow record format: `text` for people, `json` or `logfmt` (one record per
     /// line) for Loki, Vector or promtail. Default: text on a terminal, json otherwise.
@@ -84,13 +123,10 @@ pub struct RunArgs {
     #[arg(long, env = "REDIRECTOR_FLOW_LOG", value_name = "PATH")]
     pub flow_log: Option<PathBuf>,
 
-    /// Prometheus /metrics, /healthz and /readyz. Port 0 picks a free port (printed).
-    #[arg(
-        long,
-        env = "REDIRECTOR_METRICS_ADDR",
-        default_value = "127.0.0.1:9464"
-    )]
-    pub metrics_addr: std::net::SocketAddr,
+    /// Prometheus /metrics, /healthz and /readyz [default: 127.0.0.1:9464]. Port 0
+    /// picks a free port (printed).
+    #[arg(long, env = "REDIRECTOR_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 
     /// Size of the kernel's flow record ring buffer in bytes: a power of two, at
     /// least 4096. A record takes 112 bytes; a full ring drops (and counts) records.

@@ -3,11 +3,13 @@
 //! One "main" instance of the object owns the shared maps and the `sock_ops`
 //! program on the cgroup v2 root. Every served network namespace gets its own
 //! `sk_lookup` instance whose only difference is the `NETNS_COOKIE` constant;
-//! those instances reuse the main instance's maps, handed over through pins
-//! that exist only while the instance loads.
+//! those instances reuse the main instance's maps through pins: the persistent
+//! ones of `--pin`, or a private directory that exists only while an instance
+//! loads.
 //!
-//! Dropping a `Datapath` detaches everything: aya's links detach on drop, and
-//! the maps go when their last fd closes.
+//! Programs are attached with BPF links held as fds. Without `--pin`, dropping
+//! the `Datapath` closes them and everything detaches; with `--pin`, the links
+//! are pinned too and outlive the process, and the next agent adopts them.
 
 use std::{
     fs,
@@ -18,7 +20,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{HashMap, MapData, SockHash},
-    programs::{CgroupAttachMode, SkLookup, SockOps},
+    programs::{SkLookup, SockOps},
     Ebpf, EbpfLoader,
 };
 use redirector_common::{
@@ -26,13 +28,27 @@ use redirector_common::{
     MAP_LISTEN_PORTS, MAP_REDIRECTS, PROG_SK_LOOKUP, PROG_SOCK_OPS, SHARED_MAPS,
 };
 
-use crate::{cgroup, listeners, netns::Netns, sys};
+use crate::{
+    cgroup, listeners,
+    netns::Netns,
+    pins::{Link, PinLayout},
+    sys,
+};
 
 /// The kernel object, built by build.rs from `redirector-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector.bpf.o"));
 
-/// Where bpffs must be mounted (the pins that hand maps to new instances live there).
+/// Where bpffs must be mounted.
 pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// Identifies the embedded kernel object (FNV-1a): pinned state is only
+/// adopted by an agent with the same programs and map layouts.
+pub fn build_id() -> String {
+    let hash = OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
 
 /// Connections to `advertise_port` go to the listener on `listen_port`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,20 +57,22 @@ pub struct Redirect {
     pub listen_port: u16,
 }
 
-/// What `serve` did in one namespace, for the operator.
+/// One namespace being served.
 pub struct Served {
     pub netns: Netns,
-    /// Kernel id of this namespace's sk_lookup program (readiness checks).
-    pub prog_id: u32,
     pub redirects: Vec<Redirect>,
     pub existing_listeners: usize,
-    _instance: Ebpf,
+    /// Whether the link was adopted from a previous agent's pins.
+    pub adopted: bool,
+    pub link: Link,
 }
 
 pub struct Datapath {
     main: Ebpf,
+    pins: Option<PinLayout>,
     pub cgroup: PathBuf,
-    pub sock_ops_id: u32,
+    pub sock_ops: Link,
+    pub sock_ops_adopted: bool,
     pub served: Vec<Served>,
 }
 
@@ -67,58 +85,112 @@ pub struct MapHandles {
 }
 
 impl Datapath {
-    /// Loads the shared maps and attaches `sock_ops` to the cgroup v2 root.
-    pub fn load(flow_ring_bytes: u32) -> Result<Self> {
+    /// Loads (or, with `pins`, reopens) the shared maps and attaches (or adopts)
+    /// `sock_ops` on the cgroup v2 root.
+    pub fn load(flow_ring_bytes: u32, pins: Option<PinLayout>) -> Result<Self> {
         require_bpffs()?;
         let cgroup = cgroup::cgroup2_mount()?;
-        let mut main = EbpfLoader::new()
-            .map_max_entries(MAP_FLOW_EVENTS, flow_ring_bytes)
+        if let Some(layout) = &pins {
+            let build = build_id();
+            if let Some(old) = layout.pinned_build().filter(|old| *old != build) {
+                // Different programs or map layouts: this agent cannot share
+                // them. Replace the old state (redirects pause while we attach).
+                tracing::warn!(old, new = %build, "pinned state from another redirector build: replacing it");
+                for what in layout.remove_all()? {
+                    println!("removed {what}");
+                }
+            }
+            layout.prepare(&build)?;
+        }
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(MAP_FLOW_EVENTS, flow_ring_bytes);
+        let map_paths: Vec<(&str, PathBuf)> = match &pins {
+            Some(layout) => SHARED_MAPS.iter().map(|m| (*m, layout.map(m))).collect(),
+            None => Vec::new(),
+        };
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut main = loader
             .load(OBJECT)
             .map_err(|e| kernel_error(e.into(), "loading the eBPF maps"))?;
-        let prog: &mut SockOps = program(&mut main, PROG_SOCK_OPS)?.try_into()?;
-        prog.load().map_err(|e| {
-            kernel_error(
-                e.into(),
-                "loading the sock_ops program (BPF_PROG_TYPE_SOCK_OPS, Linux >= 5.15)",
-            )
-        })?;
-        let cgroup_dir = fs::File::open(&cgroup)
-            .with_context(|| format!("opening cgroup v2 root {}", cgroup.display()))?;
-        // On kernels with BPF links (all we support) aya attaches through a link,
-        // which the kernel always adds in multi-attach mode: other tools' programs
-        // on the root cgroup keep running. Link creation rejects any mode flag.
-        prog.attach(&cgroup_dir, CgroupAttachMode::Single)
-            .map_err(|e| {
-                kernel_error(
-                    e.into(),
-                    &format!("attaching sock_ops to cgroup {}", cgroup.display()),
+
+        let adopted = pins.as_ref().and_then(|l| Link::adopt(&l.sock_ops_link()));
+        let sock_ops_adopted = adopted.is_some();
+        let sock_ops = match adopted {
+            Some(link) => link,
+            None => {
+                let prog: &mut SockOps = program(&mut main, PROG_SOCK_OPS)?.try_into()?;
+                prog.load().map_err(|e| {
+                    kernel_error(
+                        e.into(),
+                        "loading the sock_ops program (BPF_PROG_TYPE_SOCK_OPS, Linux >= 5.15)",
+                    )
+                })?;
+                let cgroup_dir = fs::File::open(&cgroup)
+                    .with_context(|| format!("opening cgroup v2 root {}", cgroup.display()))?;
+                let fd = sys::link_create(
+                    prog.fd()?.as_fd(),
+                    cgroup_dir.as_fd(),
+                    sys::BPF_CGROUP_SOCK_OPS,
                 )
-            })?;
-        let sock_ops_id = prog.info()?.id();
+                .map_err(|e| {
+                    kernel_error(
+                        e.into(),
+                        &format!("attaching sock_ops to cgroup {}", cgroup.display()),
+                    )
+                })?;
+                let mut link = Link {
+                    fd,
+                    pin: None,
+                    prog_id: prog.info()?.id(),
+                };
+                if let Some(layout) = &pins {
+                    link.pin(&layout.sock_ops_link())?;
+                }
+                link
+            }
+        };
         Ok(Self {
             main,
+            pins,
             cgroup,
-            sock_ops_id,
+            sock_ops,
+            sock_ops_adopted,
             served: Vec::new(),
         })
     }
 
+    /// Runs `f` with a path for each shared map: the persistent pins, or a
+    /// private pin directory that exists only for the call.
+    fn with_map_pins<R>(&self, f: impl FnOnce(&dyn Fn(&str) -> PathBuf) -> Result<R>) -> Result<R> {
+        match &self.pins {
+            Some(layout) => f(&|name: &str| layout.map(name)),
+            None => {
+                let window = PinWindow::open(&self.main)?;
+                let dir = window.dir.clone();
+                f(&move |name: &str| dir.join(name))
+            }
+        }
+    }
+
     /// New fds on the maps that tasks read while the datapath runs.
     pub fn map_handles(&self) -> Result<MapHandles> {
-        let pins = PinWindow::open(&self.main)?;
-        let open = |name: &str| -> Result<MapData> {
-            let path = pins.path(name)?;
-            MapData::from_pin(path).with_context(|| format!("reopening map {name}"))
-        };
-        Ok(MapHandles {
-            flow_events: open(MAP_FLOW_EVENTS)?,
-            counters: open(MAP_COUNTERS)?,
-            listeners: open(MAP_LISTENERS)?,
+        self.with_map_pins(|path| {
+            let open = |name: &str| {
+                MapData::from_pin(path(name)).with_context(|| format!("reopening map {name}"))
+            };
+            Ok(MapHandles {
+                flow_events: open(MAP_FLOW_EVENTS)?,
+                counters: open(MAP_COUNTERS)?,
+                listeners: open(MAP_LISTENERS)?,
+            })
         })
     }
 
     /// Starts redirecting in `netns`: registers the redirects, the listeners that
-    /// already exist, then attaches `sk_lookup`. On error nothing stays behind.
+    /// already exist, then attaches (or adopts) `sk_lookup`. On error nothing
+    /// stays behind.
     pub fn serve(&mut self, netns: Netns, redirects: &[Redirect]) -> Result<&Served> {
         let cookie = netns.cookie;
         if self.served.iter().any(|s| s.netns.cookie == cookie) {
@@ -129,17 +201,23 @@ impl Datapath {
             for r in redirects {
                 existing += self.register_existing(&netns, r.listen_port)?;
             }
-            let (instance, prog_id) = self.attach_sk_lookup(&netns)?;
-            Ok((existing, instance, prog_id))
+            let adopted = self
+                .pins
+                .as_ref()
+                .and_then(|l| Link::adopt(&l.netns_link(cookie)));
+            match adopted {
+                Some(link) => Ok((existing, link, true)),
+                None => Ok((existing, self.attach_sk_lookup(&netns)?, false)),
+            }
         });
         match result {
-            Ok((existing_listeners, instance, prog_id)) => {
+            Ok((existing_listeners, link, adopted)) => {
                 self.served.push(Served {
                     netns,
-                    prog_id,
                     redirects: redirects.to_vec(),
                     existing_listeners,
-                    _instance: instance,
+                    adopted,
+                    link,
                 });
                 Ok(self.served.last().expect("just pushed"))
             }
@@ -148,6 +226,16 @@ impl Datapath {
                 Err(e)
             }
         }
+    }
+
+    /// Stops redirecting in the namespace with `cookie`: detaches its program
+    /// (and its pin) and forgets its redirects.
+    pub fn unserve(&mut self, cookie: u64) -> Option<Netns> {
+        let pos = self.served.iter().position(|s| s.netns.cookie == cookie)?;
+        let served = self.served.remove(pos);
+        self.clear_redirects(cookie, &served.redirects);
+        served.link.remove();
+        Some(served.netns)
     }
 
     fn set_redirects(&mut self, cookie: u64, redirects: &[Redirect]) -> Result<()> {
@@ -217,17 +305,18 @@ impl Datapath {
         Ok(found.len())
     }
 
-    fn attach_sk_lookup(&mut self, netns: &Netns) -> Result<(Ebpf, u32)> {
-        let pins = PinWindow::open(&self.main)?;
-        let mut loader = EbpfLoader::new();
-        for (name, path) in &pins.paths {
-            loader.map_pin_path(name, path.as_path());
-        }
-        let mut instance = loader
-            .override_global(GLOBAL_NETNS_COOKIE, &netns.cookie, true)
-            .load(OBJECT)
-            .map_err(|e| kernel_error(e.into(), "loading the sk_lookup instance"))?;
-        drop(pins);
+    fn attach_sk_lookup(&mut self, netns: &Netns) -> Result<Link> {
+        let mut instance = self.with_map_pins(|path| {
+            let mut loader = EbpfLoader::new();
+            let paths: Vec<(&str, PathBuf)> = SHARED_MAPS.iter().map(|m| (*m, path(m))).collect();
+            for (name, p) in &paths {
+                loader.map_pin_path(name, p.as_path());
+            }
+            loader
+                .override_global(GLOBAL_NETNS_COOKIE, &netns.cookie, true)
+                .load(OBJECT)
+                .map_err(|e| kernel_error(e.into(), "loading the sk_lookup instance"))
+        })?;
         let prog: &mut SkLookup = program(&mut instance, PROG_SK_LOOKUP)?.try_into()?;
         prog.load().map_err(|e| {
             kernel_error(
@@ -235,14 +324,23 @@ impl Datapath {
                 "loading the sk_lookup program (BPF_PROG_TYPE_SK_LOOKUP, Linux >= 5.9)",
             )
         })?;
-        prog.attach(netns.file.as_fd()).map_err(|e| {
-            kernel_error(
-                e.into(),
-                &format!("attaching sk_lookup to {}", netns.path.display()),
-            )
-        })?;
-        let id = prog.info()?.id();
-        Ok((instance, id))
+        let fd = sys::link_create(prog.fd()?.as_fd(), netns.file.as_fd(), sys::BPF_SK_LOOKUP)
+            .map_err(|e| {
+                kernel_error(
+                    e.into(),
+                    &format!("attaching sk_lookup to {}", netns.path.display()),
+                )
+            })?;
+        // The link holds the program: the instance (and its fds) can go.
+        let mut link = Link {
+            fd,
+            pin: None,
+            prog_id: prog.info()?.id(),
+        };
+        if let Some(layout) = &self.pins {
+            link.pin(&layout.netns_link(netns.cookie))?;
+        }
+        Ok(link)
     }
 }
 
@@ -267,8 +365,12 @@ fn kernel_error(err: anyhow::Error, what: &str) -> anyhow::Error {
     let text = format!("{err:#}");
     if let Some((_, log)) = text.split_once("Verifier output:") {
         tracing::debug!("verifier log for {what}:{log}");
-        let verdict = log.lines().map(str::trim).find(|l| {
-            !l.is_empty() && !l.starts_with(|c: char| c.is_ascii_digit() || c == 'R' || c == '(')
+        // The reason is the last line before the verifier's statistics.
+        let verdict = log.lines().map(str::trim).rev().find(|l| {
+            !l.is_empty()
+                && !["verification time", "stack depth", "processed", ":"]
+                    .iter()
+                    .any(|p| l.starts_with(p))
         });
         return anyhow!(
             "{what}: the kernel verifier rejected the program ({}); RUST_LOG=debug shows its log",
@@ -295,42 +397,27 @@ fn kernel_error(err: anyhow::Error, what: &str) -> anyhow::Error {
 const ENOTSUPP: i32 = 524;
 
 /// Pins of the shared maps that live only while a new instance loads, in a
-/// directory private to this process.
+/// directory private to this process (without `--pin`).
 struct PinWindow {
     dir: PathBuf,
-    paths: Vec<(&'static str, PathBuf)>,
 }
 
 impl PinWindow {
     fn open(main: &Ebpf) -> Result<Self> {
-        let dir = Path::new(BPFFS).join(format!("redirector-load-{}", std::process::id()));
         // bpffs rejects names with dots. A leftover from a crashed run of a
         // process with our pid is stale.
+        let dir = Path::new(BPFFS).join(format!("redirector-load-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut window = Self {
-            dir,
-            paths: Vec::new(),
-        };
+        let window = Self { dir };
         for name in SHARED_MAPS {
             let path = window.dir.join(name);
             main.map(name)
                 .with_context(|| format!("map {name} missing from the embedded object"))?
                 .pin(&path)
                 .with_context(|| format!("pinning map {name} at {}", path.display()))?;
-            window.paths.push((name, path));
         }
         Ok(window)
-    }
-}
-
-impl PinWindow {
-    fn path(&self, name: &str) -> Result<&Path> {
-        self.paths
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, p)| p.as_path())
-            .with_context(|| format!("map {name} is not shared"))
     }
 }
 

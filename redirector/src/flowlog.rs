@@ -6,6 +6,7 @@ use std::{
     fmt::Write as _,
     io::{self, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::{Arc, Mutex},
     time::{Duration, UNIX_EPOCH},
 };
 
@@ -64,7 +65,8 @@ fn ip(family: u16, words: [u32; 4]) -> IpAddr {
 
 /// Builds records: knows the namespaces' names and the clock offset.
 pub struct Recorder {
-    pub netns_names: HashMap<u64, String>,
+    /// Namespace cookie -> name; the agent updates it as namespaces come and go.
+    pub netns_names: Arc<Mutex<HashMap<u64, String>>>,
     pub clock_offset_ns: i128,
 }
 
@@ -84,8 +86,9 @@ impl Recorder {
             time: humantime::format_rfc3339_micros(time).to_string(),
             netns: self
                 .netns_names
-                .get(&e.netns_cookie)
-                .cloned()
+                .lock()
+                .ok()
+                .and_then(|names| names.get(&e.netns_cookie).cloned())
                 .unwrap_or_else(|| format!("cookie:{}", e.netns_cookie)),
             netns_cookie: e.netns_cookie,
             client_addr: ip(e.family, e.remote_ip).to_string(),
@@ -206,7 +209,10 @@ mod tests {
 
     fn recorder() -> Recorder {
         Recorder {
-            netns_names: HashMap::from([(7, "/var/run/netns/live store".to_owned())]),
+            netns_names: Arc::new(Mutex::new(HashMap::from([(
+                7,
+                "/var/run/netns/live store".to_owned(),
+            )]))),
             clock_offset_ns: 0,
         }
     }

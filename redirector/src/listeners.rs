@@ -82,7 +82,7 @@ pub fn find_existing(netns: &Netns, port: u16) -> io::Result<Vec<Listener>> {
 }
 
 /// Inodes of sockets in state LISTEN on `port` in a /proc/net/tcp{,6} table.
-fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
+pub(crate) fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
     table
         .lines()
         .skip(1)

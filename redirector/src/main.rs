@@ -4,10 +4,13 @@ mod check;
 mod cli;
 mod config;
 mod datapath;
+mod discover;
 mod error;
 mod flowlog;
 mod listeners;
 mod netns;
+mod pins;
+mod status;
 mod sys;
 mod telemetry;
 
@@ -48,6 +51,17 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             cli::Command::Run(args) => agent::run(args).await,
+            cli::Command::Status { output } => {
+                let layout = pins::PinLayout::default();
+                let report = status::collect(&layout)?;
+                print!("{}", status::render(&report, output)?);
+                Ok(())
+            }
+            cli::Command::Detach => {
+                agent::check_privileges()?;
+                print!("{}", status::detach(&pins::PinLayout::default())?);
+                Ok(())
+            }
             cli::Command::Check { output } => {
                 let checks = check::run_checks();
                 match output {

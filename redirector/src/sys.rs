@@ -176,3 +176,85 @@ pub fn monotonic_to_unix_offset_ns() -> i128 {
     }
     now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC)
 }
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_CREATE: libc::c_long = 28;
+/// `bpf_link_type` of a netns (sk_lookup) link.
+pub const BPF_LINK_TYPE_NETNS: u32 = 5;
+
+/// bpf(2) with a zeroed 128-byte `union bpf_attr` the caller filled in.
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i64> {
+    // SAFETY: the attr buffer is as large as the kernel reads for these
+    // commands, zeroed beyond the fields set, and outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), 128u32) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn owned(fd: i64) -> OwnedFd {
+    // SAFETY: a fresh fd returned by bpf(2) that nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// Attaches `prog` to `target` (a netns or cgroup fd) with a BPF link. The link
+/// lives as long as the returned fd or a pin of it; for cgroups it is always
+/// multi-attach, so other tools' programs keep running.
+pub fn link_create(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = [0u64; 16];
+    attr[0] = prog.as_raw_fd() as u32 as u64 | ((target.as_raw_fd() as u32 as u64) << 32);
+    attr[1] = attach_type as u64;
+    bpf(BPF_LINK_CREATE, &mut attr).map(owned)
+}
+
+/// Pins a BPF object (link, map, program) at `path` in bpffs.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c_path =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut attr = [0u64; 16];
+    attr[0] = c_path.as_ptr() as u64;
+    attr[1] = fd.as_raw_fd() as u32 as u64;
+    bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
+/// Opens the BPF object pinned at `path`.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c_path =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut attr = [0u64; 16];
+    attr[0] = c_path.as_ptr() as u64;
+    bpf(BPF_OBJ_GET, &mut attr).map(owned)
+}
+
+/// What the kernel says about a link (the head of `struct bpf_link_info`).
+#[derive(Clone, Copy, Debug)]
+pub struct LinkInfo {
+    pub kind: u32,
+    pub id: u32,
+    pub prog_id: u32,
+    /// For netns links: the namespace's inode, 0 once the namespace is gone.
+    pub netns_ino: u32,
+}
+
+pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
+    // type, id, prog_id, pad, then the per-type union (netns: netns_ino, attach_type).
+    let mut info = [0u32; 32];
+    let mut attr = [0u64; 16];
+    attr[0] = link.as_raw_fd() as u32 as u64 | ((std::mem::size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(LinkInfo {
+        kind: info[0],
+        id: info[1],
+        prog_id: info[2],
+        netns_ino: info[4],
+    })
+}

@@ -64,19 +64,25 @@ struct Metrics {
 pub struct Telemetry {
     counters: PerCpuArray<MapData, u64>,
     listeners: SockHash<MapData, ListenerKey>,
-    attachments: Attachments,
+    attachments: Mutex<Attachments>,
     metrics: Mutex<Metrics>,
 }
 
 /// (metric name, help) for the kernel counters that are exported.
 fn describe(c: Counter) -> Option<(&'static str, &'static str)> {
     Some(match c {
-        Counter::Redirected => ("connections_redirected", "New connections to an advertised port handed to the live-store"),
+        Counter::Redirected => (
+            "lookups_redirected",
+            "SYNs to an advertised port handed to the live-store's listener (a retransmitted SYN counts again)",
+        ),
         Counter::NoListener => ("connections_refused", "New connections to an advertised port that found no live-store listener"),
         Counter::AssignError => ("assign_errors", "Registered listeners the kernel refused to assign (e.g. IPv6 connection, IPv4 listener)"),
         Counter::ListenerRegistered => ("listener_registrations", "Listeners registered by the sock_ops program"),
         Counter::ListenerRegisterError => ("listener_registration_errors", "Listeners that could not be registered"),
-        Counter::FlowsOpened => ("flows_opened", "Redirected connections that completed the handshake"),
+        Counter::FlowsOpened => (
+            "connections_redirected",
+            "Redirected connections that completed the handshake (one open record each)",
+        ),
         Counter::FlowsClosed => ("flows_closed", "Redirected connections that closed"),
         Counter::BytesReceived => ("bytes_received", "Payload bytes received from queriers on closed redirected flows"),
         Counter::BytesSent => ("bytes_sent", "Payload bytes sent to queriers and acknowledged on closed redirected flows"),
@@ -120,7 +126,7 @@ impl Telemetry {
                 .context("COUNTERS map")?,
             listeners: SockHash::try_from(aya::maps::Map::SockHash(listeners))
                 .context("LISTENERS map")?,
-            attachments,
+            attachments: Mutex::new(attachments),
             metrics: Mutex::new(Metrics {
                 registry,
                 last: vec![0; kernel.len()],
@@ -130,6 +136,21 @@ impl Telemetry {
                 programs,
             }),
         })
+    }
+
+    /// Replaces the set of namespaces readiness checks (discovery changes it).
+    pub fn set_namespaces(&self, namespaces: Vec<(String, File, u32)>) {
+        if let Ok(mut a) = self.attachments.lock() {
+            a.namespaces = namespaces;
+        }
+    }
+
+    /// (programs that should be attached, what is missing).
+    fn attachment_state(&self) -> (usize, Vec<String>) {
+        match self.attachments.lock() {
+            Ok(a) => (1 + a.namespaces.len(), a.missing()),
+            Err(_) => (0, vec!["attachment state (lock poisoned)".to_owned()]),
+        }
     }
 
     pub fn kernel_counter(&self, c: Counter) -> u64 {
@@ -156,9 +177,8 @@ impl Telemetry {
         m.active.set(opened.saturating_sub(closed) as i64);
         m.listeners
             .set(self.listeners.keys().filter(|k| k.is_ok()).count() as i64);
-        let total = 1 + self.attachments.namespaces.len();
-        m.programs
-            .set((total - self.attachments.missing().len()) as i64);
+        let (total, missing) = self.attachment_state();
+        m.programs.set(total.saturating_sub(missing.len()) as i64);
         let mut out = String::new();
         encode(&mut out, &m.registry)?;
         Ok(out)
@@ -173,7 +193,7 @@ async fn metrics(State(t): State<Arc<Telemetry>>) -> (StatusCode, String) {
 }
 
 async fn ready(State(t): State<Arc<Telemetry>>) -> (StatusCode, String) {
-    let missing = t.attachments.missing();
+    let (_, missing) = t.attachment_state();
     if missing.is_empty() {
         (StatusCode::OK, "ready\n".to_owned())
     } else {

@@ -243,7 +243,8 @@ fn a_burst_of_5000_connections_is_fully_accounted_for() {
     let stopped = agent.stop().expect("agent stops");
     let delivered = s.json_records().len() as u64;
     let dropped = stopped.counter("records_dropped");
-    assert_eq!(stopped.counter("redirected"), N);
+    // `redirected` counts SYN lookups: a retransmitted SYN counts again.
+    assert!(stopped.counter("redirected") >= N);
     assert_eq!(stopped.counter("flows_opened"), N);
     assert_eq!(stopped.counter("flows_closed"), N);
     assert_eq!(

@@ -1,0 +1,216 @@
+//! `redirector status` and `redirector detach`: read or remove the pinned state
+//! a `--pin` agent leaves in bpffs. `status` never changes anything.
+
+use std::{collections::BTreeMap, fmt::Write as _, os::fd::AsFd};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, MapData, PerCpuArray, SockHash};
+use redirector_common::{
+    Counter, ListenerKey, NsPort, AF_INET, MAP_COUNTERS, MAP_LISTENERS, MAP_REDIRECTS,
+    PROG_SK_LOOKUP, PROG_SOCK_OPS,
+};
+use serde::Serialize;
+
+use crate::{
+    cli::Output,
+    pins::{PinLayout, PIN_ROOT},
+    sys,
+};
+
+#[derive(Serialize, Debug)]
+pub struct Status {
+    pub pinned: bool,
+    pub pin_root: &'static str,
+    pub build: Option<String>,
+    pub sock_ops_attached: bool,
+    pub namespaces: Vec<NamespaceStatus>,
+    pub counters: BTreeMap<&'static str, u64>,
+    /// redirector programs loaded in the kernel (pinned or by running agents).
+    pub programs_loaded: usize,
+}
+
+#[derive(Serialize, Debug)]
+pub struct NamespaceStatus {
+    pub netns_cookie: u64,
+    /// `net:[inode]` of the namespace; 0 when it no longer exists.
+    pub netns_inode: u32,
+    pub attached: bool,
+    pub redirects: Vec<RedirectStatus>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct RedirectStatus {
+    pub advertise_port: u16,
+    pub listen_port: u16,
+    pub listener_registered: bool,
+    pub listener_families: Vec<&'static str>,
+}
+
+fn programs_loaded() -> usize {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| matches!(p.name_as_str(), Some(PROG_SK_LOOKUP) | Some(PROG_SOCK_OPS)))
+        .count()
+}
+
+fn open_map(layout: &PinLayout, name: &str) -> Result<aya::maps::Map> {
+    let data = MapData::from_pin(layout.map(name))
+        .with_context(|| format!("opening pinned map {name}"))?;
+    Ok(match name {
+        MAP_COUNTERS => aya::maps::Map::PerCpuArray(data),
+        MAP_LISTENERS => aya::maps::Map::SockHash(data),
+        _ => aya::maps::Map::HashMap(data),
+    })
+}
+
+pub fn collect(layout: &PinLayout) -> Result<Status> {
+    let mut status = Status {
+        pinned: layout.exists(),
+        pin_root: PIN_ROOT,
+        build: layout.pinned_build(),
+        sock_ops_attached: false,
+        namespaces: Vec::new(),
+        counters: BTreeMap::new(),
+        programs_loaded: programs_loaded(),
+    };
+    if !status.pinned {
+        return Ok(status);
+    }
+    status.sock_ops_attached = sys::obj_get(&layout.sock_ops_link())
+        .and_then(|fd| sys::link_info(fd.as_fd()))
+        .is_ok();
+    let redirects: HashMap<MapData, NsPort, u16> = open_map(layout, MAP_REDIRECTS)?.try_into()?;
+    let listeners: SockHash<MapData, ListenerKey> = open_map(layout, MAP_LISTENERS)?.try_into()?;
+    let counters: PerCpuArray<MapData, u64> = open_map(layout, MAP_COUNTERS)?.try_into()?;
+    let listener_keys: Vec<ListenerKey> = listeners.keys().filter_map(Result::ok).collect();
+    let mut by_cookie: BTreeMap<u64, Vec<RedirectStatus>> = BTreeMap::new();
+    for (key, listen_port) in redirects.iter().filter_map(Result::ok) {
+        let families: Vec<&'static str> = listener_keys
+            .iter()
+            .filter(|l| l.netns_cookie == key.netns_cookie && l.port == listen_port)
+            .map(|l| if l.family == AF_INET { "ipv4" } else { "ipv6" })
+            .collect();
+        by_cookie
+            .entry(key.netns_cookie)
+            .or_default()
+            .push(RedirectStatus {
+                advertise_port: key.port,
+                listen_port,
+                listener_registered: !families.is_empty(),
+                listener_families: families,
+            });
+    }
+    for pinned in layout.pinned_netns() {
+        let redirects = by_cookie.remove(&pinned.cookie).unwrap_or_default();
+        status.namespaces.push(NamespaceStatus {
+            netns_cookie: pinned.cookie,
+            netns_inode: pinned.info.map(|i| i.netns_ino).unwrap_or(0),
+            attached: pinned.info.is_some_and(|i| i.netns_ino != 0),
+            redirects,
+        });
+    }
+    for c in Counter::ALL {
+        let total = counters
+            .get(&(c as u32), 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0);
+        status.counters.insert(c.name(), total);
+    }
+    Ok(status)
+}
+
+pub fn render(status: &Status, output: Output) -> Result<String> {
+    if output == Output::Json {
+        return Ok(serde_json::to_string_pretty(status)? + "\n");
+    }
+    let mut out = String::new();
+    if !status.pinned {
+        writeln!(
+            out,
+            "no pinned state under {PIN_ROOT} (agents without --pin keep theirs private)"
+        )?;
+        writeln!(
+            out,
+            "redirector programs loaded in the kernel: {}",
+            status.programs_loaded
+        )?;
+        return Ok(out);
+    }
+    writeln!(
+        out,
+        "pinned state: {PIN_ROOT} (build {})",
+        status.build.as_deref().unwrap_or("unknown")
+    )?;
+    writeln!(
+        out,
+        "sock_ops on cgroup v2 root: {}",
+        if status.sock_ops_attached {
+            "attached"
+        } else {
+            "NOT attached"
+        }
+    )?;
+    writeln!(
+        out,
+        "{:<22} {:<16} {:<9} {:<9} {:<8} listener",
+        "NETNS COOKIE", "NETNS", "ATTACHED", "ADVERTISE", "LISTEN"
+    )?;
+    for ns in &status.namespaces {
+        let netns = if ns.netns_inode == 0 {
+            "gone".to_owned()
+        } else {
+            format!("net:[{}]", ns.netns_inode)
+        };
+        if ns.redirects.is_empty() {
+            writeln!(
+                out,
+                "{:<22} {:<16} {:<9} -",
+                ns.netns_cookie, netns, ns.attached
+            )?;
+        }
+        for r in &ns.redirects {
+            let listener = if r.listener_registered {
+                r.listener_families.join("+")
+            } else {
+                "none (fail-open)".to_owned()
+            };
+            writeln!(
+                out,
+                "{:<22} {:<16} {:<9} {:<9} {:<8} {}",
+                ns.netns_cookie, netns, ns.attached, r.advertise_port, r.listen_port, listener
+            )?;
+        }
+    }
+    let counters: Vec<String> = status
+        .counters
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    writeln!(out, "counters: {}", counters.join(" "))?;
+    writeln!(
+        out,
+        "redirector programs loaded in the kernel: {}",
+        status.programs_loaded
+    )?;
+    Ok(out)
+}
+
+/// `redirector detach`: removes the pinned state and says what went.
+pub fn detach(layout: &PinLayout) -> Result<String> {
+    let removed = layout.remove_all()?;
+    let mut out = String::new();
+    if removed.is_empty() {
+        writeln!(out, "nothing pinned under {PIN_ROOT}")?;
+    }
+    for r in removed {
+        writeln!(out, "removed {r}")?;
+    }
+    let left = programs_loaded();
+    if left > 0 {
+        writeln!(
+            out,
+            "{left} redirector program(s) still loaded by running agents without --pin: stop them with SIGTERM"
+        )?;
+    }
+    Ok(out)
+}

@@ -1,0 +1,404 @@
+//! The agent as an operator runs it: discovery of live-store namespaces,
+//! namespaces that vanish, restart with pinned state under load, `detach`,
+//! `status`, `check`, and configuration errors. Real kernel, real processes.
+
+use std::{
+    io,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use redirector_tests::*;
+
+const PIN_ROOT: &str = "/sys/fs/bpf/redirector";
+
+/// `redirector ARGS` to completion: (exit code, stdout, stderr).
+fn redirector(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(agent_bin())
+        .args(args)
+        .output()
+        .expect("run redirector");
+    (
+        out.status.code().expect("exited"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Removes pinned state at the start and end of a test, even when it fails.
+struct PinCleanup;
+
+impl PinCleanup {
+    fn new() -> Self {
+        redirector(&["detach"]);
+        Self
+    }
+}
+
+impl Drop for PinCleanup {
+    fn drop(&mut self) {
+        redirector(&["detach"]);
+    }
+}
+
+/// A live-store stand-in process living inside a namespace, killed on drop.
+struct StandIn(Child);
+
+impl StandIn {
+    fn start(ns: &Netns, addr: &str, name: &str) -> Self {
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                env!("CARGO_BIN_EXE_live-store-standin"),
+                addr,
+                name,
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the stand-in");
+        // Wait for its `listening` line so the listener exists before we go on.
+        let mut line = String::new();
+        io::BufRead::read_line(
+            &mut io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("read");
+        assert!(line.starts_with("listening"), "stand-in said {line:?}");
+        Self(child)
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(agent: &Agent, what: &str, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if agent.stdout().iter().filter(|l| l.contains(what)).count() >= count {
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "agent never printed {count} x {what:?}; stdout: {:#?}",
+        agent.stdout()
+    );
+}
+
+#[test]
+fn discovery_follows_live_stores_as_they_come_and_go() {
+    // Ports of its own, so no other namespace on the machine is discovered.
+    let (listen, advertise) = ("19095", "22345");
+    let l1 = Netns::new("d1").expect("netns");
+    let s1 = StandIn::start(&l1, "[::]:19095", "live-store-1");
+    let agent = Agent::start(&[
+        "--discover",
+        "--listen-port",
+        listen,
+        "--advertise-port",
+        advertise,
+        "--listener-grace",
+        "1",
+    ])
+    .expect("agent with discovery");
+    wait_for(&agent, "attached sk_lookup in netns", 1);
+    let local = format!("127.0.0.1:{advertise}");
+    assert_eq!(
+        request(&l1, &local, b"x").expect("served in L1").server,
+        "live-store-1"
+    );
+
+    // A live-store that starts after the agent is picked up.
+    let l2 = Netns::new("d2").expect("netns");
+    let s2 = StandIn::start(&l2, "[::]:19095", "live-store-2");
+    wait_for(&agent, "attached sk_lookup in netns", 2);
+    assert_eq!(
+        request(&l2, &local, b"x").expect("served in L2").server,
+        "live-store-2"
+    );
+    assert_eq!(
+        request(&l1, &local, b"x").expect("L1 still served").server,
+        "live-store-1"
+    );
+
+    // L2's pod goes away: its process and its namespace.
+    drop(s2);
+    drop(l2);
+    wait_for(&agent, "detached sk_lookup from netns", 1);
+    // L1's live-store stops for good: no process is left in its namespace.
+    drop(s1);
+    wait_for(&agent, "detached sk_lookup from netns", 2);
+    let stopped = agent.stop().expect("agent stops");
+    assert!(stopped.status.success());
+    assert_eq!(stopped.counter("flows_opened"), 3);
+}
+
+#[test]
+fn an_explicit_namespace_that_is_deleted_is_let_go() {
+    let l = Netns::new("gone").expect("netns");
+    let _live_store = Server::start(&l, "[::]:9095", "live-store").expect("listens");
+    let keep = Netns::new("keep").expect("netns");
+    let _kept = Server::start(&keep, "[::]:9095", "live-store-keep").expect("listens");
+    let agent = Agent::start(&[
+        "--netns",
+        l.path().to_str().expect("utf-8"),
+        "--netns",
+        keep.path().to_str().expect("utf-8"),
+    ])
+    .expect("agent");
+    Command::new("ip")
+        .args(["netns", "del", &l.name])
+        .status()
+        .expect("ip netns del");
+    wait_for(&agent, "its namespace path is gone", 1);
+    // The other namespace is still served by the same, still running agent.
+    let reply = request(&keep, "127.0.0.1:12345", b"x").expect("still served");
+    assert_eq!(reply.server, "live-store-keep");
+    let stopped = agent.stop().expect("agent keeps running until stopped");
+    assert!(stopped.status.success());
+}
+
+#[test]
+fn a_pinned_agent_restarts_under_load_without_a_failed_connection() {
+    let _cleanup = PinCleanup::new();
+    let q = Netns::new("q").expect("netns");
+    let l = Netns::new("l").expect("netns");
+    veth(&q, &l).expect("veth");
+    let _live_store = Server::start(&l, "[::]:9095", "live-store").expect("listens");
+    let l_path = l.path().display().to_string();
+    let args = ["--pin", "--netns", l_path.as_str()];
+    let first = Agent::start(&args).expect("first agent");
+
+    let stop = AtomicBool::new(false);
+    let (ok, failed) = (AtomicU64::new(0), AtomicU64::new(0));
+    let target = format!("{LIVE_STORE_V4}:{ADVERTISE}");
+    let second = thread::scope(|scope| {
+        // A querier dialing new connections all through the restart.
+        scope.spawn(|| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                match request(&q, &target, b"x") {
+                    Ok(r) if r.server == "live-store" => ok.fetch_add(1, Ordering::SeqCst),
+                    _ => failed.fetch_add(1, Ordering::SeqCst),
+                };
+                thread::sleep(Duration::from_millis(5));
+            }
+        });
+        thread::sleep(Duration::from_millis(300));
+        let stopped = first.stop().expect("first agent stops");
+        assert!(
+            stopped
+                .stdout
+                .iter()
+                .any(|l| l.contains("left programs attached and pinned")),
+            "{:?}",
+            stopped.stdout
+        );
+        // No agent at all for a while: the pinned programs carry on.
+        thread::sleep(Duration::from_millis(500));
+        let second = Agent::start(&args).expect("second agent");
+        assert!(
+            second
+                .stdout()
+                .iter()
+                .any(|l| l.starts_with("adopted sock_ops")),
+            "{:?}",
+            second.stdout()
+        );
+        assert!(
+            second
+                .stdout()
+                .iter()
+                .any(|l| l.starts_with("adopted sk_lookup")),
+            "{:?}",
+            second.stdout()
+        );
+        thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::SeqCst);
+        second
+    });
+    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    assert_eq!(
+        failed, 0,
+        "failed connections through the restart ({ok} succeeded)"
+    );
+    assert!(
+        ok > 20,
+        "the load ran through the restart: {ok} connections"
+    );
+
+    // status reads the pinned state, while the agent runs and after it stopped.
+    let (code, table, _) = redirector(&["status"]);
+    assert_eq!(code, 0);
+    assert!(
+        table.contains("12345") && table.contains("9095") && table.contains("ipv6"),
+        "{table}"
+    );
+    drop(second.stop().expect("second agent stops"));
+    let (code, json, _) = redirector(&["status", "--output", "json"]);
+    assert_eq!(code, 0);
+    let status: serde_json::Value = serde_json::from_str(&json).expect("status JSON");
+    assert_eq!(status["pinned"], true);
+    assert_eq!(status["sock_ops_attached"], true);
+    assert_eq!(status["namespaces"][0]["attached"], true);
+    assert_eq!(
+        status["namespaces"][0]["redirects"][0]["advertise_port"],
+        12345
+    );
+    assert_eq!(
+        status["namespaces"][0]["redirects"][0]["listener_registered"],
+        true
+    );
+    assert_eq!(
+        status["counters"]["flows_opened"], ok,
+        "every connection, across both agents, counted once"
+    );
+    // Still redirecting with no agent running.
+    assert_eq!(
+        request(&q, &format!("{LIVE_STORE_V4}:{ADVERTISE}"), b"x")
+            .expect("pinned redirect")
+            .server,
+        "live-store"
+    );
+
+    // detach removes everything and says so.
+    let (code, out, err) = redirector(&["detach"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("removed link") && out.contains("sock_ops") && out.contains("sk_lookup-"),
+        "{out}"
+    );
+    assert!(!std::path::Path::new(PIN_ROOT).exists());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !redirector_programs().is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        redirector_programs().is_empty(),
+        "programs left: {:?}",
+        redirector_programs()
+    );
+    let refused = request(&q, &format!("{LIVE_STORE_V4}:{ADVERTISE}"), b"x")
+        .expect_err("no redirect after detach");
+    assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+    let (_, out, _) = redirector(&["status"]);
+    assert!(out.contains("no pinned state"), "{out}");
+}
+
+#[test]
+fn check_passes_here_and_names_the_fix_on_a_broken_node() {
+    let (code, out, _) = redirector(&["check"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.lines().all(|l| l.starts_with("PASS")), "{out}");
+    let (code, json, _) = redirector(&["check", "--output", "json"]);
+    assert_eq!(code, 0);
+    let checks: serde_json::Value = serde_json::from_str(&json).expect("check JSON");
+    assert!(
+        checks
+            .as_array()
+            .expect("array")
+            .iter()
+            .all(|c| c["ok"] == true),
+        "{json}"
+    );
+
+    // A node without bpffs: a private mount namespace where it is unmounted.
+    let bin = agent_bin();
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "umount /sys/fs/bpf && exec {} check",
+            bin.display()
+        ))
+        .output()
+        .expect("unshare");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    let bpffs = text
+        .lines()
+        .find(|l| l.contains("bpffs"))
+        .expect("a bpffs line");
+    assert!(
+        bpffs.starts_with("FAIL") && bpffs.contains("mount -t bpf"),
+        "{bpffs}"
+    );
+    // And the agent refuses to start there, saying why.
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "umount /sys/fs/bpf && exec {} run --metrics-addr 127.0.0.1:0",
+            bin.display()
+        ))
+        .output()
+        .expect("unshare");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        err.contains("bpffs is not mounted") && err.lines().count() == 1,
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_configuration_is_one_clear_line() {
+    let dir = std::env::temp_dir().join(format!("rdt-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write config");
+        p.display().to_string()
+    };
+    let unknown = write(
+        "unknown.yaml",
+        "redirects:\n  - advertise_port: 12345\n    listen_prot: 9095\n",
+    );
+    let bad_port = write(
+        "port.yaml",
+        "redirects:\n  - advertise_port: 70000\n    listen_port: 9095\n",
+    );
+    let tempo = write(
+        "tempo.yaml",
+        "server:\n  grpc_listen_port: 9095\ndistributor: {}\n",
+    );
+    let cases: [(Vec<&str>, &str); 4] = [
+        (vec!["--config", &unknown], "unknown field `listen_prot`"),
+        (vec!["--config", &bad_port], "unknown.yaml"),
+        (
+            vec!["--tempo-config", &tempo],
+            "live_store.ring.instance_port",
+        ),
+        (
+            vec!["--config", "/nonexistent/redirector.yaml"],
+            "/nonexistent/redirector.yaml",
+        ),
+    ];
+    for (i, (args, needle)) in cases.into_iter().enumerate() {
+        let mut full = vec!["run"];
+        full.extend(args.iter().copied());
+        let (code, _, err) = redirector(&full);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        // The port case names its own file and position, not the other one.
+        if i == 1 {
+            assert!(
+                err.contains("port.yaml:2:") && err.contains("70000"),
+                "{err}"
+            );
+        } else {
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+        if i == 0 {
+            assert!(err.contains("unknown.yaml:3:"), "line and column: {err}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(redirector_programs().is_empty());
+}
