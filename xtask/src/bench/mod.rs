@@ -92,7 +92,7 @@ impl Plan {
             Plan {
                 mode: "quick",
                 repeats: 2,
-                slot_secs: 0.3,
+                slot_secs: 0.2,
                 open_loop_rates: vec![2000],
                 saturation_inflight: 32,
                 bpf_repeat: 1_000_000,
@@ -205,7 +205,7 @@ pub fn main(root: &Path, args: BenchArgs) -> Result<()> {
     )
 }
 
-const SETTLE: Duration = Duration::from_millis(200);
+const SETTLE: Duration = Duration::from_millis(100);
 
 pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
     let started = Instant::now();
