@@ -23,9 +23,13 @@ pub const MAP_PENDING: &str = "PENDING";
 pub const MAP_FLOWS: &str = "FLOWS";
 pub const MAP_FLOW_EVENTS: &str = "FLOW_EVENTS";
 pub const MAP_REFUSED_BUDGET: &str = "REFUSED_BUDGET";
+/// aya-log's record ring: shared too, so one reader serves every instance.
+pub const MAP_AYA_LOGS: &str = "AYA_LOGS";
+/// aya-log's load-time level (0 = off, 4 = debug): set from RUST_LOG.
+pub const GLOBAL_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
 /// Every map that all program instances must share (the per-namespace
 /// `sk_lookup` instances and the one `sock_ops` instance).
-pub const SHARED_MAPS: [&str; 8] = [
+pub const SHARED_MAPS: [&str; 9] = [
     MAP_LISTENERS,
     MAP_REDIRECTS,
     MAP_LISTEN_PORTS,
@@ -34,6 +38,7 @@ pub const SHARED_MAPS: [&str; 8] = [
     MAP_FLOWS,
     MAP_FLOW_EVENTS,
     MAP_REFUSED_BUDGET,
+    MAP_AYA_LOGS,
 ];
 
 /// Load-time constant of each `sk_lookup` instance: the cookie of the network

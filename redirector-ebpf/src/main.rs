@@ -21,6 +21,7 @@ use aya_ebpf::{
     programs::{SkLookupContext, SockOpsContext},
     EbpfContext, Global,
 };
+use aya_log_ebpf::debug;
 use redirector_common::{
     Counter, ListenerKey, NsPort, AF_INET, AF_INET6, COUNTER_COUNT, IPPROTO_TCP, MAX_LISTENERS,
     MAX_REDIRECTS,
@@ -102,9 +103,19 @@ fn redirect(ctx: &SkLookupContext) {
         // aya-ebpf reports a missing key as -ENOENT.
         Err(-2) => {
             count(Counter::NoListener);
+            debug!(
+                ctx,
+                "port {}: no live-store listener on {}, passing on", advertise_port, listen_port
+            );
             flows::refused(ctx, netns_cookie, listen_port);
         }
-        Err(_) => count(Counter::AssignError),
+        Err(err) => {
+            count(Counter::AssignError);
+            debug!(
+                ctx,
+                "port {}: bpf_sk_assign failed ({}), passing on", advertise_port, err
+            );
+        }
     }
 }
 
@@ -139,8 +150,17 @@ fn register_listener(ctx: &SockOpsContext) {
         ops,
         BPF_ANY as u64,
     ) {
-        Ok(()) => count(Counter::ListenerRegistered),
-        Err(_) => count(Counter::ListenerRegisterError),
+        Ok(()) => {
+            count(Counter::ListenerRegistered);
+            debug!(
+                ctx,
+                "registered listener on port {} (family {})", port, family
+            );
+        }
+        Err(err) => {
+            count(Counter::ListenerRegisterError);
+            debug!(ctx, "cannot register listener on port {}: {}", port, err);
+        }
     }
 }
 

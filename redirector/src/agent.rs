@@ -194,6 +194,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         netns_names: names.clone(),
         clock_offset_ns: sys::monotonic_to_unix_offset_ns(),
     };
+    spawn_kernel_logs(datapath.sock_ops.prog_id);
     let (stop_tx, stop_rx) = watch::channel(false);
     let reader = tokio::spawn(read_flows(
         handles.flow_events,
@@ -272,6 +273,32 @@ pub async fn run(args: RunArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Forwards the kernel programs' aya-log records (debug level only, see
+/// `RUST_LOG`) into this process's log. All instances share one ring.
+fn spawn_kernel_logs(prog_id: u32) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let logger = match aya_log::EbpfLogger::init_from_id(prog_id) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("kernel debug messages unavailable: {e}");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        // SAFETY: the logger owns its ring fd and keeps it open, unchanged,
+        // until the AsyncFd (which owns the logger) is dropped.
+        let Ok(mut fd) = (unsafe { AsyncFd::register(logger) }) else {
+            return;
+        };
+        while let Ok(mut guard) = fd.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
 }
 
 fn serve(datapath: &mut Datapath, netns: Netns, redirects: &[Redirect]) -> Result<()> {

@@ -24,8 +24,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use redirector_common::{
-    ListenerKey, NsPort, GLOBAL_NETNS_COOKIE, MAP_COUNTERS, MAP_FLOW_EVENTS, MAP_LISTENERS,
-    MAP_LISTEN_PORTS, MAP_REDIRECTS, PROG_SK_LOOKUP, PROG_SOCK_OPS, SHARED_MAPS,
+    ListenerKey, NsPort, GLOBAL_LOG_LEVEL, GLOBAL_NETNS_COOKIE, MAP_COUNTERS, MAP_FLOW_EVENTS,
+    MAP_LISTENERS, MAP_LISTEN_PORTS, MAP_REDIRECTS, PROG_SK_LOOKUP, PROG_SOCK_OPS, SHARED_MAPS,
 };
 
 use crate::{
@@ -48,6 +48,23 @@ pub fn build_id() -> String {
         (h ^ *b as u64).wrapping_mul(0x100_0000_01b3)
     });
     format!("{hash:016x}")
+}
+
+/// aya-log level for the kernel programs: their debug messages are only
+/// produced (and paid for) when this process logs at debug level.
+fn kernel_log_level() -> u8 {
+    match tracing::level_filters::LevelFilter::current() {
+        tracing::level_filters::LevelFilter::TRACE => aya_log_common_level::TRACE,
+        tracing::level_filters::LevelFilter::DEBUG => aya_log_common_level::DEBUG,
+        _ => aya_log_common_level::OFF,
+    }
+}
+
+/// `aya_log_common::Level` values (that crate is not a direct dependency).
+mod aya_log_common_level {
+    pub const OFF: u8 = 0;
+    pub const DEBUG: u8 = 4;
+    pub const TRACE: u8 = 5;
 }
 
 /// Connections to `advertise_port` go to the listener on `listen_port`.
@@ -103,7 +120,10 @@ impl Datapath {
             layout.prepare(&build)?;
         }
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(MAP_FLOW_EVENTS, flow_ring_bytes);
+        let level = kernel_log_level();
+        loader
+            .map_max_entries(MAP_FLOW_EVENTS, flow_ring_bytes)
+            .override_global(GLOBAL_LOG_LEVEL, &level, true);
         let map_paths: Vec<(&str, PathBuf)> = match &pins {
             Some(layout) => SHARED_MAPS.iter().map(|m| (*m, layout.map(m))).collect(),
             None => Vec::new(),
@@ -312,8 +332,10 @@ impl Datapath {
             for (name, p) in &paths {
                 loader.map_pin_path(name, p.as_path());
             }
+            let level = kernel_log_level();
             loader
                 .override_global(GLOBAL_NETNS_COOKIE, &netns.cookie, true)
+                .override_global(GLOBAL_LOG_LEVEL, &level, true)
                 .load(OBJECT)
                 .map_err(|e| kernel_error(e.into(), "loading the sk_lookup instance"))
         })?;

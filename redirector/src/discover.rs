@@ -1,9 +1,14 @@
 //! `--discover`: which network namespaces on the node have a live-store, found
 //! from /proc (with hostPID, every pod's processes are there).
 
-use std::{collections::HashMap, fs, os::unix::fs::MetadataExt, path::PathBuf};
+use std::{
+    collections::HashMap,
+    fs,
+    os::{fd::AsFd, unix::fs::MetadataExt},
+    path::PathBuf,
+};
 
-use crate::{config::cgroup_pattern_matches, listeners::listening_inodes};
+use crate::{config::cgroup_pattern_matches, sockdiag, sys};
 
 /// A network namespace seen in /proc.
 #[derive(Debug, Clone)]
@@ -29,11 +34,12 @@ pub fn scan(ports: &[u16], cgroup_pattern: Option<&str>) -> HashMap<u64, Candida
         else {
             continue;
         };
+        let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
         // Processes exit while we look: anything unreadable is skipped.
-        let Ok(ino) = fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| m.ino()) else {
+        let Ok(ino) = fs::metadata(&path).map(|m| m.ino()) else {
             continue;
         };
-        if found.get(&ino).is_some_and(|c| c.has_listener) {
+        if found.contains_key(&ino) {
             continue;
         }
         if let Some(pattern) = cgroup_pattern {
@@ -44,28 +50,27 @@ pub fn scan(ports: &[u16], cgroup_pattern: Option<&str>) -> HashMap<u64, Candida
             if !cgroups
                 .lines()
                 .filter_map(|l| l.splitn(3, ':').nth(2))
-                .any(|path| cgroup_pattern_matches(pattern, path))
+                .any(|p| cgroup_pattern_matches(pattern, p))
             {
                 continue;
             }
         }
-        // /proc/PID/net shows the tables of that process's namespace.
-        let has_listener = ["tcp", "tcp6"].iter().any(|t| {
-            fs::read_to_string(format!("/proc/{pid}/net/{t}"))
-                .map(|table| {
-                    ports
-                        .iter()
-                        .any(|p| !listening_inodes(&table, *p).is_empty())
-                })
-                .unwrap_or(false)
-        });
         found.insert(
             ino,
             Candidate {
-                path: PathBuf::from(format!("/proc/{pid}/ns/net")),
-                has_listener,
+                path,
+                has_listener: false,
             },
         );
+    }
+    // One sock_diag query per namespace, not per process.
+    for candidate in found.values_mut() {
+        let Ok(file) = fs::File::open(&candidate.path) else {
+            continue;
+        };
+        candidate.has_listener = sys::in_netns(file.as_fd(), || sockdiag::listening(ports))
+            .map(|l| !l.is_empty())
+            .unwrap_or(false);
     }
     found
 }

@@ -10,6 +10,7 @@ mod flowlog;
 mod listeners;
 mod netns;
 mod pins;
+mod sockdiag;
 mod status;
 mod sys;
 mod telemetry;
