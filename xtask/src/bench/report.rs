@@ -422,6 +422,19 @@ pub fn markdown(r: &Results) -> String {
         "Machine: {} ({} cores, {}), kernel {}; {}; commit {}. {} interleaved round(s), {:.1} s per workload slot; run took {:.0} s.\n",
         m.cpu, m.cores, m.memory, m.kernel, m.date, m.commit, r.plan.repeats, r.plan.slot_secs, r.elapsed_secs
     );
+    let foreign: Vec<f64> = r
+        .measurements
+        .iter()
+        .filter_map(|m| m.metrics.get("foreign_cpu_cores").copied())
+        .collect();
+    if let Some(f) = spread(&foreign) {
+        let max = foreign.iter().copied().fold(0.0, f64::max);
+        let _ = writeln!(
+            s,
+            "Other tenants' CPU during the slots (/proc/stat minus the bench's cgroup): median {:.2} cores, max {:.2} cores of {}.\n",
+            f.median, max, m.cores
+        );
+    }
     let _ = writeln!(s, "## Paths\n\n| path | what | measured |\n|---|---|---|");
     for p in &r.paths {
         let status = if p.measured {

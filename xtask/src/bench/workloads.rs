@@ -131,6 +131,15 @@ impl Sample {
             }
         }
         m.insert("errors".into(), self.errors as f64);
+        // Everything /proc/stat saw that the bench's cgroup did not: other
+        // tenants of this shared machine (and tick-sampling error). Reported so
+        // a reader can judge how disturbed a run was.
+        if self.secs > 0.0 && self.own_cpu_secs.is_finite() {
+            m.insert(
+                "foreign_cpu_cores".into(),
+                ((self.cpu_secs - self.own_cpu_secs) / self.secs).max(0.0),
+            );
+        }
         m
     }
 }
