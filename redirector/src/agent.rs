@@ -212,6 +212,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         names,
     };
     agent.maintain()?;
+    // Everything this agent serves is adopted or attached by now: what else a
+    // previous agent pinned is stale.
+    for what in agent.datapath.sweep_unserved()? {
+        println!("removed stale pinned {what}");
+    }
     agent.publish()?;
     println!(
         "ready: redirecting in {} network namespace(s){}",

@@ -258,6 +258,42 @@ impl Datapath {
         Some(served.netns)
     }
 
+    /// With `--pin`: removes what a previous agent pinned for namespaces this
+    /// agent does not serve (gone, or no longer configured), links and map
+    /// entries alike. Returns what was removed.
+    pub fn sweep_unserved(&mut self) -> Result<Vec<String>> {
+        let Some(layout) = self.pins.clone() else {
+            return Ok(Vec::new());
+        };
+        let served: Vec<u64> = self.served.iter().map(|s| s.netns.cookie).collect();
+        let mut removed = Vec::new();
+        for pinned in layout.pinned_netns() {
+            if !served.contains(&pinned.cookie) {
+                let path = layout.netns_link(pinned.cookie);
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+                removed.push(format!("link {}", path.display()));
+            }
+        }
+        for map in [MAP_REDIRECTS, MAP_LISTEN_PORTS] {
+            let mut m: HashMap<_, NsPort, u16> =
+                self.main.map_mut(map).context("redirect map")?.try_into()?;
+            let stale: Vec<NsPort> = m
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| !served.contains(&k.netns_cookie))
+                .collect();
+            for key in stale {
+                let _ = m.remove(&key);
+                removed.push(format!(
+                    "{map} entry for netns cookie {} port {}",
+                    key.netns_cookie, key.port
+                ));
+            }
+        }
+        Ok(removed)
+    }
+
     fn set_redirects(&mut self, cookie: u64, redirects: &[Redirect]) -> Result<()> {
         let [redirect_map, listen_map] = self
             .main

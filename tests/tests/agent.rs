@@ -402,3 +402,45 @@ fn bad_configuration_is_one_clear_line() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(redirector_programs().is_empty());
 }
+
+#[test]
+fn a_new_pinned_agent_removes_what_it_no_longer_serves() {
+    let _cleanup = PinCleanup::new();
+    let keep = Netns::new("keep").expect("netns");
+    let drop_me = Netns::new("drop").expect("netns");
+    let _a = Server::start(&keep, "[::]:9095", "kept").expect("listens");
+    let _b = Server::start(&drop_me, "[::]:9095", "dropped").expect("listens");
+    let (keep_path, drop_path) = (
+        keep.path().display().to_string(),
+        drop_me.path().display().to_string(),
+    );
+    let first = Agent::start(&["--pin", "--netns", &keep_path, "--netns", &drop_path])
+        .expect("first agent");
+    first.stop().expect("first agent stops");
+    assert_eq!(
+        request(&drop_me, "127.0.0.1:12345", b"x")
+            .expect("pinned")
+            .server,
+        "dropped"
+    );
+
+    // The operator no longer lists `drop_me`.
+    let second = Agent::start(&["--pin", "--netns", &keep_path]).expect("second agent");
+    assert!(
+        second
+            .stdout()
+            .iter()
+            .any(|l| l.starts_with("removed stale pinned link")),
+        "{:?}",
+        second.stdout()
+    );
+    assert_eq!(
+        request(&keep, "127.0.0.1:12345", b"x")
+            .expect("still served")
+            .server,
+        "kept"
+    );
+    let refused = request(&drop_me, "127.0.0.1:12345", b"x").expect_err("no longer redirected");
+    assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+    drop(second);
+}
