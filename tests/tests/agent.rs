@@ -444,3 +444,50 @@ fn a_new_pinned_agent_removes_what_it_no_longer_serves() {
     assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
     drop(second);
 }
+
+#[test]
+fn discovery_can_be_limited_to_matching_cgroups() {
+    let (listen, advertise) = ("19096", "22346");
+    let l = Netns::new("cg").expect("netns");
+    let _s = StandIn::start(&l, "[::]:19096", "live-store");
+    let base = [
+        "--discover",
+        "--listen-port",
+        listen,
+        "--advertise-port",
+        advertise,
+    ];
+
+    let mut args = base.to_vec();
+    args.extend(["--cgroup-pattern", "*no-such-tempo-pod*"]);
+    let agent = Agent::start(&args).expect("agent");
+    thread::sleep(Duration::from_millis(2500));
+    assert!(
+        !agent
+            .stdout()
+            .iter()
+            .any(|l| l.contains("attached sk_lookup")),
+        "a namespace outside the pattern was served: {:?}",
+        agent.stdout()
+    );
+    drop(agent);
+
+    // The stand-in's own cgroup path matches.
+    let cgroup =
+        std::fs::read_to_string(format!("/proc/{}/cgroup", std::process::id())).expect("cgroup");
+    let own = cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("cgroup v2 line")
+        .to_owned();
+    let mut args = base.to_vec();
+    args.extend(["--cgroup-pattern", own.as_str()]);
+    let agent = Agent::start(&args).expect("agent");
+    wait_for(&agent, "attached sk_lookup in netns", 1);
+    assert_eq!(
+        request(&l, &format!("127.0.0.1:{advertise}"), b"x")
+            .expect("served")
+            .server,
+        "live-store"
+    );
+}
