@@ -28,7 +28,8 @@ use crate::{
     datapath::{Datapath, Redirect},
     discover,
     error::Fatal,
-    flowlog::{self, FlowFormat, Recorder},
+    flowlog::{self, FlowFormat, NsInfo, Recorder},
+    listeners::{self, Owner},
     netns::{Netns, SELF_NETNS},
     pins::{PinLayout, PIN_ROOT},
     sys,
@@ -191,7 +192,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let names = Arc::new(Mutex::new(HashMap::new()));
     let recorder = Recorder {
-        netns_names: names.clone(),
+        namespaces: names.clone(),
         clock_offset_ns: sys::monotonic_to_unix_offset_ns(),
     };
     spawn_kernel_logs(datapath.sock_ops.prog_id);
@@ -210,6 +211,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         settings: s,
         telemetry: telemetry.clone(),
         names,
+        owners: HashMap::new(),
     };
     agent.maintain()?;
     // Everything this agent serves is adopted or attached by now: what else a
@@ -332,7 +334,9 @@ struct Agent {
     origins: HashMap<u64, Origin>,
     settings: Settings,
     telemetry: Arc<Telemetry>,
-    names: Arc<Mutex<HashMap<u64, String>>>,
+    names: Arc<Mutex<HashMap<u64, NsInfo>>>,
+    /// Per namespace: the listening socket inodes last seen and their owner.
+    owners: HashMap<u64, (Vec<u64>, Option<Owner>)>,
 }
 
 impl Agent {
@@ -419,15 +423,44 @@ impl Agent {
         Ok(())
     }
 
-    /// Shares the current set of namespaces with readiness checks and flow records.
-    fn publish(&self) -> Result<()> {
+    /// Shares the current set of namespaces with readiness checks and flow
+    /// records, including which process holds each live-store listener (looked
+    /// up again only when the listening sockets change).
+    fn publish(&mut self) -> Result<()> {
         self.telemetry
             .set_namespaces(attachments(&self.datapath)?.namespaces);
+        let ports: Vec<u16> = self
+            .settings
+            .redirects
+            .iter()
+            .map(|r| r.listen_port)
+            .collect();
+        let mut infos = HashMap::new();
+        for s in &self.datapath.served {
+            let inodes = listeners::listening_inodes(&s.netns, &ports).unwrap_or_default();
+            let cached = self
+                .owners
+                .get(&s.netns.cookie)
+                .filter(|(seen, _)| *seen == inodes);
+            let owner = match cached {
+                Some((_, owner)) => owner.clone(),
+                None => {
+                    let owner = listeners::owner(&inodes);
+                    self.owners.insert(s.netns.cookie, (inodes, owner.clone()));
+                    owner
+                }
+            };
+            infos.insert(
+                s.netns.cookie,
+                NsInfo {
+                    name: s.netns.path.display().to_string(),
+                    listener: owner,
+                },
+            );
+        }
+        self.owners.retain(|cookie, _| infos.contains_key(cookie));
         if let Ok(mut names) = self.names.lock() {
-            names.clear();
-            for s in &self.datapath.served {
-                names.insert(s.netns.cookie, s.netns.path.display().to_string());
-            }
+            *names = infos;
         }
         Ok(())
     }

@@ -16,6 +16,8 @@ use redirector_common::{
 };
 use serde::Serialize;
 
+use crate::listeners::Owner;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FlowFormat {
@@ -36,6 +38,11 @@ pub struct FlowRecord {
     pub local_addr: String,
     pub advertise_port: u16,
     pub listen_port: u16,
+    /// The live-store process holding the listener, where known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listener_pid: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listener_comm: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -63,10 +70,17 @@ fn ip(family: u16, words: [u32; 4]) -> IpAddr {
     }
 }
 
-/// Builds records: knows the namespaces' names and the clock offset.
+/// What records say about a served namespace.
+#[derive(Clone, Debug, Default)]
+pub struct NsInfo {
+    pub name: String,
+    pub listener: Option<Owner>,
+}
+
+/// Builds records: knows the namespaces and the clock offset.
 pub struct Recorder {
-    /// Namespace cookie -> name; the agent updates it as namespaces come and go.
-    pub netns_names: Arc<Mutex<HashMap<u64, String>>>,
+    /// Namespace cookie -> what we know of it; the agent keeps it current.
+    pub namespaces: Arc<Mutex<HashMap<u64, NsInfo>>>,
     pub clock_offset_ns: i128,
 }
 
@@ -81,21 +95,35 @@ impl Recorder {
         let unix_ns = (e.ts_ns as i128 + self.clock_offset_ns).max(0) as u128;
         let time = UNIX_EPOCH + Duration::from_nanos(unix_ns as u64);
         let close = e.kind == EVENT_CLOSE;
+        let info = self
+            .namespaces
+            .lock()
+            .ok()
+            .and_then(|n| n.get(&e.netns_cookie).cloned())
+            .unwrap_or_else(|| NsInfo {
+                name: format!("cookie:{}", e.netns_cookie),
+                listener: None,
+            });
         Some(FlowRecord {
             event,
             time: humantime::format_rfc3339_micros(time).to_string(),
-            netns: self
-                .netns_names
-                .lock()
-                .ok()
-                .and_then(|names| names.get(&e.netns_cookie).cloned())
-                .unwrap_or_else(|| format!("cookie:{}", e.netns_cookie)),
+            netns: info.name,
             netns_cookie: e.netns_cookie,
             client_addr: ip(e.family, e.remote_ip).to_string(),
             client_port: e.remote_port,
             local_addr: ip(e.family, e.local_ip).to_string(),
             advertise_port: e.local_port,
             listen_port: e.listen_port,
+            // A refused connection found no listener.
+            listener_pid: info
+                .listener
+                .as_ref()
+                .filter(|_| e.kind != EVENT_REFUSED)
+                .map(|o| o.pid),
+            listener_comm: info
+                .listener
+                .filter(|_| e.kind != EVENT_REFUSED)
+                .map(|o| o.comm),
             duration_ms: close.then(|| e.duration_ns as f64 / 1e6),
             bytes_received: close.then_some(e.bytes_received),
             bytes_sent: close.then_some(e.bytes_sent),
@@ -209,9 +237,15 @@ mod tests {
 
     fn recorder() -> Recorder {
         Recorder {
-            netns_names: Arc::new(Mutex::new(HashMap::from([(
+            namespaces: Arc::new(Mutex::new(HashMap::from([(
                 7,
-                "/var/run/netns/live store".to_owned(),
+                NsInfo {
+                    name: "/var/run/netns/live store".to_owned(),
+                    listener: Some(Owner {
+                        pid: 42,
+                        comm: "tempo".to_owned(),
+                    }),
+                },
             )]))),
             clock_offset_ns: 0,
         }
@@ -229,6 +263,8 @@ mod tests {
         assert_eq!(v["bytes_received"], 10);
         assert_eq!(v["bytes_sent"], 20);
         assert_eq!(v["end"], "rst");
+        assert_eq!(v["listener_pid"], 42);
+        assert_eq!(v["listener_comm"], "tempo");
         assert_eq!(v["duration_ms"], 2.5);
         assert_eq!(v["time"], "1970-01-01T00:00:01.000000Z");
     }

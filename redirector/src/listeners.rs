@@ -62,6 +62,34 @@ pub fn find_existing(netns: &Netns, port: u16) -> io::Result<Vec<Listener>> {
     Ok(listeners)
 }
 
+/// The process that owns a listening socket: for flow records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: i32,
+    pub comm: String,
+}
+
+/// Inodes of the sockets listening on `ports` in `netns` (sorted).
+pub fn listening_inodes(netns: &Netns, ports: &[u16]) -> io::Result<Vec<u64>> {
+    let mut inodes: Vec<u64> = sys::in_netns(netns.file.as_fd(), || sockdiag::listening(ports))?
+        .into_iter()
+        .map(|l| l.inode)
+        .collect();
+    inodes.sort_unstable();
+    Ok(inodes)
+}
+
+/// The process holding the first of `inodes`, if it can be found.
+pub fn owner(inodes: &[u64]) -> Option<Owner> {
+    let owners = socket_owners(inodes.to_vec());
+    let (pid, _) = inodes.iter().find_map(|i| owners.get(i))?;
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()?
+        .trim()
+        .to_owned();
+    Some(Owner { pid: *pid, comm })
+}
+
 /// For each wanted socket inode, one (pid, fd) that holds it. Socket inodes are
 /// unique machine-wide, so every process is searched, whatever its namespace.
 fn socket_owners(mut wanted: Vec<u64>) -> HashMap<u64, (i32, i32)> {

@@ -174,6 +174,8 @@ fn open_and_close_records_carry_exact_bytes_and_addresses() {
         );
         assert!(close["duration_ms"].as_f64().expect("duration") > 0.0);
         assert_eq!(close["end"], "fin");
+        // The listener belongs to this test process: the record names it.
+        assert_eq!(open["listener_pid"], std::process::id(), "{open}");
     }
     assert_eq!(stopped.counter("flows_opened"), 2);
     assert_eq!(stopped.counter("flows_closed"), 2);
