@@ -69,12 +69,19 @@ pub fn redir_lookup(ctx: SkLookupContext) -> u32 {
 #[inline(always)]
 fn redirect(ctx: &SkLookupContext) {
     // SAFETY: the verifier rewrites context field loads; `lookup` is the valid ctx pointer.
-    let (protocol, family, local_port) = unsafe {
+    let (protocol, family, local_port, selected) = unsafe {
         let l = &*ctx.lookup;
-        (l.protocol, l.family, l.local_port)
+        (
+            l.protocol,
+            l.family,
+            l.local_port,
+            l.__bindgen_anon_1.__bindgen_anon_1.sk,
+        )
     };
-    // `local_port` is in host byte order in the sk_lookup context.
-    if protocol != IPPROTO_TCP || local_port > u16::MAX as u32 {
+    // `local_port` is in host byte order in the sk_lookup context. A socket
+    // already chosen by a program that ran before ours (another tool's, or the
+    // previous build's during an upgrade) is left alone.
+    if protocol != IPPROTO_TCP || local_port > u16::MAX as u32 || !selected.is_null() {
         return;
     }
     let netns_cookie = NETNS_COOKIE.load();

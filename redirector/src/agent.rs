@@ -215,7 +215,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     agent.maintain()?;
     // Everything this agent serves is adopted or attached by now: what else a
-    // previous agent pinned is stale.
+    // previous agent pinned is stale, or belongs to the build we replace.
+    if let Some(old) = agent.datapath.replaces().map(str::to_owned) {
+        let removed = agent.datapath.persist()?;
+        println!(
+            "replaced the pinned state of build {old} ({} objects) with build {}, without a gap",
+            removed.len(),
+            crate::datapath::build_id()
+        );
+    }
     for what in agent.datapath.sweep_unserved()? {
         println!("removed stale pinned {what}");
     }

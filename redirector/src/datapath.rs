@@ -87,6 +87,8 @@ pub struct Served {
 pub struct Datapath {
     main: Ebpf,
     pins: Option<PinLayout>,
+    /// Pinned state of another build this agent takes over (layout, its build).
+    replaces: Option<(PinLayout, String)>,
     pub cgroup: PathBuf,
     pub sock_ops: Link,
     pub sock_ops_adopted: bool,
@@ -107,17 +109,19 @@ impl Datapath {
     pub fn load(flow_ring_bytes: u32, pins: Option<PinLayout>) -> Result<Self> {
         require_bpffs()?;
         let cgroup = cgroup::cgroup2_mount()?;
-        if let Some(layout) = &pins {
+        let mut pins = pins;
+        let mut replaces = None;
+        if let Some(layout) = pins.take() {
             let build = build_id();
-            if let Some(old) = layout.pinned_build().filter(|old| *old != build) {
-                // Different programs or map layouts: this agent cannot share
-                // them. Replace the old state (redirects pause while we attach).
-                tracing::warn!(old, new = %build, "pinned state from another redirector build: replacing it");
-                for what in layout.remove_all()? {
-                    println!("removed {what}");
+            match layout.pinned_build().filter(|old| *old != build) {
+                // Different programs or map layouts: nothing can be shared. Run
+                // unpinned next to the old programs until `persist` swaps them.
+                Some(old) => replaces = Some((layout, old)),
+                None => {
+                    layout.prepare(&build)?;
+                    pins = Some(layout);
                 }
             }
-            layout.prepare(&build)?;
         }
         let mut loader = EbpfLoader::new();
         let level = kernel_log_level();
@@ -174,11 +178,43 @@ impl Datapath {
         Ok(Self {
             main,
             pins,
+            replaces,
             cgroup,
             sock_ops,
             sock_ops_adopted,
             served: Vec::new(),
         })
+    }
+
+    /// With `--pin` over another build's state: the old build's id, until
+    /// `persist` replaces it.
+    pub fn replaces(&self) -> Option<&str> {
+        self.replaces.as_ref().map(|(_, old)| old.as_str())
+    }
+
+    /// Finishes an upgrade: our programs already run next to the old build's,
+    /// so removing the old pins (which detaches its programs) leaves no gap;
+    /// then our links and maps are pinned in their place.
+    pub fn persist(&mut self) -> Result<Vec<String>> {
+        let Some((layout, _)) = self.replaces.take() else {
+            return Ok(Vec::new());
+        };
+        let removed = layout.remove_all()?;
+        layout.prepare(&build_id())?;
+        for name in SHARED_MAPS {
+            let path = layout.map(name);
+            self.main
+                .map(name)
+                .with_context(|| format!("map {name} missing from the embedded object"))?
+                .pin(&path)
+                .with_context(|| format!("pinning map {name} at {}", path.display()))?;
+        }
+        self.sock_ops.pin(&layout.sock_ops_link())?;
+        for s in &mut self.served {
+            s.link.pin(&layout.netns_link(s.netns.cookie))?;
+        }
+        self.pins = Some(layout);
+        Ok(removed)
     }
 
     /// Runs `f` with a path for each shared map: the persistent pins, or a

@@ -4,6 +4,7 @@
 //! drop, so a failing test leaves no namespace, process or program behind.
 
 use std::{
+    collections::HashSet,
     io::{self, BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
@@ -397,13 +398,51 @@ impl Stopped {
     }
 }
 
-/// Names of loaded BPF programs that belong to redirector.
-pub fn redirector_programs() -> Vec<String> {
+/// Ids of the loaded BPF programs that belong to redirector (any agent's).
+pub fn redirector_program_ids() -> HashSet<u32> {
     aya::programs::loaded_programs()
         .filter_map(|p| p.ok())
-        .filter_map(|p| p.name_as_str().map(str::to_owned))
-        .filter(|n| n == redirector_common::PROG_SK_LOOKUP || n == redirector_common::PROG_SOCK_OPS)
+        .filter(|p| {
+            matches!(
+                p.name_as_str(),
+                Some(redirector_common::PROG_SK_LOOKUP) | Some(redirector_common::PROG_SOCK_OPS)
+            )
+        })
+        .map(|p| p.id())
         .collect()
+}
+
+/// Waits (up to 5 s: program fds are released asynchronously after a process
+/// exits) until none of `ids` is loaded; returns those still loaded.
+pub fn wait_unloaded(ids: &HashSet<u32>) -> Vec<u32> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: Vec<u32> = redirector_program_ids()
+            .intersection(ids)
+            .copied()
+            .collect();
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Ids of the sk_lookup programs attached to the namespace `ns`.
+pub fn sk_lookup_programs(ns: &Netns) -> Vec<u32> {
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_SK_LOOKUP: u64 = 36;
+    let file = std::fs::File::open(ns.path()).expect("open netns file");
+    let mut ids = [0u32; 64];
+    let mut attr = [0u64; 16];
+    attr[0] = file.as_raw_fd() as u32 as u64 | (BPF_SK_LOOKUP << 32);
+    attr[2] = ids.as_mut_ptr() as u64;
+    attr[3] = ids.len() as u64;
+    // SAFETY: bpf(2) BPF_PROG_QUERY with a zeroed attr; the kernel writes at
+    // most prog_cnt ids into `ids`.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), 128u32) };
+    assert_eq!(rc, 0, "BPF_PROG_QUERY: {}", io::Error::last_os_error());
+    ids[..(attr[3] as u32 as usize).min(ids.len())].to_vec()
 }
 
 /// `v4` as a dual-stack socket reports it (`::ffff:a.b.c.d`) or plain.

@@ -175,6 +175,7 @@ fn a_pinned_agent_restarts_under_load_without_a_failed_connection() {
     let _live_store = Server::start(&l, "[::]:9095", "live-store").expect("listens");
     let l_path = l.path().display().to_string();
     let args = ["--pin", "--netns", l_path.as_str()];
+    let before = redirector_program_ids();
     let first = Agent::start(&args).expect("first agent");
 
     let stop = AtomicBool::new(false);
@@ -277,15 +278,17 @@ fn a_pinned_agent_restarts_under_load_without_a_failed_connection() {
         "{out}"
     );
     assert!(!std::path::Path::new(PIN_ROOT).exists());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !redirector_programs().is_empty() && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(20));
-    }
     assert!(
-        redirector_programs().is_empty(),
-        "programs left: {:?}",
-        redirector_programs()
+        sk_lookup_programs(&l).is_empty(),
+        "nothing attached to L after detach"
     );
+    let left = wait_unloaded(
+        &redirector_program_ids()
+            .difference(&before)
+            .copied()
+            .collect(),
+    );
+    assert!(left.is_empty(), "programs left: {left:?}");
     let refused = request(&q, &format!("{LIVE_STORE_V4}:{ADVERTISE}"), b"x")
         .expect_err("no redirect after detach");
     assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
@@ -400,7 +403,6 @@ fn bad_configuration_is_one_clear_line() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(redirector_programs().is_empty());
 }
 
 #[test]
@@ -487,6 +489,78 @@ fn discovery_can_be_limited_to_matching_cgroups() {
     assert_eq!(
         request(&l, &format!("127.0.0.1:{advertise}"), b"x")
             .expect("served")
+            .server,
+        "live-store"
+    );
+}
+
+#[test]
+fn an_upgrade_to_another_build_replaces_pinned_programs_without_a_gap() {
+    let _cleanup = PinCleanup::new();
+    let q = Netns::new("q").expect("netns");
+    let l = Netns::new("l").expect("netns");
+    veth(&q, &l).expect("veth");
+    let _live_store = Server::start(&l, "[::]:9095", "live-store").expect("listens");
+    let l_path = l.path().display().to_string();
+    let args = ["--pin", "--netns", l_path.as_str()];
+    Agent::start(&args)
+        .expect("old agent")
+        .stop()
+        .expect("old agent stops");
+    // Make the pinned state look like another build's (other programs/maps).
+    let marker = std::fs::read_dir(PIN_ROOT)
+        .expect("pin root")
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("build-"))
+        .expect("build marker");
+    let ours = marker.file_name().to_string_lossy().into_owned();
+    std::fs::rename(marker.path(), format!("{PIN_ROOT}/build-0000000000000000"))
+        .expect("rename marker");
+
+    let stop = AtomicBool::new(false);
+    let (ok, failed) = (AtomicU64::new(0), AtomicU64::new(0));
+    let target = format!("{LIVE_STORE_V4}:{ADVERTISE}");
+    let new = thread::scope(|scope| {
+        scope.spawn(|| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                match request(&q, &target, b"x") {
+                    Ok(r) if r.server == "live-store" => ok.fetch_add(1, Ordering::SeqCst),
+                    _ => failed.fetch_add(1, Ordering::SeqCst),
+                };
+                thread::sleep(Duration::from_millis(5));
+            }
+        });
+        thread::sleep(Duration::from_millis(300));
+        let new = Agent::start(&args).expect("new agent");
+        thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::SeqCst);
+        new
+    });
+    assert!(
+        new.stdout()
+            .iter()
+            .any(|l| l.starts_with("replaced the pinned state of build 0000000000000000")),
+        "{:?}",
+        new.stdout()
+    );
+    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    assert_eq!(
+        failed, 0,
+        "failed connections through the upgrade ({ok} succeeded)"
+    );
+    assert!(ok > 20, "{ok}");
+    new.stop().expect("new agent stops");
+    let (_, json, _) = redirector(&["status", "--output", "json"]);
+    let status: serde_json::Value = serde_json::from_str(&json).expect("status JSON");
+    assert_eq!(
+        format!("build-{}", status["build"].as_str().expect("build")),
+        ours
+    );
+    assert_eq!(status["namespaces"][0]["attached"], true);
+    assert_eq!(
+        request(&q, &target, b"x")
+            .expect("pinned by the new build")
             .server,
         "live-store"
     );

@@ -2,7 +2,7 @@
 //! namespace L joined by veth, the real agent binary, real sockets.
 //! Needs root; `cargo xtask test` runs these one at a time.
 
-use std::{io, process::Command, time::Duration};
+use std::{io, process::Command};
 
 use redirector_tests::*;
 
@@ -356,6 +356,7 @@ fn a_listener_in_another_namespace_never_gets_this_namespaces_traffic() {
 fn sigterm_detaches_everything() {
     let t = Topology::new();
     let _live_store = Server::start(&t.l, "[::]:9095", "live-store").expect("live-store listens");
+    let before = redirector_program_ids();
     let agent = t.agent();
     assert_eq!(
         request(&t.q, &v4(ADVERTISE), b"x")
@@ -363,10 +364,15 @@ fn sigterm_detaches_everything() {
             .server,
         "live-store"
     );
+    let ours: std::collections::HashSet<u32> = redirector_program_ids()
+        .difference(&before)
+        .copied()
+        .collect();
+    assert_eq!(ours.len(), 2, "sk_lookup and sock_ops loaded while running");
     assert_eq!(
-        redirector_programs().len(),
-        2,
-        "sk_lookup and sock_ops loaded while running"
+        sk_lookup_programs(&t.l).len(),
+        1,
+        "one sk_lookup program attached to L"
     );
 
     let stopped = agent.stop().expect("agent stops");
@@ -379,15 +385,8 @@ fn sigterm_detaches_everything() {
         request(&t.q, &v4(ADVERTISE), b"x"),
         "after the agent stopped",
     );
-    // Program fds are released asynchronously after the process exits.
-    let mut left = redirector_programs();
-    for _ in 0..100 {
-        if left.is_empty() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-        left = redirector_programs();
-    }
+    assert!(sk_lookup_programs(&t.l).is_empty(), "nothing attached to L");
+    let left = wait_unloaded(&ours);
     assert!(left.is_empty(), "programs left loaded: {left:?}");
     let pins: Vec<_> = std::fs::read_dir("/sys/fs/bpf")
         .expect("bpffs")
@@ -465,6 +464,7 @@ fn bad_input_gets_a_one_line_error_and_nothing_attached() {
         (vec!["--netns", ns_arg], true, 3, "CAP_BPF"),
     ];
     for (args, as_nobody, code, needle) in cases {
+        let before = redirector_program_ids();
         let (got, stderr) = run_bad(&args, as_nobody);
         assert_eq!(got, code, "exit code for {args:?}; stderr: {stderr}");
         assert_eq!(
@@ -478,8 +478,18 @@ fn bad_input_gets_a_one_line_error_and_nothing_attached() {
         );
         assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
         assert!(
-            redirector_programs().is_empty(),
-            "{args:?} left programs attached"
+            wait_unloaded(
+                &redirector_program_ids()
+                    .difference(&before)
+                    .copied()
+                    .collect()
+            )
+            .is_empty(),
+            "{args:?} left programs loaded"
+        );
+        assert!(
+            sk_lookup_programs(&ns).is_empty(),
+            "{args:?} left sk_lookup attached"
         );
     }
     let (_, stderr) = run_bad(&["--netns", ns_arg], true);
