@@ -196,6 +196,25 @@ pub struct PendingKey {
     pub _pad: u16,
 }
 
+impl PendingKey {
+    pub const fn new(
+        netns_cookie: u64,
+        family: u16,
+        remote_ip: [u32; 4],
+        remote_port: u16,
+        local_port: u16,
+    ) -> Self {
+        Self {
+            netns_cookie,
+            remote_ip,
+            remote_port,
+            local_port,
+            family,
+            _pad: 0,
+        }
+    }
+}
+
 /// Per-flow state kept between the open and the close record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]

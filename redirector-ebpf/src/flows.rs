@@ -136,14 +136,7 @@ pub fn redirected(ctx: &SkLookupContext, netns_cookie: u64, listen_port: u16) {
     let (family, remote_ip, _, remote_port) = lookup_tuple(ctx);
     // SAFETY: context field load.
     let local_port = unsafe { (*ctx.lookup).local_port } as u16;
-    let key = PendingKey {
-        netns_cookie,
-        remote_ip,
-        remote_port,
-        local_port,
-        family,
-        _pad: 0,
-    };
+    let key = PendingKey::new(netns_cookie, family, remote_ip, remote_port, local_port);
     // A failed insert only loses the flow record, and the LRU map makes room.
     let _ = PENDING.insert(&key, &listen_port, BPF_ANY as u64);
 }
@@ -234,14 +227,7 @@ fn opened(ctx: &SockOpsContext) {
     // `remote_port` sits in the upper half of a u32, in network byte order.
     let remote_port = u32::from_be(ctx.remote_port()) as u16;
     let local_port = ctx.local_port() as u16;
-    let key = PendingKey {
-        netns_cookie,
-        remote_ip,
-        remote_port,
-        local_port,
-        family,
-        _pad: 0,
-    };
+    let key = PendingKey::new(netns_cookie, family, remote_ip, remote_port, local_port);
     // SAFETY: plain hash lookup; the value is copied out at once.
     let Some(&listen_port) = (unsafe { PENDING.get(&key) }) else {
         return;

@@ -53,6 +53,12 @@ struct Settings {
     flow_ring_bytes: u32,
 }
 
+impl Settings {
+    fn listen_ports(&self) -> Vec<u16> {
+        self.redirects.iter().map(|r| r.listen_port).collect()
+    }
+}
+
 fn usage(msg: String) -> anyhow::Error {
     Fatal::Usage(msg).into()
 }
@@ -352,13 +358,10 @@ impl Agent {
     /// with discovery, serves new ones.
     fn maintain(&mut self) -> Result<()> {
         let scan = self.settings.discover.then(|| {
-            let ports: Vec<u16> = self
-                .settings
-                .redirects
-                .iter()
-                .map(|r| r.listen_port)
-                .collect();
-            discover::scan(&ports, self.settings.cgroup_pattern.as_deref())
+            discover::scan(
+                &self.settings.listen_ports(),
+                self.settings.cgroup_pattern.as_deref(),
+            )
         });
         let now = Instant::now();
         let mut gone: Vec<(u64, &'static str)> = Vec::new();
@@ -437,12 +440,7 @@ impl Agent {
     fn publish(&mut self) -> Result<()> {
         self.telemetry
             .set_namespaces(attachments(&self.datapath)?.namespaces);
-        let ports: Vec<u16> = self
-            .settings
-            .redirects
-            .iter()
-            .map(|r| r.listen_port)
-            .collect();
+        let ports = self.settings.listen_ports();
         let mut infos = HashMap::new();
         for s in &self.datapath.served {
             let inodes = listeners::listening_inodes(&s.netns, &ports).unwrap_or_default();

@@ -166,6 +166,40 @@ fn an_explicit_namespace_that_is_deleted_is_let_go() {
     assert!(stopped.status.success());
 }
 
+/// Runs `during` while a querier in `q` dials new connections to `target`
+/// back to back (each must be answered by "live-store"); returns what `during`
+/// returned and how many connections (succeeded, failed).
+fn under_load<T: Send>(
+    q: &Netns,
+    target: &str,
+    during: impl FnOnce() -> T + Send,
+) -> (T, u64, u64) {
+    let stop = AtomicBool::new(false);
+    let (ok, failed) = (AtomicU64::new(0), AtomicU64::new(0));
+    let result = thread::scope(|scope| {
+        scope.spawn(|| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                match request(q, target, b"x") {
+                    Ok(r) if r.server == "live-store" => ok.fetch_add(1, Ordering::SeqCst),
+                    _ => failed.fetch_add(1, Ordering::SeqCst),
+                };
+                thread::sleep(Duration::from_millis(5));
+            }
+        });
+        thread::sleep(Duration::from_millis(300));
+        let result = during();
+        thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::SeqCst);
+        result
+    });
+    (
+        result,
+        ok.load(Ordering::SeqCst),
+        failed.load(Ordering::SeqCst),
+    )
+}
+
 #[test]
 fn a_pinned_agent_restarts_under_load_without_a_failed_connection() {
     let _cleanup = PinCleanup::new();
@@ -178,22 +212,8 @@ fn a_pinned_agent_restarts_under_load_without_a_failed_connection() {
     let before = redirector_program_ids();
     let first = Agent::start(&args).expect("first agent");
 
-    let stop = AtomicBool::new(false);
-    let (ok, failed) = (AtomicU64::new(0), AtomicU64::new(0));
     let target = format!("{LIVE_STORE_V4}:{ADVERTISE}");
-    let second = thread::scope(|scope| {
-        // A querier dialing new connections all through the restart.
-        scope.spawn(|| {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
-                match request(&q, &target, b"x") {
-                    Ok(r) if r.server == "live-store" => ok.fetch_add(1, Ordering::SeqCst),
-                    _ => failed.fetch_add(1, Ordering::SeqCst),
-                };
-                thread::sleep(Duration::from_millis(5));
-            }
-        });
-        thread::sleep(Duration::from_millis(300));
+    let (second, ok, failed) = under_load(&q, &target, || {
         let stopped = first.stop().expect("first agent stops");
         assert!(
             stopped
@@ -222,11 +242,8 @@ fn a_pinned_agent_restarts_under_load_without_a_failed_connection() {
             "{:?}",
             second.stdout()
         );
-        thread::sleep(Duration::from_millis(300));
-        stop.store(true, Ordering::SeqCst);
         second
     });
-    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
     assert_eq!(
         failed, 0,
         "failed connections through the restart ({ok} succeeded)"
@@ -517,26 +534,8 @@ fn an_upgrade_to_another_build_replaces_pinned_programs_without_a_gap() {
     std::fs::rename(marker.path(), format!("{PIN_ROOT}/build-0000000000000000"))
         .expect("rename marker");
 
-    let stop = AtomicBool::new(false);
-    let (ok, failed) = (AtomicU64::new(0), AtomicU64::new(0));
     let target = format!("{LIVE_STORE_V4}:{ADVERTISE}");
-    let new = thread::scope(|scope| {
-        scope.spawn(|| {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
-                match request(&q, &target, b"x") {
-                    Ok(r) if r.server == "live-store" => ok.fetch_add(1, Ordering::SeqCst),
-                    _ => failed.fetch_add(1, Ordering::SeqCst),
-                };
-                thread::sleep(Duration::from_millis(5));
-            }
-        });
-        thread::sleep(Duration::from_millis(300));
-        let new = Agent::start(&args).expect("new agent");
-        thread::sleep(Duration::from_millis(300));
-        stop.store(true, Ordering::SeqCst);
-        new
-    });
+    let (new, ok, failed) = under_load(&q, &target, || Agent::start(&args).expect("new agent"));
     assert!(
         new.stdout()
             .iter()
@@ -544,7 +543,6 @@ fn an_upgrade_to_another_build_replaces_pinned_programs_without_a_gap() {
         "{:?}",
         new.stdout()
     );
-    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
     assert_eq!(
         failed, 0,
         "failed connections through the upgrade ({ok} succeeded)"
