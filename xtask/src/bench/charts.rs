@@ -120,6 +120,8 @@ fn cdf(r: &Results, workload: &str, file: &Path) -> Result<()> {
     chart
         .configure_mesh()
         .x_desc("latency (µs, log scale)")
+        .x_labels(8)
+        .x_label_formatter(&|x| short(*x))
         .y_desc("fraction of requests")
         .draw()
         .map_err(e)?;

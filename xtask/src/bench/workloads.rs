@@ -259,8 +259,17 @@ impl<'a> Querier<'a> {
         std::thread::scope(|s| {
             s.spawn(|| {
                 pin_current_thread(QUERIER_CPU);
-                // SAFETY: prctl(2) on this thread only.
-                unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1) };
+                // SAFETY: prctl(2) and sched_setscheduler(2) on this thread only,
+                // with a valid sched_param.
+                unsafe {
+                    libc::prctl(libc::PR_SET_TIMERSLACK, 1);
+                    // Real-time priority 1: the dispatcher sleeps almost all the
+                    // time, but when a send is due it must not wait a scheduler
+                    // slice behind the querier's own workers on this CPU, or the
+                    // harness would add its own tail to every path's latency.
+                    let param = libc::sched_param { sched_priority: 1 };
+                    libc::sched_setscheduler(0, libc::SCHED_FIFO, &param);
+                }
                 for i in 0..total {
                     let at = start + interval * i as u32;
                     let now = Instant::now();
