@@ -4,9 +4,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    fs::{File, OpenOptions},
-    io::{self, IsTerminal, Write},
-    net::SocketAddr,
+    fs::File,
     os::unix::fs::MetadataExt,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -14,8 +12,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{Map, MapData, RingBuf};
-use redirector_common::{Counter, FlowEvent, DEFAULT_ADVERTISE_PORT, DEFAULT_LISTEN_PORT};
+use redirector_common::Counter;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -24,114 +21,20 @@ use tokio::{
 
 use crate::{
     cli::RunArgs,
-    config::{self, FileConfig},
     datapath::{Datapath, Redirect},
     discover,
     error::Fatal,
-    flowlog::{self, FlowFormat, NsInfo, Recorder},
+    flowlog::{NsInfo, Recorder},
+    flowreader,
     listeners::{self, Owner},
-    netns::{Netns, SELF_NETNS},
+    netns::Netns,
     pins::{PinLayout, PIN_ROOT},
+    settings::{self, usage, Settings},
     sys,
     telemetry::{self, Attachments, Telemetry},
 };
 
-const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
-
-/// Everything `run` needs, after flags, the config file and defaults are merged.
-struct Settings {
-    redirects: Vec<Redirect>,
-    netns: Vec<PathBuf>,
-    discover: bool,
-    cgroup_pattern: Option<String>,
-    listener_grace: Duration,
-    pin: bool,
-    flow_format: Option<FlowFormat>,
-    flow_log: Option<PathBuf>,
-    metrics_addr: SocketAddr,
-    flow_ring_bytes: u32,
-}
-
-impl Settings {
-    fn listen_ports(&self) -> Vec<u16> {
-        self.redirects.iter().map(|r| r.listen_port).collect()
-    }
-}
-
-fn usage(msg: String) -> anyhow::Error {
-    Fatal::Usage(msg).into()
-}
-
-fn settings(args: RunArgs) -> Result<Settings> {
-    let file = match &args.config {
-        Some(path) => config::load(path)?,
-        None => FileConfig::default(),
-    };
-    let redirects: Vec<Redirect> = if args.advertise_port.is_some() || args.listen_port.is_some() {
-        vec![Redirect {
-            advertise_port: args.advertise_port.unwrap_or(DEFAULT_ADVERTISE_PORT),
-            listen_port: args.listen_port.unwrap_or(DEFAULT_LISTEN_PORT),
-        }]
-    } else if let Some(path) = &args.tempo_config {
-        let ports = config::tempo_ports(path)?;
-        vec![Redirect {
-            advertise_port: ports.advertise_port,
-            listen_port: ports.listen_port,
-        }]
-    } else {
-        let from_file = config::resolve_redirects(&file)?;
-        if from_file.is_empty() {
-            vec![Redirect {
-                advertise_port: DEFAULT_ADVERTISE_PORT,
-                listen_port: DEFAULT_LISTEN_PORT,
-            }]
-        } else {
-            from_file
-                .into_iter()
-                .map(|r| Redirect {
-                    advertise_port: r.advertise_port,
-                    listen_port: r.listen_port,
-                })
-                .collect()
-        }
-    };
-    for r in &redirects {
-        if r.advertise_port == r.listen_port {
-            return Err(usage(format!(
-                "--advertise-port and --listen-port are both {}: the advertised port must differ from the port the live-store listens on",
-                r.listen_port
-            )));
-        }
-    }
-    let discover = args.discover || file.discover.unwrap_or(false);
-    let mut netns = if args.netns.is_empty() {
-        file.netns
-    } else {
-        args.netns
-    };
-    if netns.is_empty() && !discover {
-        netns.push(PathBuf::from(SELF_NETNS));
-    }
-    let metrics_addr = match args.metrics_addr.or(file.metrics_addr) {
-        Some(addr) => addr,
-        None => DEFAULT_METRICS_ADDR
-            .parse()
-            .context("default metrics address")?,
-    };
-    Ok(Settings {
-        redirects,
-        netns,
-        discover,
-        cgroup_pattern: args.cgroup_pattern.or(file.cgroup_pattern),
-        listener_grace: Duration::from_secs(args.listener_grace),
-        pin: args.pin || file.pin.unwrap_or(false),
-        flow_format: args.flow_format.or(file.flow_format),
-        flow_log: args.flow_log.or(file.flow_log),
-        metrics_addr,
-        flow_ring_bytes: args.flow_ring_bytes,
-    })
-}
 
 /// How a served namespace came to be served, which decides when it stops.
 enum Origin {
@@ -146,7 +49,7 @@ enum Origin {
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
-    let s = settings(args)?;
+    let s = settings::resolve(args)?;
     for path in &s.netns {
         if !path.exists() {
             return Err(usage(format!(
@@ -156,7 +59,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     }
     check_privileges()?;
-    let (flow_out, flow_format) = open_flow_output(&s)?;
+    let (flow_out, flow_format) = flowreader::open_output(&s)?;
 
     // Signals first: a SIGTERM that arrives while attaching still ends cleanly.
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -203,7 +106,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     spawn_kernel_logs(datapath.sock_ops.prog_id);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let reader = tokio::spawn(read_flows(
+    let reader = tokio::spawn(flowreader::read(
         handles.flow_events,
         recorder,
         flow_format,
@@ -490,87 +393,6 @@ fn attachments(datapath: &Datapath) -> Result<Attachments> {
             })
             .collect::<Result<_>>()?,
     })
-}
-
-type FlowOut = Box<dyn Write + Send>;
-
-fn open_flow_output(s: &Settings) -> Result<(FlowOut, FlowFormat)> {
-    match &s.flow_log {
-        Some(path) => {
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| usage(format!("cannot open flow log {}: {e}", path.display())))?;
-            Ok((
-                Box::new(io::BufWriter::new(file)),
-                s.flow_format.unwrap_or(FlowFormat::Json),
-            ))
-        }
-        None => {
-            let default = if io::stdout().is_terminal() {
-                FlowFormat::Text
-            } else {
-                FlowFormat::Json
-            };
-            Ok((Box::new(io::stdout()), s.flow_format.unwrap_or(default)))
-        }
-    }
-}
-
-/// Reads flow records until told to stop, then drains what is left. Returns the
-/// number of records written.
-async fn read_flows(
-    ring: MapData,
-    recorder: Recorder,
-    format: FlowFormat,
-    mut out: FlowOut,
-    mut stop: watch::Receiver<bool>,
-) -> Result<u64> {
-    let ring = RingBuf::try_from(Map::RingBuf(ring)).context("FLOW_EVENTS ring buffer")?;
-    // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, until the
-    // AsyncFd (which owns the RingBuf) is dropped.
-    let mut ring = unsafe { AsyncFd::register(ring) }
-        .map_err(|e| anyhow::anyhow!("polling the flow ring buffer: {e}"))?;
-    let mut written = 0u64;
-    loop {
-        let stopping = tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                written += drain(guard.get_inner_mut(), &recorder, format, &mut out)?;
-                guard.clear_ready();
-                false
-            }
-            _ = stop.changed() => true,
-        };
-        if stopping {
-            written += drain(ring.get_mut(), &recorder, format, &mut out)?;
-            return Ok(written);
-        }
-    }
-}
-
-fn drain(
-    ring: &mut RingBuf<MapData>,
-    recorder: &Recorder,
-    format: FlowFormat,
-    out: &mut FlowOut,
-) -> Result<u64> {
-    let mut n = 0;
-    while let Some(item) = ring.next() {
-        if item.len() < std::mem::size_of::<FlowEvent>() {
-            continue;
-        }
-        // SAFETY: the kernel wrote a whole FlowEvent (length checked); the ring
-        // gives no alignment guarantee, hence the unaligned read.
-        let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) };
-        if let Some(record) = recorder.record(&event) {
-            flowlog::write_line(out, format, &record).context("writing a flow record")?;
-            n += 1;
-        }
-    }
-    out.flush().context("flushing flow records")?;
-    Ok(n)
 }
 
 pub fn check_privileges() -> Result<()> {

@@ -1,0 +1,98 @@
+//! Reads flow records from the kernel's ring buffer and writes them out, one
+//! line each, until told to stop.
+
+use std::{
+    fs::OpenOptions,
+    io::{self, IsTerminal, Write},
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{Map, MapData, RingBuf};
+use redirector_common::FlowEvent;
+use tokio::{io::unix::AsyncFd, sync::watch};
+
+use crate::{
+    flowlog::{self, FlowFormat, Recorder},
+    settings::{usage, Settings},
+};
+
+pub type FlowOut = Box<dyn Write + Send>;
+
+pub fn open_output(s: &Settings) -> Result<(FlowOut, FlowFormat)> {
+    match &s.flow_log {
+        Some(path) => {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| usage(format!("cannot open flow log {}: {e}", path.display())))?;
+            Ok((
+                Box::new(io::BufWriter::new(file)),
+                s.flow_format.unwrap_or(FlowFormat::Json),
+            ))
+        }
+        None => {
+            let default = if io::stdout().is_terminal() {
+                FlowFormat::Text
+            } else {
+                FlowFormat::Json
+            };
+            Ok((Box::new(io::stdout()), s.flow_format.unwrap_or(default)))
+        }
+    }
+}
+
+/// Reads flow records until told to stop, then drains what is left. Returns the
+/// number of records written.
+pub async fn read(
+    ring: MapData,
+    recorder: Recorder,
+    format: FlowFormat,
+    mut out: FlowOut,
+    mut stop: watch::Receiver<bool>,
+) -> Result<u64> {
+    let ring = RingBuf::try_from(Map::RingBuf(ring)).context("FLOW_EVENTS ring buffer")?;
+    // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, until the
+    // AsyncFd (which owns the RingBuf) is dropped.
+    let mut ring = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| anyhow::anyhow!("polling the flow ring buffer: {e}"))?;
+    let mut written = 0u64;
+    loop {
+        let stopping = tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                written += drain(guard.get_inner_mut(), &recorder, format, &mut out)?;
+                guard.clear_ready();
+                false
+            }
+            _ = stop.changed() => true,
+        };
+        if stopping {
+            written += drain(ring.get_mut(), &recorder, format, &mut out)?;
+            return Ok(written);
+        }
+    }
+}
+
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    recorder: &Recorder,
+    format: FlowFormat,
+    out: &mut FlowOut,
+) -> Result<u64> {
+    let mut n = 0;
+    while let Some(item) = ring.next() {
+        if item.len() < std::mem::size_of::<FlowEvent>() {
+            continue;
+        }
+        // SAFETY: the kernel wrote a whole FlowEvent (length checked); the ring
+        // gives no alignment guarantee, hence the unaligned read.
+        let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) };
+        if let Some(record) = recorder.record(&event) {
+            flowlog::write_line(out, format, &record).context("writing a flow record")?;
+            n += 1;
+        }
+    }
+    out.flush().context("flushing flow records")?;
+    Ok(n)
+}

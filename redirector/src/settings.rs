@@ -1,0 +1,113 @@
+//! What `redirector run` does, resolved from its flags, the `--config` file
+//! and the defaults (in that order of precedence).
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result};
+use redirector_common::{DEFAULT_ADVERTISE_PORT, DEFAULT_LISTEN_PORT};
+
+use crate::{
+    cli::RunArgs,
+    config::{self, FileConfig},
+    datapath::Redirect,
+    error::Fatal,
+    flowlog::FlowFormat,
+    netns::SELF_NETNS,
+};
+
+const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
+
+/// Everything `run` needs, after flags, the config file and defaults are merged.
+pub struct Settings {
+    pub redirects: Vec<Redirect>,
+    pub netns: Vec<PathBuf>,
+    pub discover: bool,
+    pub cgroup_pattern: Option<String>,
+    pub listener_grace: Duration,
+    pub pin: bool,
+    pub flow_format: Option<FlowFormat>,
+    pub flow_log: Option<PathBuf>,
+    pub metrics_addr: SocketAddr,
+    pub flow_ring_bytes: u32,
+}
+
+impl Settings {
+    pub fn listen_ports(&self) -> Vec<u16> {
+        self.redirects.iter().map(|r| r.listen_port).collect()
+    }
+}
+
+pub fn usage(msg: String) -> anyhow::Error {
+    Fatal::Usage(msg).into()
+}
+
+/// Merges flags over the `--config` file over the defaults, and validates.
+pub fn resolve(args: RunArgs) -> Result<Settings> {
+    let file = match &args.config {
+        Some(path) => config::load(path)?,
+        None => FileConfig::default(),
+    };
+    let redirects: Vec<Redirect> = if args.advertise_port.is_some() || args.listen_port.is_some() {
+        vec![Redirect {
+            advertise_port: args.advertise_port.unwrap_or(DEFAULT_ADVERTISE_PORT),
+            listen_port: args.listen_port.unwrap_or(DEFAULT_LISTEN_PORT),
+        }]
+    } else if let Some(path) = &args.tempo_config {
+        let ports = config::tempo_ports(path)?;
+        vec![Redirect {
+            advertise_port: ports.advertise_port,
+            listen_port: ports.listen_port,
+        }]
+    } else {
+        let from_file = config::resolve_redirects(&file)?;
+        if from_file.is_empty() {
+            vec![Redirect {
+                advertise_port: DEFAULT_ADVERTISE_PORT,
+                listen_port: DEFAULT_LISTEN_PORT,
+            }]
+        } else {
+            from_file
+                .into_iter()
+                .map(|r| Redirect {
+                    advertise_port: r.advertise_port,
+                    listen_port: r.listen_port,
+                })
+                .collect()
+        }
+    };
+    for r in &redirects {
+        if r.advertise_port == r.listen_port {
+            return Err(usage(format!(
+                "--advertise-port and --listen-port are both {}: the advertised port must differ from the port the live-store listens on",
+                r.listen_port
+            )));
+        }
+    }
+    let discover = args.discover || file.discover.unwrap_or(false);
+    let mut netns = if args.netns.is_empty() {
+        file.netns
+    } else {
+        args.netns
+    };
+    if netns.is_empty() && !discover {
+        netns.push(PathBuf::from(SELF_NETNS));
+    }
+    let metrics_addr = match args.metrics_addr.or(file.metrics_addr) {
+        Some(addr) => addr,
+        None => DEFAULT_METRICS_ADDR
+            .parse()
+            .context("default metrics address")?,
+    };
+    Ok(Settings {
+        redirects,
+        netns,
+        discover,
+        cgroup_pattern: args.cgroup_pattern.or(file.cgroup_pattern),
+        listener_grace: Duration::from_secs(args.listener_grace),
+        pin: args.pin || file.pin.unwrap_or(false),
+        flow_format: args.flow_format.or(file.flow_format),
+        flow_log: args.flow_log.or(file.flow_log),
+        metrics_addr,
+        flow_ring_bytes: args.flow_ring_bytes,
+    })
+}
