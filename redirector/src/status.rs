@@ -27,6 +27,20 @@ pub struct Status {
     pub counters: BTreeMap<&'static str, u64>,
     /// redirector programs loaded in the kernel (pinned or by running agents).
     pub programs_loaded: usize,
+    /// Their size and, with `sysctl kernel.bpf_stats_enabled=1`, their cost.
+    pub programs: Vec<ProgramStatus>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct ProgramStatus {
+    pub id: u32,
+    pub name: String,
+    /// Instructions the verifier processed to accept the program.
+    pub verified_insns: Option<u32>,
+    /// Instructions after the kernel's rewrites (what runs, before JIT).
+    pub translated_insns: Option<u32>,
+    pub run_count: u64,
+    pub run_time_ns: u64,
 }
 
 #[derive(Serialize, Debug)]
@@ -46,11 +60,23 @@ pub struct RedirectStatus {
     pub listener_families: Vec<&'static str>,
 }
 
-fn programs_loaded() -> usize {
+fn programs() -> Vec<ProgramStatus> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter(|p| matches!(p.name_as_str(), Some(PROG_SK_LOOKUP) | Some(PROG_SOCK_OPS)))
-        .count()
+        .map(|p| ProgramStatus {
+            id: p.id(),
+            name: p.name_as_str().unwrap_or_default().to_owned(),
+            verified_insns: p.verified_instruction_count(),
+            translated_insns: p.size_translated().map(|bytes| bytes / 8),
+            run_count: p.run_count(),
+            run_time_ns: p.run_time().as_nanos() as u64,
+        })
+        .collect()
+}
+
+fn programs_loaded() -> usize {
+    programs().len()
 }
 
 fn open_map(layout: &PinLayout, name: &str) -> Result<aya::maps::Map> {
@@ -71,8 +97,10 @@ pub fn collect(layout: &PinLayout) -> Result<Status> {
         sock_ops_attached: false,
         namespaces: Vec::new(),
         counters: BTreeMap::new(),
-        programs_loaded: programs_loaded(),
+        programs_loaded: 0,
+        programs: programs(),
     };
+    status.programs_loaded = status.programs.len();
     if !status.pinned {
         return Ok(status);
     }
@@ -129,11 +157,7 @@ pub fn render(status: &Status, output: Output) -> Result<String> {
             out,
             "no pinned state under {PIN_ROOT} (agents without --pin keep theirs private)"
         )?;
-        writeln!(
-            out,
-            "redirector programs loaded in the kernel: {}",
-            status.programs_loaded
-        )?;
+        write_programs(&mut out, status)?;
         return Ok(out);
     }
     writeln!(
@@ -187,12 +211,31 @@ pub fn render(status: &Status, output: Output) -> Result<String> {
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     writeln!(out, "counters: {}", counters.join(" "))?;
+    write_programs(&mut out, status)?;
+    Ok(out)
+}
+
+fn write_programs(out: &mut String, status: &Status) -> Result<()> {
     writeln!(
         out,
         "redirector programs loaded in the kernel: {}",
         status.programs_loaded
     )?;
-    Ok(out)
+    for p in &status.programs {
+        let per_run = match p.run_count {
+            0 => "no run stats (sysctl kernel.bpf_stats_enabled=1 to collect)".to_owned(),
+            n => format!("{} runs, {} ns/run", n, p.run_time_ns / n),
+        };
+        writeln!(
+            out,
+            "  {} id {}: {} insns verified, {} translated; {per_run}",
+            p.name,
+            p.id,
+            p.verified_insns.map_or("?".to_owned(), |v| v.to_string()),
+            p.translated_insns.map_or("?".to_owned(), |v| v.to_string()),
+        )?;
+    }
+    Ok(())
 }
 
 /// `redirector detach`: removes the pinned state and says what went.
