@@ -10,8 +10,9 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB,
-        BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_ANY, BPF_F_NO_COMMON_LRU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::map,
@@ -28,9 +29,12 @@ use redirector_common::{
 use crate::{add, count};
 
 /// Redirected connections whose handshake has not completed. LRU: a SYN flood
-/// evicts old entries instead of failing inserts.
+/// evicts old entries instead of failing inserts. Per-CPU LRU lists
+/// (BPF_F_NO_COMMON_LRU): inserts on the SYN path take no global lock; the
+/// table itself is shared, so sock_ops finds the entry from any CPU.
 #[map]
-static PENDING: LruHashMap<PendingKey, u16> = LruHashMap::with_max_entries(MAX_PENDING, 0);
+static PENDING: LruHashMap<PendingKey, u16> =
+    LruHashMap::with_max_entries(MAX_PENDING, BPF_F_NO_COMMON_LRU);
 
 /// Open redirected flows by socket cookie.
 #[map]
@@ -57,7 +61,19 @@ const NSEC_PER_SEC: u64 = 1_000_000_000;
 
 #[inline(always)]
 fn emit(event: &FlowEvent) {
-    if FLOW_EVENTS.output::<FlowEvent>(event, 0).is_err() {
+    // Waking the agent for every record would cost more than writing it: wake
+    // it once a quarter of the ring is filled; it also drains on a timer.
+    let pending = FLOW_EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let size = FLOW_EVENTS.query(BPF_RB_RING_SIZE as u64);
+    let wakeup = if pending >= size / 4 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if FLOW_EVENTS
+        .output::<FlowEvent>(event, wakeup as u64)
+        .is_err()
+    {
         count(Counter::RecordsDropped);
     }
 }

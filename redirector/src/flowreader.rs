@@ -16,6 +16,9 @@ use crate::{
     settings::{usage, Settings},
 };
 
+/// Longest a flow record waits in the ring when the kernel does not wake us.
+const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 pub type FlowOut = Box<dyn Write + Send>;
 
 pub fn open_output(s: &Settings) -> Result<(FlowOut, FlowFormat)> {
@@ -57,12 +60,20 @@ pub async fn read(
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("polling the flow ring buffer: {e}"))?;
     let mut written = 0u64;
+    // The kernel only wakes us when the ring is a quarter full; the timer
+    // bounds how late a record can be in quieter times.
+    let mut tick = tokio::time::interval(DRAIN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let stopping = tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
                 written += drain(guard.get_inner_mut(), &recorder, format, &mut out)?;
                 guard.clear_ready();
+                false
+            }
+            _ = tick.tick() => {
+                written += drain(ring.get_mut(), &recorder, format, &mut out)?;
                 false
             }
             _ = stop.changed() => true,
@@ -93,6 +104,8 @@ fn drain(
             n += 1;
         }
     }
-    out.flush().context("flushing flow records")?;
+    if n > 0 {
+        out.flush().context("flushing flow records")?;
+    }
     Ok(n)
 }
