@@ -59,7 +59,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Cmd::Setup => setup::ensure(),
         Cmd::Build => {
-            setup::ensure()?;
+            // No bpffs needed to build (nor possible in a container build).
+            setup::ensure_toolchain()?;
             build(&root)
         }
         Cmd::Run { args } => {

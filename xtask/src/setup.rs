@@ -30,7 +30,16 @@ const TEST_TOOLS: [(&str, &str); 2] = [
     ("util-linux", "/usr/bin/setpriv"),
 ];
 
+/// Everything `run` and `test` need: the build toolchain, the test tools and a
+/// mounted bpffs.
 pub fn ensure() -> Result<()> {
+    ensure_toolchain()?;
+    ensure_bpffs()
+}
+
+/// What building needs (also in a container build, where bpffs cannot be
+/// mounted): the eBPF toolchain, bpf-linker, and the test tools.
+pub fn ensure_toolchain() -> Result<()> {
     let mut wanted: Vec<(&str, &str)> = Vec::new();
     if !debian_available() && !nightly_has_rust_src() {
         wanted.extend(EBPF_TOOLCHAIN);
@@ -65,7 +74,7 @@ pub fn ensure() -> Result<()> {
                 .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX),
         )?;
     }
-    ensure_bpffs()
+    Ok(())
 }
 
 fn is_root() -> bool {
