@@ -122,6 +122,13 @@ impl PinLayout {
             for e in entries.flatten() {
                 let path = e.path();
                 let what = describe_link(&path);
+                // Detach explicitly: an agent still running holds the link's fd too,
+                // and removing the pin alone would leave the program attached.
+                if let Ok(fd) = sys::obj_get(&path) {
+                    if let Err(err) = sys::link_detach(fd.as_fd()) {
+                        tracing::warn!("detaching {}: {err}", path.display());
+                    }
+                }
                 fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
                 removed.push(format!("link {} ({what})", path.display()));
             }

@@ -181,6 +181,7 @@ const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_DETACH: libc::c_long = 34;
 /// `bpf_link_type` of a netns (sk_lookup) link.
 pub const BPF_LINK_TYPE_NETNS: u32 = 5;
 
@@ -213,6 +214,13 @@ pub fn link_create(
     attr[0] = prog.as_raw_fd() as u32 as u64 | ((target.as_raw_fd() as u32 as u64) << 32);
     attr[1] = attach_type as u64;
     bpf(BPF_LINK_CREATE, &mut attr).map(owned)
+}
+
+/// Detaches a link now, whoever else holds it (a running agent's fd, a pin).
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = [0u64; 16];
+    attr[0] = link.as_raw_fd() as u32 as u64;
+    bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
 }
 
 /// Pins a BPF object (link, map, program) at `path` in bpffs.

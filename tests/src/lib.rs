@@ -261,6 +261,31 @@ pub fn request(ns: &Netns, addr: &str, payload: &[u8]) -> io::Result<Reply> {
     })
 }
 
+/// Minimal HTTP/1.1 GET over loopback (`ADDR/path`): (status code, body).
+pub fn http_get(addr_path: &str) -> (u16, String) {
+    let (addr, path) = addr_path.split_at(addr_path.find('/').expect("path"));
+    let mut conn = TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = String::new();
+    conn.read_to_string(&mut response).expect("response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
 /// Path of the agent binary `cargo xtask test` built.
 pub fn agent_bin() -> PathBuf {
     std::env::var_os("REDIRECTOR_BIN")
@@ -331,6 +356,22 @@ impl Agent {
             }
             thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// `ADDR/path` of the agent's HTTP endpoint, from the address it printed.
+    pub fn metrics_url(&self, path: &str) -> String {
+        let line = self
+            .stdout()
+            .into_iter()
+            .find(|l| l.starts_with("metrics on http://"))
+            .expect("agent prints its metrics address");
+        let addr = line
+            .trim_start_matches("metrics on http://")
+            .split('/')
+            .next()
+            .expect("addr")
+            .to_owned();
+        format!("{addr}{path}")
     }
 
     pub fn stdout(&self) -> Vec<String> {

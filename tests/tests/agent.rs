@@ -563,3 +563,34 @@ fn an_upgrade_to_another_build_replaces_pinned_programs_without_a_gap() {
         "live-store"
     );
 }
+
+#[test]
+fn detach_stops_a_running_pinned_agents_redirects_at_once() {
+    let _cleanup = PinCleanup::new();
+    let l = Netns::new("l").expect("netns");
+    let _live_store = Server::start(&l, "[::]:9095", "live-store").expect("listens");
+    let agent =
+        Agent::start(&["--pin", "--netns", l.path().to_str().expect("utf-8")]).expect("agent");
+    assert_eq!(
+        request(&l, "127.0.0.1:12345", b"x")
+            .expect("redirected")
+            .server,
+        "live-store"
+    );
+    assert_eq!(http_get(&agent.metrics_url("/readyz")).0, 200);
+
+    let (code, out, err) = redirector(&["detach"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("removed link"), "{out}");
+    // The running agent still holds the links' fds: detach must not rely on
+    // dropping the pins alone.
+    assert!(
+        sk_lookup_programs(&l).is_empty(),
+        "sk_lookup still attached to L"
+    );
+    let refused = request(&l, "127.0.0.1:12345", b"x").expect_err("no redirect after detach");
+    assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+    let (status, body) = http_get(&agent.metrics_url("/readyz"));
+    assert_eq!(status, 503, "{body}");
+    assert!(agent.stop().expect("agent stops").status.success());
+}

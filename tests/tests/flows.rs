@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    io::{Read, Write},
+    io::Read,
     net::{SocketAddr, TcpStream},
     path::PathBuf,
     time::Duration,
@@ -55,46 +55,6 @@ impl Drop for Setup {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.log);
     }
-}
-
-fn metrics_url(agent: &Agent, path: &str) -> String {
-    let line = agent
-        .stdout()
-        .into_iter()
-        .find(|l| l.starts_with("metrics on http://"))
-        .expect("agent prints its metrics address");
-    let addr = line
-        .trim_start_matches("metrics on http://")
-        .split('/')
-        .next()
-        .expect("addr")
-        .to_owned();
-    format!("{addr}{path}")
-}
-
-/// Minimal HTTP/1.1 GET over loopback: (status code, body).
-fn http_get(addr_path: &str) -> (u16, String) {
-    let (addr, path) = addr_path.split_at(addr_path.find('/').expect("path"));
-    let mut conn = TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    conn.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    write!(
-        conn,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut response = String::new();
-    conn.read_to_string(&mut response).expect("response");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status");
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 fn metric(body: &str, name: &str) -> u64 {
@@ -260,7 +220,7 @@ fn a_burst_of_5000_connections_is_fully_accounted_for() {
 fn metrics_match_the_traffic_and_readyz_flips_when_detached() {
     let s = Setup::new();
     let agent = s.agent(&[]);
-    let url = |p: &str| metrics_url(&agent, p);
+    let url = |p: &str| agent.metrics_url(p);
     assert_eq!(http_get(&url("/healthz")).0, 200);
     assert_eq!(http_get(&url("/readyz")).0, 200);
 
