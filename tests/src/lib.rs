@@ -11,7 +11,7 @@ use std::{
     path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, Ordering},
         Arc, Mutex,
     },
     thread::{self, JoinHandle},
@@ -30,69 +30,10 @@ pub const LIVE_STORE_V4: &str = "198.18.0.2";
 pub const QUERIER_V6: &str = "fd00:5eed::1";
 pub const LIVE_STORE_V6: &str = "fd00:5eed::2";
 
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
+pub mod netns;
 
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// A network namespace named after this process and a counter, deleted on drop.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    pub fn new(tag: &str) -> Result<Self> {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let name = format!("rdt-{}-{n}-{tag}", std::process::id());
-        ip(&["netns", "add", &name])?;
-        let ns = Self { name };
-        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from("/var/run/netns").join(&self.name)
-    }
-
-    /// Runs `f` on a thread inside this namespace; sockets it creates live here.
-    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let file = std::fs::File::open(self.path()).expect("open netns file");
-        thread::scope(|s| {
-            s.spawn(|| {
-                // SAFETY: setns on this thread only, with a valid netns fd.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(
-                    rc,
-                    0,
-                    "setns into {}: {}",
-                    self.name,
-                    io::Error::last_os_error()
-                );
-                f()
-            })
-            .join()
-            .expect("thread inside netns panicked")
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.name]);
-    }
-}
+use netns::ip;
+pub use netns::Netns;
 
 /// Joins a querier namespace and a live-store namespace with a veth pair that
 /// carries both IPv4 and IPv6 (DAD off so v6 addresses are usable at once).

@@ -314,7 +314,7 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
                     });
                 }
                 if kind == PathKind::Redirector && repeat == 0 {
-                    match topo.live_store.run(|| bpf::measure(plan.bpf_repeat, 5)) {
+                    match topo.live_store.try_run(|| bpf::measure(plan.bpf_repeat, 5)) {
                         Ok(c) => {
                             // Test runs bump the agent's `redirected` counter too;
                             // the proof must count real connections only.

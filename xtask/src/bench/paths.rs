@@ -665,7 +665,7 @@ pub struct TokioProxy {
 
 impl TokioProxy {
     fn start(ls: &Netns) -> Result<Self> {
-        let listener = ls.run(|| {
+        let listener = ls.try_run(|| {
             std::net::TcpListener::bind(("::", ADVERTISE_PORT)).context("bind [::]:12345")
         })?;
         listener.set_nonblocking(true)?;

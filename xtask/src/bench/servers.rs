@@ -36,7 +36,7 @@ pub struct LiveStore {
 impl LiveStore {
     pub fn start(ns: &Netns) -> Result<Self> {
         let listener = ns
-            .run(|| StdListener::bind(("::", LISTEN_PORT)).context("bind [::]:9095"))
+            .try_run(|| StdListener::bind(("::", LISTEN_PORT)).context("bind [::]:9095"))
             .with_context(|| format!("live-store listener in {}", ns.name))?;
         listener.set_nonblocking(true)?;
         // Two workers (a Go live-store has GOMAXPROCS threads), both on one CPU.

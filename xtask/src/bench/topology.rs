@@ -2,16 +2,9 @@
 //! pair, and the ways to run code or commands inside them. Everything undoes
 //! itself on drop, so a failed or panicking run leaves no namespace behind.
 
-use std::{
-    fs::File,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    os::{fd::AsRawFd, unix::process::CommandExt},
-    path::PathBuf,
-    process::Command,
-    thread,
-};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 /// RFC 2544 benchmarking addresses, used only inside the bench's namespaces
 /// (which have no route anywhere else).
@@ -22,104 +15,7 @@ pub const LISTEN_PORT: u16 = 9095;
 
 const PREFIX: &str = "rdb-";
 
-pub fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// A named network namespace `rdb-<pid>-<role>`, deleted on drop.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    pub fn create(role: &str) -> Result<Self> {
-        let name = format!("{PREFIX}{}-{role}", std::process::id());
-        ip(&["netns", "add", &name])?;
-        let ns = Self { name };
-        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from("/var/run/netns").join(&self.name)
-    }
-
-    /// Moves the calling thread into this namespace. Threads it creates later
-    /// (tokio workers, for instance) inherit it; other threads are unaffected.
-    pub fn enter(&self) -> Result<()> {
-        let file = File::open(self.path()).with_context(|| format!("open {}", self.name))?;
-        // SAFETY: setns(2) on the calling thread with a valid, open netns fd.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        if rc != 0 {
-            bail!(
-                "setns into {}: {}",
-                self.name,
-                std::io::Error::last_os_error()
-            );
-        }
-        Ok(())
-    }
-
-    /// Runs `f` to completion on a fresh thread inside this namespace.
-    pub fn run<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-        thread::scope(|s| {
-            s.spawn(|| {
-                self.enter()?;
-                f()
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("thread inside {} panicked", self.name))?
-        })
-    }
-
-    /// `ip netns exec <ns> program`: a command that runs inside this namespace.
-    /// It gets SIGTERM if the bench dies, so no proxy outlives it.
-    pub fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
-        // SAFETY: prctl(2) is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            c.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-        c
-    }
-
-    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name, "sysctl", "-qw"])
-            .arg(format!("{key}={value}"))
-            .output()
-            .context("running sysctl")?;
-        if !out.status.success() {
-            bail!(
-                "sysctl {key}={value} in {}: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.name]);
-    }
-}
+pub use redirector_tests::netns::{ip, Netns};
 
 /// Querier and live-store namespaces joined by `vq <-> vl` (IPv4 only: every
 /// path is measured over the same family).
@@ -130,9 +26,9 @@ pub struct Topology {
 
 impl Topology {
     pub fn create() -> Result<Self> {
-        remove_stale();
-        let querier = Netns::create("q")?;
-        let live_store = Netns::create("ls")?;
+        redirector_tests::netns::remove_stale(PREFIX);
+        let querier = Netns::with_prefix(PREFIX, "q")?;
+        let live_store = Netns::with_prefix(PREFIX, "ls")?;
         ip(&[
             "-n",
             &querier.name,
@@ -180,26 +76,6 @@ impl Topology {
     }
 }
 
-/// Deletes `rdb-<pid>-*` namespaces left by bench runs whose process is gone
-/// (killed with SIGKILL, where no destructor runs).
-fn remove_stale() {
-    let Ok(entries) = std::fs::read_dir("/var/run/netns") else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(PREFIX) else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next() else {
-            continue;
-        };
-        if pid.parse::<u32>().is_ok() && !PathBuf::from(format!("/proc/{pid}")).exists() {
-            let _ = ip(&["netns", "del", &name]);
-        }
-    }
-}
-
 /// A multi-threaded tokio runtime whose worker threads live in `ns`: sockets
 /// created by tasks spawned on it belong to that namespace. Only ever await
 /// such work through `spawn`, never directly in `block_on` (that polls on the
@@ -213,7 +89,7 @@ pub fn runtime_in(
     cpu: Option<usize>,
 ) -> Result<tokio::runtime::Runtime> {
     let name = name.to_owned();
-    ns.run(move || {
+    ns.try_run(move || {
         if let Some(c) = cpu {
             // Threads inherit the creator's affinity; pinning here covers the
             // workers and any blocking-pool thread they start.

@@ -161,11 +161,11 @@ impl<'a> Querier<'a> {
 
     pub fn run(&self, spec: Spec, addr: SocketAddr, dur: Duration) -> Result<Sample> {
         match spec {
-            Spec::Rr { size } => self.ns.run(|| {
+            Spec::Rr { size } => self.ns.try_run(|| {
                 pin_current_thread(QUERIER_CPU);
                 rr(addr, size, dur)
             }),
-            Spec::Crr => self.ns.run(|| {
+            Spec::Crr => self.ns.try_run(|| {
                 pin_current_thread(QUERIER_CPU);
                 crr(addr, dur)
             }),
@@ -487,7 +487,7 @@ fn crr(addr: SocketAddr, dur: Duration) -> Result<Sample> {
 /// just been started), for at most `limit`.
 pub fn wait_reachable(ns: &Netns, addr: SocketAddr, limit: Duration) -> Result<()> {
     let deadline = Instant::now() + limit;
-    ns.run(|| loop {
+    ns.try_run(|| loop {
         if let Ok(mut c) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
             // Prove the whole path works, not just the proxy's accept: echo 1 byte.
             let _ = c.set_read_timeout(Some(Duration::from_millis(500)));
