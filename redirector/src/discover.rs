@@ -23,17 +23,7 @@ pub struct Candidate {
 /// given), by namespace inode, and whether it has a listener on `ports`.
 pub fn scan(ports: &[u16], cgroup_pattern: Option<&str>) -> HashMap<u64, Candidate> {
     let mut found: HashMap<u64, Candidate> = HashMap::new();
-    let Ok(procs) = fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in sys::pids() {
         let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
         // Processes exit while we look: anything unreadable is skipped.
         let Ok(ino) = fs::metadata(&path).map(|m| m.ino()) else {

@@ -95,22 +95,12 @@ pub fn owner(inodes: &[u64]) -> Option<Owner> {
 fn socket_owners(mut wanted: Vec<u64>) -> HashMap<u64, (i32, i32)> {
     let mut owners = HashMap::new();
     let me = std::process::id() as i32;
-    let Ok(procs) = fs::read_dir("/proc") else {
-        return owners;
-    };
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
+    for pid in sys::pids() {
         if pid == me {
             continue;
         }
         // Processes come and go while we walk: unreadable ones are skipped.
-        let Ok(fds) = fs::read_dir(entry.path().join("fd")) else {
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
             continue;
         };
         for fd_entry in fds.flatten() {

@@ -94,6 +94,15 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
     Ok(st.f_type as i64 == BPF_FS_MAGIC)
 }
 
+/// The pids in /proc right now (processes come and go while callers look).
+pub fn pids() -> impl Iterator<Item = i32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+}
+
 /// Linux capabilities the agent needs, with the reason an operator reads.
 pub const REQUIRED_CAPABILITIES: [(u32, &str, &str); 4] = [
     (39, "CAP_BPF", "load eBPF programs and maps"),

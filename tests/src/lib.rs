@@ -32,52 +32,14 @@ pub const LIVE_STORE_V6: &str = "fd00:5eed::2";
 
 pub mod netns;
 
-use netns::ip;
 pub use netns::Netns;
 
 /// Joins a querier namespace and a live-store namespace with a veth pair that
 /// carries both IPv4 and IPv6 (DAD off so v6 addresses are usable at once).
 pub fn veth(querier: &Netns, live_store: &Netns) -> Result<()> {
-    ip(&[
-        "-n",
-        &querier.name,
-        "link",
-        "add",
-        "vq",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "vl",
-        "netns",
-        &live_store.name,
-    ])?;
-    for (ns, dev, v4, v6) in [
-        (querier, "vq", QUERIER_V4, QUERIER_V6),
-        (live_store, "vl", LIVE_STORE_V4, LIVE_STORE_V6),
-    ] {
-        ip(&[
-            "-n",
-            &ns.name,
-            "addr",
-            "add",
-            &format!("{v4}/24"),
-            "dev",
-            dev,
-        ])?;
-        ip(&[
-            "-n",
-            &ns.name,
-            "addr",
-            "add",
-            &format!("{v6}/64"),
-            "dev",
-            dev,
-            "nodad",
-        ])?;
-        ip(&["-n", &ns.name, "link", "set", dev, "up"])?;
-    }
-    Ok(())
+    let (q4, q6) = (format!("{QUERIER_V4}/24"), format!("{QUERIER_V6}/64"));
+    let (l4, l6) = (format!("{LIVE_STORE_V4}/24"), format!("{LIVE_STORE_V6}/64"));
+    netns::veth((querier, &[&q4, &q6]), (live_store, &[&l4, &l6]))
 }
 
 /// A TCP server that answers each connection with its own name and the peer

@@ -124,6 +124,27 @@ impl Drop for Netns {
     }
 }
 
+/// Joins `a` and `b` with a veth pair (`vq` in `a`, `vl` in `b`) and gives each
+/// end its addresses (CIDR; IPv6 ones without duplicate address detection, so
+/// they are usable at once).
+pub fn veth(a: (&Netns, &[&str]), b: (&Netns, &[&str])) -> Result<()> {
+    ip(&[
+        "-n", &a.0.name, "link", "add", "vq", "type", "veth", "peer", "name", "vl", "netns",
+        &b.0.name,
+    ])?;
+    for ((ns, addrs), dev) in [(a, "vq"), (b, "vl")] {
+        for addr in addrs {
+            let mut args = vec!["-n", ns.name.as_str(), "addr", "add", addr, "dev", dev];
+            if addr.contains(':') {
+                args.push("nodad");
+            }
+            ip(&args)?;
+        }
+        ip(&["-n", &ns.name, "link", "set", dev, "up"])?;
+    }
+    Ok(())
+}
+
 /// Deletes `<prefix><pid>-*` namespaces left by runs whose process is gone
 /// (killed with SIGKILL, where no destructor runs).
 pub fn remove_stale(prefix: &str) {

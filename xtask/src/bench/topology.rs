@@ -15,7 +15,7 @@ pub const LISTEN_PORT: u16 = 9095;
 
 const PREFIX: &str = "rdb-";
 
-pub use redirector_tests::netns::{ip, Netns};
+pub use redirector_tests::netns::Netns;
 
 /// Querier and live-store namespaces joined by `vq <-> vl` (IPv4 only: every
 /// path is measured over the same family).
@@ -29,34 +29,9 @@ impl Topology {
         redirector_tests::netns::remove_stale(PREFIX);
         let querier = Netns::with_prefix(PREFIX, "q")?;
         let live_store = Netns::with_prefix(PREFIX, "ls")?;
-        ip(&[
-            "-n",
-            &querier.name,
-            "link",
-            "add",
-            "vq",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "vl",
-            "netns",
-            &live_store.name,
-        ])?;
-        for (ns, dev, addr) in [
-            (&querier, "vq", QUERIER_V4),
-            (&live_store, "vl", LIVE_STORE_V4),
-        ] {
-            ip(&[
-                "-n",
-                &ns.name,
-                "addr",
-                "add",
-                &format!("{addr}/24"),
-                "dev",
-                dev,
-            ])?;
-            ip(&["-n", &ns.name, "link", "set", dev, "up"])?;
+        let (q4, l4) = (format!("{QUERIER_V4}/24"), format!("{LIVE_STORE_V4}/24"));
+        redirector_tests::netns::veth((&querier, &[&q4]), (&live_store, &[&l4]))?;
+        for ns in [&querier, &live_store] {
             // CRR opens tens of thousands of short connections per second; the
             // closing side keeps TIME_WAIT, so widen the port range and allow reuse
             // (the same for every path).
