@@ -198,13 +198,20 @@ fn under_load<T: Send>(
     (result, ok, failed)
 }
 
-#[test]
-fn a_pinned_agent_restarts_under_load_without_a_failed_connection() {
-    let _cleanup = PinCleanup::new();
+/// A querier and a live-store namespace over veth, a live-store listening on
+/// 9095, and no pinned state before or after.
+fn pinned_setup() -> (PinCleanup, Netns, Netns, Server) {
+    let cleanup = PinCleanup::new();
     let q = Netns::new("q").expect("netns");
     let l = Netns::new("l").expect("netns");
     veth(&q, &l).expect("veth");
-    let _live_store = Server::start(&l, "[::]:9095", "live-store").expect("listens");
+    let live_store = Server::start(&l, "[::]:9095", "live-store").expect("listens");
+    (cleanup, q, l, live_store)
+}
+
+#[test]
+fn a_pinned_agent_restarts_under_load_without_a_failed_connection() {
+    let (_cleanup, q, l, _live_store) = pinned_setup();
     let l_path = l.path().display().to_string();
     let args = ["--pin", "--netns", l_path.as_str()];
     let before = redirector_program_ids();
@@ -511,11 +518,7 @@ fn discovery_can_be_limited_to_matching_cgroups() {
 
 #[test]
 fn an_upgrade_to_another_build_replaces_pinned_programs_without_a_gap() {
-    let _cleanup = PinCleanup::new();
-    let q = Netns::new("q").expect("netns");
-    let l = Netns::new("l").expect("netns");
-    veth(&q, &l).expect("veth");
-    let _live_store = Server::start(&l, "[::]:9095", "live-store").expect("listens");
+    let (_cleanup, q, l, _live_store) = pinned_setup();
     let l_path = l.path().display().to_string();
     let args = ["--pin", "--netns", l_path.as_str()];
     Agent::start(&args)

@@ -35,6 +35,30 @@ pub struct Sample {
     pub hist: Histogram<u64>,
 }
 
+impl Sample {
+    /// Closes a measurement that began at `start` with CPU times `cpu0`.
+    fn finish(
+        start: Instant,
+        cpu0: &CpuTimes,
+        hist: Histogram<u64>,
+        ops: u64,
+        errors: u64,
+        bytes: u64,
+    ) -> Result<Self> {
+        let secs = start.elapsed().as_secs_f64();
+        let cpu1 = CpuTimes::now()?;
+        Ok(Sample {
+            ops,
+            errors,
+            secs,
+            bytes,
+            cpu_secs: cpu0.busy_secs_until(&cpu1),
+            own_cpu_secs: cpu0.own_secs_until(&cpu1),
+            hist,
+        })
+    }
+}
+
 /// Which figures a workload reports.
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
 pub enum Kind {
@@ -288,18 +312,8 @@ impl<'a> Querier<'a> {
             .block_on(async { tokio::time::timeout(Duration::from_secs(30), collector).await })
             .context("open-loop requests did not finish in 30 s")?
             .map_err(|e| anyhow::anyhow!("collector: {e}"))?;
-        let secs = start.elapsed().as_secs_f64();
-        let cpu1 = CpuTimes::now()?;
-        let (cpu_secs, own_cpu_secs) = (cpu0.busy_secs_until(&cpu1), cpu0.own_secs_until(&cpu1));
-        Ok(Sample {
-            ops: hist.len(),
-            errors,
-            secs,
-            bytes: 0,
-            cpu_secs,
-            own_cpu_secs,
-            hist,
-        })
+        let ops = hist.len();
+        Sample::finish(start, &cpu0, hist, ops, errors, 0)
     }
 
     /// Closed loop: `inflight` callers spread over `conns` connections, each
@@ -345,18 +359,8 @@ impl<'a> Querier<'a> {
             }
             Ok((hist, errors))
         })?;
-        let secs = start.elapsed().as_secs_f64();
-        let cpu1 = CpuTimes::now()?;
-        let (cpu_secs, own_cpu_secs) = (cpu0.busy_secs_until(&cpu1), cpu0.own_secs_until(&cpu1));
-        Ok(Sample {
-            ops: hist.len(),
-            errors,
-            secs,
-            bytes: 0,
-            cpu_secs,
-            own_cpu_secs,
-            hist,
-        })
+        let ops = hist.len();
+        Sample::finish(start, &cpu0, hist, ops, errors, 0)
     }
 
     /// Server streaming on one connection: repeated Fetch calls of 64 x 64 KiB
@@ -378,18 +382,7 @@ impl<'a> Querier<'a> {
             }
             Ok((bytes, calls, hist))
         })?;
-        let secs = start.elapsed().as_secs_f64();
-        let cpu1 = CpuTimes::now()?;
-        let (cpu_secs, own_cpu_secs) = (cpu0.busy_secs_until(&cpu1), cpu0.own_secs_until(&cpu1));
-        Ok(Sample {
-            ops: calls,
-            errors: 0,
-            secs,
-            bytes,
-            cpu_secs,
-            own_cpu_secs,
-            hist,
-        })
+        Sample::finish(start, &cpu0, hist, calls, 0, bytes)
     }
 }
 
@@ -418,21 +411,11 @@ fn rr(addr: SocketAddr, size: usize, dur: Duration) -> Result<Sample> {
         let _ = hist.record((after - now).as_nanos() as u64);
         now = after;
     }
-    let secs = start.elapsed().as_secs_f64();
-    let cpu1 = CpuTimes::now()?;
-    let (cpu_secs, own_cpu_secs) = (cpu0.busy_secs_until(&cpu1), cpu0.own_secs_until(&cpu1));
     if back != out {
         bail!("echo returned different bytes");
     }
-    Ok(Sample {
-        ops: hist.len(),
-        errors: 0,
-        secs,
-        bytes: 0,
-        cpu_secs,
-        own_cpu_secs,
-        hist,
-    })
+    let ops = hist.len();
+    Sample::finish(start, &cpu0, hist, ops, 0, 0)
 }
 
 /// Connect, send 64 bytes, read them back, close; repeated for `dur`. The
@@ -469,18 +452,8 @@ fn crr(addr: SocketAddr, dur: Duration) -> Result<Sample> {
         }
         now = after;
     }
-    let secs = start.elapsed().as_secs_f64();
-    let cpu1 = CpuTimes::now()?;
-    let (cpu_secs, own_cpu_secs) = (cpu0.busy_secs_until(&cpu1), cpu0.own_secs_until(&cpu1));
-    Ok(Sample {
-        ops: hist.len(),
-        errors,
-        secs,
-        bytes: 0,
-        cpu_secs,
-        own_cpu_secs,
-        hist,
-    })
+    let ops = hist.len();
+    Sample::finish(start, &cpu0, hist, ops, errors, 0)
 }
 
 /// Waits until `addr` accepts a connection from inside `ns` (a proxy that has
