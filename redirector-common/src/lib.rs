@@ -46,12 +46,15 @@ pub const SHARED_MAPS: [&str; 9] = [
 /// `bpf_get_netns_cookie`, so each namespace gets its own instance.
 pub const GLOBAL_NETNS_COOKIE: &str = "NETNS_COOKIE";
 
-/// Capacity of the listener map: one entry per (namespace, listen port, family).
-pub const MAX_LISTENERS: u32 = 4096;
+/// Capacity of the listener map: one entry per (namespace, listen port, bound
+/// address, slot).
+pub const MAX_LISTENERS: u32 = 16384;
 /// Capacity of the redirect tables: one entry per (namespace, port).
 pub const MAX_REDIRECTS: u32 = 4096;
 
-/// Connections between redirect and handshake completion (SYN floods evict).
+/// Connections between redirect and handshake completion, shared by all CPUs
+/// (one common LRU: a burst on one CPU may use all of it; SYN floods evict
+/// the oldest).
 pub const MAX_PENDING: u32 = 16384;
 /// Redirected connections open at once; beyond this a flow is counted in
 /// `FlowTableFull` and gets no close record.
@@ -66,7 +69,7 @@ pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u32 = 6;
 
 /// A port in one network namespace. Key of `REDIRECTS` (advertised port ->
-/// listen port) and `LISTEN_PORTS` (listen port -> advertised port).
+/// `RedirectTarget`) and `LISTEN_PORTS` (listen port -> advertised port).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct NsPort {
@@ -85,32 +88,141 @@ impl NsPort {
     }
 }
 
-/// Key of the `LISTENERS` socket hash: the live-store's listening socket for a
-/// listen port in one namespace. The family is part of the key because an IPv6
-/// lookup can only be given an IPv6 socket, while an IPv4 lookup can also be
-/// given a dual-stack IPv6 one.
+/// Key of the `LISTENERS` socket hash: one live-store listening socket on a
+/// listen port in one namespace.
+///
+/// `family` and `addr` are those of the address the socket is bound to, so a
+/// connection is only handed to a socket that would have accepted it on its
+/// own port: a wildcard (all-zero `addr`) takes any local address, a specific
+/// one (`127.0.0.1`) only that. An IPv6 socket bound to an IPv4-mapped address
+/// is keyed as IPv4, the family of the connections it can receive.
+///
+/// `slot` lets several sockets share one bound address (an SO_REUSEPORT group
+/// of worker processes): each member takes a free slot, the kernel drops a
+/// member's entry when it closes, and any remaining member is enough, since
+/// `bpf_sk_assign` picks within the group.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ListenerKey {
     pub netns_cookie: u64,
+    /// Network byte order; IPv4 in `addr[0]`.
+    pub addr: [u32; 4],
     pub port: u16,
     pub family: u16,
-    pub _pad: [u8; 4],
+    pub slot: u16,
+    pub _pad: u16,
 }
 
 impl ListenerKey {
-    pub const fn new(netns_cookie: u64, port: u16, family: u16) -> Self {
+    pub const fn new(netns_cookie: u64, port: u16, bind: Bind, slot: u16) -> Self {
         Self {
             netns_cookie,
+            addr: bind.addr,
             port,
+            family: bind.family,
+            slot,
+            _pad: 0,
+        }
+    }
+
+    pub const fn bind(&self) -> Bind {
+        Bind {
+            family: self.family,
+            addr: self.addr,
+        }
+    }
+}
+
+/// Slots per bound address in `LISTENERS` (members of one SO_REUSEPORT group
+/// registered at once; more members are still reached through the group).
+pub const LISTENER_SLOTS: u16 = 4;
+
+/// The address a listener is bound to, as `ListenerKey` keys it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Bind {
+    pub family: u16,
+    /// Network byte order; IPv4 in `addr[0]`; all zero for a wildcard.
+    pub addr: [u32; 4],
+}
+
+impl Bind {
+    /// From a socket's family and address as the kernel reports them (IPv4 in
+    /// `v4`, IPv6 in `v6`): an IPv4-mapped IPv6 address becomes IPv4.
+    pub const fn of_socket(family: u16, v4: u32, v6: [u32; 4]) -> Self {
+        if family == AF_INET {
+            return Self::v4(v4);
+        }
+        if v6[0] == 0 && v6[1] == 0 && v6[2] == u32::to_be(0xffff) {
+            return Self::v4(v6[3]);
+        }
+        Self {
+            family: AF_INET6,
+            addr: v6,
+        }
+    }
+
+    pub const fn v4(addr: u32) -> Self {
+        Self {
+            family: AF_INET,
+            addr: [addr, 0, 0, 0],
+        }
+    }
+
+    pub const fn any(family: u16) -> Self {
+        Self {
             family,
-            _pad: [0; 4],
+            addr: [0; 4],
+        }
+    }
+
+    pub const fn is_any(&self) -> bool {
+        self.addr[0] == 0 && self.addr[1] == 0 && self.addr[2] == 0 && self.addr[3] == 0
+    }
+
+    /// Index of this kind of bind in `RedirectTarget::binds`.
+    pub const fn kind(&self) -> usize {
+        match (self.family == AF_INET, self.is_any()) {
+            (true, false) => BIND_V4_ADDR,
+            (true, true) => BIND_V4_ANY,
+            (false, false) => BIND_V6_ADDR,
+            (false, true) => BIND_V6_ANY,
+        }
+    }
+}
+
+/// Kinds of bound address, indices into `RedirectTarget::binds`.
+pub const BIND_V4_ADDR: usize = 0;
+pub const BIND_V4_ANY: usize = 1;
+pub const BIND_V6_ADDR: usize = 2;
+pub const BIND_V6_ANY: usize = 3;
+
+/// Value of `REDIRECTS`: where connections to an advertised port go.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RedirectTarget {
+    pub listen_port: u16,
+    pub _pad: u16,
+    /// Per bind kind (`BIND_*`), non-zero if a listener of that kind may be
+    /// registered: `sk_lookup` only looks up the kinds that can hit. Set by
+    /// `sock_ops` on registration (one byte store, no read-modify-write), and
+    /// recomputed by the agent's reconcile pass, which clears stale kinds.
+    pub binds: [u8; 4],
+}
+
+impl RedirectTarget {
+    pub const fn new(listen_port: u16) -> Self {
+        Self {
+            listen_port,
+            _pad: 0,
+            binds: [0; 4],
         }
     }
 }
 
 const _: () = assert!(core::mem::size_of::<NsPort>() == 16 && core::mem::align_of::<NsPort>() == 8);
-const _: () = assert!(core::mem::size_of::<ListenerKey>() == 16);
+const _: () = assert!(core::mem::size_of::<ListenerKey>() == 32);
+const _: () = assert!(core::mem::size_of::<RedirectTarget>() == 8);
 
 /// Indices into the per-CPU `COUNTERS` array. Userspace sums the CPUs.
 #[repr(u32)]
@@ -143,9 +255,17 @@ pub enum Counter {
     /// A redirected connection could not be tracked (flow table full): it has
     /// an open record but will get no close record.
     FlowTableFull = 11,
+    /// A listener was not registered because every slot for its bound address
+    /// was taken (more SO_REUSEPORT members than `LISTENER_SLOTS`): still
+    /// reached through the group while one registered member listens.
+    ListenerSlotsFull = 12,
+    /// A connection to an advertised port completed its handshake without a
+    /// pending redirect: evicted from `PENDING` (a SYN burst), or accepted by
+    /// another listener on the advertised port (an old sidecar). No records.
+    FlowsUntracked = 13,
 }
 
-pub const COUNTER_COUNT: u32 = 12;
+pub const COUNTER_COUNT: u32 = 14;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -161,6 +281,8 @@ impl Counter {
         Counter::RecordsDropped,
         Counter::RefusedRecordsSuppressed,
         Counter::FlowTableFull,
+        Counter::ListenerSlotsFull,
+        Counter::FlowsUntracked,
     ];
 
     /// Name used in logs, `status` output and metrics.
@@ -178,6 +300,8 @@ impl Counter {
             Counter::RecordsDropped => "records_dropped",
             Counter::RefusedRecordsSuppressed => "refused_records_suppressed",
             Counter::FlowTableFull => "flow_table_full",
+            Counter::ListenerSlotsFull => "listener_slots_full",
+            Counter::FlowsUntracked => "flows_untracked",
         }
     }
 }
@@ -223,7 +347,8 @@ pub struct FlowState {
     pub listen_port: u16,
     /// `FLOW_*` bits seen on state transitions.
     pub flags: u16,
-    pub _pad: u32,
+    /// With `FLOW_FIN_SEEN`: the sequence number just past the peer's FIN.
+    pub fin_end: u32,
 }
 
 /// The peer's FIN arrived: it counts one in `bytes_received`.
@@ -232,6 +357,9 @@ pub const FLOW_PEER_FIN: u16 = 1;
 pub const FLOW_FIN_ACKED: u16 = 2;
 /// A retransmission timeout fired on this flow.
 pub const FLOW_RTO: u16 = 4;
+/// A segment carrying the peer's FIN was seen after we sent ours; `fin_end`
+/// says where it ends, so the close can tell whether it was consumed.
+pub const FLOW_FIN_SEEN: u16 = 8;
 
 /// Kinds of flow record.
 pub const EVENT_OPEN: u8 = 1;
@@ -285,4 +413,6 @@ mod user {
     unsafe impl aya::Pod for super::NsPort {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ListenerKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RedirectTarget {}
 }

@@ -10,9 +10,10 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_F_NO_COMMON_LRU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
-        BPF_RB_RING_SIZE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB,
-        BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_ANY, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_RB_RING_SIZE, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG, BPF_SOCK_OPS_PARSE_HDR_OPT_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::map,
@@ -21,20 +22,23 @@ use aya_ebpf::{
     EbpfContext,
 };
 use redirector_common::{
-    Counter, FlowEvent, FlowState, PendingKey, AF_INET, AF_INET6, DEFAULT_FLOW_RING_BYTES,
+    Counter, FlowEvent, FlowState, NsPort, PendingKey, AF_INET, AF_INET6, DEFAULT_FLOW_RING_BYTES,
     END_ABORTED, END_FIN, END_RST, EVENT_CLOSE, EVENT_OPEN, EVENT_REFUSED, FLOW_FIN_ACKED,
-    FLOW_PEER_FIN, FLOW_RTO, MAX_FLOWS, MAX_PENDING, REFUSED_RECORDS_PER_SEC,
+    FLOW_FIN_SEEN, FLOW_PEER_FIN, FLOW_RTO, MAX_FLOWS, MAX_PENDING, REFUSED_RECORDS_PER_SEC,
 };
 
-use crate::{add, count};
+use crate::{
+    add, count,
+    ctx::{ctx_ip6, ctx_u32},
+    REDIRECTS,
+};
 
 /// Redirected connections whose handshake has not completed. LRU: a SYN flood
-/// evicts old entries instead of failing inserts. Per-CPU LRU lists
-/// (BPF_F_NO_COMMON_LRU): inserts on the SYN path take no global lock; the
-/// table itself is shared, so sock_ops finds the entry from any CPU.
+/// evicts old entries instead of failing inserts. One common LRU, not per-CPU
+/// lists (BPF_F_NO_COMMON_LRU would split the capacity by the number of
+/// possible CPUs: 128 entries each on a 128-CPU node).
 #[map]
-static PENDING: LruHashMap<PendingKey, u16> =
-    LruHashMap::with_max_entries(MAX_PENDING, BPF_F_NO_COMMON_LRU);
+static PENDING: LruHashMap<PendingKey, u16> = LruHashMap::with_max_entries(MAX_PENDING, 0);
 
 /// Open redirected flows by socket cookie.
 #[map]
@@ -45,6 +49,7 @@ static FLOWS: HashMap<u64, FlowState> = HashMap::with_max_entries(MAX_FLOWS, 0);
 static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_FLOW_RING_BYTES, 0);
 
 /// Per CPU: [second of the current window, refused records emitted in it].
+/// Only `sk_lookup` (softirq, which does not nest on a CPU) touches it.
 #[map]
 static REFUSED_BUDGET: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
@@ -57,15 +62,19 @@ const TCP_CLOSE_WAIT: u32 = 8;
 const TCP_LAST_ACK: u32 = 9;
 const TCP_CLOSING: u32 = 11;
 
+const TCPHDR_FIN: u32 = 0x01;
 const NSEC_PER_SEC: u64 = 1_000_000_000;
+/// Bytes a record takes in the ring: the record and the ring's 8-byte header.
+const RECORD_BYTES: u64 = core::mem::size_of::<FlowEvent>() as u64 + 8;
 
 #[inline(always)]
 fn emit(event: &FlowEvent) {
-    // Waking the agent for every record would cost more than writing it: wake
-    // it once a quarter of the ring is filled; it also drains on a timer.
+    // Waking the agent for every record would cost more than writing it: only
+    // the record that fills the ring past a quarter wakes it; it also drains
+    // on a timer.
     let pending = FLOW_EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-    let size = FLOW_EVENTS.query(BPF_RB_RING_SIZE as u64);
-    let wakeup = if pending >= size / 4 {
+    let threshold = FLOW_EVENTS.query(BPF_RB_RING_SIZE as u64) / 4;
+    let wakeup = if pending < threshold && pending + RECORD_BYTES >= threshold {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
@@ -103,71 +112,82 @@ fn empty_event(kind: u8) -> FlowEvent {
     }
 }
 
-/// Volatile loads of context fields (each u32 of an address array on its own).
-/// Otherwise LLVM turns "pick the IPv4 or the IPv6 value" into one load
-/// through a pointer chosen between `ctx + 16` and `ctx + 20`, and the verifier
-/// rejects loads through a derived context pointer.
-macro_rules! ctx_u32 {
-    ($ptr:expr, $field:ident) => {
-        core::ptr::read_volatile(core::ptr::addr_of!((*$ptr).$field))
-    };
-}
-macro_rules! ctx_ip6 {
-    ($ptr:expr, $field:ident) => {
-        [
-            core::ptr::read_volatile(core::ptr::addr_of!((*$ptr).$field[0])),
-            core::ptr::read_volatile(core::ptr::addr_of!((*$ptr).$field[1])),
-            core::ptr::read_volatile(core::ptr::addr_of!((*$ptr).$field[2])),
-            core::ptr::read_volatile(core::ptr::addr_of!((*$ptr).$field[3])),
-        ]
-    };
+/// A connection as `sk_lookup` sees its first packet. Addresses in network
+/// byte order (IPv4 in `[0]`), ports in host byte order.
+pub struct Tuple {
+    pub family: u16,
+    pub remote_ip: [u32; 4],
+    pub local_ip: [u32; 4],
+    pub remote_port: u16,
+    pub local_port: u16,
 }
 
-/// (family, remote ip, local ip, remote port) as sk_lookup saw the SYN.
 #[inline(always)]
-fn lookup_tuple(ctx: &SkLookupContext) -> (u16, [u32; 4], [u32; 4], u16) {
+pub fn lookup_tuple(ctx: &SkLookupContext) -> Tuple {
     let p = ctx.lookup;
     // SAFETY: context field loads, rewritten by the verifier.
-    let (family, remote_port, r4, l4, r6, l6) = unsafe {
+    let (family, remote_port, local_port, r4, l4, r6, l6) = unsafe {
         (
             (*p).family as u16,
-            // `remote_port` is a __be16 in the sk_lookup context.
+            // `remote_port` is a __be16 in the sk_lookup context, `local_port` host order.
             u16::from_be((*p).remote_port),
+            (*p).local_port as u16,
             ctx_u32!(p, remote_ip4),
             ctx_u32!(p, local_ip4),
             ctx_ip6!(p, remote_ip6),
             ctx_ip6!(p, local_ip6),
         )
     };
-    if family == AF_INET {
-        (family, [r4, 0, 0, 0], [l4, 0, 0, 0], remote_port)
+    let (remote_ip, local_ip) = if family == AF_INET {
+        ([r4, 0, 0, 0], [l4, 0, 0, 0])
     } else {
-        (family, r6, l6, remote_port)
+        (r6, l6)
+    };
+    Tuple {
+        family,
+        remote_ip,
+        local_ip,
+        remote_port,
+        local_port,
     }
 }
 
 /// Called by `sk_lookup` after assigning a connection to the live-store.
+///
+/// `sk_lookup` runs for any segment that finds no established socket, not only
+/// for SYNs, and its context carries no TCP flags. So the pending entry is
+/// only created, never refreshed: a retransmitted SYN (or a stray segment for
+/// a tuple already pending) neither counts again nor resets its age.
 #[inline(always)]
-pub fn redirected(ctx: &SkLookupContext, netns_cookie: u64, listen_port: u16) {
-    let (family, remote_ip, _, remote_port) = lookup_tuple(ctx);
-    // SAFETY: context field load.
-    let local_port = unsafe { (*ctx.lookup).local_port } as u16;
-    let key = PendingKey::new(netns_cookie, family, remote_ip, remote_port, local_port);
-    // A failed insert only loses the flow record, and the LRU map makes room.
-    let _ = PENDING.insert(&key, &listen_port, BPF_ANY as u64);
+pub fn redirected(tuple: &Tuple, netns_cookie: u64, listen_port: u16) {
+    let key = PendingKey::new(
+        netns_cookie,
+        tuple.family,
+        tuple.remote_ip,
+        tuple.remote_port,
+        tuple.local_port,
+    );
+    // A failed insert other than "exists" only loses the flow record (the LRU
+    // map makes room, so it does not fail for lack of space).
+    if PENDING
+        .insert(&key, &listen_port, BPF_NOEXIST as u64)
+        .is_ok()
+    {
+        count(Counter::Redirected);
+    }
 }
 
 /// Called by `sk_lookup` when no live-store listener was registered. Always
 /// counted (by the caller); recorded at most `REFUSED_RECORDS_PER_SEC` per CPU.
 #[inline(always)]
-pub fn refused(ctx: &SkLookupContext, netns_cookie: u64, listen_port: u16) {
+pub fn refused(tuple: &Tuple, netns_cookie: u64, listen_port: u16) {
     let mut event = empty_event(EVENT_REFUSED);
     let second = event.ts_ns / NSEC_PER_SEC;
     let (Some(window), Some(used)) = (REFUSED_BUDGET.get_ptr_mut(0), REFUSED_BUDGET.get_ptr_mut(1))
     else {
         return;
     };
-    // SAFETY: per-CPU slots, and BPF programs are not preempted on their CPU.
+    // SAFETY: per-CPU slots, and softirqs (sk_lookup) do not nest on a CPU.
     unsafe {
         if *window != second {
             *window = second;
@@ -179,13 +199,11 @@ pub fn refused(ctx: &SkLookupContext, netns_cookie: u64, listen_port: u16) {
         }
         *used += 1;
     }
-    let (family, remote_ip, local_ip, remote_port) = lookup_tuple(ctx);
-    event.family = family;
-    event.remote_ip = remote_ip;
-    event.local_ip = local_ip;
-    event.remote_port = remote_port;
-    // SAFETY: context field load.
-    event.local_port = unsafe { (*ctx.lookup).local_port } as u16;
+    event.family = tuple.family;
+    event.remote_ip = tuple.remote_ip;
+    event.local_ip = tuple.local_ip;
+    event.remote_port = tuple.remote_port;
+    event.local_port = tuple.local_port;
     event.listen_port = listen_port;
     event.netns_cookie = netns_cookie;
     emit(&event);
@@ -216,10 +234,18 @@ fn sock_tuple(ctx: &SockOpsContext) -> (u16, [u32; 4], [u32; 4]) {
     (AF_INET6, remote, local)
 }
 
+/// Turns on `flags` for the context's socket, keeping what other programs
+/// (another tool's sock_ops) turned on.
+#[inline(always)]
+fn add_cb_flags(ctx: &SockOpsContext, flags: u32) {
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | flags) as i32);
+}
+
 pub fn on_sock_op(ctx: &SockOpsContext, op: u32) {
     match op {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => opened(ctx),
         BPF_SOCK_OPS_STATE_CB => state_changed(ctx),
+        BPF_SOCK_OPS_PARSE_HDR_OPT_CB => segment_received(ctx),
         BPF_SOCK_OPS_RTO_CB => {
             // SAFETY: helper reading the context's socket.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -246,6 +272,10 @@ fn opened(ctx: &SockOpsContext) {
     let key = PendingKey::new(netns_cookie, family, remote_ip, remote_port, local_port);
     // SAFETY: plain hash lookup; the value is copied out at once.
     let Some(&listen_port) = (unsafe { PENDING.get(&key) }) else {
+        // SAFETY: plain hash lookup, presence only.
+        if unsafe { REDIRECTS.get(&NsPort::new(netns_cookie, local_port)) }.is_some() {
+            count(Counter::FlowsUntracked);
+        }
         return;
     };
     let _ = PENDING.remove(&key);
@@ -256,11 +286,11 @@ fn opened(ctx: &SockOpsContext) {
         start_ns: event.ts_ns,
         listen_port,
         flags: 0,
-        _pad: 0,
+        fin_end: 0,
     };
     if FLOWS.insert(&socket_cookie, &state, BPF_ANY as u64).is_ok() {
         // Only this socket pays for state callbacks.
-        let _ = ctx.set_cb_flags((BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG) as i32);
+        add_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG);
     } else {
         count(Counter::FlowTableFull);
     }
@@ -276,6 +306,51 @@ fn opened(ctx: &SockOpsContext) {
     emit(&event);
 }
 
+/// A segment arrived after the live-store sent its FIN (the parse callback is
+/// only turned on from FIN_WAIT1, see `state_changed`): remember where the
+/// peer's FIN ends, so the close can tell whether the kernel consumed it.
+#[inline(always)]
+fn segment_received(ctx: &SockOpsContext) {
+    // SAFETY: context field load (valid for the parse callback).
+    let (tcp_flags, skb_len) = unsafe { ((*ctx.ops).skb_tcp_flags, (*ctx.ops).skb_len) };
+    if tcp_flags & TCPHDR_FIN == 0 {
+        return;
+    }
+    // SAFETY: helper reading the context's socket.
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(state) = FLOWS.get_ptr_mut(&socket_cookie) else {
+        return;
+    };
+    // SAFETY: map value pointer, valid for this program run.
+    let state = unsafe { &mut *state };
+    if state.flags & FLOW_FIN_SEEN != 0 {
+        // A retransmitted FIN: the first one says where the stream ends.
+        return;
+    }
+    // The TCP header is readable between skb_data and skb_data_end.
+    // SAFETY: context field loads (64-bit packet pointers).
+    let (data, data_end) = unsafe {
+        (
+            (*ctx.ops).__bindgen_anon_3.skb_data as usize,
+            (*ctx.ops).__bindgen_anon_4.skb_data_end as usize,
+        )
+    };
+    // Verifier: the bounds check must precede every packet read.
+    if data + 20 > data_end {
+        return;
+    }
+    // SAFETY: 20 bytes of TCP header checked above.
+    let (seq, doff) = unsafe {
+        (
+            u32::from_be(core::ptr::read_unaligned((data + 4) as *const u32)),
+            (*((data + 12) as *const u8) >> 4) as u32,
+        )
+    };
+    let payload = skb_len.wrapping_sub(doff * 4);
+    state.fin_end = seq.wrapping_add(payload).wrapping_add(1);
+    state.flags |= FLOW_FIN_SEEN;
+}
+
 #[inline(always)]
 fn state_changed(ctx: &SockOpsContext) {
     let (old, new) = (ctx.arg(0), ctx.arg(1));
@@ -286,26 +361,40 @@ fn state_changed(ctx: &SockOpsContext) {
     };
     // SAFETY: map value pointer, valid for this program run.
     let state = unsafe { &mut *state };
+    // SAFETY: context field loads, rewritten by the verifier (full socket here).
+    let (rcv_nxt, snd_una, snd_nxt) = unsafe {
+        let ops = &*ctx.ops;
+        (ops.rcv_nxt, ops.snd_una, ops.snd_nxt)
+    };
     // The kernel's byte counters follow sequence numbers, so each FIN counts
     // one: remember which FINs happened to report payload bytes only.
-    // FIN_WAIT2 -> CLOSE is not used: an orphaned socket (closed by the live-store)
-    // goes there as soon as its own FIN is acked, before any peer FIN; only a
-    // half-closed live-store that then receives the peer's FIN counts one byte
-    // too many.
+    if new == TCP_FIN_WAIT1 {
+        // The live-store closed (or half-closed) first. From FIN_WAIT2 the
+        // socket closes the same way whether or not the peer's FIN came (a
+        // FIN+ACK in one segment, or only the ACK of an orphan's FIN), so
+        // watch the segments that arrive from now on for the peer's FIN.
+        add_cb_flags(ctx, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG);
+    }
     if new == TCP_CLOSE_WAIT || new == TCP_CLOSING {
         state.flags |= FLOW_PEER_FIN;
     }
+    // Our FIN is acked when FIN_WAIT1 ends in FIN_WAIT2, or CLOSING/LAST_ACK
+    // close with nothing left unacknowledged (not a reset or a timeout).
     if (old == TCP_FIN_WAIT1 && new == TCP_FIN_WAIT2)
-        || ((old == TCP_CLOSING || old == TCP_LAST_ACK) && new == TCP_CLOSE)
+        || ((old == TCP_CLOSING || old == TCP_LAST_ACK) && new == TCP_CLOSE && snd_una == snd_nxt)
     {
         state.flags |= FLOW_FIN_ACKED;
     }
     if new != TCP_CLOSE {
         return;
     }
+    let peer_fin = state.flags & FLOW_PEER_FIN != 0
+        || (state.flags & FLOW_FIN_SEEN != 0 && rcv_nxt == state.fin_end);
+    let fin_acked = state.flags & FLOW_FIN_ACKED != 0;
     let mut event = empty_event(EVENT_CLOSE);
     event.end = match old {
-        TCP_FIN_WAIT2 | TCP_TIME_WAIT | TCP_LAST_ACK | TCP_CLOSING => END_FIN,
+        TCP_FIN_WAIT2 | TCP_TIME_WAIT => END_FIN,
+        TCP_LAST_ACK | TCP_CLOSING if fin_acked => END_FIN,
         _ if state.flags & FLOW_RTO != 0 => END_ABORTED,
         _ => END_RST,
     };
@@ -319,10 +408,8 @@ fn state_changed(ctx: &SockOpsContext) {
             ops.total_retrans,
         )
     };
-    let peer_fin = (state.flags & FLOW_PEER_FIN != 0) as u64;
-    let fin_acked = (state.flags & FLOW_FIN_ACKED != 0) as u64;
-    event.bytes_received = bytes_received.saturating_sub(peer_fin);
-    event.bytes_sent = bytes_acked.saturating_sub(fin_acked);
+    event.bytes_received = bytes_received.saturating_sub(peer_fin as u64);
+    event.bytes_sent = bytes_acked.saturating_sub(fin_acked as u64);
     // The kernel keeps srtt scaled by 8.
     event.srtt_us = srtt_us >> 3;
     event.retransmits = retransmits;

@@ -10,33 +10,41 @@
 //! charge, so nothing here can make a working port stop working.
 #![no_std]
 #![no_main]
+// The BPF target has no compare-and-swap, so core offers no `AtomicU64::fetch_add`;
+// the intrinsic lowers to the BPF atomic add instruction.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
+mod ctx;
 mod flows;
+mod listeners;
+
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
-    bindings::{sk_action::SK_PASS, BPF_ANY, BPF_SOCK_OPS_TCP_LISTEN_CB},
+    bindings::{sk_action::SK_PASS, BPF_SOCK_OPS_TCP_LISTEN_CB},
     helpers::bpf_get_netns_cookie,
     macros::{map, sk_lookup, sock_ops},
-    maps::{HashMap, PerCpuArray, SockHash},
+    maps::{HashMap, PerCpuArray},
     programs::{SkLookupContext, SockOpsContext},
     EbpfContext, Global,
 };
 use aya_log_ebpf::debug;
 use redirector_common::{
-    Counter, ListenerKey, NsPort, AF_INET, AF_INET6, COUNTER_COUNT, IPPROTO_TCP, MAX_LISTENERS,
-    MAX_REDIRECTS,
+    Counter, NsPort, RedirectTarget, COUNTER_COUNT, IPPROTO_TCP, MAX_REDIRECTS,
 };
+
+use listeners::Lookup;
 
 /// Set per instance by the loader (see `GLOBAL_NETNS_COOKIE`).
 #[no_mangle]
 static NETNS_COOKIE: Global<u64> = Global::new(0);
 
+/// Advertised port -> listen port and the kinds of listener bound on it, per
+/// namespace.
 #[map]
-static LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(MAX_LISTENERS, 0);
-
-/// Advertised port -> listen port, per namespace.
-#[map]
-static REDIRECTS: HashMap<NsPort, u16> = HashMap::with_max_entries(MAX_REDIRECTS, 0);
+pub(crate) static REDIRECTS: HashMap<NsPort, RedirectTarget> =
+    HashMap::with_max_entries(MAX_REDIRECTS, 0);
 
 /// Listen port -> advertised port, per namespace: which listeners to register.
 #[map]
@@ -53,8 +61,11 @@ fn count(counter: Counter) {
 #[inline(always)]
 fn add(counter: Counter, n: u64) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
-        // SAFETY: per-CPU slot, and BPF programs are not preempted on their CPU.
-        unsafe { *slot += n };
+        // Atomic although per CPU: sock_ops also runs in process context (listen,
+        // close), where a softirq on the same CPU can interrupt a plain
+        // read-modify-write. The result is unused, so this is one `lock add`.
+        // SAFETY: a valid, aligned u64 map value for this program run.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, n) };
     }
 }
 
@@ -69,11 +80,10 @@ pub fn redir_lookup(ctx: SkLookupContext) -> u32 {
 #[inline(always)]
 fn redirect(ctx: &SkLookupContext) {
     // SAFETY: the verifier rewrites context field loads; `lookup` is the valid ctx pointer.
-    let (protocol, family, local_port, selected) = unsafe {
+    let (protocol, local_port, selected) = unsafe {
         let l = &*ctx.lookup;
         (
             l.protocol,
-            l.family,
             l.local_port,
             l.__bindgen_anon_1.__bindgen_anon_1.sk,
         )
@@ -87,36 +97,24 @@ fn redirect(ctx: &SkLookupContext) {
     let netns_cookie = NETNS_COOKIE.load();
     let advertise_port = local_port as u16;
     // SAFETY: plain hash lookup; the value is copied out at once.
-    let Some(&listen_port) = (unsafe { REDIRECTS.get(&NsPort::new(netns_cookie, advertise_port)) })
+    let Some(&target) = (unsafe { REDIRECTS.get(&NsPort::new(netns_cookie, advertise_port)) })
     else {
         return;
     };
-    let key = ListenerKey::new(netns_cookie, listen_port, family as u16);
-    let result = match LISTENERS.redirect_sk_lookup(ctx, key, 0) {
-        // An IPv4 connection can also go to a dual-stack IPv6 listener (`[::]:port`,
-        // what Go's `net.Listen("tcp", ":9095")` creates).
-        Err(_) if family as u16 == AF_INET => LISTENERS.redirect_sk_lookup(
-            ctx,
-            ListenerKey::new(netns_cookie, listen_port, AF_INET6),
-            0,
-        ),
-        other => other,
-    };
-    match result {
-        Ok(()) => {
-            count(Counter::Redirected);
-            flows::redirected(ctx, netns_cookie, listen_port);
-        }
-        // aya-ebpf reports a missing key as -ENOENT.
-        Err(-2) => {
+    let tuple = flows::lookup_tuple(ctx);
+    match listeners::assign(ctx, netns_cookie, &target, tuple.family, tuple.local_ip) {
+        Lookup::Assigned => flows::redirected(&tuple, netns_cookie, target.listen_port),
+        Lookup::NoListener => {
             count(Counter::NoListener);
             debug!(
                 ctx,
-                "port {}: no live-store listener on {}, passing on", advertise_port, listen_port
+                "port {}: no live-store listener on {}, passing on",
+                advertise_port,
+                target.listen_port
             );
-            flows::refused(ctx, netns_cookie, listen_port);
+            flows::refused(&tuple, netns_cookie, target.listen_port);
         }
-        Err(err) => {
+        Lookup::Refused(err) => {
             count(Counter::AssignError);
             debug!(
                 ctx,
@@ -129,7 +127,7 @@ fn redirect(ctx: &SkLookupContext) {
 #[sock_ops]
 pub fn redir_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
-        BPF_SOCK_OPS_TCP_LISTEN_CB => register_listener(&ctx),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => listening(&ctx),
         op => flows::on_sock_op(&ctx, op),
     }
     // Any other return value makes the kernel fail the socket operation.
@@ -137,38 +135,20 @@ pub fn redir_sockops(ctx: SockOpsContext) -> u32 {
 }
 
 #[inline(always)]
-fn register_listener(ctx: &SockOpsContext) {
+fn listening(ctx: &SockOpsContext) {
     // SAFETY: the helper only reads the namespace of the context's socket.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // `local_port` is in host byte order in the sock_ops context.
     let port = ctx.local_port() as u16;
-    // SAFETY: plain hash lookup, presence only.
-    if unsafe { LISTEN_PORTS.get(&NsPort::new(netns_cookie, port)) }.is_none() {
+    // SAFETY: plain hash lookup; the value is copied out at once.
+    let Some(&advertise_port) = (unsafe { LISTEN_PORTS.get(&NsPort::new(netns_cookie, port)) })
+    else {
         return;
-    }
-    let family = ctx.family() as u16;
-    if family != AF_INET && family != AF_INET6 {
+    };
+    let Some(target) = REDIRECTS.get_ptr_mut(&NsPort::new(netns_cookie, advertise_port)) else {
         return;
-    }
-    // SAFETY: `ops` is the context pointer the helper expects.
-    let ops = unsafe { &mut *ctx.ops };
-    match LISTENERS.update(
-        ListenerKey::new(netns_cookie, port, family),
-        ops,
-        BPF_ANY as u64,
-    ) {
-        Ok(()) => {
-            count(Counter::ListenerRegistered);
-            debug!(
-                ctx,
-                "registered listener on port {} (family {})", port, family
-            );
-        }
-        Err(err) => {
-            count(Counter::ListenerRegisterError);
-            debug!(ctx, "cannot register listener on port {}: {}", port, err);
-        }
-    }
+    };
+    listeners::register(ctx, netns_cookie, port, target);
 }
 
 #[panic_handler]
@@ -177,6 +157,8 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+/// The kernel object's license: GPL-compatible, as sk_assign and the socket
+/// map helpers require; the programs themselves are MIT or GPL-2.0.
 #[link_section = "license"]
 #[no_mangle]
-static LICENSE: [u8; 4] = *b"GPL\0";
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -29,6 +29,7 @@ use crate::{
     listeners::{self, Owner},
     netns::Netns,
     pins::{PinLayout, PIN_ROOT},
+    registry::Reason,
     settings::{self, usage, Settings},
     sys,
     telemetry::{self, Attachments, Telemetry},
@@ -71,7 +72,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .map(|p| Netns::open(p))
         .collect::<Result<Vec<_>>>()?;
     let pins = s.pin.then(PinLayout::default);
-    let mut datapath = Datapath::load(s.flow_ring_bytes, pins)?;
+    let mut datapath = Datapath::load(s.flow_ring_bytes, pins, s.keep_mptcp)?;
     let verb = if datapath.sock_ops_adopted {
         "adopted"
     } else {
@@ -121,6 +122,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         telemetry: telemetry.clone(),
         names,
         owners: HashMap::new(),
+        reported: HashSet::new(),
     };
     agent.maintain()?;
     // Everything this agent serves is adopted or attached by now: what else a
@@ -160,6 +162,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     }
     let pinned = agent.settings.pin;
+    if !pinned {
+        agent.datapath.restore_namespaces();
+    }
     drop(agent);
     // Unpinned programs are gone now: drain what they wrote, then report.
     let _ = stop_tx.send(true);
@@ -233,7 +238,7 @@ fn serve(datapath: &mut Datapath, netns: Netns, redirects: &[Redirect]) -> Resul
         .map(|r| format!("{} -> {}", r.advertise_port, r.listen_port))
         .collect();
     println!(
-        "{} sk_lookup in netns {}: {}, {} existing listener(s) registered",
+        "{} sk_lookup in netns {}: {}, {} listener(s) registered{}",
         if served.adopted {
             "adopted"
         } else {
@@ -241,7 +246,12 @@ fn serve(datapath: &mut Datapath, netns: Netns, redirects: &[Redirect]) -> Resul
         },
         served.netns,
         ports.join(", "),
-        served.existing_listeners
+        served.report.registered,
+        if served.report.unservable.is_empty() {
+            String::new()
+        } else {
+            format!(", {} NOT registered", served.report.unservable.len())
+        }
     );
     Ok(())
 }
@@ -254,6 +264,8 @@ struct Agent {
     names: Arc<Mutex<HashMap<u64, NsInfo>>>,
     /// Per namespace: the listening socket inodes last seen and their owner.
     owners: HashMap<u64, (Vec<u64>, Option<Owner>)>,
+    /// Unservable listeners already logged: (netns cookie, inode, reason).
+    reported: HashSet<(u64, u64, Reason)>,
 }
 
 impl Agent {
@@ -298,9 +310,44 @@ impl Agent {
                 println!("detached sk_lookup from netns {netns}: {why}");
             }
         }
-        let Some(scan) = scan else {
-            return Ok(());
-        };
+        if let Some(scan) = scan {
+            self.discover(scan);
+        }
+        self.datapath.reconcile()?;
+        self.report_listeners();
+        Ok(())
+    }
+
+    /// Logs what each reconcile pass repaired, and each unservable listener
+    /// once (and when it is resolved); shares them with metrics and readiness.
+    fn report_listeners(&mut self) {
+        let mut now = HashSet::new();
+        let mut unservable = Vec::new();
+        for s in &self.datapath.served {
+            for what in &s.report.repaired {
+                tracing::info!("netns {}: {what}", s.netns);
+            }
+            for u in &s.report.unservable {
+                let id = (s.netns.cookie, u.inode, u.reason);
+                if !self.reported.contains(&id) {
+                    tracing::warn!("netns {}: {u}", s.netns);
+                }
+                now.insert(id);
+                unservable.push((s.netns.path.display().to_string(), u.clone()));
+            }
+        }
+        for (cookie, inode, reason) in self.reported.difference(&now) {
+            tracing::info!(
+                "netns cookie {cookie}: listener socket inode {inode} no longer unservable ({reason}): registered or closed"
+            );
+        }
+        self.reported = now;
+        self.telemetry.set_unservable(unservable);
+    }
+
+    /// Serves the namespaces discovery found with a listener that are not
+    /// served yet.
+    fn discover(&mut self, scan: HashMap<u64, discover::Candidate>) {
         let served: HashSet<u64> = self
             .origins
             .values()
@@ -334,7 +381,6 @@ impl Agent {
                 ),
             }
         }
-        Ok(())
     }
 
     /// Shares the current set of namespaces with readiness checks and flow

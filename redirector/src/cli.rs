@@ -114,6 +114,14 @@ pub struct RunArgs {
     #[arg(long, env = "REDIRECTOR_PIN")]
     pub pin: bool,
 
+    /// Leave MPTCP on in served namespaces. By default the agent sets the
+    /// namespace's net.mptcp.enabled=0 when it starts serving it, so a Go
+    /// live-store (Go >= 1.24 listens with MPTCP by default) listens with plain
+    /// TCP, which the kernel can redirect; it restores the old value when it
+    /// stops serving the namespace.
+    #[arg(long, env = "REDIRECTOR_KEEP_MPTCP")]
+    pub keep_mptcp: bool,
+
     /// Flow record format: `text` for people, `json` or `logfmt` (one record per
     /// line) for Loki, Vector or promtail. Default: text on a terminal, json otherwise.
     #[arg(long, env = "REDIRECTOR_FLOW_FORMAT", value_enum)]

@@ -108,6 +108,8 @@ pub struct FileConfig {
     pub cgroup_pattern: Option<String>,
     /// Pin programs and maps under bpffs so redirects outlive the agent.
     pub pin: Option<bool>,
+    /// Leave MPTCP on in served namespaces (see `redirector run --keep-mptcp`).
+    pub keep_mptcp: Option<bool>,
     /// How flow records are written.
     pub flow_format: Option<FlowFormat>,
     /// Where flow records go (a file path).
@@ -786,6 +788,7 @@ tempo_config: /etc/tempo/tempo.yaml
                 discover: Some(true),
                 cgroup_pattern: Some("*tempo-live-store*".into()),
                 pin: Some(true),
+                keep_mptcp: None,
                 flow_format: Some(FlowFormat::Logfmt),
                 flow_log: Some(PathBuf::from("/var/log/redirector/flows.log")),
                 metrics_addr: Some("0.0.0.0:9464".parse().unwrap()),

@@ -13,27 +13,31 @@
 
 use std::{
     fs,
-    os::fd::{AsFd, AsRawFd},
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{HashMap, MapData, SockHash},
+    maps::{HashMap, MapData},
     programs::{SkLookup, SockOps},
     Ebpf, EbpfLoader,
 };
 use redirector_common::{
-    ListenerKey, NsPort, GLOBAL_LOG_LEVEL, GLOBAL_NETNS_COOKIE, MAP_COUNTERS, MAP_FLOW_EVENTS,
+    NsPort, RedirectTarget, GLOBAL_LOG_LEVEL, GLOBAL_NETNS_COOKIE, MAP_COUNTERS, MAP_FLOW_EVENTS,
     MAP_LISTENERS, MAP_LISTEN_PORTS, MAP_REDIRECTS, PROG_SK_LOOKUP, PROG_SOCK_OPS, SHARED_MAPS,
 };
 
 use crate::{
-    cgroup, listeners,
+    cgroup,
     netns::Netns,
     pins::{Link, PinLayout},
+    registry::{Registry, Report},
     sys,
 };
+
+/// The per-namespace switch Go's default MPTCP listeners depend on.
+const MPTCP_SYSCTL: &str = "/proc/sys/net/mptcp/enabled";
 
 /// The kernel object, built by build.rs from `redirector-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector.bpf.o"));
@@ -78,10 +82,14 @@ pub struct Redirect {
 pub struct Served {
     pub netns: Netns,
     pub redirects: Vec<Redirect>,
-    pub existing_listeners: usize,
     /// Whether the link was adopted from a previous agent's pins.
     pub adopted: bool,
     pub link: Link,
+    /// `net.mptcp.enabled` as it was before the agent turned it off, restored
+    /// when the namespace stops being served.
+    pub mptcp_was: Option<String>,
+    /// The last reconcile pass over its listeners.
+    pub report: Report,
 }
 
 pub struct Datapath {
@@ -93,6 +101,8 @@ pub struct Datapath {
     pub sock_ops: Link,
     pub sock_ops_adopted: bool,
     pub served: Vec<Served>,
+    registry: Registry,
+    keep_mptcp: bool,
 }
 
 /// Handles on shared maps for the tasks that read them while the datapath runs
@@ -106,7 +116,7 @@ pub struct MapHandles {
 impl Datapath {
     /// Loads (or, with `pins`, reopens) the shared maps and attaches (or adopts)
     /// `sock_ops` on the cgroup v2 root.
-    pub fn load(flow_ring_bytes: u32, pins: Option<PinLayout>) -> Result<Self> {
+    pub fn load(flow_ring_bytes: u32, pins: Option<PinLayout>, keep_mptcp: bool) -> Result<Self> {
         require_bpffs()?;
         let cgroup = cgroup::cgroup2_mount()?;
         let mut pins = pins;
@@ -175,6 +185,12 @@ impl Datapath {
                 link
             }
         };
+        let registry = with_map_pins(&main, pins.as_ref(), |path| {
+            let open = |name: &str| {
+                MapData::from_pin(path(name)).with_context(|| format!("reopening map {name}"))
+            };
+            Registry::new(open(MAP_LISTENERS)?, open(MAP_REDIRECTS)?)
+        })?;
         Ok(Self {
             main,
             pins,
@@ -183,6 +199,8 @@ impl Datapath {
             sock_ops,
             sock_ops_adopted,
             served: Vec::new(),
+            registry,
+            keep_mptcp,
         })
     }
 
@@ -220,14 +238,7 @@ impl Datapath {
     /// Runs `f` with a path for each shared map: the persistent pins, or a
     /// private pin directory that exists only for the call.
     fn with_map_pins<R>(&self, f: impl FnOnce(&dyn Fn(&str) -> PathBuf) -> Result<R>) -> Result<R> {
-        match &self.pins {
-            Some(layout) => f(&|name: &str| layout.map(name)),
-            None => {
-                let window = PinWindow::open(&self.main)?;
-                let dir = window.dir.clone();
-                f(&move |name: &str| dir.join(name))
-            }
-        }
+        with_map_pins(&self.main, self.pins.as_ref(), f)
     }
 
     /// New fds on the maps that tasks read while the datapath runs.
@@ -244,44 +255,72 @@ impl Datapath {
         })
     }
 
-    /// Starts redirecting in `netns`: registers the redirects, the listeners that
-    /// already exist, then attaches (or adopts) `sk_lookup`. On error nothing
-    /// stays behind.
+    /// Starts redirecting in `netns`: registers the redirects, turns MPTCP off
+    /// (unless kept), registers the listeners that already exist, then
+    /// attaches (or adopts) `sk_lookup`. A listener that cannot be registered
+    /// is reported in `Served::report`, never an error: the namespace is still
+    /// served, and the next pass retries. On error nothing stays behind.
     pub fn serve(&mut self, netns: Netns, redirects: &[Redirect]) -> Result<&Served> {
         let cookie = netns.cookie;
         if self.served.iter().any(|s| s.netns.cookie == cookie) {
             bail!("network namespace {} is listed twice", netns.path.display());
         }
         let result = self.set_redirects(cookie, redirects).and_then(|()| {
-            let mut existing = 0;
-            for r in redirects {
-                existing += self.register_existing(&netns, r.listen_port)?;
-            }
             let adopted = self
                 .pins
                 .as_ref()
                 .and_then(|l| Link::adopt(&l.netns_link(cookie)));
             match adopted {
-                Some(link) => Ok((existing, link, true)),
-                None => Ok((existing, self.attach_sk_lookup(&netns)?, false)),
+                Some(link) => Ok((link, true)),
+                None => Ok((self.attach_sk_lookup(&netns)?, false)),
             }
         });
-        match result {
-            Ok((existing_listeners, link, adopted)) => {
-                self.served.push(Served {
-                    netns,
-                    redirects: redirects.to_vec(),
-                    existing_listeners,
-                    adopted,
-                    link,
-                });
-                Ok(self.served.last().expect("just pushed"))
-            }
+        let (link, adopted) = match result {
+            Ok(r) => r,
             Err(e) => {
                 self.clear_redirects(cookie, redirects);
-                Err(e)
+                return Err(e);
+            }
+        };
+        let mptcp_was = if self.keep_mptcp {
+            None
+        } else {
+            disable_mptcp(&netns)
+        };
+        let report = self
+            .registry
+            .snapshot()
+            .and_then(|snap| self.registry.reconcile(&netns, redirects, &snap, true))
+            .unwrap_or_else(|e| {
+                tracing::warn!("registering the listeners of {netns}: {e:#}");
+                Report::default()
+            });
+        self.served.push(Served {
+            netns,
+            redirects: redirects.to_vec(),
+            adopted,
+            link,
+            mptcp_was,
+            report,
+        });
+        Ok(self.served.last().expect("just pushed"))
+    }
+
+    /// One reconcile pass over every served namespace (see `registry`): repairs
+    /// registrations and refreshes each namespace's report.
+    pub fn reconcile(&mut self) -> Result<()> {
+        let snapshot = self.registry.snapshot()?;
+        for s in &mut self.served {
+            match self
+                .registry
+                .reconcile(&s.netns, &s.redirects, &snapshot, true)
+            {
+                Ok(report) => s.report = report,
+                // The namespace may be vanishing: maintenance drops it.
+                Err(e) => tracing::debug!("reconciling {}: {e:#}", s.netns),
             }
         }
+        Ok(())
     }
 
     /// Stops redirecting in the namespace with `cookie`: detaches its program
@@ -290,8 +329,17 @@ impl Datapath {
         let pos = self.served.iter().position(|s| s.netns.cookie == cookie)?;
         let served = self.served.remove(pos);
         self.clear_redirects(cookie, &served.redirects);
+        restore_mptcp(&served);
         served.link.remove();
         Some(served.netns)
+    }
+
+    /// Gives the namespaces back the MPTCP setting they had (an agent that
+    /// exits without --pin stops serving them all).
+    pub fn restore_namespaces(&self) {
+        for s in &self.served {
+            restore_mptcp(s);
+        }
     }
 
     /// With `--pin`: removes what a previous agent pinned for namespaces this
@@ -311,21 +359,34 @@ impl Datapath {
                 removed.push(format!("link {}", path.display()));
             }
         }
-        for map in [MAP_REDIRECTS, MAP_LISTEN_PORTS] {
-            let mut m: HashMap<_, NsPort, u16> =
-                self.main.map_mut(map).context("redirect map")?.try_into()?;
-            let stale: Vec<NsPort> = m
-                .keys()
-                .filter_map(Result::ok)
+        let mut stale = |map: &str, keys: Vec<NsPort>| -> Vec<NsPort> {
+            let keys: Vec<NsPort> = keys
+                .into_iter()
                 .filter(|k| !served.contains(&k.netns_cookie))
                 .collect();
-            for key in stale {
-                let _ = m.remove(&key);
+            for key in &keys {
                 removed.push(format!(
                     "{map} entry for netns cookie {} port {}",
                     key.netns_cookie, key.port
                 ));
             }
+            keys
+        };
+        let mut m: HashMap<_, NsPort, RedirectTarget> = self
+            .main
+            .map_mut(MAP_REDIRECTS)
+            .context("REDIRECTS map")?
+            .try_into()?;
+        for key in stale(MAP_REDIRECTS, m.keys().filter_map(Result::ok).collect()) {
+            let _ = m.remove(&key);
+        }
+        let mut m: HashMap<_, NsPort, u16> = self
+            .main
+            .map_mut(MAP_LISTEN_PORTS)
+            .context("LISTEN_PORTS map")?
+            .try_into()?;
+        for key in stale(MAP_LISTEN_PORTS, m.keys().filter_map(Result::ok).collect()) {
+            let _ = m.remove(&key);
         }
         Ok(removed)
     }
@@ -334,13 +395,18 @@ impl Datapath {
         let [redirect_map, listen_map] = self
             .main
             .maps_disjoint_mut([MAP_REDIRECTS, MAP_LISTEN_PORTS]);
-        let mut redirect_map: HashMap<_, NsPort, u16> =
+        let mut redirect_map: HashMap<_, NsPort, RedirectTarget> =
             redirect_map.context("REDIRECTS map")?.try_into()?;
         let mut listen_map: HashMap<_, NsPort, u16> =
             listen_map.context("LISTEN_PORTS map")?.try_into()?;
         for r in redirects {
+            // Bind kinds start empty: registrations (sock_ops, reconcile) add them.
             redirect_map
-                .insert(NsPort::new(cookie, r.advertise_port), r.listen_port, 0)
+                .insert(
+                    NsPort::new(cookie, r.advertise_port),
+                    RedirectTarget::new(r.listen_port),
+                    0,
+                )
                 .context("adding to the REDIRECTS map")?;
             listen_map
                 .insert(NsPort::new(cookie, r.listen_port), r.advertise_port, 0)
@@ -350,51 +416,25 @@ impl Datapath {
     }
 
     fn clear_redirects(&mut self, cookie: u64, redirects: &[Redirect]) {
-        for (map, port) in redirects.iter().flat_map(|r| {
-            [
-                (MAP_REDIRECTS, r.advertise_port),
-                (MAP_LISTEN_PORTS, r.listen_port),
-            ]
-        }) {
-            if let Some(Ok(mut m)) = self
-                .main
-                .map_mut(map)
-                .map(HashMap::<_, NsPort, u16>::try_from)
-            {
-                // Missing entries are fine: we are undoing a partial setup.
-                let _ = m.remove(&NsPort::new(cookie, port));
+        // Missing entries are fine: we may be undoing a partial setup.
+        if let Some(Ok(mut m)) = self
+            .main
+            .map_mut(MAP_REDIRECTS)
+            .map(HashMap::<_, NsPort, RedirectTarget>::try_from)
+        {
+            for r in redirects {
+                let _ = m.remove(&NsPort::new(cookie, r.advertise_port));
             }
         }
-    }
-
-    /// Puts listeners that existed before the agent into `LISTENERS`.
-    fn register_existing(&mut self, netns: &Netns, port: u16) -> Result<usize> {
-        let found = listeners::find_existing(netns, port).with_context(|| {
-            format!(
-                "looking for listeners on port {port} in {}",
-                netns.path.display()
-            )
-        })?;
-        let mut map: SockHash<_, ListenerKey> = self
+        if let Some(Ok(mut m)) = self
             .main
-            .map_mut(MAP_LISTENERS)
-            .context("LISTENERS map")?
-            .try_into()?;
-        for l in &found {
-            map.insert(
-                ListenerKey::new(netns.cookie, port, l.family),
-                l.socket.as_raw_fd(),
-                0,
-            )
-            .with_context(|| {
-                format!(
-                    "registering listening socket inode {} of pid {}",
-                    l.inode, l.pid
-                )
-            })?;
-            tracing::info!(port, pid = l.pid, inode = l.inode, netns = %netns.path.display(), "registered existing listener");
+            .map_mut(MAP_LISTEN_PORTS)
+            .map(HashMap::<_, NsPort, u16>::try_from)
+        {
+            for r in redirects {
+                let _ = m.remove(&NsPort::new(cookie, r.listen_port));
+            }
         }
-        Ok(found.len())
     }
 
     fn attach_sk_lookup(&mut self, netns: &Netns) -> Result<Link> {
@@ -435,6 +475,62 @@ impl Datapath {
             link.pin(&layout.netns_link(netns.cookie))?;
         }
         Ok(link)
+    }
+}
+
+/// Runs `f` with a path for each shared map: the persistent pins, or a private
+/// pin directory that exists only for the call.
+fn with_map_pins<R>(
+    main: &Ebpf,
+    pins: Option<&PinLayout>,
+    f: impl FnOnce(&dyn Fn(&str) -> PathBuf) -> Result<R>,
+) -> Result<R> {
+    match pins {
+        Some(layout) => f(&|name: &str| layout.map(name)),
+        None => {
+            let window = PinWindow::open(main)?;
+            let dir = window.dir.clone();
+            f(&move |name: &str| dir.join(name))
+        }
+    }
+}
+
+/// Turns MPTCP off in `netns` so that a live-store started from now on listens
+/// with plain TCP: Go >= 1.24 opens MPTCP listeners by default and falls back
+/// to TCP when the namespace refuses MPTCP sockets, and socket maps cannot hold
+/// an MPTCP listener. Queriers dial plain TCP, so nothing is lost. Returns the
+/// previous value if it was changed.
+fn disable_mptcp(netns: &Netns) -> Option<String> {
+    match sys::netns_sysctl(netns.file.as_fd(), MPTCP_SYSCTL) {
+        Ok(Some(old)) if old != "0" => {
+            match sys::set_netns_sysctl(netns.file.as_fd(), MPTCP_SYSCTL, "0") {
+                Ok(()) => {
+                    tracing::info!(
+                        "set net.mptcp.enabled=0 in {netns} (was {old}; --keep-mptcp leaves it)"
+                    );
+                    Some(old)
+                }
+                Err(e) => {
+                    tracing::warn!("cannot set net.mptcp.enabled=0 in {netns}: {e}");
+                    None
+                }
+            }
+        }
+        // Already off, or a kernel without MPTCP.
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!("cannot read net.mptcp.enabled in {netns}: {e}");
+            None
+        }
+    }
+}
+
+fn restore_mptcp(served: &Served) {
+    if let Some(old) = &served.mptcp_was {
+        // The namespace may be gone already: nothing to restore then.
+        if sys::set_netns_sysctl(served.netns.file.as_fd(), MPTCP_SYSCTL, old).is_ok() {
+            tracing::info!("restored net.mptcp.enabled={old} in {}", served.netns);
+        }
     }
 }
 

@@ -1,66 +1,9 @@
-//! Listening sockets that existed before the agent started (a DaemonSet pod
-//! restart while the live-store keeps running). New listeners are registered
-//! by the `sock_ops` program; these are found with sock_diag
-//! and copied out of their owning process with `pidfd_getfd`.
+//! Which process holds a listening socket: for flow records, and for the
+//! registry, which copies listeners it must register out of their owner.
 
-use std::{
-    collections::HashMap,
-    fs, io,
-    os::fd::{AsFd, OwnedFd},
-};
+use std::{collections::HashMap, fs, io, os::fd::AsFd};
 
 use crate::{netns::Netns, sockdiag, sys};
-
-pub struct Listener {
-    pub family: u16,
-    pub inode: u64,
-    pub pid: i32,
-    pub socket: OwnedFd,
-}
-
-/// Listening TCP sockets on `port` in `netns`, each with a copy of its fd.
-/// Sockets whose owner cannot be found or copied are logged and skipped: the
-/// next listen() on the port is caught by `sock_ops` anyway.
-pub fn find_existing(netns: &Netns, port: u16) -> io::Result<Vec<Listener>> {
-    // sock_diag answers for the namespace of the socket that asks, which works
-    // for namespaces that no process lives in (bind mounts).
-    let inodes: Vec<(u64, u16)> =
-        sys::in_netns(netns.file.as_fd(), || sockdiag::listening(&[port]))?
-            .into_iter()
-            .map(|l| (l.inode, l.family))
-            .collect();
-    if inodes.is_empty() {
-        return Ok(Vec::new());
-    }
-    let owners = socket_owners(inodes.iter().map(|(inode, _)| *inode).collect());
-    let mut listeners = Vec::new();
-    for (inode, family) in inodes {
-        let Some(&(pid, fd)) = owners.get(&inode) else {
-            tracing::warn!(
-                inode,
-                port,
-                "listening socket has no owning process we can see (hostPID off?)"
-            );
-            continue;
-        };
-        match sys::copy_fd_from(pid, fd) {
-            Ok(socket) => listeners.push(Listener {
-                family,
-                inode,
-                pid,
-                socket,
-            }),
-            Err(e) => tracing::warn!(
-                inode,
-                pid,
-                fd,
-                port,
-                "cannot copy listening socket (pidfd_getfd): {e}"
-            ),
-        }
-    }
-    Ok(listeners)
-}
 
 /// The process that owns a listening socket: for flow records.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,7 +35,7 @@ pub fn owner(inodes: &[u64]) -> Option<Owner> {
 
 /// For each wanted socket inode, one (pid, fd) that holds it. Socket inodes are
 /// unique machine-wide, so every process is searched, whatever its namespace.
-fn socket_owners(mut wanted: Vec<u64>) -> HashMap<u64, (i32, i32)> {
+pub fn socket_owners(mut wanted: Vec<u64>) -> HashMap<u64, (i32, i32)> {
     let mut owners = HashMap::new();
     let me = std::process::id() as i32;
     for pid in sys::pids() {

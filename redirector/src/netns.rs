@@ -65,6 +65,23 @@ impl Netns {
     }
 }
 
+/// A path that names the network namespace with inode `ino` right now: a
+/// bind mount under /var/run/netns, or a process inside it.
+pub fn find_by_inode(ino: u64) -> Option<PathBuf> {
+    if ino == 0 {
+        return None;
+    }
+    let named = std::fs::read_dir("/var/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path());
+    let procs = sys::pids().map(|pid| PathBuf::from(format!("/proc/{pid}/ns/net")));
+    named
+        .chain(procs)
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.ino() == ino))
+}
+
 impl fmt::Display for Netns {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

@@ -20,8 +20,12 @@ use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Listening {
     pub family: u16,
+    /// The address it is bound to (`::`/`0.0.0.0` for a wildcard).
+    pub addr: std::net::IpAddr,
     pub port: u16,
     pub inode: u64,
+    /// The kernel's socket cookie: what `LISTENERS` reads back for an entry.
+    pub cookie: u64,
 }
 
 /// TCP sockets in LISTEN state on any of `ports`, IPv4 and IPv6.
@@ -65,10 +69,17 @@ pub fn listening(ports: &[u16]) -> io::Result<Vec<Listening>> {
                     NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
                         let port = r.header.socket_id.source_port;
                         if ports.contains(&port) {
+                            // idiag_cookie: two u32 halves in host order, low first.
+                            let c = r.header.socket_id.cookie;
+                            let half = |i: usize| {
+                                u32::from_ne_bytes([c[i], c[i + 1], c[i + 2], c[i + 3]]) as u64
+                            };
                             found.push(Listening {
                                 family: family as u16,
+                                addr: r.header.socket_id.source_address,
                                 port,
                                 inode: r.header.inode as u64,
+                                cookie: half(0) | (half(4) << 32),
                             });
                         }
                     }

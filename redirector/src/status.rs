@@ -4,16 +4,19 @@
 use std::{collections::BTreeMap, fmt::Write as _, os::fd::AsFd};
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, MapData, PerCpuArray, SockHash};
+use aya::maps::{HashMap, MapData, PerCpuArray};
 use redirector_common::{
-    Counter, ListenerKey, NsPort, AF_INET, MAP_COUNTERS, MAP_LISTENERS, MAP_REDIRECTS,
+    Counter, NsPort, RedirectTarget, AF_INET, MAP_COUNTERS, MAP_LISTENERS, MAP_REDIRECTS,
     PROG_SK_LOOKUP, PROG_SOCK_OPS,
 };
 use serde::Serialize;
 
 use crate::{
     cli::Output,
+    datapath::Redirect,
+    netns::Netns,
     pins::{PinLayout, PIN_ROOT},
+    registry::{Registry, Unservable},
     sys,
 };
 
@@ -50,6 +53,8 @@ pub struct NamespaceStatus {
     pub netns_inode: u32,
     pub attached: bool,
     pub redirects: Vec<RedirectStatus>,
+    /// Live-store listeners in the namespace that are not registered, and why.
+    pub unservable: Vec<Unservable>,
 }
 
 #[derive(Serialize, Debug)]
@@ -84,7 +89,6 @@ fn open_map(layout: &PinLayout, name: &str) -> Result<aya::maps::Map> {
         .with_context(|| format!("opening pinned map {name}"))?;
     Ok(match name {
         MAP_COUNTERS => aya::maps::Map::PerCpuArray(data),
-        MAP_LISTENERS => aya::maps::Map::SockHash(data),
         _ => aya::maps::Map::HashMap(data),
     })
 }
@@ -107,34 +111,60 @@ pub fn collect(layout: &PinLayout) -> Result<Status> {
     status.sock_ops_attached = sys::obj_get(&layout.sock_ops_link())
         .and_then(|fd| sys::link_info(fd.as_fd()))
         .is_ok();
-    let redirects: HashMap<MapData, NsPort, u16> = open_map(layout, MAP_REDIRECTS)?.try_into()?;
-    let listeners: SockHash<MapData, ListenerKey> = open_map(layout, MAP_LISTENERS)?.try_into()?;
+    let redirects: HashMap<MapData, NsPort, RedirectTarget> =
+        open_map(layout, MAP_REDIRECTS)?.try_into()?;
     let counters: PerCpuArray<MapData, u64> = open_map(layout, MAP_COUNTERS)?.try_into()?;
-    let listener_keys: Vec<ListenerKey> = listeners.keys().filter_map(Result::ok).collect();
+    let mut registry = Registry::new(
+        MapData::from_pin(layout.map(MAP_LISTENERS)).context("opening pinned map LISTENERS")?,
+        MapData::from_pin(layout.map(MAP_REDIRECTS)).context("opening pinned map REDIRECTS")?,
+    )?;
+    let snapshot = registry.snapshot()?;
     let mut by_cookie: BTreeMap<u64, Vec<RedirectStatus>> = BTreeMap::new();
-    for (key, listen_port) in redirects.iter().filter_map(Result::ok) {
-        let families: Vec<&'static str> = listener_keys
-            .iter()
-            .filter(|l| l.netns_cookie == key.netns_cookie && l.port == listen_port)
-            .map(|l| if l.family == AF_INET { "ipv4" } else { "ipv6" })
+    for (key, target) in redirects.iter().filter_map(Result::ok) {
+        let mut families: Vec<&'static str> = snapshot
+            .in_netns(key.netns_cookie)
+            .filter(|(l, _)| l.port == target.listen_port)
+            .map(|(l, _)| if l.family == AF_INET { "ipv4" } else { "ipv6" })
             .collect();
+        families.sort_unstable();
+        families.dedup();
         by_cookie
             .entry(key.netns_cookie)
             .or_default()
             .push(RedirectStatus {
                 advertise_port: key.port,
-                listen_port,
+                listen_port: target.listen_port,
                 listener_registered: !families.is_empty(),
                 listener_families: families,
             });
     }
     for pinned in layout.pinned_netns() {
         let redirects = by_cookie.remove(&pinned.cookie).unwrap_or_default();
+        let netns_inode = pinned.info.map(|i| i.netns_ino).unwrap_or(0);
+        // Read-only: the same checks the agent's reconcile pass makes.
+        let unservable = crate::netns::find_by_inode(netns_inode as u64)
+            .and_then(|path| Netns::open(&path).ok())
+            .filter(|n| n.cookie == pinned.cookie)
+            .map(|netns| {
+                let rs: Vec<Redirect> = redirects
+                    .iter()
+                    .map(|r| Redirect {
+                        advertise_port: r.advertise_port,
+                        listen_port: r.listen_port,
+                    })
+                    .collect();
+                registry
+                    .reconcile(&netns, &rs, &snapshot, false)
+                    .map(|r| r.unservable)
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default();
         status.namespaces.push(NamespaceStatus {
             netns_cookie: pinned.cookie,
-            netns_inode: pinned.info.map(|i| i.netns_ino).unwrap_or(0),
+            netns_inode,
             attached: pinned.info.is_some_and(|i| i.netns_ino != 0),
             redirects,
+            unservable,
         });
     }
     for c in Counter::ALL {
@@ -191,6 +221,9 @@ pub fn render(status: &Status, output: Output) -> Result<String> {
                 "{:<22} {:<16} {:<9} -",
                 ns.netns_cookie, netns, ns.attached
             )?;
+        }
+        for u in &ns.unservable {
+            writeln!(out, "  {u}")?;
         }
         for r in &ns.redirects {
             let listener = if r.listener_registered {

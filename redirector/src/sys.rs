@@ -275,3 +275,122 @@ pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
         netns_ino: info[4],
     })
 }
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+/// `BPF_NOEXIST`: an update that never replaces an existing entry.
+pub const BPF_NOEXIST: u64 = 1;
+
+/// Map element operations by raw pointer: for the socket hash with 8-byte
+/// values (fd in, socket cookie out), which aya 0.14's `SockHash` refuses (it
+/// only accepts 4-byte values).
+pub fn map_update<K>(map: BorrowedFd<'_>, key: &K, value: &u64, flags: u64) -> io::Result<()> {
+    let mut attr = [0u64; 16];
+    attr[0] = map.as_raw_fd() as u32 as u64;
+    attr[1] = key as *const K as u64;
+    attr[2] = value as *const u64 as u64;
+    attr[3] = flags;
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+}
+
+/// The value under `key`, or `None` if there is none.
+pub fn map_lookup<K>(map: BorrowedFd<'_>, key: &K) -> io::Result<Option<u64>> {
+    let mut value = 0u64;
+    let mut attr = [0u64; 16];
+    attr[0] = map.as_raw_fd() as u32 as u64;
+    attr[1] = key as *const K as u64;
+    attr[2] = &mut value as *mut u64 as u64;
+    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(_) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+pub fn map_delete<K>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
+    let mut attr = [0u64; 16];
+    attr[0] = map.as_raw_fd() as u32 as u64;
+    attr[1] = key as *const K as u64;
+    bpf(BPF_MAP_DELETE_ELEM, &mut attr).map(|_| ())
+}
+
+/// Every key of a map (a snapshot: entries come and go while it is taken).
+pub fn map_keys<K: Copy + Default>(map: BorrowedFd<'_>) -> io::Result<Vec<K>> {
+    let mut keys = Vec::new();
+    let mut next = K::default();
+    let mut prev: Option<K> = None;
+    loop {
+        let mut attr = [0u64; 16];
+        attr[0] = map.as_raw_fd() as u32 as u64;
+        // A null key asks for the first one.
+        attr[1] = prev.as_ref().map_or(0, |k| k as *const K as u64);
+        attr[2] = &mut next as *mut K as u64;
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {
+                keys.push(next);
+                prev = Some(next);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// What a socket fd copied from another process is, checked before it is
+/// registered: the copy may no longer be the socket sock_diag reported (the
+/// fd number was reused), or may not be something a socket map can hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketFacts {
+    pub inode: u64,
+    pub listening: bool,
+    pub protocol: i32,
+}
+
+/// `IPPROTO_MPTCP`: what Go >= 1.24 listens with by default.
+pub const IPPROTO_MPTCP: i32 = 262;
+
+pub fn socket_facts(fd: BorrowedFd<'_>) -> io::Result<SocketFacts> {
+    let int_opt = |opt: libc::c_int| -> io::Result<i32> {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: the out-pointers point to a c_int and its length.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(value)
+    };
+    let inode = fs::File::from(fd.try_clone_to_owned()?)
+        .metadata()
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))?;
+    Ok(SocketFacts {
+        inode,
+        listening: int_opt(libc::SO_ACCEPTCONN)? != 0,
+        protocol: int_opt(libc::SO_PROTOCOL)?,
+    })
+}
+
+/// Reads a sysctl of the network namespace `netns` (`/proc/sys/net/...` shows
+/// the namespace of the thread that opens it). `None` if the kernel has no
+/// such sysctl.
+pub fn netns_sysctl(netns: BorrowedFd<'_>, path: &'static str) -> io::Result<Option<String>> {
+    in_netns(netns, || match fs::read_to_string(path) {
+        Ok(v) => Ok(Some(v.trim().to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    })
+}
+
+pub fn set_netns_sysctl(netns: BorrowedFd<'_>, path: &'static str, value: &str) -> io::Result<()> {
+    in_netns(netns, || fs::write(path, value))
+}

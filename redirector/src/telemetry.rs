@@ -11,15 +11,18 @@ use std::{
 
 use anyhow::{Context, Result};
 use axum::{extract::State, http::StatusCode, routing::get, Router};
-use aya::maps::{MapData, PerCpuArray, SockHash};
+use aya::maps::{MapData, PerCpuArray};
 use prometheus_client::{
     encoding::text::encode,
-    metrics::{counter::Counter as PromCounter, gauge::Gauge},
+    metrics::{counter::Counter as PromCounter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use redirector_common::{Counter, ListenerKey};
 
-use crate::sys;
+use crate::{
+    registry::{Reason, Unservable},
+    sys,
+};
 
 /// What readiness checks: each (namespace, sk_lookup program id), and the cgroup
 /// with the sock_ops program id.
@@ -58,13 +61,17 @@ struct Metrics {
     last: Vec<u64>,
     active: Gauge,
     listeners: Gauge,
+    unservable: Family<Vec<(String, String)>, Gauge>,
     programs: Gauge,
 }
 
 pub struct Telemetry {
     counters: PerCpuArray<MapData, u64>,
-    listeners: SockHash<MapData, ListenerKey>,
+    listeners: MapData,
     attachments: Mutex<Attachments>,
+    /// Live-store listeners of served namespaces that are not registered, by
+    /// namespace name (from the last reconcile pass).
+    unservable: Mutex<Vec<(String, Unservable)>>,
     metrics: Mutex<Metrics>,
 }
 
@@ -89,6 +96,8 @@ fn describe(c: Counter) -> Option<(&'static str, &'static str)> {
         Counter::RecordsDropped => ("flow_records_dropped", "Flow records lost because the ring buffer was full"),
         Counter::RefusedRecordsSuppressed => ("refused_records_suppressed", "Refused-connection records not written (rate limit)"),
         Counter::FlowTableFull => ("flow_table_full", "Redirected flows not tracked to their close (flow table full)"),
+        Counter::ListenerSlotsFull => ("listener_slots_full", "Listeners not registered because every slot for their address was taken (reached through their SO_REUSEPORT group)"),
+        Counter::FlowsUntracked => ("flows_untracked", "Connections to an advertised port accepted without a pending redirect (evicted under a SYN burst, or taken by an old sidecar): no flow records"),
     })
 }
 
@@ -115,6 +124,12 @@ impl Telemetry {
             "Live-store listening sockets registered now",
             listeners_gauge.clone(),
         );
+        let unservable = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "listeners_unservable",
+            "Live-store listeners in served namespaces that are not registered, by reason (mptcp, no_owner, copy_denied, register_failed)",
+            unservable.clone(),
+        );
         let programs = Gauge::default();
         registry.register(
             "programs_attached",
@@ -124,15 +139,16 @@ impl Telemetry {
         Ok(Self {
             counters: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(counters))
                 .context("COUNTERS map")?,
-            listeners: SockHash::try_from(aya::maps::Map::SockHash(listeners))
-                .context("LISTENERS map")?,
+            listeners,
             attachments: Mutex::new(attachments),
+            unservable: Mutex::new(Vec::new()),
             metrics: Mutex::new(Metrics {
                 registry,
                 last: vec![0; kernel.len()],
                 kernel,
                 active,
                 listeners: listeners_gauge,
+                unservable,
                 programs,
             }),
         })
@@ -143,6 +159,20 @@ impl Telemetry {
         if let Ok(mut a) = self.attachments.lock() {
             a.namespaces = namespaces;
         }
+    }
+
+    /// Replaces the listeners reported unservable (each reconcile pass).
+    pub fn set_unservable(&self, unservable: Vec<(String, Unservable)>) {
+        if let Ok(mut u) = self.unservable.lock() {
+            *u = unservable;
+        }
+    }
+
+    fn unservable(&self) -> Vec<(String, Unservable)> {
+        self.unservable
+            .lock()
+            .map(|u| u.clone())
+            .unwrap_or_default()
     }
 
     /// (programs that should be attached, what is missing).
@@ -175,8 +205,20 @@ impl Telemetry {
         let closed =
             self.kernel_counter(Counter::FlowsClosed) + self.kernel_counter(Counter::FlowTableFull);
         m.active.set(opened.saturating_sub(closed) as i64);
-        m.listeners
-            .set(self.listeners.keys().filter(|k| k.is_ok()).count() as i64);
+        let registered = sys::map_keys::<ListenerKey>(self.listeners.fd().as_fd())
+            .map(|k| k.len())
+            .unwrap_or(0);
+        m.listeners.set(registered as i64);
+        let unservable = self.unservable();
+        for reason in Reason::ALL {
+            let n = unservable
+                .iter()
+                .filter(|(_, u)| u.reason == reason)
+                .count();
+            m.unservable
+                .get_or_create(&vec![("reason".to_owned(), reason.label().to_owned())])
+                .set(n as i64);
+        }
         let (total, missing) = self.attachment_state();
         m.programs.set(total.saturating_sub(missing.len()) as i64);
         let mut out = String::new();
@@ -192,15 +234,23 @@ async fn metrics(State(t): State<Arc<Telemetry>>) -> (StatusCode, String) {
     }
 }
 
+/// Ready when every program is attached and every live-store listener of a
+/// served namespace is registered; otherwise 503 with one line per problem.
 async fn ready(State(t): State<Arc<Telemetry>>) -> (StatusCode, String) {
     let (_, missing) = t.attachment_state();
-    if missing.is_empty() {
+    let mut problems: Vec<String> = missing
+        .into_iter()
+        .map(|m| format!("not attached: {m}"))
+        .collect();
+    problems.extend(
+        t.unservable()
+            .into_iter()
+            .map(|(netns, u)| format!("netns {netns}: {u}")),
+    );
+    if problems.is_empty() {
         (StatusCode::OK, "ready\n".to_owned())
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not attached: {}\n", missing.join(", ")),
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n")
     }
 }
 

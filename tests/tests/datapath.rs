@@ -293,7 +293,7 @@ fn listener_that_existed_before_the_agent_is_used() {
         agent
             .stdout()
             .iter()
-            .any(|l| l.contains("1 existing listener(s) registered")),
+            .any(|l| l.contains(", 1 listener(s) registered")),
         "agent output: {:?}",
         agent.stdout()
     );

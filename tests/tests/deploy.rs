@@ -329,6 +329,7 @@ struct FileConfig {
     discover: Option<bool>,
     cgroup_pattern: Option<String>,
     pin: Option<bool>,
+    keep_mptcp: Option<bool>,
     flow_format: Option<FlowFormat>,
     flow_log: Option<PathBuf>,
     metrics_addr: Option<SocketAddr>,

@@ -1,0 +1,428 @@
+//! Keeps `LISTENERS` in step with the live-store listeners the kernel reports.
+//!
+//! `sock_ops` registers a listener the moment it starts listening. What it
+//! cannot do is left to this reconcile pass, run when a namespace starts being
+//! served and then every second: listeners that existed before the agent, a
+//! registration that failed or was deleted, and the report of listeners that
+//! cannot be served at all (an MPTCP socket, an owner we may not copy from).
+//!
+//! A missing listener is copied out of its process (`pidfd_getfd`), checked to
+//! be the socket sock_diag reported, inserted only into a free slot (never over
+//! a newer registration `sock_ops` made meanwhile), and the copy is closed at
+//! once: the agent never keeps a live-store's port bound after it closed it.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::IpAddr,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use redirector_common::{Bind, ListenerKey, NsPort, RedirectTarget, LISTENER_SLOTS};
+use serde::Serialize;
+
+use crate::{datapath::Redirect, listeners, netns::Netns, sockdiag, sys};
+
+/// Why a live-store listener is not registered. The label is the `reason` of
+/// the `listeners_unservable` metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// An MPTCP socket: its TCP subflow carries a ULP that socket maps refuse.
+    Mptcp,
+    /// No process we can see holds the socket (the agent lacks hostPID).
+    NoOwner,
+    /// `pidfd_getfd` was refused (ptrace access: Yama, an LSM, or no CAP_SYS_PTRACE).
+    CopyDenied,
+    /// The kernel refused the socket map insert (map full, out of memory).
+    RegisterFailed,
+    /// Registrable, but nothing registered it: no agent is running (seen by
+    /// `redirector status`), or the agent's next pass will.
+    NotRegistered,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 5] = [
+        Reason::Mptcp,
+        Reason::NoOwner,
+        Reason::CopyDenied,
+        Reason::RegisterFailed,
+        Reason::NotRegistered,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::Mptcp => "mptcp",
+            Reason::NoOwner => "no_owner",
+            Reason::CopyDenied => "copy_denied",
+            Reason::RegisterFailed => "register_failed",
+            Reason::NotRegistered => "not_registered",
+        }
+    }
+
+    /// What the operator can do about it.
+    pub fn fix(self) -> &'static str {
+        match self {
+            Reason::Mptcp => {
+                "the live-store listens with MPTCP (Go >= 1.24 does by default); restart it: \
+                 the agent turned MPTCP off in its namespace, so it will listen with plain TCP \
+                 (or set GODEBUG=multipathtcp=0 in its environment)"
+            }
+            Reason::NoOwner => {
+                "no visible process holds the socket: run the agent with hostPID: true, or \
+                 restart the live-store so sock_ops registers it"
+            }
+            Reason::CopyDenied => {
+                "copying the socket was refused: grant CAP_SYS_PTRACE, check Yama \
+                 (kernel.yama.ptrace_scope <= 2) and LSM policy, or restart the live-store"
+            }
+            Reason::RegisterFailed => {
+                "the kernel refused the socket map insert: see the detail; restart the \
+                 live-store once the cause is gone"
+            }
+            Reason::NotRegistered => {
+                "start the agent (redirector run --pin ...), which registers it within a second"
+            }
+        }
+    }
+
+    /// Whether trying again (without the listener changing) can help.
+    fn permanent(self) -> bool {
+        matches!(self, Reason::Mptcp)
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// A live-store listener that is not registered, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Unservable {
+    pub port: u16,
+    pub address: IpAddr,
+    pub inode: u64,
+    pub pid: Option<i32>,
+    pub reason: Reason,
+    pub detail: String,
+}
+
+impl fmt::Display for Unservable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let addr = std::net::SocketAddr::new(self.address, self.port);
+        write!(f, "listener {addr} (socket inode {}", self.inode)?;
+        if let Some(pid) = self.pid {
+            write!(f, ", pid {pid}")?;
+        }
+        write!(f, ") not registered: {}", self.reason)?;
+        if !self.detail.is_empty() {
+            write!(f, " ({})", self.detail)?;
+        }
+        write!(f, "; fix: {}", self.reason.fix())
+    }
+}
+
+/// One reconcile pass over a namespace.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Listeners registered now (by sock_ops or by this pass).
+    pub registered: usize,
+    /// What this pass registered, and stale entries it removed.
+    pub repaired: Vec<String>,
+    pub unservable: Vec<Unservable>,
+}
+
+enum Outcome {
+    Inserted(u16),
+    /// Every slot for its address is taken by other members of its
+    /// SO_REUSEPORT group, through which `bpf_sk_assign` reaches it.
+    ThroughGroup,
+    /// The copied fd is no longer that socket (the number was reused).
+    Changed,
+    /// Checked and registrable, but this pass only looks.
+    WouldRegister,
+}
+
+/// The entries of `LISTENERS` at one moment: key -> socket cookie.
+pub struct Snapshot(Vec<(ListenerKey, u64)>);
+
+impl Snapshot {
+    pub fn in_netns(&self, cookie: u64) -> impl Iterator<Item = &(ListenerKey, u64)> {
+        self.0.iter().filter(move |(k, _)| k.netns_cookie == cookie)
+    }
+}
+
+pub struct Registry {
+    listeners: MapData,
+    redirects: BpfHashMap<MapData, NsPort, RedirectTarget>,
+    /// Listeners that cannot be registered for a reason that lasts as long as
+    /// the socket (by inode): not copied again every pass.
+    permanent: HashMap<u64, Unservable>,
+}
+
+impl Registry {
+    pub fn new(listeners: MapData, redirects: MapData) -> Result<Self> {
+        Ok(Self {
+            listeners,
+            redirects: BpfHashMap::try_from(aya::maps::Map::HashMap(redirects))
+                .context("REDIRECTS map")?,
+            permanent: HashMap::new(),
+        })
+    }
+
+    /// Reads every entry of `LISTENERS` once, for the passes over all namespaces.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let fd = self.listeners.fd().as_fd();
+        let keys: Vec<ListenerKey> = sys::map_keys(fd).context("listing LISTENERS")?;
+        let mut entries = Vec::with_capacity(keys.len());
+        for key in keys {
+            // Entries vanish while we read (a listener closed): skip them.
+            if let Ok(Some(cookie)) = sys::map_lookup(fd, &key) {
+                entries.push((key, cookie));
+            }
+        }
+        Ok(Snapshot(entries))
+    }
+
+    /// Compares the listeners sock_diag reports in `netns` on the redirects'
+    /// listen ports with the registered ones, and says why each missing one is
+    /// missing; with `repair`, registers what it can and removes what is stale
+    /// (without, it changes nothing: `redirector status`).
+    pub fn reconcile(
+        &mut self,
+        netns: &Netns,
+        redirects: &[Redirect],
+        snapshot: &Snapshot,
+        repair: bool,
+    ) -> Result<Report> {
+        let ports: Vec<u16> = redirects.iter().map(|r| r.listen_port).collect();
+        let found = sys::in_netns(netns.file.as_fd(), || sockdiag::listening(&ports))
+            .with_context(|| format!("listing listeners in {}", netns.path.display()))?;
+        let mut report = Report::default();
+        let mut registered: HashSet<u64> = HashSet::new();
+        let mut taken: HashSet<ListenerKey> = HashSet::new();
+        let found_cookies: HashSet<u64> = found.iter().map(|l| l.cookie).collect();
+        for (key, cookie) in snapshot.in_netns(netns.cookie) {
+            taken.insert(*key);
+            if found_cookies.contains(cookie) && ports.contains(&key.port) {
+                registered.insert(*cookie);
+            } else if repair {
+                // The kernel drops a socket's entries when it closes, so this
+                // is a leftover (a listen port no longer served, say).
+                let _ = sys::map_delete(self.listeners.fd().as_fd(), key);
+                report.repaired.push(format!(
+                    "removed a stale registration for port {} (cookie {cookie})",
+                    key.port
+                ));
+            }
+        }
+        let missing: Vec<&sockdiag::Listening> = found
+            .iter()
+            .filter(|l| !registered.contains(&l.cookie))
+            .collect();
+        self.permanent
+            .retain(|inode, _| found.iter().any(|l| l.inode == *inode));
+        if !missing.is_empty() {
+            let owners = listeners::socket_owners(
+                missing
+                    .iter()
+                    .filter(|l| !self.permanent.contains_key(&l.inode))
+                    .map(|l| l.inode)
+                    .collect(),
+            );
+            for l in missing {
+                if let Some(known) = self.permanent.get(&l.inode) {
+                    report.unservable.push(known.clone());
+                    continue;
+                }
+                let owner = owners.get(&l.inode).copied();
+                let unservable = |reason, detail| Unservable {
+                    port: l.port,
+                    address: l.addr,
+                    inode: l.inode,
+                    pid: owner.map(|(pid, _)| pid),
+                    reason,
+                    detail,
+                };
+                match self.register(netns.cookie, l, owner, &mut taken, repair) {
+                    Ok(Outcome::Inserted(slot)) => {
+                        registered.insert(l.cookie);
+                        report.repaired.push(format!(
+                            "registered listener {} (socket inode {}, pid {}, slot {slot})",
+                            std::net::SocketAddr::new(l.addr, l.port),
+                            l.inode,
+                            owner.map_or(0, |(pid, _)| pid)
+                        ));
+                    }
+                    // Served through its SO_REUSEPORT group's registered members.
+                    Ok(Outcome::ThroughGroup) => {
+                        registered.insert(l.cookie);
+                    }
+                    // Not the socket we were told about any more: next pass.
+                    Ok(Outcome::Changed) => {}
+                    Ok(Outcome::WouldRegister) => report
+                        .unservable
+                        .push(unservable(Reason::NotRegistered, String::new())),
+                    Err((reason, detail)) => {
+                        let u = unservable(reason, detail);
+                        if reason.permanent() {
+                            self.permanent.insert(l.inode, u.clone());
+                        }
+                        report.unservable.push(u);
+                    }
+                }
+            }
+        }
+        report.registered = registered.len();
+        if repair {
+            self.mark_binds(netns.cookie, redirects, &taken);
+        }
+        Ok(report)
+    }
+
+    /// Copies the listener out of its owner and inserts it into a free slot.
+    fn register(
+        &self,
+        netns_cookie: u64,
+        l: &sockdiag::Listening,
+        owner: Option<(i32, i32)>,
+        taken: &mut HashSet<ListenerKey>,
+        write: bool,
+    ) -> std::result::Result<Outcome, (Reason, String)> {
+        let Some((pid, fd)) = owner else {
+            return Err((Reason::NoOwner, String::new()));
+        };
+        let copy: OwnedFd = sys::copy_fd_from(pid, fd)
+            .map_err(|e| (Reason::CopyDenied, format!("pidfd_getfd: {e}")))?;
+        let facts = sys::socket_facts(copy.as_fd())
+            .map_err(|e| (Reason::RegisterFailed, format!("inspecting the copy: {e}")))?;
+        if facts.inode != l.inode || !facts.listening {
+            return Ok(Outcome::Changed);
+        }
+        if facts.protocol == sys::IPPROTO_MPTCP {
+            return Err((Reason::Mptcp, "socket protocol IPPROTO_MPTCP".to_owned()));
+        }
+        if !write {
+            return Ok(Outcome::WouldRegister);
+        }
+        let bind = bind_of(l.addr);
+        // The 8-byte value a socket hash with 8-byte values takes: the fd.
+        let value = copy.as_raw_fd() as u32 as u64;
+        for slot in 0..LISTENER_SLOTS {
+            let key = ListenerKey::new(netns_cookie, l.port, bind, slot);
+            if taken.contains(&key) {
+                continue;
+            }
+            // BPF_NOEXIST: a registration sock_ops made since the snapshot wins.
+            match sys::map_update(self.listeners.fd().as_fd(), &key, &value, sys::BPF_NOEXIST) {
+                Ok(()) => {
+                    taken.insert(key);
+                    return Ok(Outcome::Inserted(slot));
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    taken.insert(key);
+                }
+                Err(e) => {
+                    let reason = if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                        Reason::Mptcp
+                    } else {
+                        Reason::RegisterFailed
+                    };
+                    return Err((reason, format!("bpf_map_update_elem: {e}")));
+                }
+            }
+        }
+        // `copy` is closed on return: the live-store's close alone ends the socket.
+        Ok(Outcome::ThroughGroup)
+    }
+
+    /// Makes sure `sk_lookup` looks up every kind of bind that has a
+    /// registration. Kinds are only ever added here, never cleared: a stale
+    /// kind costs a missed lookup, while clearing one could race with a
+    /// `sock_ops` registration and hide a live listener until the next pass.
+    fn mark_binds(
+        &mut self,
+        netns_cookie: u64,
+        redirects: &[Redirect],
+        taken: &HashSet<ListenerKey>,
+    ) {
+        for r in redirects {
+            let key = NsPort::new(netns_cookie, r.advertise_port);
+            let Ok(mut target) = self.redirects.get(&key, 0) else {
+                continue;
+            };
+            let mut changed = false;
+            for k in taken.iter().filter(|k| k.port == r.listen_port) {
+                let kind = k.bind().kind();
+                if target.binds[kind] == 0 {
+                    target.binds[kind] = 1;
+                    changed = true;
+                }
+            }
+            if changed {
+                let _ = self.redirects.insert(key, target, 0);
+            }
+        }
+    }
+}
+
+/// `Bind` of a sock_diag address, as `sock_ops` computes it in the kernel.
+pub fn bind_of(addr: IpAddr) -> Bind {
+    match addr {
+        IpAddr::V4(a) => Bind::v4(u32::from_ne_bytes(a.octets())),
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            Bind::of_socket(
+                redirector_common::AF_INET6,
+                0,
+                [word(0), word(4), word(8), word(12)],
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redirector_common::{
+        AF_INET, AF_INET6, BIND_V4_ADDR, BIND_V4_ANY, BIND_V6_ADDR, BIND_V6_ANY,
+    };
+
+    #[test]
+    fn binds_match_what_the_kernel_side_computes() {
+        let lo = bind_of("127.0.0.1".parse().unwrap());
+        assert_eq!(lo.family, AF_INET);
+        assert_eq!(lo.addr[0], u32::from_ne_bytes([127, 0, 0, 1]));
+        assert_eq!(lo.kind(), BIND_V4_ADDR);
+        assert_eq!(bind_of("0.0.0.0".parse().unwrap()).kind(), BIND_V4_ANY);
+        assert_eq!(bind_of("::".parse().unwrap()).kind(), BIND_V6_ANY);
+        let v6 = bind_of("fd00::2".parse().unwrap());
+        assert_eq!((v6.family, v6.kind()), (AF_INET6, BIND_V6_ADDR));
+        // A dual-stack socket bound to a v4-mapped address takes IPv4 only.
+        let mapped = bind_of("::ffff:127.0.0.1".parse().unwrap());
+        assert_eq!(mapped, lo);
+    }
+
+    #[test]
+    fn unservable_says_what_to_do() {
+        let u = Unservable {
+            port: 9095,
+            address: "::".parse().unwrap(),
+            inode: 42,
+            pid: Some(7),
+            reason: Reason::Mptcp,
+            detail: String::new(),
+        };
+        let text = u.to_string();
+        assert!(
+            text.starts_with("listener [::]:9095 (socket inode 42, pid 7) not registered: mptcp"),
+            "{text}"
+        );
+        assert!(text.contains("GODEBUG=multipathtcp=0"), "{text}");
+    }
+}
