@@ -7,7 +7,7 @@ use std::{
     collections::HashSet,
     io::{self, BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd,
+    os::fd::{AsFd, AsRawFd},
     path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
     sync::{
@@ -56,8 +56,8 @@ impl Server {
     /// Listens on `addr` inside `ns` ("[::]:9095" is dual-stack, like Go's ":9095").
     pub fn start(ns: &Netns, addr: &str, name: &str) -> Result<Self> {
         let addr: SocketAddr = addr.parse().context("server address")?;
-        let listener = ns
-            .run(|| TcpListener::bind(addr))
+        let (listener, _) = ns
+            .run(|| listen(addr, ListenOpts::default()))
             .with_context(|| format!("bind {addr} in {}", ns.name))?;
         Ok(Self::serve(listener, name))
     }
@@ -126,6 +126,85 @@ fn answer(mut conn: TcpStream, name: &str, peer: SocketAddr) {
     }
     let _ = conn.write_all(format!("{name} {peer}\n").as_bytes());
     let _ = conn.write_all(&payload);
+}
+
+/// How a listener is opened, the way real servers do it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ListenOpts {
+    /// Like Go >= 1.24's `net.Listen`: MPTCP first, plain TCP if the
+    /// namespace refuses MPTCP sockets (`net.mptcp.enabled=0`).
+    pub mptcp: bool,
+    /// SO_REUSEPORT, as multi-worker servers (nginx, envoy) listen.
+    pub reuseport: bool,
+}
+
+/// Opens a listener on `addr` in the calling thread's namespace; says whether
+/// it got MPTCP.
+pub fn listen(addr: SocketAddr, opts: ListenOpts) -> io::Result<(TcpListener, bool)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let domain = Domain::for_address(addr);
+    let (socket, mptcp) = match opts
+        .mptcp
+        .then(|| Socket::new(domain, Type::STREAM, Some(Protocol::MPTCP)))
+    {
+        Some(Ok(s)) => (s, true),
+        // What Go does when the kernel or the namespace refuses MPTCP.
+        Some(Err(_)) | None => (
+            Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?,
+            false,
+        ),
+    };
+    socket.set_reuse_address(true)?;
+    if opts.reuseport {
+        socket.set_reuse_port(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok((socket.into(), mptcp))
+}
+
+/// A real server process living inside a namespace (`ip netns exec`), killed
+/// on drop: a live-store stand-in, or a real Go program.
+pub struct Process {
+    child: Child,
+    /// The line it printed once listening.
+    pub ready: String,
+}
+
+impl Process {
+    /// Starts `program ARGS` in `ns` (with `env`) and waits for its first
+    /// stdout line, which must start with `listening`.
+    pub fn start(ns: &Netns, program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name, program])
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped());
+        let mut child = cmd.spawn().with_context(|| format!("starting {program}"))?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut process = Self {
+            child,
+            ready: String::new(),
+        };
+        BufReader::new(stdout)
+            .read_line(&mut process.ready)
+            .context("reading its first line")?;
+        if !process.ready.starts_with("listening") {
+            bail!("{program} said {:?} instead of listening", process.ready);
+        }
+        Ok(process)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// What a `Server` answered.
@@ -392,4 +471,49 @@ pub fn sk_lookup_programs(ns: &Netns) -> Vec<u32> {
 /// `v4` as a dual-stack socket reports it (`::ffff:a.b.c.d`) or plain.
 pub fn same_ip(seen: &SocketAddr, expected: &str) -> bool {
     seen.ip().to_canonical().to_string() == expected
+}
+
+/// Deletes every `LISTENERS` entry of the namespace with `netns_cookie`, in
+/// every redirector agent's map, behind the agents' backs (what an operator's
+/// `bpftool map delete` would do). Returns how many entries went.
+pub fn delete_registrations(netns_cookie: u64) -> usize {
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    let bpf = |cmd: libc::c_long, attr: &mut [u64; 16]| {
+        // SAFETY: bpf(2) with a zeroed 128-byte attr whose pointers outlive the call.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), 128u32) }
+    };
+    let mut deleted = 0;
+    for info in aya::maps::loaded_maps().filter_map(|m| m.ok()) {
+        if info.name_as_str() != Some(redirector_common::MAP_LISTENERS) {
+            continue;
+        }
+        let Ok(map) = aya::maps::MapData::from_id(info.id()) else {
+            continue;
+        };
+        let fd = map.fd().as_fd().as_raw_fd() as u32 as u64;
+        let mut keys = Vec::new();
+        let mut next = redirector_common::ListenerKey::default();
+        let mut prev: Option<redirector_common::ListenerKey> = None;
+        loop {
+            let mut attr = [0u64; 16];
+            attr[0] = fd;
+            attr[1] = prev.as_ref().map_or(0, |k| k as *const _ as u64);
+            attr[2] = &mut next as *mut _ as u64;
+            if bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) != 0 {
+                break;
+            }
+            keys.push(next);
+            prev = Some(next);
+        }
+        for key in keys.iter().filter(|k| k.netns_cookie == netns_cookie) {
+            let mut attr = [0u64; 16];
+            attr[0] = fd;
+            attr[1] = key as *const _ as u64;
+            if bpf(BPF_MAP_DELETE_ELEM, &mut attr) == 0 {
+                deleted += 1;
+            }
+        }
+    }
+    deleted
 }

@@ -118,6 +118,44 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// A sysctl's value in this namespace (`/proc/sys/net` shows the namespace
+    /// of the thread that reads it).
+    pub fn sysctl_value(&self, path: &str) -> String {
+        let owned = path.to_owned();
+        self.run(move || std::fs::read_to_string(&owned))
+            .unwrap_or_else(|e| panic!("reading {path} in {}: {e}", self.name))
+            .trim()
+            .to_owned()
+    }
+
+    /// The namespace's cookie, the key the kernel programs use for it.
+    pub fn cookie(&self) -> u64 {
+        self.run(|| {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("socket");
+            let mut cookie: u64 = 0;
+            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+            // SAFETY: getsockopt(SO_NETNS_COOKIE = 71) into a u64 and its length.
+            let rc = unsafe {
+                libc::getsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&s),
+                    libc::SOL_SOCKET,
+                    71,
+                    (&mut cookie as *mut u64).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(
+                rc,
+                0,
+                "SO_NETNS_COOKIE: {}",
+                std::io::Error::last_os_error()
+            );
+            cookie
+        })
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = ip(&["netns", "del", &self.name]);

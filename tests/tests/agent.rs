@@ -4,7 +4,7 @@
 
 use std::{
     io,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
     thread,
     time::{Duration, Instant},
@@ -44,39 +44,14 @@ impl Drop for PinCleanup {
 }
 
 /// A live-store stand-in process living inside a namespace, killed on drop.
-struct StandIn(Child);
-
-impl StandIn {
-    fn start(ns: &Netns, addr: &str, name: &str) -> Self {
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns.name,
-                env!("CARGO_BIN_EXE_live-store-standin"),
-                addr,
-                name,
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the stand-in");
-        // Wait for its `listening` line so the listener exists before we go on.
-        let mut line = String::new();
-        io::BufRead::read_line(
-            &mut io::BufReader::new(child.stdout.take().expect("stdout")),
-            &mut line,
-        )
-        .expect("read");
-        assert!(line.starts_with("listening"), "stand-in said {line:?}");
-        Self(child)
-    }
-}
-
-impl Drop for StandIn {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn stand_in(ns: &Netns, addr: &str, name: &str) -> Process {
+    Process::start(
+        ns,
+        env!("CARGO_BIN_EXE_live-store-standin"),
+        &[addr, name],
+        &[],
+    )
+    .expect("start the stand-in")
 }
 
 fn wait_for(agent: &Agent, what: &str, count: usize) {
@@ -98,7 +73,7 @@ fn discovery_follows_live_stores_as_they_come_and_go() {
     // Ports of its own, so no other namespace on the machine is discovered.
     let (listen, advertise) = ("19095", "22345");
     let l1 = Netns::new("d1").expect("netns");
-    let s1 = StandIn::start(&l1, "[::]:19095", "live-store-1");
+    let s1 = stand_in(&l1, "[::]:19095", "live-store-1");
     let agent = Agent::start(&[
         "--discover",
         "--listen-port",
@@ -118,7 +93,7 @@ fn discovery_follows_live_stores_as_they_come_and_go() {
 
     // A live-store that starts after the agent is picked up.
     let l2 = Netns::new("d2").expect("netns");
-    let s2 = StandIn::start(&l2, "[::]:19095", "live-store-2");
+    let s2 = stand_in(&l2, "[::]:19095", "live-store-2");
     wait_for(&agent, "attached sk_lookup in netns", 2);
     assert_eq!(
         request(&l2, &local, b"x").expect("served in L2").server,
@@ -473,7 +448,7 @@ fn a_new_pinned_agent_removes_what_it_no_longer_serves() {
 fn discovery_can_be_limited_to_matching_cgroups() {
     let (listen, advertise) = ("19096", "22346");
     let l = Netns::new("cg").expect("netns");
-    let _s = StandIn::start(&l, "[::]:19096", "live-store");
+    let _s = stand_in(&l, "[::]:19096", "live-store");
     let base = [
         "--discover",
         "--listen-port",
@@ -594,4 +569,32 @@ fn detach_stops_a_running_pinned_agents_redirects_at_once() {
     let (status, body) = http_get(&agent.metrics_url("/readyz"));
     assert_eq!(status, 503, "{body}");
     assert!(agent.stop().expect("agent stops").status.success());
+}
+
+#[test]
+fn status_says_which_listener_is_not_registered_and_why() {
+    let _pins = PinCleanup::new();
+    let l = Netns::new("st").expect("netns");
+    l.sysctl("net.mptcp.enabled", "1").expect("mptcp on");
+    let _mptcp = Process::start(
+        &l,
+        env!("CARGO_BIN_EXE_live-store-standin"),
+        &["[::]:9095", "mptcp", "--mptcp"],
+        &[],
+    )
+    .expect("an MPTCP listener");
+    let agent =
+        Agent::start(&["--pin", "--netns", l.path().to_str().expect("utf-8")]).expect("agent");
+    let (code, table, _) = redirector(&["status"]);
+    assert_eq!(code, 0);
+    assert!(
+        table.contains("listener [::]:9095") && table.contains("not registered: mptcp"),
+        "{table}"
+    );
+    let (_, json, _) = redirector(&["status", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("status JSON");
+    let unservable = &v["namespaces"][0]["unservable"][0];
+    assert_eq!(unservable["reason"], "mptcp", "{json}");
+    assert_eq!(unservable["port"], 9095);
+    agent.stop().expect("agent stops");
 }

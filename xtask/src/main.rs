@@ -3,6 +3,7 @@
 //! fresh clone on a fresh machine needs nothing else.
 
 mod bench;
+mod golang;
 mod setup;
 mod toolchain;
 
@@ -83,11 +84,13 @@ fn run(cli: Cli) -> Result<()> {
                 "-p",
                 "xtask",
             ]))?;
+            let go_live_store = golang::build_live_store(&root)?;
             let mut integration = cargo(&root);
             integration
                 .args(["test", "--release", "-p", "redirector-tests", "--"])
                 .arg("--test-threads=1")
-                .env("REDIRECTOR_BIN", root.join("target/release/redirector"));
+                .env("REDIRECTOR_BIN", root.join("target/release/redirector"))
+                .env(golang::LIVE_STORE_ENV, go_live_store);
             if let Some(f) = filter {
                 integration.arg(f);
             }
