@@ -80,7 +80,7 @@ fn describe(c: Counter) -> Option<(&'static str, &'static str)> {
     Some(match c {
         Counter::Redirected => (
             "lookups_redirected",
-            "SYNs to an advertised port handed to the live-store's listener (a retransmitted SYN counts again)",
+            "New connections to an advertised port handed to the live-store's listener (counted at the first segment of each client address and port; retransmitted SYNs do not count again)",
         ),
         Counter::NoListener => ("connections_refused", "New connections to an advertised port that found no live-store listener"),
         Counter::AssignError => ("assign_errors", "Registered listeners the kernel refused to assign (e.g. IPv6 connection, IPv4 listener)"),
