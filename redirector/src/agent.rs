@@ -389,10 +389,10 @@ impl Agent {
     fn publish(&mut self) -> Result<()> {
         self.telemetry
             .set_namespaces(attachments(&self.datapath)?.namespaces);
-        let ports = self.settings.listen_ports();
         let mut infos = HashMap::new();
         for s in &self.datapath.served {
-            let inodes = listeners::listening_inodes(&s.netns, &ports).unwrap_or_default();
+            // The reconcile pass that just ran listed the listeners.
+            let inodes = s.report.inodes.clone();
             let cached = self
                 .owners
                 .get(&s.netns.cookie)

@@ -265,28 +265,17 @@ impl Datapath {
         if self.served.iter().any(|s| s.netns.cookie == cookie) {
             bail!("network namespace {} is listed twice", netns.path.display());
         }
-        let result = self.set_redirects(cookie, redirects).and_then(|()| {
-            let adopted = self
-                .pins
-                .as_ref()
-                .and_then(|l| Link::adopt(&l.netns_link(cookie)));
-            match adopted {
-                Some(link) => Ok((link, true)),
-                None => Ok((self.attach_sk_lookup(&netns)?, false)),
-            }
-        });
-        let (link, adopted) = match result {
-            Ok(r) => r,
-            Err(e) => {
-                self.clear_redirects(cookie, redirects);
-                return Err(e);
-            }
-        };
+        if let Err(e) = self.set_redirects(cookie, redirects) {
+            self.clear_redirects(cookie, redirects);
+            return Err(e);
+        }
         let mptcp_was = if self.keep_mptcp {
             None
         } else {
             disable_mptcp(&netns)
         };
+        // Listeners that exist already are registered before sk_lookup runs,
+        // so no connection finds the redirect without its listener.
         let report = self
             .registry
             .snapshot()
@@ -295,6 +284,23 @@ impl Datapath {
                 tracing::warn!("registering the listeners of {netns}: {e:#}");
                 Report::default()
             });
+        let adopted = self
+            .pins
+            .as_ref()
+            .and_then(|l| Link::adopt(&l.netns_link(cookie)));
+        let attached = match adopted {
+            Some(link) => Ok((link, true)),
+            None => self.attach_sk_lookup(&netns).map(|link| (link, false)),
+        };
+        let (link, adopted) = match attached {
+            Ok(r) => r,
+            Err(e) => {
+                self.clear_redirects(cookie, redirects);
+                self.registry.forget(cookie);
+                restore_mptcp(&netns, mptcp_was.as_deref());
+                return Err(e);
+            }
+        };
         self.served.push(Served {
             netns,
             redirects: redirects.to_vec(),
@@ -329,7 +335,8 @@ impl Datapath {
         let pos = self.served.iter().position(|s| s.netns.cookie == cookie)?;
         let served = self.served.remove(pos);
         self.clear_redirects(cookie, &served.redirects);
-        restore_mptcp(&served);
+        restore_mptcp(&served.netns, served.mptcp_was.as_deref());
+        self.registry.forget(cookie);
         served.link.remove();
         Some(served.netns)
     }
@@ -338,7 +345,7 @@ impl Datapath {
     /// exits without --pin stops serving them all).
     pub fn restore_namespaces(&self) {
         for s in &self.served {
-            restore_mptcp(s);
+            restore_mptcp(&s.netns, s.mptcp_was.as_deref());
         }
     }
 
@@ -400,14 +407,19 @@ impl Datapath {
         let mut listen_map: HashMap<_, NsPort, u16> =
             listen_map.context("LISTEN_PORTS map")?.try_into()?;
         for r in redirects {
-            // Bind kinds start empty: registrations (sock_ops, reconcile) add them.
-            redirect_map
-                .insert(
-                    NsPort::new(cookie, r.advertise_port),
-                    RedirectTarget::new(r.listen_port),
-                    0,
-                )
-                .context("adding to the REDIRECTS map")?;
+            let key = NsPort::new(cookie, r.advertise_port);
+            // An entry a previous agent pinned is left as it is: programs that
+            // stayed attached read it, and its bind kinds describe listeners
+            // registered now. A new one starts without bind kinds:
+            // registrations (sock_ops, the reconcile pass) add them.
+            let kept = redirect_map
+                .get(&key, 0)
+                .is_ok_and(|t| t.listen_port == r.listen_port);
+            if !kept {
+                redirect_map
+                    .insert(key, RedirectTarget::new(r.listen_port), 0)
+                    .context("adding to the REDIRECTS map")?;
+            }
             listen_map
                 .insert(NsPort::new(cookie, r.listen_port), r.advertise_port, 0)
                 .context("adding to the LISTEN_PORTS map")?;
@@ -525,11 +537,11 @@ fn disable_mptcp(netns: &Netns) -> Option<String> {
     }
 }
 
-fn restore_mptcp(served: &Served) {
-    if let Some(old) = &served.mptcp_was {
+fn restore_mptcp(netns: &Netns, was: Option<&str>) {
+    if let Some(old) = was {
         // The namespace may be gone already: nothing to restore then.
-        if sys::set_netns_sysctl(served.netns.file.as_fd(), MPTCP_SYSCTL, old).is_ok() {
-            tracing::info!("restored net.mptcp.enabled={old} in {}", served.netns);
+        if sys::set_netns_sysctl(netns.file.as_fd(), MPTCP_SYSCTL, old).is_ok() {
+            tracing::info!("restored net.mptcp.enabled={old} in {netns}");
         }
     }
 }

@@ -1,25 +1,15 @@
 //! Which process holds a listening socket: for flow records, and for the
 //! registry, which copies listeners it must register out of their owner.
 
-use std::{collections::HashMap, fs, io, os::fd::AsFd};
+use std::{collections::HashMap, fs};
 
-use crate::{netns::Netns, sockdiag, sys};
+use crate::sys;
 
 /// The process that owns a listening socket: for flow records.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Owner {
     pub pid: i32,
     pub comm: String,
-}
-
-/// Inodes of the sockets listening on `ports` in `netns` (sorted).
-pub fn listening_inodes(netns: &Netns, ports: &[u16]) -> io::Result<Vec<u64>> {
-    let mut inodes: Vec<u64> = sys::in_netns(netns.file.as_fd(), || sockdiag::listening(ports))?
-        .into_iter()
-        .map(|l| l.inode)
-        .collect();
-    inodes.sort_unstable();
-    Ok(inodes)
 }
 
 /// The process holding the first of `inodes`, if it can be found.

@@ -88,9 +88,11 @@ impl Reason {
         }
     }
 
-    /// Whether trying again (without the listener changing) can help.
+    /// Whether trying again without the listener changing can help: a
+    /// socket's protocol, its owner's visibility and ptrace access do not
+    /// change, so those are not copied again every pass (a /proc walk each).
     fn permanent(self) -> bool {
-        matches!(self, Reason::Mptcp)
+        matches!(self, Reason::Mptcp | Reason::NoOwner | Reason::CopyDenied)
     }
 }
 
@@ -129,6 +131,8 @@ impl fmt::Display for Unservable {
 /// One reconcile pass over a namespace.
 #[derive(Debug, Default)]
 pub struct Report {
+    /// Inodes of the listening sockets on the listen ports (sorted).
+    pub inodes: Vec<u64>,
     /// Listeners registered now (by sock_ops or by this pass).
     pub registered: usize,
     /// What this pass registered, and stale entries it removed.
@@ -160,8 +164,8 @@ pub struct Registry {
     listeners: MapData,
     redirects: BpfHashMap<MapData, NsPort, RedirectTarget>,
     /// Listeners that cannot be registered for a reason that lasts as long as
-    /// the socket (by inode): not copied again every pass.
-    permanent: HashMap<u64, Unservable>,
+    /// the socket, by (netns cookie, inode): not looked at again every pass.
+    permanent: HashMap<(u64, u64), Unservable>,
 }
 
 impl Registry {
@@ -212,30 +216,37 @@ impl Registry {
                 registered.insert(*cookie);
             } else if repair {
                 // The kernel drops a socket's entries when it closes, so this
-                // is a leftover (a listen port no longer served, say).
-                let _ = sys::map_delete(self.listeners.fd().as_fd(), key);
-                report.repaired.push(format!(
-                    "removed a stale registration for port {} (cookie {cookie})",
-                    key.port
-                ));
+                // is a leftover (a listen port no longer served, say). Only if
+                // the entry still holds that socket: a new listener may have
+                // taken the slot since the snapshot.
+                let fd = self.listeners.fd().as_fd();
+                if sys::map_lookup(fd, key).ok().flatten() == Some(*cookie)
+                    && sys::map_delete(fd, key).is_ok()
+                {
+                    report.repaired.push(format!(
+                        "removed a stale registration for port {} (socket cookie {cookie})",
+                        key.port
+                    ));
+                }
             }
         }
         let missing: Vec<&sockdiag::Listening> = found
             .iter()
             .filter(|l| !registered.contains(&l.cookie))
             .collect();
+        let cookie = netns.cookie;
         self.permanent
-            .retain(|inode, _| found.iter().any(|l| l.inode == *inode));
+            .retain(|(c, inode), _| *c != cookie || found.iter().any(|l| l.inode == *inode));
         if !missing.is_empty() {
             let owners = listeners::socket_owners(
                 missing
                     .iter()
-                    .filter(|l| !self.permanent.contains_key(&l.inode))
+                    .filter(|l| !self.permanent.contains_key(&(cookie, l.inode)))
                     .map(|l| l.inode)
                     .collect(),
             );
             for l in missing {
-                if let Some(known) = self.permanent.get(&l.inode) {
+                if let Some(known) = self.permanent.get(&(cookie, l.inode)) {
                     report.unservable.push(known.clone());
                     continue;
                 }
@@ -270,7 +281,7 @@ impl Registry {
                     Err((reason, detail)) => {
                         let u = unservable(reason, detail);
                         if reason.permanent() {
-                            self.permanent.insert(l.inode, u.clone());
+                            self.permanent.insert((cookie, l.inode), u.clone());
                         }
                         report.unservable.push(u);
                     }
@@ -278,6 +289,8 @@ impl Registry {
             }
         }
         report.registered = registered.len();
+        report.inodes = found.iter().map(|l| l.inode).collect();
+        report.inodes.sort_unstable();
         if repair {
             self.mark_binds(netns.cookie, redirects, &taken);
         }
@@ -338,6 +351,16 @@ impl Registry {
         }
         // `copy` is closed on return: the live-store's close alone ends the socket.
         Ok(Outcome::ThroughGroup)
+    }
+
+    /// Removes every registration of a namespace that is no longer served.
+    pub fn forget(&self, netns_cookie: u64) {
+        let fd = self.listeners.fd().as_fd();
+        for key in sys::map_keys::<ListenerKey>(fd).unwrap_or_default() {
+            if key.netns_cookie == netns_cookie {
+                let _ = sys::map_delete(fd, &key);
+            }
+        }
     }
 
     /// Makes sure `sk_lookup` looks up every kind of bind that has a
