@@ -6,6 +6,7 @@ mod bench;
 mod golang;
 mod setup;
 mod toolchain;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -39,6 +40,14 @@ enum Cmd {
     Test {
         /// Only integration tests whose name contains this.
         filter: Option<String>,
+        /// Instead of on this machine, run the integration tests in a QEMU VM
+        /// booted with this kernel: 6.1, 6.12, or 5.10 (below the minimum:
+        /// checks that the agent refuses it).
+        #[arg(long, value_name = "VERSION", conflicts_with = "kernels")]
+        kernel: Option<String>,
+        /// Like --kernel, one VM after the other: a comma-separated list, or `all`.
+        #[arg(long, value_name = "LIST|all")]
+        kernels: Option<String>,
     },
     /// Benchmark redirector against direct, nftables and sidecar proxies, in
     /// namespaces on this machine: `--quick` (< 1 min) or full (minutes).
@@ -71,7 +80,22 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("xtask: running {} run {}", bin.display(), args.join(" "));
             cmd(Command::new(bin).arg("run").args(&args))
         }
-        Cmd::Test { filter } => {
+        Cmd::Test {
+            filter,
+            kernel,
+            kernels,
+        } => {
+            if let Some(list) = kernel.or(kernels) {
+                // No host bpffs needed: nothing is loaded on this kernel.
+                setup::ensure_toolchain()?;
+                let go_live_store = golang::build_live_store(&root)?;
+                return vm::run_matrix(
+                    &root,
+                    &[list.as_str()],
+                    filter.as_deref(),
+                    &[(golang::LIVE_STORE_ENV, go_live_store)],
+                );
+            }
             setup::ensure()?;
             build(&root)?;
             cmd(cargo(&root).args([

@@ -30,6 +30,29 @@ const TEST_TOOLS: [(&str, &str); 2] = [
     ("util-linux", "/usr/bin/setpriv"),
 ];
 
+/// What `cargo xtask test --kernel` needs besides the build toolchain: QEMU,
+/// a static busybox for the guest, xz for the 6.12 kernel's compressed modules,
+/// and bpftool (shows that a refused agent left nothing loaded).
+const VM_TOOLS: [(&str, &str); 4] = [
+    ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
+    ("busybox-static", "/bin/busybox"),
+    ("xz-utils", "/usr/bin/xz"),
+    ("bpftool", "/usr/sbin/bpftool"),
+];
+
+/// Installs what the kernel-matrix VMs need, if missing (nothing when present).
+pub fn ensure_vm_tools() -> Result<()> {
+    let missing: Vec<&str> = VM_TOOLS
+        .iter()
+        .filter(|(_, f)| !Path::new(f).exists())
+        .map(|(p, _)| *p)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    apt_install(&missing)
+}
+
 /// Everything `run` and `test` need: the build toolchain, the test tools and a
 /// mounted bpffs.
 pub fn ensure() -> Result<()> {
