@@ -193,6 +193,8 @@ fn judge_tests(kernel: &Kernel, suite: &[(String, PathBuf)], report: &Report) ->
             .map(|s| format!(" in {s:.0} s"))
             .unwrap_or_default();
         match block.counts() {
+            // Everything filtered out: nothing to say.
+            Some((0, 0, _)) if block.rc == Some(0) => {}
             Some((p, f, _)) => {
                 passed += p;
                 failed += f;
@@ -207,6 +209,9 @@ fn judge_tests(kernel: &Kernel, suite: &[(String, PathBuf)], report: &Report) ->
         if block.rc != Some(0) || block.counts().is_none() {
             ok = false;
         }
+    }
+    if parts.is_empty() {
+        parts.push("no test matched".to_owned());
     }
     let mut summary = format!(
         "kernel {}: {} ({})",
