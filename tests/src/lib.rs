@@ -268,6 +268,16 @@ pub fn http_get(addr_path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// The value of the sample `name` (no labels) in a Prometheus text `body`.
+pub fn metric(body: &str, name: &str) -> u64 {
+    body.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or_else(|| panic!("metric {name} missing from:\n{body}"))
+}
+
 /// Path of the agent binary `cargo xtask test` built.
 pub fn agent_bin() -> PathBuf {
     std::env::var_os("REDIRECTOR_BIN")
@@ -471,6 +481,79 @@ pub fn sk_lookup_programs(ns: &Netns) -> Vec<u32> {
 /// `v4` as a dual-stack socket reports it (`::ffff:a.b.c.d`) or plain.
 pub fn same_ip(seen: &SocketAddr, expected: &str) -> bool {
     seen.ip().to_canonical().to_string() == expected
+}
+
+/// A querier namespace `q` and a live-store namespace `l` joined by [`veth`],
+/// and the flow log of the agents it starts for `l`; the log goes on drop.
+pub struct FlowSetup {
+    pub q: Netns,
+    pub l: Netns,
+    pub log: PathBuf,
+}
+
+impl FlowSetup {
+    // Not `Default`: it creates namespaces, which is no default value.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        let q = Netns::new("q").expect("querier netns");
+        let l = Netns::new("l").expect("live-store netns");
+        veth(&q, &l).expect("veth");
+        let log = std::env::temp_dir().join(format!("{}.flows", l.name));
+        let _ = std::fs::remove_file(&log);
+        Self { q, l, log }
+    }
+
+    /// An agent serving `l` that writes its flow records to `log`.
+    pub fn agent(&self, extra: &[&str]) -> Agent {
+        let mut args = vec![
+            "--netns".to_owned(),
+            self.l.path().display().to_string(),
+            "--flow-log".to_owned(),
+            self.log.display().to_string(),
+            "--metrics-addr".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        Agent::start(&refs).expect("agent starts")
+    }
+
+    /// The flow log's records (written with `--flow-format json`).
+    pub fn json_records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .expect("flow log")
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    }
+}
+
+impl Drop for FlowSetup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// SO_LINGER {on, 0}: closing `conn` then sends a RST instead of a FIN.
+pub fn reset_on_close(conn: &TcpStream) -> io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt with a valid fd and a correctly sized struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Deletes every `LISTENERS` entry of the namespace with `netns_cookie`, in

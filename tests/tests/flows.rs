@@ -6,65 +6,10 @@ use std::{
     collections::HashMap,
     io::Read,
     net::{SocketAddr, TcpStream},
-    path::PathBuf,
     time::Duration,
 };
 
-use redirector_tests::*;
-
-struct Setup {
-    q: Netns,
-    l: Netns,
-    log: PathBuf,
-}
-
-impl Setup {
-    fn new() -> Self {
-        let q = Netns::new("q").expect("querier netns");
-        let l = Netns::new("l").expect("live-store netns");
-        veth(&q, &l).expect("veth");
-        let log = std::env::temp_dir().join(format!("{}.flows", l.name));
-        let _ = std::fs::remove_file(&log);
-        Self { q, l, log }
-    }
-
-    fn agent(&self, extra: &[&str]) -> Agent {
-        let mut args = vec![
-            "--netns".to_owned(),
-            self.l.path().display().to_string(),
-            "--flow-log".to_owned(),
-            self.log.display().to_string(),
-            "--metrics-addr".to_owned(),
-            "127.0.0.1:0".to_owned(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        Agent::start(&refs).expect("agent starts")
-    }
-
-    fn json_records(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.log)
-            .expect("flow log")
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-            .collect()
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-fn metric(body: &str, name: &str) -> u64 {
-    body.lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .unwrap_or_else(|| panic!("metric {name} missing from:\n{body}"))
-}
+use redirector_tests::{FlowSetup as Setup, *};
 
 #[test]
 fn open_and_close_records_carry_exact_bytes_and_addresses() {
@@ -151,22 +96,8 @@ fn reset_by_the_server_is_reported_as_rst() {
     let agent = s.agent(&["--flow-format", "json"]);
     let server = std::thread::spawn(move || {
         let (conn, _) = listener.accept().expect("accept");
-        // SO_LINGER {on, 0}: close() sends a RST instead of a FIN.
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: setsockopt with a valid fd and a correctly sized struct.
-        let rc = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&conn),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&linger as *const libc::linger).cast(),
-                std::mem::size_of::<libc::linger>() as u32,
-            )
-        };
-        assert_eq!(rc, 0, "SO_LINGER");
+        // close() sends a RST instead of a FIN.
+        reset_on_close(&conn).expect("SO_LINGER");
         drop(conn);
     });
     let err = request(&s.q, &format!("{LIVE_STORE_V4}:{ADVERTISE}"), b"x")
