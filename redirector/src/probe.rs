@@ -1,0 +1,275 @@
+//! Kernel feature probes: does this kernel have everything the agent uses?
+//! Each probe asks the kernel itself (loads a two-instruction program, creates
+//! a one-entry map, makes the system call) instead of comparing version
+//! numbers, because vendor kernels backport features (RHEL 9's 5.14 has
+//! pieces of 5.15+). A missing feature becomes one line that names it and the
+//! first mainline release that has it, so `run` can refuse before it loads,
+//! attaches or pins anything.
+//!
+//! The probes load nothing that stays: every probe program and map is closed
+//! before the probe returns. They need the privileges the agent needs anyway
+//! (CAP_BPF, or root); a probe that cannot decide (EPERM, say) does not count
+//! as missing, so the real load reports the real error.
+
+use std::{fmt, io, os::fd::FromRawFd, os::fd::OwnedFd};
+
+use aya::{
+    maps::MapType,
+    programs::ProgramType,
+    sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
+};
+
+/// A kernel feature the agent uses.
+#[derive(Debug)]
+pub struct Feature {
+    /// How an operator would search for it.
+    pub name: &'static str,
+    /// The first mainline release that has it.
+    pub since: (u32, u32),
+    probe: fn() -> io::Result<bool>,
+}
+
+impl Feature {
+    /// Asks the kernel: `Ok(false)` when the feature is missing, `Err` when
+    /// the probe itself could not run.
+    pub fn probe(&self) -> io::Result<bool> {
+        (self.probe)()
+    }
+}
+
+/// Everything the agent needs, oldest first.
+pub const FEATURES: [Feature; 10] = [
+    // For registering live-store listeners as they start listening.
+    Feature {
+        name: "sock_ops programs",
+        since: (4, 13),
+        probe: || program(ProgramType::SockOps),
+    },
+    // For registering a listener from the kernel.
+    Feature {
+        name: "bpf_sock_hash_update in sock_ops programs",
+        since: (4, 18),
+        probe: || helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_sock_hash_update),
+    },
+    // For registering listeners that existed before the agent.
+    Feature {
+        name: "pidfd_getfd",
+        since: (5, 6),
+        probe: pidfd_getfd,
+    },
+    // For the LISTENERS map.
+    Feature {
+        name: "socket hash maps with socket-cookie values",
+        since: (5, 7),
+        probe: sockhash_with_cookie_values,
+    },
+    // For flow records.
+    Feature {
+        name: "BPF ring buffer maps",
+        since: (5, 8),
+        probe: || map(MapType::RingBuf),
+    },
+    // For steering connections on the advertised port.
+    Feature {
+        name: "sk_lookup programs",
+        since: (5, 9),
+        probe: || program(ProgramType::SkLookup),
+    },
+    // For handing a connection to the live-store's listener.
+    Feature {
+        name: "bpf_sk_assign in sk_lookup programs",
+        since: (5, 9),
+        probe: || helper(ProgramType::SkLookup, BpfHelper::BPF_FUNC_sk_assign),
+    },
+    // For flow records of steered connections.
+    Feature {
+        name: "BPF ring buffer helpers in sk_lookup programs",
+        since: (5, 9),
+        probe: || helper(ProgramType::SkLookup, BpfHelper::BPF_FUNC_ringbuf_reserve),
+    },
+    // For identifying the network namespaces it serves.
+    Feature {
+        name: "SO_NETNS_COOKIE",
+        since: (5, 14),
+        probe: so_netns_cookie,
+    },
+    // For keying listeners by network namespace.
+    Feature {
+        name: "bpf_get_netns_cookie in sock_ops programs",
+        since: (5, 15),
+        probe: || helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_get_netns_cookie),
+    },
+];
+
+/// The features this kernel lacks, as one error line.
+#[derive(Debug)]
+pub struct Missing(pub Vec<&'static Feature>);
+
+impl Missing {
+    /// The release that has every missing feature: what to upgrade to.
+    pub fn needs(&self) -> (u32, u32) {
+        self.0.iter().map(|f| f.since).max().unwrap_or((0, 0))
+    }
+}
+
+impl fmt::Display for Missing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list: Vec<String> = self
+            .0
+            .iter()
+            .map(|feat| format!("{} (Linux {}.{})", feat.name, feat.since.0, feat.since.1))
+            .collect();
+        let (major, minor) = self.needs();
+        write!(
+            f,
+            "this kernel lacks {}: upgrade the node to Linux {major}.{minor} or newer",
+            list.join(", ")
+        )
+    }
+}
+
+impl std::error::Error for Missing {}
+
+/// `run`'s refusal: exit code 3 with the one line (see crate::error).
+impl From<Missing> for crate::error::Fatal {
+    fn from(m: Missing) -> Self {
+        crate::error::Fatal::Environment(m.to_string())
+    }
+}
+
+/// Every feature with its probe's answer, in [`FEATURES`] order (for `check`).
+pub fn probe_all() -> Vec<(&'static Feature, io::Result<bool>)> {
+    FEATURES.iter().map(|f| (f, f.probe())).collect()
+}
+
+/// Ok when no probe found a feature missing. Probes that could not decide
+/// are left to the real load, which reports its own error.
+pub fn require() -> Result<(), Missing> {
+    let missing: Vec<&'static Feature> = probe_all()
+        .into_iter()
+        .filter(|(_, answer)| matches!(answer, Ok(false)))
+        .map(|(f, _)| f)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Missing(missing))
+    }
+}
+
+fn program(ty: ProgramType) -> io::Result<bool> {
+    is_program_supported(ty).map_err(io::Error::other)
+}
+
+fn helper(ty: ProgramType, helper: BpfHelper) -> io::Result<bool> {
+    // A kernel without the program type cannot have the helper for it.
+    if !program(ty)? {
+        return Ok(false);
+    }
+    is_helper_supported(ty, helper).map_err(io::Error::other)
+}
+
+fn map(ty: MapType) -> io::Result<bool> {
+    is_map_supported(ty).map_err(io::Error::other)
+}
+
+/// `pidfd_getfd(-1, ...)`: EBADF where the system call exists, ENOSYS where not.
+fn pidfd_getfd() -> io::Result<bool> {
+    // SAFETY: pidfd_getfd(2) on an invalid pidfd: no descriptor is created.
+    let rc = unsafe { libc::syscall(libc::SYS_pidfd_getfd, -1, 0, 0) };
+    syscall_exists(rc)
+}
+
+fn syscall_exists(rc: libc::c_long) -> io::Result<bool> {
+    if rc >= 0 {
+        // Cannot happen for an invalid pidfd; exists all the same.
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENOSYS) => Ok(false),
+        Some(libc::EBADF) | Some(libc::EINVAL) => Ok(true),
+        _ => Err(err),
+    }
+}
+
+/// `getsockopt(SO_NETNS_COOKIE)`: ENOPROTOOPT before 5.14.
+fn so_netns_cookie() -> io::Result<bool> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: plain socket(2); the result is checked and owned at once.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by socket(2) and nothing else owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the out-pointers point to a u64 and its length.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENOPROTOOPT) => Ok(false),
+        _ => Err(err),
+    }
+}
+
+/// A one-entry socket hash whose values are 8 bytes (socket cookies, as
+/// LISTENERS has): older kernels accept only 4-byte (fd) values.
+fn sockhash_with_cookie_values() -> io::Result<bool> {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_TYPE_SOCKHASH: u32 = 18;
+    // bpf_attr for BPF_MAP_CREATE: map_type, key_size, value_size,
+    // max_entries, then fields left zero (the kernel checks unknown tail
+    // bytes are zero, so a larger zeroed attr suits every kernel).
+    let mut attr = [0u32; 30];
+    attr[..4].copy_from_slice(&[BPF_MAP_TYPE_SOCKHASH, 4, 8, 1]);
+    let size = std::mem::size_of_val(&attr) as u32;
+    // SAFETY: bpf(2) BPF_MAP_CREATE with a zero-initialised attr of `size` bytes;
+    // the result is checked and owned at once.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, attr.as_mut_ptr(), size) };
+    if rc >= 0 {
+        // SAFETY: rc is a map fd bpf(2) just returned, owned by nothing else.
+        drop(unsafe { OwnedFd::from_raw_fd(rc as i32) });
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EINVAL) => Ok(false),
+        _ => Err(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn features_are_listed_oldest_first() {
+        assert!(FEATURES.windows(2).all(|w| w[0].since <= w[1].since));
+    }
+
+    #[test]
+    fn a_refusal_is_one_line_naming_features_and_the_release_to_upgrade_to() {
+        let m = Missing(vec![&FEATURES[8], &FEATURES[9]]);
+        let line = m.to_string();
+        assert_eq!(
+            line,
+            "this kernel lacks SO_NETNS_COOKIE (Linux 5.14), bpf_get_netns_cookie in sock_ops \
+             programs (Linux 5.15): upgrade the node to Linux 5.15 or newer"
+        );
+        assert_eq!(line.lines().count(), 1);
+        assert_eq!(m.needs(), (5, 15));
+    }
+}
