@@ -282,7 +282,6 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
                 kind.name()
             );
             let accepts_before = live_store.accepted();
-            let mut test_run_redirects = 0u64;
             let running = Running::start(kind, &topo, &agent, work.path())
                 .with_context(|| format!("starting path {}", kind.name()))?;
             let addr = Topology::live_store_addr(kind.port());
@@ -315,16 +314,7 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
                 }
                 if kind == PathKind::Redirector && repeat == 0 {
                     match topo.live_store.try_run(|| bpf::measure(plan.bpf_repeat, 5)) {
-                        Ok(c) => {
-                            // Test runs bump the agent's `redirected` counter too;
-                            // the proof must count real connections only.
-                            test_run_redirects = c
-                                .iter()
-                                .filter(|c| c.retval == 1 && c.case.starts_with("redirect"))
-                                .map(|c| c.runs)
-                                .sum();
-                            sk_lookup_cost = c;
-                        }
+                        Ok(c) => sk_lookup_cost = c,
                         Err(e) => notes.push(format!("BPF_PROG_TEST_RUN: {e:#}")),
                     }
                 }
@@ -332,15 +322,7 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
             })();
             let proof = running.stop(live_store.accepted() - accepts_before);
             result?;
-            let mut proof = proof.with_context(|| format!("stopping path {}", kind.name()))?;
-            if kind == PathKind::Redirector {
-                proof.handled = proof.handled.saturating_sub(test_run_redirects);
-                proof.evidence = format!(
-                    "{} ({test_run_redirects} of the redirects were BPF_PROG_TEST_RUN runs, not counted in handled)",
-                    proof.evidence
-                );
-            }
-            proofs.push(proof);
+            proofs.push(proof.with_context(|| format!("stopping path {}", kind.name()))?);
         }
     }
     let mut profile = Vec::new();
