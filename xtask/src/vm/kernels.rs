@@ -285,27 +285,37 @@ impl HostMirror {
         texts: &[(bool, String)],
         default_keyring: Option<String>,
     ) -> Option<Self> {
-        let wanted = if suite.ends_with("-security") {
-            "/debian-security"
-        } else {
-            "/debian"
+        let security = suite.ends_with("-security");
+        let entries: Vec<(String, Option<String>)> = texts
+            .iter()
+            .flat_map(|(deb822, text)| {
+                if *deb822 {
+                    deb822_entries(text)
+                } else {
+                    one_line_entries(text)
+                }
+            })
+            .map(|(uri, signed_by)| (uri.trim_end_matches('/').to_owned(), signed_by))
+            .collect();
+        let find = |path: &str| {
+            entries
+                .iter()
+                .find(|(uri, _)| uri.ends_with(path))
+                .map(|(uri, signed_by)| Self {
+                    uri: uri.clone(),
+                    signed_by: signed_by.clone().or_else(|| default_keyring.clone()),
+                })
         };
-        let entries = texts.iter().flat_map(|(deb822, text)| {
-            if *deb822 {
-                deb822_entries(text)
-            } else {
-                one_line_entries(text)
-            }
-        });
-        for (uri, signed_by) in entries {
-            if uri.trim_end_matches('/').ends_with(wanted) {
-                return Some(Self {
-                    uri: uri.trim_end_matches('/').to_owned(),
-                    signed_by: signed_by.or_else(|| default_keyring.clone()),
-                });
-            }
+        if !security {
+            return find("/debian");
         }
-        None
+        // Mirrors serve the security archive beside the main one.
+        find("/debian-security").or_else(|| {
+            find("/debian").map(|main| Self {
+                uri: format!("{}-security", main.uri),
+                ..main
+            })
+        })
     }
 }
 
@@ -418,6 +428,15 @@ mod tests {
             Some(HostMirror {
                 uri: "http://m/debian-security".into(),
                 signed_by: Some("/s.gpg".into())
+            })
+        );
+        // Only the main archive configured: the security one sits beside it.
+        let texts = vec![(false, "deb http://m/debian/ bookworm main\n".to_owned())];
+        assert_eq!(
+            HostMirror::from_sources("bookworm-security", &texts, None),
+            Some(HostMirror {
+                uri: "http://m/debian-security".into(),
+                signed_by: None
             })
         );
     }
