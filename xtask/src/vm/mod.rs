@@ -1,7 +1,7 @@
 //! `cargo xtask test --kernel VERSION` / `--kernels LIST|all`: the privileged
-//! integration tests inside a QEMU guest booted with another kernel, so that
-//! what the verifier, the helpers and the kernel's defaults of the kernels our
-//! users run make of the programs is tested, not only this machine's kernel.
+//! integration tests inside a QEMU guest booted with another kernel, so the
+//! programs meet the verifiers, helpers and defaults of the kernels our users
+//! run, not only this machine's.
 //!
 //! Per kernel: the pinned Debian package is fetched and unpacked into
 //! `target/kernels/` (`kernels`), an initramfs is assembled with busybox, the
@@ -33,7 +33,7 @@ use kernels::{Expect, Kernel};
 use qemu::Report;
 
 /// A guest that has not powered off by then is stuck. A full run takes about
-/// 1.5 minutes under TCG on these machines.
+/// 2 minutes under TCG on these machines.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// Runs the matrix on `kernels` (series such as `6.1`, `6.12`, `5.10`, release
