@@ -60,6 +60,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     }
     check_privileges()?;
+    // Before anything is opened, loaded or attached: a kernel below the
+    // minimum gets one line naming what it lacks (exit 3), nothing else.
+    crate::probe::require().map_err(Fatal::from)?;
     let (flow_out, flow_format) = flowreader::open_output(&s)?;
 
     // Signals first: a SIGTERM that arrives while attaching still ends cleanly.

@@ -11,6 +11,7 @@ mod flowreader;
 mod listeners;
 mod netns;
 mod pins;
+mod probe;
 mod registry;
 mod settings;
 mod sockdiag;

@@ -224,7 +224,11 @@ pub fn request(ns: &Netns, addr: &str, payload: &[u8]) -> io::Result<Reply> {
         conn.set_read_timeout(Some(Duration::from_secs(5)))?;
         let local_addr = conn.local_addr()?;
         conn.write_all(payload)?;
-        conn.shutdown(Shutdown::Write)?;
+        match conn.shutdown(Shutdown::Write) {
+            // The server's RST came first: the read below reports it.
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+            other => other?,
+        }
         let mut reader = BufReader::new(conn);
         let mut header = String::new();
         reader.read_line(&mut header)?;

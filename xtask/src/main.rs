@@ -35,8 +35,11 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run every test: unit tests, then the privileged integration tests (as root,
-    /// one at a time, since they share kernel state such as the root cgroup).
+    /// Run every test: unit tests, the privileged integration tests on this
+    /// kernel (as root, one at a time, since they share kernel state such as the
+    /// root cgroup), the benchmark smoke run, then the kernel matrix: the
+    /// integration tests in QEMU guests booted with Debian's 6.1 and 6.12
+    /// kernels, and the refusal on 5.10.
     Test {
         /// Only integration tests whose name contains this.
         filter: Option<String>,
@@ -48,6 +51,10 @@ enum Cmd {
         /// Like --kernel, one VM after the other: a comma-separated list, or `all`.
         #[arg(long, value_name = "LIST|all")]
         kernels: Option<String>,
+        /// Skip the kernel matrix (QEMU guests) after the host tests: a quicker
+        /// local loop. CI and the plain command run it.
+        #[arg(long, conflicts_with_all = ["kernel", "kernels"])]
+        no_vm: bool,
     },
     /// Benchmark redirector against direct, nftables and sidecar proxies, in
     /// namespaces on this machine: `--quick` (< 1 min) or full (minutes).
@@ -84,6 +91,7 @@ fn run(cli: Cli) -> Result<()> {
             filter,
             kernel,
             kernels,
+            no_vm,
         } => {
             if let Some(list) = kernel.or(kernels) {
                 // No host bpffs needed: nothing is loaded on this kernel.
@@ -114,14 +122,26 @@ fn run(cli: Cli) -> Result<()> {
                 .args(["test", "--release", "-p", "redirector-tests", "--"])
                 .arg("--test-threads=1")
                 .env("REDIRECTOR_BIN", root.join("target/release/redirector"))
-                .env(golang::LIVE_STORE_ENV, go_live_store);
-            if let Some(f) = filter {
+                .env(golang::LIVE_STORE_ENV, &go_live_store);
+            if let Some(f) = &filter {
                 integration.arg(f);
             }
             cmd(&mut integration)?;
-            // Last, so its agents never overlap the integration tests (which
-            // assert that no redirector program is loaded).
-            bench::run(&root, bench::BenchArgs::smoke())
+            // After the host tests, so its agents never overlap the integration
+            // tests (which assert that no redirector program is loaded).
+            bench::run(&root, bench::BenchArgs::smoke())?;
+            if no_vm {
+                eprintln!("xtask: --no-vm: the kernel matrix was not run");
+                return Ok(());
+            }
+            // The kernels our users run (6.1, 6.12) and the refusal below the
+            // minimum (5.10), each in a QEMU guest: nothing loads on this kernel.
+            vm::run_matrix(
+                &root,
+                &["all"],
+                filter.as_deref(),
+                &[(golang::LIVE_STORE_ENV, go_live_store)],
+            )
         }
         Cmd::Bench(args) => bench::main(&root, args),
     }
