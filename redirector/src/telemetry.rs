@@ -10,7 +10,15 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use axum::{extract::State, http::StatusCode, routing::get, Router};
+use axum::{
+    extract::State,
+    http::{
+        header::{ACCEPT, CONTENT_TYPE},
+        HeaderMap, StatusCode,
+    },
+    routing::get,
+    Router,
+};
 use aya::maps::{MapData, PerCpuArray};
 use prometheus_client::{
     encoding::text::encode,
@@ -227,11 +235,66 @@ impl Telemetry {
     }
 }
 
-async fn metrics(State(t): State<Arc<Telemetry>>) -> (StatusCode, String) {
+/// OpenMetrics, what Prometheus asks for first in its `Accept` header.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The classic Prometheus text format, for everything else (curl, promtool,
+/// older scrapers).
+const CLASSIC: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Serves OpenMetrics to clients that ask for it, the classic text format
+/// otherwise: each under its own content type, so no parser reads one as the
+/// other.
+async fn metrics(
+    State(t): State<Arc<Telemetry>>,
+    headers: HeaderMap,
+) -> (
+    StatusCode,
+    [(axum::http::HeaderName, &'static str); 1],
+    String,
+) {
+    let openmetrics = headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|a| a.contains("application/openmetrics-text"));
     match t.render() {
-        Ok(body) => (StatusCode::OK, body),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")),
+        Ok(body) if openmetrics => (StatusCode::OK, [(CONTENT_TYPE, OPENMETRICS)], body),
+        Ok(body) => (StatusCode::OK, [(CONTENT_TYPE, CLASSIC)], classic(&body)),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("{e:#}\n"),
+        ),
     }
+}
+
+/// The classic text format from OpenMetrics text: a counter family is named
+/// by its sample (`x_total`) in HELP and TYPE, and there is no `# EOF`.
+fn classic(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(&name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Ready when every program is attached and every live-store listener of a
@@ -272,4 +335,18 @@ pub async fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> Result<Socket
         }
     });
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_names_counter_families_by_their_samples() {
+        let om = "# HELP r_x Things.\n# TYPE r_x counter\nr_x_total 3\n# HELP r_g Now.\n# TYPE r_g gauge\nr_g 1\n# EOF\n";
+        assert_eq!(
+            classic(om),
+            "# HELP r_x_total Things.\n# TYPE r_x_total counter\nr_x_total 3\n# HELP r_g Now.\n# TYPE r_g gauge\nr_g 1\n"
+        );
+    }
 }

@@ -25,9 +25,12 @@ const EBPF_TOOLCHAIN: [(&str, &str); 2] = [
     ("libstd-rust-web-dev-bpf", DEBIAN_BPF_CORE),
 ];
 const LLVM: (&str, &str) = ("llvm-22-dev", "/usr/lib/llvm-22/lib/libLLVM.so");
-const TEST_TOOLS: [(&str, &str); 2] = [
+const TEST_TOOLS: [(&str, &str); 3] = [
     ("iproute2", "/usr/bin/ip"),
     ("util-linux", "/usr/bin/setpriv"),
+    // promtool checks the agent's metrics and the alerting rules; the server
+    // scrapes the agent in the tests as a stock Prometheus would.
+    ("prometheus", "/usr/bin/promtool"),
 ];
 
 /// What `cargo xtask test --kernel` needs besides the build toolchain: QEMU,
