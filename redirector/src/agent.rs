@@ -50,7 +50,12 @@ enum Origin {
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
+    let dry_run = args.dry_run;
     let s = settings::resolve(args)?;
+    if dry_run {
+        println!("{}", serde_json::to_string_pretty(&s.describe())?);
+        return Ok(());
+    }
     for path in &s.netns {
         if !path.exists() {
             return Err(usage(format!(

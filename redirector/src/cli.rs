@@ -145,6 +145,12 @@ pub struct RunArgs {
         value_parser = parse_ring_bytes
     )]
     pub flow_ring_bytes: u32,
+
+    /// Read and check the configuration (flags, --config, --tempo-config), print
+    /// what `run` would do as JSON, and exit: nothing is loaded or attached, and
+    /// no privileges are needed.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 fn parse_ring_bytes(s: &str) -> Result<u32, String> {

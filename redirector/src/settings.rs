@@ -33,6 +33,26 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// What `run` would do, for `run --dry-run`.
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "redirects": self.redirects.iter().map(|r| serde_json::json!({
+                "advertise_port": r.advertise_port,
+                "listen_port": r.listen_port,
+            })).collect::<Vec<_>>(),
+            "netns": self.netns,
+            "discover": self.discover,
+            "cgroup_pattern": self.cgroup_pattern,
+            "listener_grace_secs": self.listener_grace.as_secs(),
+            "pin": self.pin,
+            "keep_mptcp": self.keep_mptcp,
+            "flow_format": self.flow_format.map(|f| format!("{f:?}").to_lowercase()),
+            "flow_log": self.flow_log,
+            "metrics_addr": self.metrics_addr.to_string(),
+            "flow_ring_bytes": self.flow_ring_bytes,
+        })
+    }
+
     pub fn listen_ports(&self) -> Vec<u16> {
         self.redirects.iter().map(|r| r.listen_port).collect()
     }

