@@ -921,8 +921,8 @@ tempo_config: /etc/tempo/tempo.yaml
     #[test]
     fn deploy_files_are_valid() {
         let tempo = parse_tempo(
-            include_str!("../../deploy/tempo-values.yaml"),
-            Path::new("deploy/tempo-values.yaml"),
+            include_str!("../../deploy/tempo-config.yaml"),
+            Path::new("deploy/tempo-config.yaml"),
         )
         .unwrap();
         let manifests = include_str!("../../deploy/daemonset.yaml");

@@ -424,19 +424,40 @@ fn configmap_holds_a_valid_redirector_yaml_where_config_points() {
 
 #[test]
 fn tempo_values_match_the_configured_redirect() {
-    let docs = documents("tempo-values.yaml");
+    let pairs = redirects(&embedded_config());
+    let redirected = |advertise: Option<u64>, listen: Option<u64>| {
+        pairs
+            .iter()
+            .any(|(a, l)| Some(*l) == listen && Some(*a) == advertise)
+    };
+    // Tempo's own config file.
+    let docs = documents("tempo-config.yaml");
     assert_eq!(docs.len(), 1);
     let tempo = &docs[0];
     let listen = get(tempo, "server.grpc_listen_port").as_u64();
     let advertise = get(tempo, "live_store.ring.instance_port").as_u64();
-    assert_eq!(listen, Some(9095));
-    assert_eq!(advertise, Some(12345));
-    let pairs = redirects(&embedded_config());
+    assert_eq!((advertise, listen), (Some(12345), Some(9095)));
     assert!(
-        pairs
-            .iter()
-            .any(|(a, l)| Some(*l) == listen && Some(*a) == advertise),
-        "the ConfigMap does not redirect Tempo's instance_port to its grpc_listen_port: {pairs:?}"
+        redirected(advertise, listen),
+        "the ConfigMap does not redirect tempo-config.yaml's instance_port to its grpc_listen_port: {pairs:?}"
+    );
+    // The same in the tempo-distributed chart's value names.
+    let docs = documents("tempo-values.yaml");
+    assert_eq!(docs.len(), 1);
+    let values = &docs[0];
+    let listen = get(values, "tempo.structuredConfig.server.grpc_listen_port").as_u64();
+    let advertise = get(values, "liveStore.config.ring.instance_port").as_u64();
+    assert!(
+        redirected(advertise, listen),
+        "the ConfigMap does not redirect tempo-values.yaml's ports: {pairs:?}"
+    );
+    // Live-stores listen with plain TCP from their first second.
+    let env = seq(values, "liveStore.extraEnv");
+    assert!(
+        env.iter()
+            .any(|e| e.get("name").and_then(Value::as_str) == Some("GODEBUG")
+                && e.get("value").and_then(Value::as_str) == Some("multipathtcp=0")),
+        "{env:?}"
     );
 }
 
