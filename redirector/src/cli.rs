@@ -80,7 +80,12 @@ pub struct RunArgs {
 
     /// Take both ports from Tempo's own config file: `server.grpc_listen_port`
     /// (default 9095) and `live_store.ring.instance_port` (required).
-    #[arg(long, env = "REDIRECTOR_TEMPO_CONFIG", value_name = "TEMPO_YAML")]
+    #[arg(
+        long,
+        env = "REDIRECTOR_TEMPO_CONFIG",
+        value_name = "TEMPO_YAML",
+        conflicts_with_all = ["advertise_port", "listen_port"]
+    )]
     pub tempo_config: Option<PathBuf>,
 
     /// Network namespace to serve, as a path: /proc/PID/ns/net or /var/run/netns/NAME.
@@ -105,9 +110,10 @@ pub struct RunArgs {
     pub cgroup_pattern: Option<String>,
 
     /// With --discover, seconds a served namespace may have no listener before
-    /// it is dropped (a live-store restarting in place keeps its namespace).
-    #[arg(long, env = "REDIRECTOR_LISTENER_GRACE", default_value_t = 60)]
-    pub listener_grace: u64,
+    /// it is dropped (a live-store restarting in place keeps its namespace)
+    /// [default: 60].
+    #[arg(long, env = "REDIRECTOR_LISTENER_GRACE")]
+    pub listener_grace: Option<u64>,
 
     /// Pin programs, links and maps under /sys/fs/bpf/redirector so redirects keep
     /// working while the agent restarts or is upgraded; the next agent adopts them.

@@ -211,8 +211,26 @@ fn glob_match(pat: &[u8], text: &[u8]) -> bool {
     pat[p..].iter().all(|&c| c == b'*')
 }
 
+/// Larger than any real redirector.yaml or Tempo config: a bigger file (or
+/// /dev/zero) is refused before it can take the node's memory.
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
 fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| usage(format!("cannot read {}: {e}", path.display())))
+    use std::io::Read;
+    let cannot = |e: std::io::Error| usage(format!("cannot read {}: {e}", path.display()));
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(cannot)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(usage(format!(
+            "{} is larger than {} MiB, more than any configuration file: refused",
+            path.display(),
+            MAX_CONFIG_BYTES >> 20
+        )));
+    }
+    Ok(text)
 }
 
 fn usage(msg: String) -> anyhow::Error {

@@ -16,6 +16,7 @@ use crate::{
 };
 
 const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
+const DEFAULT_LISTENER_GRACE_SECS: u64 = 60;
 
 /// Everything `run` needs, after flags, the config file and defaults are merged.
 pub struct Settings {
@@ -105,6 +106,22 @@ pub fn resolve(args: RunArgs) -> Result<Settings> {
         }
     }
     let discover = args.discover || file.discover.unwrap_or(false);
+    let cgroup_pattern = args.cgroup_pattern.or(file.cgroup_pattern);
+    // Checked on the merged settings, not with clap's `requires`: `discover`
+    // may come from the config file while the pattern comes from a flag.
+    if !discover {
+        if cgroup_pattern.is_some() {
+            return Err(usage(
+                "--cgroup-pattern (cgroup_pattern) only applies with --discover (discover: true)"
+                    .to_owned(),
+            ));
+        }
+        if args.listener_grace.is_some() {
+            return Err(usage(
+                "--listener-grace only applies with --discover (discover: true)".to_owned(),
+            ));
+        }
+    }
     let mut netns = if args.netns.is_empty() {
         file.netns
     } else {
@@ -123,8 +140,10 @@ pub fn resolve(args: RunArgs) -> Result<Settings> {
         redirects,
         netns,
         discover,
-        cgroup_pattern: args.cgroup_pattern.or(file.cgroup_pattern),
-        listener_grace: Duration::from_secs(args.listener_grace),
+        cgroup_pattern,
+        listener_grace: Duration::from_secs(
+            args.listener_grace.unwrap_or(DEFAULT_LISTENER_GRACE_SECS),
+        ),
         pin: args.pin || file.pin.unwrap_or(false),
         keep_mptcp: args.keep_mptcp || file.keep_mptcp.unwrap_or(false),
         flow_format: args.flow_format.or(file.flow_format),

@@ -403,6 +403,48 @@ fn bad_configuration_is_one_clear_line() {
 }
 
 #[test]
+fn hostile_input_is_refused_at_once_and_flags_that_need_each_other_are_refused_apart() {
+    let cases: [(&[&str], &str); 6] = [
+        // Unbounded files: refused before they can take the node's memory.
+        (&["--config", "/dev/zero"], "larger than 4 MiB"),
+        (&["--tempo-config", "/dev/zero"], "larger than 4 MiB"),
+        (&["--tempo-config", "/dev/urandom"], "/dev/urandom"),
+        (&["--cgroup-pattern", "kubepods"], "only applies with --discover"),
+        (&["--listener-grace", "5"], "only applies with --discover"),
+        (
+            &["--tempo-config", "/etc/hostname", "--listen-port", "9096"],
+            "cannot be used with",
+        ),
+    ];
+    for (args, needle) in cases {
+        let mut full = vec!["run"];
+        full.extend_from_slice(args);
+        let out = Command::new("/usr/bin/time")
+            .args(["-f", "maxrss_kb=%M"])
+            .arg(agent_bin())
+            .args(&full)
+            .output()
+            .expect("run redirector under /usr/bin/time");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        // The agent's lines, without what time(1) adds.
+        let lines: Vec<&str> = err
+            .lines()
+            .filter(|l| !l.starts_with("Command exited") && !l.starts_with("maxrss_kb="))
+            .collect();
+        assert_eq!(lines.len(), 1, "one line: {err}");
+        assert!(lines[0].contains(needle), "{args:?}: {}", lines[0]);
+        let rss_kb: u64 = err
+            .lines()
+            .find_map(|l| l.strip_prefix("maxrss_kb="))
+            .and_then(|v| v.parse().ok())
+            .expect("max RSS");
+        // Refused after at most 4 MiB of input, not after the node's memory.
+        assert!(rss_kb < 64 * 1024, "{args:?}: {rss_kb} KiB");
+    }
+}
+
+#[test]
 fn a_new_pinned_agent_removes_what_it_no_longer_serves() {
     let _cleanup = PinCleanup::new();
     let keep = Netns::new("keep").expect("netns");
