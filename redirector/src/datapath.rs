@@ -31,9 +31,10 @@ use redirector_common::{
 use crate::{
     cgroup,
     netns::Netns,
-    pins::{Link, PinLayout},
+    pins::{Link, PinLayout, PinWatch},
     registry::{Registry, Report},
     sys,
+    telemetry::Telemetry,
 };
 
 /// The per-namespace switch Go's default MPTCP listeners depend on.
@@ -103,6 +104,8 @@ pub struct Datapath {
     pub served: Vec<Served>,
     registry: Registry,
     keep_mptcp: bool,
+    /// With `--pin`: repairs and reports changes to the pinned state.
+    pin_watch: PinWatch,
 }
 
 /// Handles on shared maps for the tasks that read them while the datapath runs
@@ -201,6 +204,7 @@ impl Datapath {
             served: Vec::new(),
             registry,
             keep_mptcp,
+            pin_watch: PinWatch::default(),
         })
     }
 
@@ -395,7 +399,18 @@ impl Datapath {
         for key in stale(MAP_LISTEN_PORTS, m.keys().filter_map(Result::ok).collect()) {
             let _ = m.remove(&key);
         }
+        // Every pin left is this agent's own from here on.
+        self.pin_watch.arm(&layout);
         Ok(removed)
+    }
+
+    /// With `--pin`, from the maintenance tick: pins deleted behind the
+    /// agent's back (or lost with a remounted bpffs) are made again from the
+    /// fds it holds; foreign entries and an unmounted bpffs are reported.
+    pub fn check_pins(&mut self, telemetry: &Telemetry) {
+        let Some(layout) = &self.pins else { return };
+        let links = std::iter::once(&self.sock_ops).chain(self.served.iter().map(|s| &s.link));
+        self.pin_watch.check(layout, &build_id(), links, telemetry);
     }
 
     fn set_redirects(&mut self, cookie: u64, redirects: &[Redirect]) -> Result<()> {

@@ -5,11 +5,12 @@
 //! Layout: `topology` (namespaces, veth), `servers` (live-store stand-in),
 //! `grpc` (its service), `paths` (redirector, nftables, proxies), `workloads`
 //! (load generators), `cpu`, `bpf` (sk_lookup cost), `stats`, `report`,
-//! `charts`, `packages` (Debian installs).
+//! `charts`, `packages` (Debian installs), `faults` (`--faults`: failure modes).
 
 mod bpf;
 mod charts;
 mod cpu;
+mod faults;
 mod grpc;
 mod packages;
 mod paths;
@@ -55,6 +56,14 @@ pub struct BenchArgs {
     /// Benchmark the agent already in target/release (skip setup and build).
     #[arg(long)]
     pub no_build: bool,
+    /// Failure modes instead of paths (under a minute): SYN flood with no
+    /// listener, live-store restarts (redirector and nginx), the agent killed
+    /// with SIGKILL (pinned and not); writes target/bench/faults/.
+    #[arg(long, conflicts_with_all = ["quick", "smoke", "repeats", "paths"])]
+    pub faults: bool,
+    /// With --faults: only these scenarios (synflood, restart, agent-kill).
+    #[arg(long, value_delimiter = ',', requires = "faults")]
+    pub scenario: Vec<String>,
 }
 
 impl BenchArgs {
@@ -211,6 +220,9 @@ pub fn main(root: &Path, args: BenchArgs) -> Result<()> {
 const SETTLE: Duration = Duration::from_millis(100);
 
 pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
+    if args.faults {
+        return faults::run(root, &args);
+    }
     let started = Instant::now();
     let plan = Plan::for_args(&args);
     let out = args.out.clone().unwrap_or_else(|| {

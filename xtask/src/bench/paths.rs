@@ -332,6 +332,9 @@ stream {{
         listen {ADVERTISE_PORT} reuseport backlog=4096;
         proxy_pass live_store;
         tcp_nodelay on;
+        # A querier's half-close reaches the live-store (which answers after
+        # reading to the end, as tests/go does) instead of ending the session.
+        proxy_half_close on;
     }}
 }}
 "
@@ -517,6 +520,12 @@ pub struct Agent {
 
 impl Agent {
     fn start(bin: &Path, ls: &Netns, dir: &Path) -> Result<Self> {
+        Self::launch(bin, &[ls], &[], dir)
+    }
+
+    /// The agent serving `namespaces`, with `extra` arguments (`--pin`, ...);
+    /// its flow log and logs go to `dir`.
+    pub fn launch(bin: &Path, namespaces: &[&Netns], extra: &[&str], dir: &Path) -> Result<Self> {
         let help = Command::new(bin)
             .args(["run", "--help"])
             .output()
@@ -527,8 +536,10 @@ impl Agent {
         cmd.arg("run")
             .args(["--advertise-port", &ADVERTISE_PORT.to_string()])
             .args(["--listen-port", &LISTEN_PORT.to_string()])
-            .arg("--netns")
-            .arg(ls.path());
+            .args(extra);
+        for ns in namespaces {
+            cmd.arg("--netns").arg(ns.path());
+        }
         if help.contains("--metrics-addr") {
             // A free port: the default one may be taken by another agent on the host.
             cmd.args(["--metrics-addr", "127.0.0.1:0"]);
@@ -569,7 +580,10 @@ impl Agent {
                 // the agent has no --flow-log); the few we need stay in memory.
                 for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                     let _ = writeln!(log, "{line}");
-                    if line.starts_with("ready") || line.contains("counters:") {
+                    if line.starts_with("ready")
+                        || line.starts_with("adopted")
+                        || line.contains("counters:")
+                    {
                         if let Ok(mut l) = lines.lock() {
                             l.push(line);
                         }
@@ -604,22 +618,47 @@ impl Agent {
             .unwrap_or(false)
     }
 
-    fn stop(mut self) -> Result<Proof> {
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// Whether it printed a line starting with `prefix` (`ready`, `adopted`).
+    pub fn printed(&self, prefix: &str) -> bool {
+        self.has_line(|l| l.starts_with(prefix))
+    }
+
+    /// SIGKILL: no cleanup of any kind, as when the node's OOM killer picks it.
+    pub fn kill(self) {
+        // SAFETY: kill(2) on the pid of our own child, not yet reaped (the
+        // guard reaps it when dropped, right after).
+        unsafe { libc::kill(self.child.pid() as i32, libc::SIGKILL) };
+    }
+
+    /// SIGTERM, then the `counters:` line of its exit summary.
+    pub fn finish(mut self) -> Result<String> {
+        self.summary()
+    }
+
+    /// Stops the agent and returns its exit summary's `counters:` line.
+    fn summary(&mut self) -> Result<String> {
         let pid = self.child.pid();
-        // The agent's own CPU (userspace: flow records, metrics), read before exit.
-        let agent_cpu = process_cpu_secs(pid);
         let status = self.child.terminate();
         // The reader thread drains the pipe after exit.
         let deadline = Instant::now() + Duration::from_secs(2);
         while !self.has_line(|l| l.contains("counters:")) && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(10));
         }
-        let line = self
-            .lines
+        self.lines
             .lock()
             .ok()
             .and_then(|l| l.iter().find(|s| s.contains("counters:")).cloned())
-            .with_context(|| format!("agent (pid {pid}, {status:?}) printed no counters"))?;
+            .with_context(|| format!("agent (pid {pid}, {status:?}) printed no counters"))
+    }
+
+    fn stop(mut self) -> Result<Proof> {
+        // The agent's own CPU (userspace: flow records, metrics), read before exit.
+        let agent_cpu = process_cpu_secs(self.child.pid());
+        let line = self.summary()?;
         // Handshakes completed after a redirect: BPF_PROG_TEST_RUN runs of
         // sk_lookup (the cost measurement) never get that far.
         let opened = counter(&line, "flows_opened").context("no flows_opened= counter")?;
