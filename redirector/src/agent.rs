@@ -25,7 +25,7 @@ use crate::{
     discover,
     error::Fatal,
     flowlog::{NsInfo, Recorder},
-    flowreader,
+    flowreader, flowsub,
     listeners::{self, Owner},
     netns::Netns,
     pins::{PinLayout, PIN_ROOT},
@@ -114,6 +114,26 @@ pub async fn run(args: RunArgs) -> Result<()> {
         clock_offset_ns: sys::monotonic_to_unix_offset_ns(),
     };
     spawn_kernel_logs(datapath.sock_ops.prog_id);
+    let hub = Arc::new(flowsub::Hub::new(
+        flowsub::Hub::capacity_for_ring(s.flow_ring_bytes),
+        telemetry.flow_subscriber_lost.clone(),
+        telemetry.flow_subscribers.clone(),
+    ));
+    // Subscribers are a convenience: a socket that cannot be created costs a
+    // warning, never the redirects.
+    let flows_server = match flowsub::Server::start(&s.flows_socket, hub.clone()) {
+        Ok(server) => {
+            println!(
+                "flow records for `redirector flows` on {}",
+                s.flows_socket.display()
+            );
+            Some(server)
+        }
+        Err(e) => {
+            tracing::warn!("`redirector flows` unavailable: {e:#}");
+            None
+        }
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let reader = tokio::spawn(flowreader::read(
         handles.flow_events,
@@ -121,6 +141,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         flow_format,
         flow_out,
         stop_rx,
+        hub,
     ));
 
     let mut agent = Agent {
@@ -187,6 +208,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
             0
         }
     };
+    // Subscribers get the records of the last drain before they are let go.
+    if let Some(server) = flows_server {
+        server.shutdown().await;
+    }
     let summary: Vec<String> = Counter::ALL
         .iter()
         .map(|&c| format!("{}={}", c.name(), telemetry.kernel_counter(c)))

@@ -54,6 +54,77 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Follow a running agent's flow records, like `hubble observe`.
+    ///
+    /// Connects to the agent's --flows-socket, keeps the records that match the
+    /// filters, and prints them as the agent's flow log does. Records missed
+    /// because this command read too slowly are counted on stderr, never
+    /// dropped silently. Exits 1 when the agent stops.
+    #[command(after_help = "Examples:\n  \
+        redirector flows                                  # every record, as it happens\n  \
+        redirector flows --event close --output json      # closed connections with their bytes\n  \
+        redirector flows --client 10.42.0.0/16 --netns live-store-0\n  \
+        redirector flows --event refused --last 20        # the last 20 refusals the agent kept, then exit")]
+    Flows(FlowsArgs),
+    /// Print a completion script for SHELL on stdout.
+    #[command(after_help = "Examples:\n  \
+        redirector completions bash > /etc/bash_completion.d/redirector\n  \
+        redirector completions zsh > \"${fpath[1]}/_redirector\"\n  \
+        redirector completions fish > ~/.config/fish/completions/redirector.fish")]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on stdout, or write one page per command
+    /// into DIR (`cargo xtask build` writes target/man).
+    #[command(hide = true)]
+    Man {
+        /// Write redirector.1 and redirector-COMMAND.1 here instead.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
+}
+
+/// `redirector flows`: filters apply on this side, so any combination works.
+#[derive(Args, Debug)]
+pub struct FlowsArgs {
+    /// The running agent's socket (its --flows-socket).
+    #[arg(
+        long,
+        env = "REDIRECTOR_FLOWS_SOCKET",
+        value_name = "PATH",
+        default_value = crate::flowsub::DEFAULT_FLOWS_SOCKET
+    )]
+    pub flows_socket: PathBuf,
+
+    /// Only records whose namespace (as in the `netns` field: the path the agent
+    /// serves, e.g. /proc/PID/ns/net) contains this. Repeat for any of several.
+    #[arg(long, value_name = "SUBSTRING")]
+    pub netns: Vec<String>,
+
+    /// Only records of this querier address or network, e.g. 10.42.3.7,
+    /// 10.42.0.0/16, fd00::/64. Repeat for any of several.
+    #[arg(long, value_name = "IP[/PREFIX]", value_parser = crate::flows::parse_client)]
+    pub client: Vec<crate::flows::ClientNet>,
+
+    /// Only these events. Repeat for several.
+    #[arg(long, value_enum, value_name = "EVENT")]
+    pub event: Vec<crate::flows::EventKind>,
+
+    /// `text` (the agent's text log lines), `json` (its JSON lines, byte for
+    /// byte) or `logfmt`.
+    #[arg(short, long, value_enum, default_value_t = FlowFormat::Text)]
+    pub output: FlowFormat,
+
+    /// First print the last N matching records of those the agent keeps (its
+    /// latest 1024), then exit, unless --follow.
+    #[arg(long, value_name = "N")]
+    pub last: Option<usize>,
+
+    /// Keep printing new records as they come: the default without --last.
+    #[arg(short, long)]
+    pub follow: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -141,6 +212,12 @@ pub struct RunArgs {
     /// picks a free port (printed).
     #[arg(long, env = "REDIRECTOR_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Unix socket where `redirector flows` follows the flow records (mode 0600:
+    /// records carry queriers' addresses, so not on the metrics port)
+    /// [default: /run/redirector/flows.sock].
+    #[arg(long, env = "REDIRECTOR_FLOWS_SOCKET", value_name = "PATH")]
+    pub flows_socket: Option<PathBuf>,
 
     /// Size of the kernel's flow record ring buffer in bytes: a power of two, at
     /// least 4096. A record takes 112 bytes; a full ring drops (and counts) records.

@@ -116,6 +116,8 @@ pub struct FileConfig {
     pub flow_log: Option<PathBuf>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served, e.g. `0.0.0.0:9464`.
     pub metrics_addr: Option<SocketAddr>,
+    /// Unix socket for `redirector flows` subscribers (mode 0600).
+    pub flows_socket: Option<PathBuf>,
     /// A live-store's Tempo config to take one more redirect from ([`tempo_ports`]).
     pub tempo_config: Option<PathBuf>,
 }
@@ -781,6 +783,7 @@ pin: true
 flow_format: logfmt
 flow_log: /var/log/redirector/flows.log
 metrics_addr: 0.0.0.0:9464
+flows_socket: /run/redirector/flows.sock
 tempo_config: /etc/tempo/tempo.yaml
 "#,
             origin(),
@@ -810,6 +813,7 @@ tempo_config: /etc/tempo/tempo.yaml
                 flow_format: Some(FlowFormat::Logfmt),
                 flow_log: Some(PathBuf::from("/var/log/redirector/flows.log")),
                 metrics_addr: Some("0.0.0.0:9464".parse().unwrap()),
+                flows_socket: Some(PathBuf::from("/run/redirector/flows.sock")),
                 tempo_config: Some(PathBuf::from("/etc/tempo/tempo.yaml")),
             }
         );

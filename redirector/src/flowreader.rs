@@ -13,6 +13,7 @@ use tokio::{io::unix::AsyncFd, sync::watch};
 
 use crate::{
     flowlog::{self, FlowFormat, Recorder},
+    flowsub::Hub,
     settings::{usage, Settings},
 };
 
@@ -53,6 +54,7 @@ pub async fn read(
     format: FlowFormat,
     mut out: FlowOut,
     mut stop: watch::Receiver<bool>,
+    hub: std::sync::Arc<Hub>,
 ) -> Result<u64> {
     let ring = RingBuf::try_from(Map::RingBuf(ring)).context("FLOW_EVENTS ring buffer")?;
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, until the
@@ -68,18 +70,18 @@ pub async fn read(
         let stopping = tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                written += drain(guard.get_inner_mut(), &recorder, format, &mut out)?;
+                written += drain(guard.get_inner_mut(), &recorder, format, &mut out, &hub)?;
                 guard.clear_ready();
                 false
             }
             _ = tick.tick() => {
-                written += drain(ring.get_mut(), &recorder, format, &mut out)?;
+                written += drain(ring.get_mut(), &recorder, format, &mut out, &hub)?;
                 false
             }
             _ = stop.changed() => true,
         };
         if stopping {
-            written += drain(ring.get_mut(), &recorder, format, &mut out)?;
+            written += drain(ring.get_mut(), &recorder, format, &mut out, &hub)?;
             return Ok(written);
         }
     }
@@ -90,6 +92,7 @@ fn drain(
     recorder: &Recorder,
     format: FlowFormat,
     out: &mut FlowOut,
+    hub: &Hub,
 ) -> Result<u64> {
     let mut n = 0;
     while let Some(item) = ring.next() {
@@ -101,6 +104,8 @@ fn drain(
         let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) };
         if let Some(record) = recorder.record(&event) {
             flowlog::write_line(out, format, &record).context("writing a flow record")?;
+            // After the log line: subscribers see what the log says.
+            hub.publish(record);
             n += 1;
         }
     }

@@ -8,7 +8,10 @@ mod discover;
 mod error;
 mod flowlog;
 mod flowreader;
+mod flows;
+mod flowsub;
 mod listeners;
+mod manual;
 mod netns;
 mod pins;
 mod probe;
@@ -67,6 +70,9 @@ fn main() -> ExitCode {
                 print!("{}", status::detach(&pins::PinLayout::default())?);
                 Ok(())
             }
+            cli::Command::Flows(args) => flows::follow(args).await,
+            cli::Command::Completions { shell } => manual::completions(shell),
+            cli::Command::Man { out_dir } => manual::man(out_dir.as_deref()),
             cli::Command::Check { output } => {
                 let checks = check::run_checks();
                 match output {

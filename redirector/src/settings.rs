@@ -31,6 +31,8 @@ pub struct Settings {
     pub flow_log: Option<PathBuf>,
     pub metrics_addr: SocketAddr,
     pub flow_ring_bytes: u32,
+    /// Where `redirector flows` subscribers connect.
+    pub flows_socket: PathBuf,
 }
 
 impl Settings {
@@ -51,6 +53,7 @@ impl Settings {
             "flow_log": self.flow_log,
             "metrics_addr": self.metrics_addr.to_string(),
             "flow_ring_bytes": self.flow_ring_bytes,
+            "flows_socket": self.flows_socket,
         })
     }
 
@@ -150,5 +153,9 @@ pub fn resolve(args: RunArgs) -> Result<Settings> {
         flow_log: args.flow_log.or(file.flow_log),
         metrics_addr,
         flow_ring_bytes: args.flow_ring_bytes,
+        flows_socket: args
+            .flows_socket
+            .or(file.flows_socket)
+            .unwrap_or_else(|| PathBuf::from(crate::flowsub::DEFAULT_FLOWS_SOCKET)),
     })
 }

@@ -81,6 +81,10 @@ pub struct Telemetry {
     /// namespace name (from the last reconcile pass).
     unservable: Mutex<Vec<(String, Unservable)>>,
     metrics: Mutex<Metrics>,
+    /// Records `redirector flows` subscribers missed by reading too slowly.
+    pub flow_subscriber_lost: PromCounter,
+    /// `redirector flows` subscribers connected now.
+    pub flow_subscribers: Gauge,
 }
 
 /// (metric name, help) for the kernel counters that are exported.
@@ -144,6 +148,18 @@ impl Telemetry {
             "redirector programs attached (sock_ops + one sk_lookup per namespace)",
             programs.clone(),
         );
+        let flow_subscriber_lost = PromCounter::default();
+        registry.register(
+            "flow_subscriber_records_lost",
+            "Flow records `redirector flows` subscribers missed because they read too slowly (each is told how many)",
+            flow_subscriber_lost.clone(),
+        );
+        let flow_subscribers = Gauge::default();
+        registry.register(
+            "flow_subscribers",
+            "`redirector flows` subscribers connected to the flow socket now",
+            flow_subscribers.clone(),
+        );
         Ok(Self {
             counters: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(counters))
                 .context("COUNTERS map")?,
@@ -159,6 +175,8 @@ impl Telemetry {
                 unservable,
                 programs,
             }),
+            flow_subscriber_lost,
+            flow_subscribers,
         })
     }
 

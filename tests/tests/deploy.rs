@@ -311,6 +311,20 @@ fn mounts_include_bpffs_and_the_host_cgroup() {
     assert_eq!(path, "/sys/fs/cgroup");
     let (path, _, _, _) = find("/var/run/netns");
     assert_eq!(path, "/var/run/netns");
+    // The agent's flow socket lives in a host directory, at the same path in
+    // the pod and on the node: `redirector flows` reaches it from either with
+    // its default --flows-socket. Writable: the agent creates the socket.
+    let socket = embedded_config()["flows_socket"]
+        .as_str()
+        .expect("--dry-run reports flows_socket")
+        .to_owned();
+    assert_eq!(
+        socket, "/run/redirector/flows.sock",
+        "the default of `redirector flows`"
+    );
+    let (path, _, _, ro) = find("/run/redirector");
+    assert_eq!(path, "/run/redirector");
+    assert!(!ro, "the agent creates its socket there");
     assert!(
         mounts.iter().all(|(_, h, _, _)| h != "/proc"),
         "hostPID already makes /proc the host's"

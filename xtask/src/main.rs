@@ -27,7 +27,8 @@ struct Cli {
 enum Cmd {
     /// Install what is missing: the eBPF toolchain, bpf-linker, iproute2, bpffs.
     Setup,
-    /// Build target/release/redirector with the kernel programs inside.
+    /// Build target/release/redirector with the kernel programs inside, and its
+    /// manual pages in target/man.
     Build,
     /// Build and run the agent: 12345 -> 9095 in this network namespace, until Ctrl-C.
     /// Arguments after `--` go to `redirector run` (see `redirector run --help`).
@@ -152,7 +153,16 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn build(root: &Path) -> Result<()> {
-    cmd(cargo(root).args(["build", "--release", "-p", "redirector"]))
+    cmd(cargo(root).args(["build", "--release", "-p", "redirector"]))?;
+    // The manual comes from the binary's own clap definitions, so it cannot
+    // drift from `--help`: redirector.1 plus one page per command.
+    let man = root.join("target/man");
+    cmd(Command::new(root.join("target/release/redirector"))
+        .arg("man")
+        .arg("--out-dir")
+        .arg(&man))?;
+    eprintln!("xtask: manual pages in {}", man.display());
+    Ok(())
 }
 
 fn cargo(root: &Path) -> Command {

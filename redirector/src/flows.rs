@@ -1,0 +1,465 @@
+//! `redirector flows`: follows a running agent's flow records over its Unix
+//! socket (see [`crate::flowsub`] for the protocol), keeps those that match the
+//! filters, and prints them in the agent's own line formats.
+
+use std::{
+    collections::VecDeque,
+    io::{self, Write},
+    net::IpAddr,
+    path::Path,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::UnixStream,
+};
+
+use crate::{
+    cli::FlowsArgs,
+    flowlog::{self, FlowFormat, FlowRecord},
+    flowsub::{Notice, Request, HISTORY},
+};
+
+/// Which records `--event` keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventKind {
+    Open,
+    Close,
+    Refused,
+}
+
+impl EventKind {
+    fn name(self) -> &'static str {
+        match self {
+            EventKind::Open => "open",
+            EventKind::Close => "close",
+            EventKind::Refused => "refused",
+        }
+    }
+}
+
+/// `--client IP[/prefix]`: a querier address or network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+/// Parses `IP` or `IP/prefix`. An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`)
+/// means its IPv4 address, as records of IPv4 queriers show it.
+pub fn parse_client(s: &str) -> Result<ClientNet, String> {
+    let s = s.trim();
+    let (addr, prefix) = match s.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (s, None),
+    };
+    let addr: IpAddr = addr
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|_| {
+            format!("`{s}` is not an IP address or network (e.g. 10.0.0.7, 10.0.0.0/16, fd00::/64)")
+        })?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        None => max,
+        Some(p) => match p.parse::<u8>() {
+            Ok(p) if p <= max => p,
+            _ => return Err(format!("`{s}`: the prefix length must be 0-{max}")),
+        },
+    };
+    Ok(match addr {
+        IpAddr::V6(v6) if prefix >= 96 => match v6.to_ipv4_mapped() {
+            Some(v4) => ClientNet {
+                addr: IpAddr::V4(v4),
+                prefix: prefix - 96,
+            },
+            None => ClientNet { addr, prefix },
+        },
+        _ => ClientNet { addr, prefix },
+    })
+}
+
+impl ClientNet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        fn masked(bytes: &[u8], prefix: u8) -> Vec<u8> {
+            bytes
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    let keep = (prefix as usize).saturating_sub(i * 8).min(8);
+                    // keep = 0 -> mask 0; 8 -> 0xff.
+                    b & (0xffu16 << (8 - keep)) as u8
+                })
+                .collect()
+        }
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                masked(&net.octets(), self.prefix) == masked(&ip.octets(), self.prefix)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                masked(&net.octets(), self.prefix) == masked(&ip.octets(), self.prefix)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What `--netns`, `--client` and `--event` keep; each empty list keeps all,
+/// and repeating a flag keeps records that match any of its values.
+#[derive(Debug, Default)]
+pub struct Filter {
+    pub netns: Vec<String>,
+    pub clients: Vec<ClientNet>,
+    pub events: Vec<EventKind>,
+}
+
+impl Filter {
+    fn matches(&self, r: &WireRecord) -> bool {
+        let netns =
+            self.netns.is_empty() || self.netns.iter().any(|n| r.netns.contains(n.as_str()));
+        let event = self.events.is_empty() || self.events.iter().any(|e| e.name() == r.event);
+        let client = self.clients.is_empty()
+            || r.client_addr
+                .parse::<IpAddr>()
+                .map(|ip| self.clients.iter().any(|c| c.contains(ip)))
+                .unwrap_or(false);
+        netns && event && client
+    }
+}
+
+/// A flow record as the agent sends it: [`FlowRecord`] with owned strings.
+#[derive(Debug, Deserialize)]
+struct WireRecord {
+    event: String,
+    time: String,
+    netns: String,
+    netns_cookie: u64,
+    client_addr: String,
+    client_port: u16,
+    local_addr: String,
+    advertise_port: u16,
+    listen_port: u16,
+    listener_pid: Option<i32>,
+    listener_comm: Option<String>,
+    duration_ms: Option<f64>,
+    bytes_received: Option<u64>,
+    bytes_sent: Option<u64>,
+    srtt_us: Option<u32>,
+    retransmits: Option<u32>,
+    end: Option<String>,
+}
+
+impl WireRecord {
+    /// Back into the agent's record, so every format renders exactly as the
+    /// agent's own log does.
+    fn into_record(self) -> FlowRecord {
+        let event = match self.event.as_str() {
+            "open" => "open",
+            "close" => "close",
+            "refused" => "refused",
+            _ => "unknown",
+        };
+        let end = self.end.as_deref().map(|e| match e {
+            "fin" => "fin",
+            "rst" => "rst",
+            "aborted" => "aborted",
+            _ => "unknown",
+        });
+        FlowRecord {
+            event,
+            time: self.time,
+            netns: self.netns,
+            netns_cookie: self.netns_cookie,
+            client_addr: self.client_addr,
+            client_port: self.client_port,
+            local_addr: self.local_addr,
+            advertise_port: self.advertise_port,
+            listen_port: self.listen_port,
+            listener_pid: self.listener_pid,
+            listener_comm: self.listener_comm,
+            duration_ms: self.duration_ms,
+            bytes_received: self.bytes_received,
+            bytes_sent: self.bytes_sent,
+            srtt_us: self.srtt_us,
+            retransmits: self.retransmits,
+            end,
+        }
+    }
+}
+
+/// One line from the agent.
+enum Line {
+    Record(Box<WireRecord>),
+    Notice(Notice),
+}
+
+fn parse_line(line: &str) -> Result<Line> {
+    let value: serde_json::Value =
+        serde_json::from_str(line).with_context(|| format!("the agent sent {line:?}"))?;
+    if value.get("event").is_some() {
+        let record = serde_json::from_value(value)
+            .with_context(|| format!("the agent sent a record this CLI cannot read: {line}"))?;
+        return Ok(Line::Record(Box::new(record)));
+    }
+    serde_json::from_value(value)
+        .map(Line::Notice)
+        .with_context(|| format!("the agent sent {line:?}"))
+}
+
+/// Writes a record as `format`: JSON is passed through as the agent wrote it.
+fn print(
+    out: &mut impl Write,
+    format: FlowFormat,
+    raw: &str,
+    record: WireRecord,
+) -> io::Result<()> {
+    match format {
+        FlowFormat::Json => writeln!(out, "{raw}"),
+        _ => flowlog::write_line(out, format, &record.into_record()),
+    }
+}
+
+fn lost_message(n: u64) -> String {
+    format!(
+        "redirector: missed {n} flow record(s): this client read too slowly and the agent never waits for subscribers (filter less, or write to a file)"
+    )
+}
+
+pub async fn follow(args: FlowsArgs) -> Result<()> {
+    let path = args.flows_socket.as_path();
+    let filter = Filter {
+        netns: args.netns,
+        clients: args.client,
+        events: args.event,
+    };
+    let follow = args.follow || args.last.is_none();
+    let mut stream = connect(path).await?;
+    // The whole replay when --last is asked: the filters apply here, so the
+    // last N matching records may be anywhere in it.
+    let request = Request {
+        last: if args.last.is_some() { HISTORY } else { 0 },
+    };
+    let mut req = serde_json::to_string(&request)?;
+    req.push('\n');
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .with_context(|| format!("writing to {}", path.display()))?;
+    let mut lines = BufReader::new(stream).lines();
+    let mut replay: VecDeque<(String, WireRecord)> = VecDeque::new();
+    let mut live = false;
+    let stdout = io::stdout();
+    let result = async {
+        while let Some(line) = lines
+            .next_line()
+            .await
+            .with_context(|| format!("reading {}", path.display()))?
+        {
+            let mut out = stdout.lock();
+            match parse_line(&line)? {
+                Line::Record(r) if !filter.matches(&r) => {}
+                Line::Record(r) if !live => {
+                    if args.last == Some(replay.len()) {
+                        replay.pop_front();
+                    }
+                    if args.last != Some(0) {
+                        replay.push_back((line, *r));
+                    }
+                }
+                Line::Record(r) => print(&mut out, args.output, &line, *r)?,
+                Line::Notice(Notice::Live(_)) => {
+                    live = true;
+                    for (raw, r) in replay.drain(..) {
+                        print(&mut out, args.output, &raw, r)?;
+                    }
+                    out.flush()?;
+                    if !follow {
+                        return Ok(());
+                    }
+                }
+                Line::Notice(Notice::Lost(n)) => {
+                    // Said where it happened: after what was printed so far.
+                    out.flush()?;
+                    eprintln!("{}", lost_message(n));
+                }
+                Line::Notice(Notice::Error(e)) => bail!("the agent refused the request: {e}"),
+            }
+        }
+        bail!(
+            "the agent closed {} (it stopped or restarted): run `redirector flows` again once it is back",
+            path.display()
+        )
+    }
+    .await;
+    match result {
+        // `redirector flows | head`: the reader is done, so are we.
+        Err(e)
+            if e.downcast_ref::<io::Error>()
+                .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+async fn connect(path: &Path) -> Result<UnixStream> {
+    UnixStream::connect(path).await.map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => anyhow!(
+            "no agent is serving flow records on {}: start one with `redirector run` \
+             (or point --flows-socket / REDIRECTOR_FLOWS_SOCKET at the socket of the agent that runs)",
+            path.display()
+        ),
+        io::ErrorKind::PermissionDenied => anyhow!(
+            "permission denied on {}: the agent makes its flow socket readable by root only (mode 0600): run `redirector flows` as root",
+            path.display()
+        ),
+        _ => anyhow!("connecting to {}: {e}", path.display()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn client_filters_parse_addresses_and_networks() {
+        let one = parse_client("198.18.0.1").expect("v4");
+        assert!(one.contains(ip("198.18.0.1")));
+        assert!(!one.contains(ip("198.18.0.2")));
+        // A dual-stack listener's records may show IPv4 queriers mapped.
+        assert!(one.contains(ip("::ffff:198.18.0.1")));
+        assert!(!one.contains(ip("fd00:5eed::1")));
+
+        let net = parse_client("10.1.0.0/16").expect("v4 net");
+        assert!(net.contains(ip("10.1.255.3")));
+        assert!(!net.contains(ip("10.2.0.1")));
+        let odd = parse_client("10.0.0.0/9").expect("v4 /9");
+        assert!(odd.contains(ip("10.127.0.1")));
+        assert!(!odd.contains(ip("10.128.0.1")));
+        assert!(parse_client("0.0.0.0/0")
+            .expect("all")
+            .contains(ip("1.2.3.4")));
+
+        let v6 = parse_client("fd00:5eed::/64").expect("v6 net");
+        assert!(v6.contains(ip("fd00:5eed::1")));
+        assert!(!v6.contains(ip("fd00:5eee::1")));
+        assert!(!v6.contains(ip("198.18.0.1")));
+        assert!(parse_client("[fd00:5eed::1]")
+            .expect("bracketed")
+            .contains(ip("fd00:5eed::1")));
+        assert_eq!(
+            parse_client("::ffff:198.18.0.0/120").expect("mapped"),
+            parse_client("198.18.0.0/24").expect("v4")
+        );
+
+        assert!(parse_client("querier").unwrap_err().contains("not an IP"));
+        assert!(parse_client("10.0.0.0/33").unwrap_err().contains("0-32"));
+        assert!(parse_client("fd00::/129").unwrap_err().contains("0-128"));
+        assert!(parse_client("10.0.0.0/x").unwrap_err().contains("0-32"));
+    }
+
+    fn wire(event: &str, netns: &str, client: &str) -> WireRecord {
+        let line = format!(
+            r#"{{"event":"{event}","time":"2026-01-01T00:00:00.000000Z","netns":"{netns}","netns_cookie":7,"client_addr":"{client}","client_port":4000,"local_addr":"198.18.0.2","advertise_port":12345,"listen_port":9095}}"#
+        );
+        serde_json::from_str(&line).expect("record")
+    }
+
+    #[test]
+    fn filters_combine_across_flags_and_within_one() {
+        let f = Filter {
+            netns: vec!["live-store".into()],
+            clients: vec![parse_client("198.18.0.1").expect("ip")],
+            events: vec![EventKind::Close, EventKind::Refused],
+        };
+        assert!(f.matches(&wire("close", "/var/run/netns/live-store-0", "198.18.0.1")));
+        assert!(f.matches(&wire(
+            "refused",
+            "/var/run/netns/live-store-0",
+            "198.18.0.1"
+        )));
+        assert!(!f.matches(&wire("open", "/var/run/netns/live-store-0", "198.18.0.1")));
+        assert!(!f.matches(&wire("close", "/var/run/netns/other", "198.18.0.1")));
+        assert!(!f.matches(&wire(
+            "close",
+            "/var/run/netns/live-store-0",
+            "fd00:5eed::1"
+        )));
+        assert!(Filter::default().matches(&wire("open", "cookie:7", "fd00:5eed::1")));
+    }
+
+    #[test]
+    fn cli_flags_build_the_filter() {
+        use clap::Parser as _;
+        let cli = crate::cli::Cli::try_parse_from([
+            "redirector",
+            "flows",
+            "--netns",
+            "live-store-0",
+            "--client",
+            "10.0.0.0/8",
+            "--client",
+            "fd00::1",
+            "--event",
+            "close",
+            "--event",
+            "refused",
+            "--output",
+            "json",
+            "--last",
+            "5",
+        ])
+        .expect("parses");
+        let crate::cli::Command::Flows(a) = cli.command else {
+            panic!("not flows");
+        };
+        assert_eq!(a.netns, ["live-store-0"]);
+        assert_eq!(a.client.len(), 2);
+        assert_eq!(a.event, [EventKind::Close, EventKind::Refused]);
+        assert_eq!(a.output, FlowFormat::Json);
+        assert_eq!(a.last, Some(5));
+        assert!(!a.follow);
+        let bad = crate::cli::Cli::try_parse_from(["redirector", "flows", "--event", "opened"]);
+        assert!(bad.expect_err("bad event").to_string().contains("opened"));
+        let bad =
+            crate::cli::Cli::try_parse_from(["redirector", "flows", "--client", "10.0.0.0/40"]);
+        assert!(bad.expect_err("bad prefix").to_string().contains("0-32"));
+    }
+
+    #[test]
+    fn records_round_trip_into_the_agents_formats() {
+        let raw = r#"{"event":"close","time":"2026-11-24T04:37:51.971097Z","netns":"/var/run/netns/live-store-0","netns_cookie":4099,"client_addr":"198.18.0.1","client_port":44948,"local_addr":"198.18.0.2","advertise_port":12345,"listen_port":9095,"listener_pid":42,"listener_comm":"tempo","duration_ms":43.06,"bytes_received":5,"bytes_sent":10,"srtt_us":53,"retransmits":0,"end":"fin"}"#;
+        let Line::Record(r) = parse_line(raw).expect("parses") else {
+            panic!("not a record");
+        };
+        // Every field survives: re-serialized, it is the agent's line again.
+        let record = r.into_record();
+        let mut json = Vec::new();
+        flowlog::write_line(&mut json, FlowFormat::Json, &record).expect("json");
+        assert_eq!(String::from_utf8(json).expect("utf8").trim_end(), raw);
+        let mut text = Vec::new();
+        flowlog::write_line(&mut text, FlowFormat::Text, &record).expect("text");
+        assert_eq!(
+            String::from_utf8(text).expect("utf8"),
+            "2026-11-24T04:37:51.971097Z close   /var/run/netns/live-store-0 198.18.0.1:44948 -> :12345 => :9095 43.060ms rx=5B tx=10B srtt=53us retrans=0 end=fin\n"
+        );
+        assert!(matches!(
+            parse_line(r#"{"lost":3}"#).expect("notice"),
+            Line::Notice(Notice::Lost(3))
+        ));
+        assert!(parse_line("not json").is_err());
+    }
+
+    #[test]
+    fn lost_records_are_counted_in_words() {
+        assert!(lost_message(12).starts_with("redirector: missed 12 flow record(s)"));
+    }
+}
