@@ -168,6 +168,26 @@ pub async fn run(args: RunArgs) -> Result<()> {
         println!("removed stale pinned {what}");
     }
     agent.publish()?;
+    // The ring check runs on a thread of its own (a slow Tempo never holds up
+    // this loop) and sees what the agent serves through `AgentView`.
+    let ring = match agent.settings.tempo_ring.clone() {
+        Some(url) => {
+            let view = crate::ring::AgentView::of(&agent.datapath, &agent.settings.redirects);
+            let monitor = crate::ring::Monitor::start(
+                url.clone(),
+                agent.settings.tempo_ring_interval,
+                agent.datapath.map_handles()?.listeners,
+                &telemetry,
+                view,
+            )?;
+            println!(
+                "checking the live-store ring {url} every {}s",
+                agent.settings.tempo_ring_interval.as_secs()
+            );
+            Some(monitor)
+        }
+        None => None,
+    };
     println!(
         "ready: redirecting in {} network namespace(s){}",
         agent.datapath.served.len(),
@@ -186,6 +206,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = tick.tick() => {
                 if let Err(e) = agent.maintain().and_then(|()| agent.publish()) {
                     tracing::error!("updating served namespaces: {e:#}");
+                }
+                if let Some(ring) = &ring {
+                    ring.update(crate::ring::AgentView::of(
+                        &agent.datapath,
+                        &agent.settings.redirects,
+                    ));
                 }
             }
         }
@@ -347,6 +373,7 @@ impl Agent {
             self.discover(scan);
         }
         self.datapath.reconcile()?;
+        self.datapath.check_pins(&self.telemetry);
         self.report_listeners();
         Ok(())
     }

@@ -48,11 +48,25 @@ pub enum Command {
     /// Probe what this node needs (privileges, kernel, BTF, sk_lookup, sock_ops,
     /// cgroup v2, bpffs) and print PASS/FAIL with a fix for each. Changes nothing.
     /// Exit code 0 when everything passes, 3 otherwise.
-    #[command(after_help = "Examples:\n  redirector check\n  redirector check --output json")]
+    ///
+    /// With --tempo-ring, check Tempo's live-store ring instead: for every
+    /// live-store whose address is on this node, whether redirector serves its
+    /// namespace (pinned state), whether the ring advertises a redirected port,
+    /// and whether its listener is registered. Exit 1 when the ring cannot be read.
+    #[command(
+        after_help = "Examples:\n  redirector check\n  redirector check --output json\n  \
+        redirector check --tempo-ring http://tempo-distributor:3200/live-store/ring"
+    )]
     Check {
         /// `table` for people, `json` for scripts.
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// The live-store ring page of any Tempo component that serves it
+        /// (distributor, querier): http://HOST:3200/live-store/ring. Plain http only.
+        // No environment variable: the agent's REDIRECTOR_TEMPO_RING must not
+        // turn a plain `check` in its pod into a ring check.
+        #[arg(long, value_name = "URL")]
+        tempo_ring: Option<crate::ring::RingUrl>,
     },
     /// Follow a running agent's flow records, like `hubble observe`.
     ///
@@ -158,6 +172,16 @@ pub struct RunArgs {
         conflicts_with_all = ["advertise_port", "listen_port"]
     )]
     pub tempo_config: Option<PathBuf>,
+
+    /// Check Tempo's live-store ring every 30 s (a thread of its own) and export
+    /// the result as redirector_ring_* metrics: the URL of any Tempo component
+    /// that serves it, e.g. http://tempo-distributor:3200/live-store/ring.
+    #[arg(long, env = "REDIRECTOR_TEMPO_RING", value_name = "URL")]
+    pub tempo_ring: Option<crate::ring::RingUrl>,
+
+    /// Seconds between ring checks (for tests; 30 in production).
+    #[arg(long, env = "REDIRECTOR_TEMPO_RING_INTERVAL", hide = true, value_parser = clap::value_parser!(u64).range(1..))]
+    pub tempo_ring_interval: Option<u64>,
 
     /// Network namespace to serve, as a path: /proc/PID/ns/net or /var/run/netns/NAME.
     /// Repeat for several live-stores. Default (without --discover): the agent's own.

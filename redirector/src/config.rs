@@ -120,6 +120,8 @@ pub struct FileConfig {
     pub flows_socket: Option<PathBuf>,
     /// A live-store's Tempo config to take one more redirect from ([`tempo_ports`]).
     pub tempo_config: Option<PathBuf>,
+    /// Tempo's live-store ring page to check periodically (`run --tempo-ring`).
+    pub tempo_ring: Option<String>,
 }
 
 /// One advertise -> listen pair.
@@ -785,6 +787,7 @@ flow_log: /var/log/redirector/flows.log
 metrics_addr: 0.0.0.0:9464
 flows_socket: /run/redirector/flows.sock
 tempo_config: /etc/tempo/tempo.yaml
+tempo_ring: http://tempo-distributor:3200/live-store/ring
 "#,
             origin(),
         )
@@ -815,6 +818,7 @@ tempo_config: /etc/tempo/tempo.yaml
                 metrics_addr: Some("0.0.0.0:9464".parse().unwrap()),
                 flows_socket: Some(PathBuf::from("/run/redirector/flows.sock")),
                 tempo_config: Some(PathBuf::from("/etc/tempo/tempo.yaml")),
+                tempo_ring: Some("http://tempo-distributor:3200/live-store/ring".into()),
             }
         );
         for (text, want) in [("text", FlowFormat::Text), ("json", FlowFormat::Json)] {

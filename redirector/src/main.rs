@@ -16,6 +16,7 @@ mod netns;
 mod pins;
 mod probe;
 mod registry;
+mod ring;
 mod settings;
 mod sockdiag;
 mod status;
@@ -73,7 +74,26 @@ fn main() -> ExitCode {
             cli::Command::Flows(args) => flows::follow(args).await,
             cli::Command::Completions { shell } => manual::completions(shell),
             cli::Command::Man { out_dir } => manual::man(out_dir.as_deref()),
-            cli::Command::Check { output } => {
+            cli::Command::Check {
+                output,
+                tempo_ring: Some(url),
+            } => {
+                agent::check_privileges()?;
+                let report = ring::check(&url)?;
+                print!("{}", ring::render(&report, output));
+                if report.ok {
+                    Ok(())
+                } else {
+                    Err(error::Fatal::Environment(
+                        "some live-stores of this node are not redirected (see above)".into(),
+                    )
+                    .into())
+                }
+            }
+            cli::Command::Check {
+                output,
+                tempo_ring: None,
+            } => {
                 let checks = check::run_checks();
                 match output {
                     cli::Output::Table => print!("{}", check::render_table(&checks)),

@@ -27,6 +27,9 @@ pub struct Settings {
     pub listener_grace: Duration,
     pub pin: bool,
     pub keep_mptcp: bool,
+    /// Tempo's live-store ring page, checked every `tempo_ring_interval`.
+    pub tempo_ring: Option<crate::ring::RingUrl>,
+    pub tempo_ring_interval: Duration,
     pub flow_format: Option<FlowFormat>,
     pub flow_log: Option<PathBuf>,
     pub metrics_addr: SocketAddr,
@@ -49,6 +52,8 @@ impl Settings {
             "listener_grace_secs": self.listener_grace.as_secs(),
             "pin": self.pin,
             "keep_mptcp": self.keep_mptcp,
+            "tempo_ring": self.tempo_ring.as_ref().map(|u| u.to_string()),
+            "tempo_ring_interval_secs": self.tempo_ring_interval.as_secs(),
             "flow_format": self.flow_format.map(|f| format!("{f:?}").to_lowercase()),
             "flow_log": self.flow_log,
             "metrics_addr": self.metrics_addr.to_string(),
@@ -149,6 +154,19 @@ pub fn resolve(args: RunArgs) -> Result<Settings> {
         ),
         pin: args.pin || file.pin.unwrap_or(false),
         keep_mptcp: args.keep_mptcp || file.keep_mptcp.unwrap_or(false),
+        tempo_ring: match args.tempo_ring {
+            Some(url) => Some(url),
+            None => file
+                .tempo_ring
+                .as_deref()
+                .map(crate::ring::RingUrl::parse)
+                .transpose()
+                .map_err(|e| usage(format!("tempo_ring in the config file: {e}")))?,
+        },
+        tempo_ring_interval: Duration::from_secs(
+            args.tempo_ring_interval
+                .unwrap_or(crate::ring::DEFAULT_INTERVAL_SECS),
+        ),
         flow_format: args.flow_format.or(file.flow_format),
         flow_log: args.flow_log.or(file.flow_log),
         metrics_addr,

@@ -71,6 +71,8 @@ struct Metrics {
     listeners: Gauge,
     unservable: Family<Vec<(String, String)>, Gauge>,
     programs: Gauge,
+    expected: Gauge,
+    ready: Gauge,
 }
 
 pub struct Telemetry {
@@ -160,6 +162,20 @@ impl Telemetry {
             "`redirector flows` subscribers connected to the flow socket now",
             flow_subscribers.clone(),
         );
+        // Alerts compare the two: attached < expected means something detached
+        // a program behind the agent's back.
+        let expected = Gauge::default();
+        registry.register(
+            "programs_expected",
+            "redirector programs that should be attached (sock_ops + one sk_lookup per served namespace)",
+            expected.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 when /readyz answers 200 (every program attached, every live-store listener registered), else 0",
+            ready.clone(),
+        );
         Ok(Self {
             counters: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(counters))
                 .context("COUNTERS map")?,
@@ -174,10 +190,20 @@ impl Telemetry {
                 listeners: listeners_gauge,
                 unservable,
                 programs,
+                expected,
+                ready,
             }),
             flow_subscriber_lost,
             flow_subscribers,
         })
+    }
+
+    /// Adds metric families that another part of the agent keeps up to date
+    /// (the ring check's), next to the agent's own.
+    pub fn register(&self, f: impl FnOnce(&mut Registry)) {
+        if let Ok(mut m) = self.metrics.lock() {
+            f(&mut m.registry);
+        }
     }
 
     /// Replaces the set of namespaces readiness checks (discovery changes it).
@@ -247,6 +273,11 @@ impl Telemetry {
         }
         let (total, missing) = self.attachment_state();
         m.programs.set(total.saturating_sub(missing.len()) as i64);
+        m.expected.set(total as i64);
+        // From the same state the gauges above report, through the same
+        // function as /readyz, so the two never disagree.
+        m.ready
+            .set(i64::from(problems(missing, unservable).is_empty()));
         let mut out = String::new();
         encode(&mut out, &m.registry)?;
         Ok(out)
@@ -315,19 +346,25 @@ fn classic(openmetrics: &str) -> String {
     out
 }
 
+/// What keeps the agent from being ready, one line each: programs no longer
+/// attached, then unregistered listeners.
+fn problems(missing: Vec<String>, unservable: Vec<(String, Unservable)>) -> Vec<String> {
+    missing
+        .into_iter()
+        .map(|m| format!("not attached: {m}"))
+        .chain(
+            unservable
+                .into_iter()
+                .map(|(netns, u)| format!("netns {netns}: {u}")),
+        )
+        .collect()
+}
+
 /// Ready when every program is attached and every live-store listener of a
 /// served namespace is registered; otherwise 503 with one line per problem.
 async fn ready(State(t): State<Arc<Telemetry>>) -> (StatusCode, String) {
     let (_, missing) = t.attachment_state();
-    let mut problems: Vec<String> = missing
-        .into_iter()
-        .map(|m| format!("not attached: {m}"))
-        .collect();
-    problems.extend(
-        t.unservable()
-            .into_iter()
-            .map(|(netns, u)| format!("netns {netns}: {u}")),
-    );
+    let problems = problems(missing, t.unservable());
     if problems.is_empty() {
         (StatusCode::OK, "ready\n".to_owned())
     } else {

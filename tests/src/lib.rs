@@ -249,27 +249,99 @@ pub fn request(ns: &Netns, addr: &str, payload: &[u8]) -> io::Result<Reply> {
 
 /// Minimal HTTP/1.1 GET over loopback (`ADDR/path`): (status code, body).
 pub fn http_get(addr_path: &str) -> (u16, String) {
-    let (addr, path) = addr_path.split_at(addr_path.find('/').expect("path"));
-    let mut conn = TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    conn.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    write!(
-        conn,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut response = String::new();
-    conn.read_to_string(&mut response).expect("response");
-    let status = response
-        .split_whitespace()
-        .nth(1)
+    let response = http_request(addr_path, &[]).expect("GET from the metrics endpoint");
+    (response.status, response.body)
+}
+
+/// What [`http_request`] read.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// (name in lowercase, value), in the order received.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first value of header `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// HTTP/1.1 GET over loopback (`ADDR/path`) with extra request `headers` (an
+/// `Accept` to negotiate the metrics format, for one). Reads a chunked body
+/// too: Go servers such as Prometheus send larger answers that way.
+pub fn http_request(addr_path: &str, headers: &[(&str, &str)]) -> io::Result<HttpResponse> {
+    let (addr, path) = addr_path.split_at(
+        addr_path
+            .find('/')
+            .ok_or_else(|| io::Error::other(format!("no path in {addr_path:?}")))?,
+    );
+    let mut conn = TcpStream::connect(addr)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    conn.write_all(request.as_bytes())?;
+    let mut response = Vec::new();
+    conn.read_to_end(&mut response)?;
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| io::Error::other("no end of headers"))?;
+    let head = String::from_utf8_lossy(&response[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
-        .expect("status");
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+        .ok_or_else(|| io::Error::other(format!("bad status line in {head:?}")))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let mut body = response[split + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    if chunked {
+        body = dechunk(&body)?;
+    }
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: String::from_utf8(body).map_err(io::Error::other)?,
+    })
+}
+
+/// The payload of a chunked HTTP/1.1 body (`SIZE\r\nDATA\r\n`... `0\r\n\r\n`).
+fn dechunk(mut body: &[u8]) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = body
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| io::Error::other("truncated chunk size"))?;
+        let size = std::str::from_utf8(&body[..eol])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.split(';').next()?.trim(), 16).ok())
+            .ok_or_else(|| io::Error::other("bad chunk size"))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let data = body
+            .get(eol + 2..eol + 2 + size)
+            .ok_or_else(|| io::Error::other("truncated chunk"))?;
+        out.extend_from_slice(data);
+        body = body.get(eol + 4 + size..).unwrap_or_default();
+    }
 }
 
 /// The value of the sample `name` (no labels) in a Prometheus text `body`.
@@ -312,7 +384,21 @@ fn collect(stream: impl Read + Send + 'static, into: Arc<Mutex<Vec<String>>>) {
 impl Agent {
     /// Starts the agent and waits until it prints its `ready` line.
     pub fn start(args: &[&str]) -> Result<Self> {
-        let mut cmd = Command::new(agent_bin());
+        Self::start_wrapped(&[], args)
+    }
+
+    /// Like [`Agent::start`], with the agent run by `wrapper` (a program that
+    /// execs it, such as `nsenter -t PID -m --` to start it in another mount
+    /// namespace): the child is then still the agent itself.
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Result<Self> {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(agent_bin());
+                c
+            }
+            None => Command::new(agent_bin()),
+        };
         cmd.arg("run").args(args);
         // A free port of its own, so tests never collide on the default 9464.
         if !args.contains(&"--metrics-addr") {
@@ -376,6 +462,23 @@ impl Agent {
 
     pub fn stderr(&self) -> Vec<String> {
         self.stderr.lock().expect("lock").clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL (no cleanup of any kind), wait for exit, and return everything
+    /// printed.
+    pub fn kill(mut self) -> Result<Stopped> {
+        self.child.kill()?;
+        let status = self.child.wait()?;
+        thread::sleep(Duration::from_millis(50));
+        Ok(Stopped {
+            status,
+            stdout: self.stdout(),
+            stderr: self.stderr(),
+        })
     }
 
     /// SIGTERM, wait for exit, and return the exit status and everything printed.
@@ -480,6 +583,65 @@ pub fn sk_lookup_programs(ns: &Netns) -> Vec<u32> {
     let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), 128u32) };
     assert_eq!(rc, 0, "BPF_PROG_QUERY: {}", io::Error::last_os_error());
     ids[..(attr[3] as u32 as usize).min(ids.len())].to_vec()
+}
+
+/// Ids of the sock_ops programs attached to the cgroup v2 root (where the
+/// agent attaches its own).
+pub fn sock_ops_programs() -> Vec<u32> {
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_CGROUP_SOCK_OPS: u64 = 3;
+    let root = std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split_whitespace().next() == Some("cgroup2"))
+                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .expect("a cgroup2 mount");
+    let dir = std::fs::File::open(&root).expect("open the cgroup v2 root");
+    let mut ids = [0u32; 64];
+    let mut attr = [0u64; 16];
+    attr[0] = dir.as_raw_fd() as u32 as u64 | (BPF_CGROUP_SOCK_OPS << 32);
+    attr[2] = ids.as_mut_ptr() as u64;
+    attr[3] = ids.len() as u64;
+    // SAFETY: bpf(2) BPF_PROG_QUERY with a zeroed attr; the kernel writes at
+    // most prog_cnt ids into `ids`.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), 128u32) };
+    assert_eq!(rc, 0, "BPF_PROG_QUERY: {}", io::Error::last_os_error());
+    ids[..(attr[3] as u32 as usize).min(ids.len())].to_vec()
+}
+
+/// `redirector ARGS` to completion: (exit code, stdout, stderr).
+pub fn redirector(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(agent_bin())
+        .args(args)
+        .output()
+        .expect("run redirector");
+    (
+        out.status.code().expect("exited"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Removes pinned state (`redirector detach`) at the start and end of a test,
+/// even when it fails.
+pub struct PinCleanup;
+
+impl PinCleanup {
+    // Not `Default`: it changes the machine's state.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        redirector(&["detach"]);
+        Self
+    }
+}
+
+impl Drop for PinCleanup {
+    fn drop(&mut self) {
+        redirector(&["detach"]);
+    }
 }
 
 /// `v4` as a dual-stack socket reports it (`::ffff:a.b.c.d`) or plain.

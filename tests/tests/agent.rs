@@ -409,7 +409,10 @@ fn hostile_input_is_refused_at_once_and_flags_that_need_each_other_are_refused_a
         (&["--config", "/dev/zero"], "larger than 4 MiB"),
         (&["--tempo-config", "/dev/zero"], "larger than 4 MiB"),
         (&["--tempo-config", "/dev/urandom"], "/dev/urandom"),
-        (&["--cgroup-pattern", "kubepods"], "only applies with --discover"),
+        (
+            &["--cgroup-pattern", "kubepods"],
+            "only applies with --discover",
+        ),
         (&["--listener-grace", "5"], "only applies with --discover"),
         (
             &["--tempo-config", "/etc/hostname", "--listen-port", "9096"],
