@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::flowlog::FlowFormat;
+use crate::flows::log::FlowFormat;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -108,7 +108,7 @@ pub struct FlowsArgs {
         long,
         env = "REDIRECTOR_FLOWS_SOCKET",
         value_name = "PATH",
-        default_value = crate::flowsub::DEFAULT_FLOWS_SOCKET
+        default_value = crate::flows::sub::DEFAULT_FLOWS_SOCKET
     )]
     pub flows_socket: PathBuf,
 
@@ -119,12 +119,12 @@ pub struct FlowsArgs {
 
     /// Only records of this querier address or network, e.g. 10.42.3.7,
     /// 10.42.0.0/16, fd00::/64. Repeat for any of several.
-    #[arg(long, value_name = "IP[/PREFIX]", value_parser = crate::flows::parse_client)]
-    pub client: Vec<crate::flows::ClientNet>,
+    #[arg(long, value_name = "IP[/PREFIX]", value_parser = crate::commands::flows::parse_client)]
+    pub client: Vec<crate::commands::flows::ClientNet>,
 
     /// Only these events. Repeat for several.
     #[arg(long, value_enum, value_name = "EVENT")]
-    pub event: Vec<crate::flows::EventKind>,
+    pub event: Vec<crate::commands::flows::EventKind>,
 
     /// `text` (the agent's text log lines), `json` (its JSON lines, byte for
     /// byte) or `logfmt`.

@@ -31,12 +31,13 @@ use redirector_common::{
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::{
+    bpf::datapath::{Datapath, Redirect},
+    bpf::pins::PinLayout,
+    bpf::registry::{Registry, Snapshot, Unservable},
     cli::Output,
-    datapath::{Datapath, Redirect},
-    netns::Netns,
-    pins::PinLayout,
-    registry::{Registry, Snapshot, Unservable},
-    sockdiag, sys,
+    discovery::netns::Netns,
+    discovery::sockdiag,
+    sys,
     telemetry::Telemetry,
 };
 
@@ -1343,7 +1344,7 @@ mod tests {
     fn key(addr: Option<IpAddr>, family: u16) -> ListenerKey {
         let bind = match addr {
             None => redirector_common::Bind::any(family),
-            Some(a) => crate::registry::bind_of(a),
+            Some(a) => crate::bpf::registry::bind_of(a),
         };
         ListenerKey::new(1, 9095, bind, 0)
     }
@@ -1416,7 +1417,7 @@ mod tests {
             address: "::".parse().unwrap(),
             inode: 42,
             pid: Some(7),
-            reason: crate::registry::Reason::Mptcp,
+            reason: crate::bpf::registry::Reason::Mptcp,
             detail: "socket protocol IPPROTO_MPTCP".into(),
         };
         let (row, ok) = listener_verdict("ls", addr, 9095, &here, &served(vec![], vec![mptcp]));

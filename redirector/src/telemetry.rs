@@ -28,7 +28,7 @@ use prometheus_client::{
 use redirector_common::{Counter, ListenerKey};
 
 use crate::{
-    registry::{Reason, Unservable},
+    bpf::registry::{Reason, Unservable},
     sys,
 };
 

@@ -6,6 +6,8 @@
 //! starts with `FILE:LINE:COLUMN:` where serde_yaml knows the position, and is a
 //! [`Fatal::Usage`] (exit code 2).
 
+pub mod settings;
+
 use std::{
     collections::HashSet,
     fmt,
@@ -131,7 +133,7 @@ pub struct RedirectSpec {
     pub listen_port: u16,
 }
 
-pub use crate::flowlog::FlowFormat;
+pub use crate::flows::log::FlowFormat;
 
 /// Reads and validates `redirector.yaml` at `path`.
 pub fn load(path: &Path) -> Result<FileConfig> {
@@ -947,11 +949,11 @@ tempo_ring: http://tempo-distributor:3200/live-store/ring
     #[test]
     fn deploy_files_are_valid() {
         let tempo = parse_tempo(
-            include_str!("../../deploy/tempo-config.yaml"),
+            include_str!("../../../deploy/tempo-config.yaml"),
             Path::new("deploy/tempo-config.yaml"),
         )
         .unwrap();
-        let manifests = include_str!("../../deploy/daemonset.yaml");
+        let manifests = include_str!("../../../deploy/daemonset.yaml");
         let embedded: Vec<String> = serde_yaml::Deserializer::from_str(manifests)
             .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
             .filter(|doc| doc.get("kind").and_then(|k| k.as_str()) == Some("ConfigMap"))

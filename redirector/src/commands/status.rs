@@ -12,11 +12,11 @@ use redirector_common::{
 use serde::Serialize;
 
 use crate::{
+    bpf::datapath::Redirect,
+    bpf::pins::{PinLayout, PIN_ROOT},
+    bpf::registry::{Registry, Unservable},
     cli::Output,
-    datapath::Redirect,
-    netns::Netns,
-    pins::{PinLayout, PIN_ROOT},
-    registry::{Registry, Unservable},
+    discovery::netns::Netns,
     sys,
 };
 
@@ -142,7 +142,7 @@ pub fn collect(layout: &PinLayout) -> Result<Status> {
         let redirects = by_cookie.remove(&pinned.cookie).unwrap_or_default();
         let netns_inode = pinned.info.map(|i| i.netns_ino).unwrap_or(0);
         // Read-only: the same checks the agent's reconcile pass makes.
-        let unservable = crate::netns::find_by_inode(netns_inode as u64)
+        let unservable = crate::discovery::netns::find_by_inode(netns_inode as u64)
             .and_then(|path| Netns::open(&path).ok())
             .filter(|n| n.cookie == pinned.cookie)
             .map(|netns| {

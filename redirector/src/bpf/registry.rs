@@ -23,7 +23,10 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 use redirector_common::{Bind, ListenerKey, NsPort, RedirectTarget, LISTENER_SLOTS};
 use serde::Serialize;
 
-use crate::{datapath::Redirect, listeners, netns::Netns, sockdiag, sys};
+use crate::{
+    bpf::datapath::Redirect, discovery::listeners, discovery::netns::Netns, discovery::sockdiag,
+    sys,
+};
 
 /// Why a live-store listener is not registered. The label is the `reason` of
 /// the `listeners_unservable` metric.

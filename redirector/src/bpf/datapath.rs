@@ -29,10 +29,10 @@ use redirector_common::{
 };
 
 use crate::{
-    cgroup,
-    netns::Netns,
-    pins::{Link, PinLayout, PinWatch},
-    registry::{Registry, Report},
+    bpf::cgroup,
+    bpf::pins::{Link, PinLayout, PinWatch},
+    bpf::registry::{Registry, Report},
+    discovery::netns::Netns,
     sys,
     telemetry::Telemetry,
 };

@@ -1,6 +1,10 @@
 //! `--discover`: which network namespaces on the node have a live-store, found
 //! from /proc (with hostPID, every pod's processes are there).
 
+pub mod listeners;
+pub mod netns;
+pub mod sockdiag;
+
 use std::{
     collections::HashMap,
     fs,
@@ -8,7 +12,7 @@ use std::{
     path::PathBuf,
 };
 
-use crate::{config::cgroup_pattern_matches, sockdiag, sys};
+use crate::{config::cgroup_pattern_matches, sys};
 
 /// A network namespace seen in /proc.
 #[derive(Debug, Clone)]

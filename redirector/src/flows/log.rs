@@ -16,7 +16,7 @@ use redirector_common::{
 };
 use serde::Serialize;
 
-use crate::listeners::Owner;
+use crate::discovery::listeners::Owner;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -12,9 +12,9 @@ use redirector_common::FlowEvent;
 use tokio::{io::unix::AsyncFd, sync::watch};
 
 use crate::{
-    flowlog::{self, FlowFormat, Recorder},
-    flowsub::Hub,
-    settings::{usage, Settings},
+    config::settings::{usage, Settings},
+    flows::log::{self, FlowFormat, Recorder},
+    flows::sub::Hub,
 };
 
 /// Longest a flow record waits in the ring when the kernel does not wake us.
@@ -103,7 +103,7 @@ fn drain(
         // gives no alignment guarantee, hence the unaligned read.
         let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) };
         if let Some(record) = recorder.record(&event) {
-            flowlog::write_line(out, format, &record).context("writing a flow record")?;
+            log::write_line(out, format, &record).context("writing a flow record")?;
             // After the log line: subscribers see what the log says.
             hub.publish(record);
             n += 1;

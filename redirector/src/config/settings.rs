@@ -7,12 +7,12 @@ use anyhow::{Context, Result};
 use redirector_common::{DEFAULT_ADVERTISE_PORT, DEFAULT_LISTEN_PORT};
 
 use crate::{
+    bpf::datapath::Redirect,
     cli::RunArgs,
     config::{self, FileConfig},
-    datapath::Redirect,
+    discovery::netns::SELF_NETNS,
     error::Fatal,
-    flowlog::FlowFormat,
-    netns::SELF_NETNS,
+    flows::log::FlowFormat,
 };
 
 const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
@@ -174,6 +174,6 @@ pub fn resolve(args: RunArgs) -> Result<Settings> {
         flows_socket: args
             .flows_socket
             .or(file.flows_socket)
-            .unwrap_or_else(|| PathBuf::from(crate::flowsub::DEFAULT_FLOWS_SOCKET)),
+            .unwrap_or_else(|| PathBuf::from(crate::flows::sub::DEFAULT_FLOWS_SOCKET)),
     })
 }

@@ -39,7 +39,7 @@ use tokio::{
     task::JoinSet,
 };
 
-use crate::flowlog::{self, FlowFormat, FlowRecord};
+use crate::flows::log::{self, FlowFormat, FlowRecord};
 
 /// Where the agent listens for subscribers unless told otherwise.
 pub const DEFAULT_FLOWS_SOCKET: &str = "/run/redirector/flows.sock";
@@ -364,7 +364,7 @@ async fn subscriber(stream: UnixStream, hub: Arc<Hub>) {
 
 fn push_record(buf: &mut Vec<u8>, record: &FlowRecord) {
     // Exactly the agent's JSON flow log line; writing to a Vec cannot fail.
-    let _ = flowlog::write_line(buf, FlowFormat::Json, record);
+    let _ = log::write_line(buf, FlowFormat::Json, record);
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context, Result};
 use clap::CommandFactory as _;
 
-use crate::{cli::Cli, flowsub::DEFAULT_FLOWS_SOCKET};
+use crate::{cli::Cli, flows::sub::DEFAULT_FLOWS_SOCKET};
 
 /// `redirector completions SHELL`: the script on stdout.
 pub fn completions(shell: clap_complete::Shell) -> Result<()> {

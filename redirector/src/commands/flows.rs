@@ -1,5 +1,5 @@
 //! `redirector flows`: follows a running agent's flow records over its Unix
-//! socket (see [`crate::flowsub`] for the protocol), keeps those that match the
+//! socket (see [`crate::flows::sub`] for the protocol), keeps those that match the
 //! filters, and prints them in the agent's own line formats.
 
 use std::{
@@ -18,8 +18,8 @@ use tokio::{
 
 use crate::{
     cli::FlowsArgs,
-    flowlog::{self, FlowFormat, FlowRecord},
-    flowsub::{Notice, Request, HISTORY},
+    flows::log::{self, FlowFormat, FlowRecord},
+    flows::sub::{Notice, Request, HISTORY},
 };
 
 /// Which records `--event` keeps.
@@ -218,7 +218,7 @@ fn print(
 ) -> io::Result<()> {
     match format {
         FlowFormat::Json => writeln!(out, "{raw}"),
-        _ => flowlog::write_line(out, format, &record.into_record()),
+        _ => log::write_line(out, format, &record.into_record()),
     }
 }
 
@@ -443,10 +443,10 @@ mod tests {
         // Every field survives: re-serialized, it is the agent's line again.
         let record = r.into_record();
         let mut json = Vec::new();
-        flowlog::write_line(&mut json, FlowFormat::Json, &record).expect("json");
+        log::write_line(&mut json, FlowFormat::Json, &record).expect("json");
         assert_eq!(String::from_utf8(json).expect("utf8").trim_end(), raw);
         let mut text = Vec::new();
-        flowlog::write_line(&mut text, FlowFormat::Text, &record).expect("text");
+        log::write_line(&mut text, FlowFormat::Text, &record).expect("text");
         assert_eq!(
             String::from_utf8(text).expect("utf8"),
             "2026-11-24T04:37:51.971097Z close   /var/run/netns/live-store-0 198.18.0.1:44948 -> :12345 => :9095 43.060ms rx=5B tx=10B srtt=53us retrans=0 end=fin\n"

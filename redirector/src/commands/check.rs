@@ -311,7 +311,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 fn check_cgroup2() -> Check {
     const NAME: &str = "cgroup2";
-    match crate::cgroup::cgroup2_mount() {
+    match crate::bpf::cgroup::cgroup2_mount() {
         Ok(path) => Check::pass(
             NAME,
             format!(

@@ -20,17 +20,18 @@ use tokio::{
 };
 
 use crate::{
+    bpf::datapath::{Datapath, Redirect},
+    bpf::pins::{PinLayout, PIN_ROOT},
+    bpf::registry::Reason,
     cli::RunArgs,
-    datapath::{Datapath, Redirect},
-    discover,
+    config::settings::{self, usage, Settings},
+    discovery,
+    discovery::listeners::{self, Owner},
+    discovery::netns::Netns,
     error::Fatal,
-    flowlog::{NsInfo, Recorder},
-    flowreader, flowsub,
-    listeners::{self, Owner},
-    netns::Netns,
-    pins::{PinLayout, PIN_ROOT},
-    registry::Reason,
-    settings::{self, usage, Settings},
+    flows::log::{NsInfo, Recorder},
+    flows::reader,
+    flows::sub,
     sys,
     telemetry::{self, Attachments, Telemetry},
 };
@@ -67,8 +68,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     check_privileges()?;
     // Before anything is opened, loaded or attached: a kernel below the
     // minimum gets one line naming what it lacks (exit 3), nothing else.
-    crate::probe::require().map_err(Fatal::from)?;
-    let (flow_out, flow_format) = flowreader::open_output(&s)?;
+    crate::bpf::probe::require().map_err(Fatal::from)?;
+    let (flow_out, flow_format) = reader::open_output(&s)?;
 
     // Signals first: a SIGTERM that arrives while attaching still ends cleanly.
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -114,14 +115,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         clock_offset_ns: sys::monotonic_to_unix_offset_ns(),
     };
     spawn_kernel_logs(datapath.sock_ops.prog_id);
-    let hub = Arc::new(flowsub::Hub::new(
-        flowsub::Hub::capacity_for_ring(s.flow_ring_bytes),
+    let hub = Arc::new(sub::Hub::new(
+        sub::Hub::capacity_for_ring(s.flow_ring_bytes),
         telemetry.flow_subscriber_lost.clone(),
         telemetry.flow_subscribers.clone(),
     ));
     // Subscribers are a convenience: a socket that cannot be created costs a
     // warning, never the redirects.
-    let flows_server = match flowsub::Server::start(&s.flows_socket, hub.clone()) {
+    let flows_server = match sub::Server::start(&s.flows_socket, hub.clone()) {
         Ok(server) => {
             println!(
                 "flow records for `redirector flows` on {}",
@@ -135,7 +136,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let reader = tokio::spawn(flowreader::read(
+    let reader = tokio::spawn(reader::read(
         handles.flow_events,
         recorder,
         flow_format,
@@ -161,7 +162,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         println!(
             "replaced the pinned state of build {old} ({} objects) with build {}, without a gap",
             removed.len(),
-            crate::datapath::build_id()
+            crate::bpf::datapath::build_id()
         );
     }
     for what in agent.datapath.sweep_unserved()? {
@@ -332,7 +333,7 @@ impl Agent {
     /// with discovery, serves new ones.
     fn maintain(&mut self) -> Result<()> {
         let scan = self.settings.discover.then(|| {
-            discover::scan(
+            discovery::scan(
                 &self.settings.listen_ports(),
                 self.settings.cgroup_pattern.as_deref(),
             )
@@ -407,7 +408,7 @@ impl Agent {
 
     /// Serves the namespaces discovery found with a listener that are not
     /// served yet.
-    fn discover(&mut self, scan: HashMap<u64, discover::Candidate>) {
+    fn discover(&mut self, scan: HashMap<u64, discovery::Candidate>) {
         let served: HashSet<u64> = self
             .origins
             .values()

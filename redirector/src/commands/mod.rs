@@ -1,0 +1,109 @@
+//! The subcommands, one file each: `run` (the agent), `status` and `detach`,
+//! `check`, `flows`, and the generated `completions` and manual pages.
+
+pub mod check;
+pub mod flows;
+pub mod manual;
+pub mod run;
+pub mod status;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use tracing_subscriber::EnvFilter;
+
+/// The whole `redirector` command: parse, set up logging and the runtime,
+/// dispatch, and map the outcome to an exit status (see `error`).
+pub fn main() -> ExitCode {
+    let cli = match crate::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and version go to stdout as clap renders them.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // One line that names the problem; `--help` has the rest.
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or_default();
+            eprintln!("redirector: {}", first.trim());
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("redirector: error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            crate::cli::Command::Run(args) => run::run(args).await,
+            crate::cli::Command::Status { output } => {
+                let layout = crate::bpf::pins::PinLayout::default();
+                let report = status::collect(&layout)?;
+                print!("{}", status::render(&report, output)?);
+                Ok(())
+            }
+            crate::cli::Command::Detach => {
+                run::check_privileges()?;
+                print!(
+                    "{}",
+                    status::detach(&crate::bpf::pins::PinLayout::default())?
+                );
+                Ok(())
+            }
+            crate::cli::Command::Flows(args) => flows::follow(args).await,
+            crate::cli::Command::Completions { shell } => manual::completions(shell),
+            crate::cli::Command::Man { out_dir } => manual::man(out_dir.as_deref()),
+            crate::cli::Command::Check {
+                output,
+                tempo_ring: Some(url),
+            } => {
+                run::check_privileges()?;
+                let report = crate::ring::check(&url)?;
+                print!("{}", crate::ring::render(&report, output));
+                if report.ok {
+                    Ok(())
+                } else {
+                    Err(crate::error::Fatal::Environment(
+                        "some live-stores of this node are not redirected (see above)".into(),
+                    )
+                    .into())
+                }
+            }
+            crate::cli::Command::Check {
+                output,
+                tempo_ring: None,
+            } => {
+                let checks = check::run_checks();
+                match output {
+                    crate::cli::Output::Table => print!("{}", check::render_table(&checks)),
+                    crate::cli::Output::Json => println!("{}", check::render_json(&checks)),
+                }
+                if check::all_passed(&checks) {
+                    Ok(())
+                } else {
+                    Err(
+                        crate::error::Fatal::Environment("some checks failed (see above)".into())
+                            .into(),
+                    )
+                }
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("redirector: error: {e:#}");
+            crate::error::exit_code(&e)
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! redirector: Tempo live-store connections steered in the kernel.
+//!
+//! Module map, from the operator down to the kernel:
+//! - `cli`, `commands/`: the command line and one file per subcommand
+//!   (`run` is the agent).
+//! - `config/`: redirector.yaml, Tempo's config file, and the settings `run`
+//!   resolves from flags, files and defaults.
+//! - `discovery/`: network namespaces, their listening sockets (sock_diag) and
+//!   the processes that own them; which namespaces have a live-store.
+//! - `bpf/`: the kernel object (build id), loading and attaching it, the
+//!   listener registry, pinned state, cgroup lookup and feature probes.
+//! - `flows/`: flow records from the kernel ring to the log and subscribers.
+//! - `telemetry`: /metrics, /healthz, /readyz.
+//! - `ring`: the Tempo live-store ring check.
+//! - `sys`: the system calls std and aya 0.14 do not wrap.
+//! - `error`: exit statuses.
+
+pub mod bpf;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod discovery;
+pub mod error;
+pub mod flows;
+pub mod ring;
+pub mod sys;
+pub mod telemetry;
