@@ -3,6 +3,7 @@
 //! fresh clone on a fresh machine needs nothing else.
 
 mod bench;
+mod fuzz;
 mod golang;
 mod setup;
 mod toolchain;
@@ -56,6 +57,13 @@ enum Cmd {
         /// local loop. CI and the plain command run it.
         #[arg(long, conflicts_with_all = ["kernel", "kernels"])]
         no_vm: bool,
+        /// Instead of the tests, run the fuzzers (cargo-fuzz, nightly) on the
+        /// config readers and the flow record decoder, each for --fuzz-seconds.
+        #[arg(long, conflicts_with_all = ["kernel", "kernels", "no_vm"])]
+        fuzz: bool,
+        /// How long each fuzz target runs.
+        #[arg(long, default_value_t = 60, requires = "fuzz")]
+        fuzz_seconds: u32,
     },
     /// Benchmark redirector against direct, nftables and sidecar proxies, in
     /// namespaces on this machine: `--quick` (< 1 min) or full (minutes).
@@ -93,7 +101,13 @@ fn run(cli: Cli) -> Result<()> {
             kernel,
             kernels,
             no_vm,
+            fuzz,
+            fuzz_seconds,
         } => {
+            if fuzz {
+                setup::ensure_toolchain()?;
+                return fuzz::run(&root, fuzz_seconds);
+            }
             if let Some(list) = kernel.or(kernels) {
                 // No host bpffs needed: nothing is loaded on this kernel.
                 setup::ensure_toolchain()?;

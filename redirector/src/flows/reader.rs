@@ -87,6 +87,18 @@ pub async fn read(
     }
 }
 
+/// One record as the kernel wrote it into the ring; `None` for anything
+/// shorter. Any bit pattern is a valid `FlowEvent` (plain integers), so
+/// whatever the bytes say, decoding cannot fail further.
+pub fn decode(bytes: &[u8]) -> Option<FlowEvent> {
+    if bytes.len() < std::mem::size_of::<FlowEvent>() {
+        return None;
+    }
+    // SAFETY: at least size_of::<FlowEvent>() bytes (checked), every bit
+    // pattern valid; the ring gives no alignment guarantee, hence unaligned.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<FlowEvent>()) })
+}
+
 fn drain(
     ring: &mut RingBuf<MapData>,
     recorder: &Recorder,
@@ -96,12 +108,9 @@ fn drain(
 ) -> Result<u64> {
     let mut n = 0;
     while let Some(item) = ring.next() {
-        if item.len() < std::mem::size_of::<FlowEvent>() {
+        let Some(event) = decode(&item) else {
             continue;
-        }
-        // SAFETY: the kernel wrote a whole FlowEvent (length checked); the ring
-        // gives no alignment guarantee, hence the unaligned read.
-        let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) };
+        };
         if let Some(record) = recorder.record(&event) {
             log::write_line(out, format, &record).context("writing a flow record")?;
             // After the log line: subscribers see what the log says.
