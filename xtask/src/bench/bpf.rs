@@ -1,15 +1,21 @@
-//! The sk_lookup program's own cost: BPF_PROG_TEST_RUN (sk_lookup support since
-//! Linux 5.13) runs the loaded `redir_lookup` program N times in the kernel on
-//! a synthetic lookup and reports the mean ns per run.
+//! Redirector's programs in the kernel: the sk_lookup program's own cost
+//! (BPF_PROG_TEST_RUN, sk_lookup support since Linux 5.13, runs the loaded
+//! `redir_lookup` N times on a synthetic lookup and reports the mean ns per
+//! run), and the kernel's run-time statistics of every program (aya's
+//! `enable_stats` and `ProgramInfo::run_time`/`run_count`).
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
+pub use redirector_tests::{PROG_SK_LOOKUP, PROG_SOCK_OPS};
+
 use super::topology::{ADVERTISE_PORT, LIVE_STORE_V4, QUERIER_V4};
 
-pub const PROG_SK_LOOKUP: &str = "redir_lookup";
+// BPF_PROG_TEST_RUN by hand: aya 0.14's `TestRun` covers socket filters,
+// tc, XDP, cgroup skb, flow dissector, raw tracepoint and fexit programs, not
+// sk_lookup, and only for programs it loaded itself (here: the agent's).
 
 /// `struct bpf_sk_lookup` (uapi/linux/bpf.h), as BPF_PROG_TEST_RUN takes it.
 #[repr(C)]
@@ -165,6 +171,72 @@ fn test_run(fd: i32, port: u16, repeat: u32) -> Result<(u32, f64)> {
     Ok((attr.retval, attr.duration as f64))
 }
 
+/// Kernel run-time statistics for every BPF program, on while this lives
+/// (BPF_ENABLE_STATS: an fd instead of the global sysctl, so they switch
+/// themselves off even if the bench dies).
+pub struct RunStats {
+    _fd: OwnedFd,
+}
+
+impl RunStats {
+    pub fn enable() -> Result<Self> {
+        let fd = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
+        Ok(Self { _fd: fd })
+    }
+}
+
+/// One of redirector's loaded programs, with its run-time statistics (which
+/// only grow while a [`RunStats`] is alive).
+#[derive(Clone, Debug)]
+pub struct ProgStats {
+    pub id: u32,
+    pub name: String,
+    pub run_time_ns: u64,
+    pub run_count: u64,
+}
+
+/// Every loaded instance of redirector's programs (any agent's).
+pub fn run_stats() -> Vec<ProgStats> {
+    aya::programs::loaded_programs()
+        .filter_map(|p| p.ok())
+        .filter_map(|p| {
+            let name = p.name_as_str()?;
+            (name == PROG_SK_LOOKUP || name == PROG_SOCK_OPS).then(|| ProgStats {
+                id: p.id(),
+                name: name.to_owned(),
+                run_time_ns: u64::try_from(p.run_time().as_nanos()).unwrap_or(u64::MAX),
+                run_count: p.run_count(),
+            })
+        })
+        .collect()
+}
+
+/// Ids of redirector's programs loaded now (any agent's): taken before an
+/// agent starts, for [`new_programs`].
+pub use redirector_tests::redirector_program_ids as program_ids;
+
+/// Ids of redirector's programs loaded since `before` was taken: a new
+/// agent's own.
+pub fn new_programs(before: &std::collections::HashSet<u32>) -> Vec<u32> {
+    program_ids().difference(before).copied().collect()
+}
+
+/// (run time ns, runs) of the programs in `ids` named `name` between two
+/// [`run_stats`] snapshots (a program missing from `before` counts from 0).
+pub fn delta(before: &[ProgStats], after: &[ProgStats], ids: &[u32], name: &str) -> (u64, u64) {
+    after
+        .iter()
+        .filter(|p| p.name == name && ids.contains(&p.id))
+        .map(|p| {
+            let b = before.iter().find(|q| q.id == p.id);
+            (
+                p.run_time_ns - b.map_or(0, |q| q.run_time_ns).min(p.run_time_ns),
+                p.run_count - b.map_or(0, |q| q.run_count).min(p.run_count),
+            )
+        })
+        .fold((0, 0), |acc, (t, c)| (acc.0 + t, acc.1 + c))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,147 +248,4 @@ mod tests {
         assert_eq!(std::mem::offset_of!(SkLookupCtx, local_port), 60);
         assert_eq!(std::mem::offset_of!(TestRunAttr, batch_size), 72);
     }
-}
-
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_ENABLE_STATS: libc::c_long = 32;
-/// Offsets in `struct bpf_prog_info` (uapi; fields are only ever appended).
-const INFO_ID: usize = 4;
-const INFO_RUN_TIME_NS: usize = 192;
-const INFO_RUN_CNT: usize = 200;
-
-/// Kernel run-time statistics for every BPF program, on while this lives
-/// (BPF_ENABLE_STATS: an fd instead of the global sysctl, so they switch
-/// themselves off even if the bench dies).
-pub struct RunStats {
-    _fd: std::os::fd::OwnedFd,
-}
-
-impl RunStats {
-    pub fn enable() -> Result<Self> {
-        // `attr.enable_stats.type = BPF_STATS_RUN_TIME (0)`.
-        let mut attr = [0u8; 8];
-        // SAFETY: bpf(2) with a zeroed attr of the documented size; the
-        // returned fd is checked and owned at once.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_ENABLE_STATS,
-                attr.as_mut_ptr(),
-                attr.len() as u32,
-            )
-        };
-        if fd < 0 {
-            bail!("BPF_ENABLE_STATS: {}", std::io::Error::last_os_error());
-        }
-        // SAFETY: fd was just returned by the kernel and nothing else owns it.
-        Ok(Self {
-            _fd: unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) },
-        })
-    }
-}
-
-/// (id, name, run_time_ns, run_cnt) of redirector's programs.
-pub fn run_stats() -> Vec<(u32, String, u64, u64)> {
-    aya::programs::loaded_programs()
-        .filter_map(|p| p.ok())
-        .filter_map(|p| {
-            let name = p.name_as_str()?.to_owned();
-            if name != PROG_SK_LOOKUP && name != PROG_SOCK_OPS {
-                return None;
-            }
-            let fd = p.fd().ok()?;
-            let mut info = [0u8; 256];
-            #[repr(C)]
-            struct InfoAttr {
-                bpf_fd: u32,
-                info_len: u32,
-                info: u64,
-            }
-            let mut attr = InfoAttr {
-                bpf_fd: fd.as_fd().as_raw_fd() as u32,
-                info_len: info.len() as u32,
-                info: info.as_mut_ptr() as u64,
-            };
-            // SAFETY: bpf(2) writes at most info_len bytes into `info`, which
-            // outlives the call.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_OBJ_GET_INFO_BY_FD,
-                    &mut attr as *mut InfoAttr,
-                    std::mem::size_of::<InfoAttr>() as u32,
-                )
-            };
-            if rc != 0 {
-                return None;
-            }
-            let u32_at = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().unwrap_or([0; 4]));
-            let u64_at = |o: usize| u64::from_ne_bytes(info[o..o + 8].try_into().unwrap_or([0; 8]));
-            Some((
-                u32_at(INFO_ID),
-                name,
-                u64_at(INFO_RUN_TIME_NS),
-                u64_at(INFO_RUN_CNT),
-            ))
-        })
-        .collect()
-}
-
-pub const PROG_SOCK_OPS: &str = "redir_sockops";
-
-/// Per-program cost in real traffic: one workload with run-time stats on.
-#[derive(Clone, Debug, Serialize)]
-pub struct ProgProfile {
-    pub program: String,
-    pub workload: String,
-    pub runs: u64,
-    pub ns_per_run: f64,
-    pub runs_per_op: f64,
-    pub ns_per_op: f64,
-}
-
-/// Differences of `run_stats()` snapshots for the programs in `ids`.
-pub fn profile(
-    before: &[(u32, String, u64, u64)],
-    after: &[(u32, String, u64, u64)],
-    ids: &[u32],
-    workload: &str,
-    ops: u64,
-) -> Vec<ProgProfile> {
-    let mut out: Vec<ProgProfile> = Vec::new();
-    for (id, name, t1, c1) in after.iter().filter(|a| ids.contains(&a.0)) {
-        let (t0, c0) = before
-            .iter()
-            .find(|b| b.0 == *id)
-            .map(|b| (b.2, b.3))
-            .unwrap_or((0, 0));
-        let (dt, dc) = (t1.saturating_sub(t0), c1.saturating_sub(c0));
-        match out.iter_mut().find(|p| p.program == *name) {
-            Some(p) => {
-                p.runs += dc;
-                p.ns_per_op += dt as f64;
-            }
-            None => out.push(ProgProfile {
-                program: name.clone(),
-                workload: workload.into(),
-                runs: dc,
-                ns_per_run: 0.0,
-                runs_per_op: 0.0,
-                // Total ns for now; divided below.
-                ns_per_op: dt as f64,
-            }),
-        }
-    }
-    for p in &mut out {
-        let total = p.ns_per_op;
-        p.ns_per_run = if p.runs > 0 {
-            total / p.runs as f64
-        } else {
-            0.0
-        };
-        p.runs_per_op = p.runs as f64 / ops.max(1) as f64;
-        p.ns_per_op = total / ops.max(1) as f64;
-    }
-    out
 }

@@ -8,7 +8,11 @@ use plotters::{
     style::text_anchor::{HPos, Pos, VPos},
 };
 
-use super::{report::Results, workloads::Kind};
+use super::{
+    metric::Metric,
+    report::Results,
+    workloads::{Kind, Workload},
+};
 
 const COLORS: [RGBColor; 8] = [
     RGBColor(0, 0, 0),
@@ -49,40 +53,48 @@ pub fn write(r: &Results, out: &Path) -> Result<()> {
     {
         cdf(r, &w.name, &out.join(format!("cdf-{}.svg", w.name)))?;
     }
-    let sat = r
-        .workloads
-        .iter()
-        .rev()
-        .find(|w| w.kind == Kind::Saturation)
-        .map(|w| w.name.clone());
-    let mut panels = vec![
-        ("crr".to_owned(), "conn_per_s", "CRR connections/s"),
-        ("bulk-stream".to_owned(), "mib_per_s", "bulk stream MiB/s"),
-    ];
-    if let Some(s) = &sat {
-        panels.push((s.clone(), "req_per_s", "gRPC unary req/s at saturation"));
-    }
-    bars(r, &panels, &out.join("throughput.svg"))?;
-    let cpu = vec![
-        (
-            "rr-64B".to_owned(),
-            "cpu_us_per_req",
+    // The first workload of a kind (rr-64B, crr, bulk-stream), or for the
+    // saturation panel the last (the most connections).
+    let first = |kind: Kind| r.workloads.iter().find(|w| w.kind == kind);
+    let last = |kind: Kind| r.workloads.iter().rev().find(|w| w.kind == kind);
+    let panel = |w: Option<&Workload>, metric: Metric, title: &'static str| {
+        w.map(|w| (w.name.clone(), metric, title))
+    };
+    let throughput: Vec<Panel> = [
+        panel(first(Kind::Crr), Metric::ConnPerS, "CRR connections/s"),
+        panel(first(Kind::Bulk), Metric::MibPerS, "bulk stream MiB/s"),
+        panel(
+            last(Kind::Saturation),
+            Metric::ReqPerS,
+            "gRPC unary req/s at saturation",
+        ),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    bars(r, &throughput, &out.join("throughput.svg"))?;
+    let cpu: Vec<Panel> = [
+        panel(
+            first(Kind::Rr),
+            Metric::CpuUsPerReq,
             "RR 64 B: CPU µs per request",
         ),
-        (
-            "crr".to_owned(),
-            "cpu_us_per_conn",
+        panel(
+            first(Kind::Crr),
+            Metric::CpuUsPerConn,
             "CRR: CPU µs per connection",
         ),
-        (
-            "bulk-stream".to_owned(),
-            "cpu_s_per_gib",
-            "bulk: CPU s per GiB",
-        ),
-    ];
+        panel(first(Kind::Bulk), Metric::CpuSPerGib, "bulk: CPU s per GiB"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     bars(r, &cpu, &out.join("cpu.svg"))?;
     Ok(())
 }
+
+/// One bar chart: (workload, metric, title).
+type Panel = (String, Metric, &'static str);
 
 /// Latency CDF of one workload, every path (all rounds merged), log-scale x.
 fn cdf(r: &Results, workload: &str, file: &Path) -> Result<()> {
@@ -148,7 +160,7 @@ fn cdf(r: &Results, workload: &str, file: &Path) -> Result<()> {
 }
 
 /// One panel of bars per (workload, metric): median per path.
-fn bars(r: &Results, panels: &[(String, &str, &str)], file: &Path) -> Result<()> {
+fn bars(r: &Results, panels: &[Panel], file: &Path) -> Result<()> {
     let paths = r.measured_paths();
     let root = SVGBackend::new(file, (460 * panels.len() as u32, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(e)?;
@@ -157,7 +169,7 @@ fn bars(r: &Results, panels: &[(String, &str, &str)], file: &Path) -> Result<()>
         let vals: Vec<(usize, &str, f64)> = paths
             .iter()
             .enumerate()
-            .filter_map(|(i, p)| r.median(p, workload, metric).map(|v| (i, *p, v)))
+            .filter_map(|(i, p)| r.median(p, workload, *metric).map(|v| (i, *p, v)))
             .collect();
         let top = vals.iter().map(|v| v.2).fold(0.0, f64::max) * 1.15;
         if top <= 0.0 {

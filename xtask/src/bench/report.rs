@@ -1,15 +1,18 @@
 //! Results: the raw JSON, the summary (median over repeats with spread, ratio
-//! to direct), the targets check, and the Markdown report.
+//! to direct), the targets' outcomes, and the Markdown report.
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use serde::Serialize;
 
 use super::{
-    bpf::{ProgCost, ProgProfile},
-    paths::Proof,
+    bpf::ProgCost,
+    metric::Metric,
+    paths::{self, Proof},
+    profile::ProgProfile,
     stats::{ratio, spread, Spread},
-    workloads::{Kind, Workload},
+    targets::{self, Outcome},
+    workloads::Workload,
     Plan,
 };
 
@@ -20,7 +23,18 @@ pub struct Measurement {
     pub repeat: usize,
     pub ops: u64,
     pub secs: f64,
-    pub metrics: BTreeMap<String, f64>,
+    pub metrics: BTreeMap<Metric, f64>,
+}
+
+/// Everything the rounds and the profile collected, for [`Results::new`].
+#[derive(Debug, Default)]
+pub struct Collected {
+    pub measurements: Vec<Measurement>,
+    pub proofs: Vec<Proof>,
+    pub sk_lookup_cost: Vec<ProgCost>,
+    pub profile: Vec<ProgProfile>,
+    /// Latency CDF points per (workload, path), all rounds merged.
+    pub cdfs: BTreeMap<(String, String), Vec<(f64, f64)>>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -44,20 +58,11 @@ pub struct Machine {
 #[derive(Clone, Debug, Serialize)]
 pub struct SummaryRow {
     pub workload: String,
-    pub metric: String,
+    pub metric: Metric,
     pub path: String,
     #[serde(flatten)]
     pub stat: Spread,
     pub ratio_to_direct: Option<f64>,
-}
-
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct Target {
-    pub target: String,
-    pub goal: String,
-    pub value: Option<f64>,
-    pub met: Option<bool>,
-    pub detail: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -67,7 +72,7 @@ pub struct Results {
     pub paths: Vec<PathStatus>,
     pub workloads: Vec<Workload>,
     pub summary: Vec<SummaryRow>,
-    pub targets: Vec<Target>,
+    pub targets: Vec<Outcome>,
     pub sk_lookup_cost: Vec<ProgCost>,
     /// Redirector's per-connection cost by component (kernel run-time stats).
     pub profile: Vec<ProgProfile>,
@@ -80,21 +85,23 @@ pub struct Results {
 }
 
 impl Results {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         plan: &Plan,
         paths: Vec<PathStatus>,
         workloads: &[Workload],
-        measurements: Vec<Measurement>,
-        proofs: Vec<Proof>,
-        sk_lookup_cost: Vec<ProgCost>,
-        profile: Vec<ProgProfile>,
-        cdfs: BTreeMap<(String, String), Vec<(f64, f64)>>,
+        collected: Collected,
         notes: Vec<String>,
         elapsed_secs: f64,
     ) -> Self {
+        let Collected {
+            measurements,
+            proofs,
+            sk_lookup_cost,
+            profile,
+            cdfs,
+        } = collected;
         let summary = summarize(&measurements);
-        let targets = targets(&summary, workloads);
+        let targets = targets::check_all(&summary, workloads);
         let mut by_workload: BTreeMap<String, BTreeMap<String, Vec<(f64, f64)>>> = BTreeMap::new();
         for ((w, p), c) in cdfs {
             by_workload.entry(w).or_default().insert(p, c);
@@ -116,7 +123,7 @@ impl Results {
         }
     }
 
-    pub fn median(&self, path: &str, workload: &str, metric: &str) -> Option<f64> {
+    pub fn median(&self, path: &str, workload: &str, metric: Metric) -> Option<f64> {
         find(&self.summary, path, workload, metric).map(|r| r.stat.median)
     }
 
@@ -166,11 +173,11 @@ pub fn machine() -> Machine {
 
 /// Median and spread per (workload, metric, path), with the ratio to direct.
 pub fn summarize(ms: &[Measurement]) -> Vec<SummaryRow> {
-    let mut groups: BTreeMap<(String, String, String), Vec<f64>> = BTreeMap::new();
+    let mut groups: BTreeMap<(String, Metric, String), Vec<f64>> = BTreeMap::new();
     for m in ms {
         for (k, v) in &m.metrics {
             groups
-                .entry((m.workload.clone(), k.clone(), m.path.clone()))
+                .entry((m.workload.clone(), *k, m.path.clone()))
                 .or_default()
                 .push(*v);
         }
@@ -187,216 +194,27 @@ pub fn summarize(ms: &[Measurement]) -> Vec<SummaryRow> {
             })
         })
         .collect();
-    let direct: BTreeMap<(String, String), f64> = rows
+    let direct: BTreeMap<(String, Metric), f64> = rows
         .iter()
-        .filter(|r| r.path == "direct")
-        .map(|r| ((r.workload.clone(), r.metric.clone()), r.stat.median))
+        .filter(|r| r.path == paths::DIRECT)
+        .map(|r| ((r.workload.clone(), r.metric), r.stat.median))
         .collect();
     for r in &mut rows {
         r.ratio_to_direct = direct
-            .get(&(r.workload.clone(), r.metric.clone()))
+            .get(&(r.workload.clone(), r.metric))
             .and_then(|d| ratio(r.stat.median, *d));
     }
     rows
 }
 
-fn find<'a>(
+pub fn find<'a>(
     rows: &'a [SummaryRow],
     path: &str,
     workload: &str,
-    metric: &str,
+    metric: Metric,
 ) -> Option<&'a SummaryRow> {
     rows.iter()
         .find(|r| r.path == path && r.workload == workload && r.metric == metric)
-}
-
-const PROXIES: [&str; 5] = ["nginx", "haproxy", "tokio-proxy", "envoy", "traefik"];
-
-/// The best userspace proxy's median for a metric: lowest if `lower_better`.
-fn best_proxy(
-    rows: &[SummaryRow],
-    workload: &str,
-    metric: &str,
-    lower_better: bool,
-) -> Option<(String, f64)> {
-    PROXIES
-        .iter()
-        .filter_map(|p| find(rows, p, workload, metric).map(|r| (p.to_string(), r.stat.median)))
-        .reduce(|a, b| {
-            let b_better = if lower_better { b.1 < a.1 } else { b.1 > a.1 };
-            if b_better {
-                b
-            } else {
-                a
-            }
-        })
-}
-
-fn target(
-    name: String,
-    goal: String,
-    value: Option<f64>,
-    ok: impl Fn(f64) -> bool,
-    detail: String,
-) -> Target {
-    Target {
-        target: name,
-        goal,
-        value,
-        met: value.map(ok),
-        detail,
-    }
-}
-
-/// The targets, checked against the medians.
-pub fn targets(rows: &[SummaryRow], workloads: &[Workload]) -> Vec<Target> {
-    let mut t = Vec::new();
-    let red = |w: &str, m: &str| find(rows, "redirector", w, m);
-    let pct = |r: f64| format!("{:+.1}%", (r - 1.0) * 100.0);
-    for w in workloads.iter().filter(|w| w.kind == Kind::Rr) {
-        for (metric, limit) in [("p50_us", 1.02), ("p99_us", 1.05)] {
-            let r = red(&w.name, metric).and_then(|r| r.ratio_to_direct);
-            t.push(target(
-                format!("{} {metric}: redirector vs direct", w.name),
-                format!("<= {limit:.2}x"),
-                r,
-                |v| v <= limit,
-                r.map(|v| format!("{} vs direct", pct(v)))
-                    .unwrap_or_default(),
-            ));
-        }
-    }
-    let bulk = workloads
-        .iter()
-        .find(|w| w.kind == Kind::Bulk)
-        .map(|w| w.name.as_str());
-    if let Some(b) = bulk {
-        let r = red(b, "mib_per_s").and_then(|r| r.ratio_to_direct);
-        t.push(target(
-            "bulk MiB/s: redirector vs direct".into(),
-            ">= 0.98x".into(),
-            r,
-            |v| v >= 0.98,
-            r.map(|v| format!("{} vs direct", pct(v)))
-                .unwrap_or_default(),
-        ));
-        for (metric, label) in [
-            ("cpu_s_per_gib", "whole machine"),
-            ("own_cpu_s_per_gib", "bench cgroup"),
-        ] {
-            let r = red(b, metric).and_then(|r| r.ratio_to_direct);
-            t.push(target(
-                format!("bulk CPU s/GiB ({label}): redirector vs direct (same, within 5%)"),
-                "<= 1.05x".into(),
-                r,
-                |v| v <= 1.05,
-                r.map(|v| format!("{} vs direct", pct(v)))
-                    .unwrap_or_default(),
-            ));
-        }
-    }
-    let crr = red("crr", "conn_per_s");
-    let r = crr.and_then(|r| r.ratio_to_direct);
-    t.push(target(
-        "CRR conn/s: redirector vs direct".into(),
-        ">= 0.97x".into(),
-        r,
-        |v| v >= 0.97,
-        r.map(|v| format!("{} vs direct", pct(v)))
-            .unwrap_or_default(),
-    ));
-    let nft = find(rows, "nftables", "crr", "conn_per_s").map(|r| r.stat.median);
-    let r = crr.zip(nft).and_then(|(c, n)| ratio(c.stat.median, n));
-    t.push(target(
-        "CRR conn/s: redirector vs nftables redirect".into(),
-        "> 1.00x".into(),
-        r,
-        |v| v > 1.0,
-        r.map(|v| format!("{} vs nftables", pct(v)))
-            .unwrap_or_default(),
-    ));
-    // Against the best userspace proxy at equal offered load: the fixed-load
-    // workloads (RR ping-pong and open-loop gRPC).
-    let equal_load = workloads
-        .iter()
-        .filter(|w| matches!(w.kind, Kind::Rr | Kind::Open));
-    for w in equal_load {
-        for (metric, goal) in [("p50_us", 1.3), ("p99_us", 2.0)] {
-            let best = best_proxy(rows, &w.name, metric, true);
-            let mine = red(&w.name, metric).map(|r| r.stat.median);
-            let r = best.as_ref().zip(mine).and_then(|((_, b), m)| ratio(*b, m));
-            t.push(target(
-                format!("{} {metric}: best proxy / redirector", w.name),
-                format!(">= {goal:.1}x"),
-                r,
-                |v| v >= goal,
-                best.map(|(p, _)| format!("best proxy: {p}"))
-                    .unwrap_or_default(),
-            ));
-        }
-    }
-    let best = best_proxy(rows, "crr", "conn_per_s", false);
-    let r = best
-        .as_ref()
-        .zip(crr)
-        .and_then(|((_, b), c)| ratio(c.stat.median, *b));
-    t.push(target(
-        "CRR conn/s: redirector / best proxy".into(),
-        ">= 1.8x".into(),
-        r,
-        |v| v >= 1.8,
-        best.map(|(p, _)| format!("best proxy: {p}"))
-            .unwrap_or_default(),
-    ));
-    for (metric, label) in [
-        ("cpu_s_per_gib", "whole machine"),
-        ("own_cpu_s_per_gib", "bench cgroup"),
-    ] {
-        let Some(b) = bulk else { break };
-        let best = best_proxy(rows, b, metric, true);
-        let mine = red(b, metric).map(|r| r.stat.median);
-        let r = best.as_ref().zip(mine).and_then(|((_, p), m)| ratio(m, *p));
-        t.push(target(
-            format!("bulk CPU s/GiB ({label}): redirector / best proxy"),
-            "<= 0.5x".into(),
-            r,
-            |v| v <= 0.5,
-            best.map(|(p, _)| format!("best proxy: {p}"))
-                .unwrap_or_default(),
-        ));
-    }
-    t
-}
-
-/// The metrics shown in the Markdown tables for each kind of workload.
-fn shown(kind: Kind) -> &'static [&'static str] {
-    match kind {
-        Kind::Rr | Kind::Open => &[
-            "p50_us",
-            "p90_us",
-            "p99_us",
-            "p99.9_us",
-            "max_us",
-            "cpu_us_per_req",
-            "own_cpu_us_per_req",
-        ],
-        Kind::Crr => &[
-            "conn_per_s",
-            "p50_us",
-            "p99_us",
-            "p99.9_us",
-            "cpu_us_per_conn",
-            "own_cpu_us_per_conn",
-        ],
-        Kind::Saturation => &[
-            "req_per_s",
-            "p50_us",
-            "p99_us",
-            "cpu_us_per_req",
-            "own_cpu_us_per_req",
-        ],
-        Kind::Bulk => &["mib_per_s", "cpu_s_per_gib", "own_cpu_s_per_gib"],
-    }
 }
 
 fn num(v: f64) -> String {
@@ -425,7 +243,7 @@ pub fn markdown(r: &Results) -> String {
     let foreign: Vec<f64> = r
         .measurements
         .iter()
-        .filter_map(|m| m.metrics.get("foreign_cpu_cores").copied())
+        .filter_map(|m| m.metrics.get(&Metric::ForeignCpuCores).copied())
         .collect();
     if let Some(f) = spread(&foreign) {
         let max = foreign.iter().copied().fold(0.0, f64::max);
@@ -449,17 +267,17 @@ pub fn markdown(r: &Results) -> String {
         "\n## Ratio to direct\n\nMedian over rounds divided by direct's median; `±` is the half-range over rounds relative to the median. Latencies and CPU: lower is better; rates: higher is better. The `direct` column is absolute (µs, req/s, conn/s, MiB/s, CPU µs per request, CPU s per GiB). `cpu_*` is whole-machine CPU from /proc/stat (all cores, every process and softirq; the machine is shared, so it includes other tenants' load); `own_cpu_*` is the bench's own cgroup (load generator, live-store stand-in, proxy, agent, and the kernel work done in their context).\n"
     );
     let _ = write!(s, "| workload | metric | direct |");
-    for p in paths.iter().filter(|p| **p != "direct") {
+    for p in paths.iter().filter(|p| **p != paths::DIRECT) {
         let _ = write!(s, " {p} |");
     }
     let _ = write!(s, "\n|---|---|---|");
-    for _ in paths.iter().filter(|p| **p != "direct") {
+    for _ in paths.iter().filter(|p| **p != paths::DIRECT) {
         let _ = write!(s, "---|");
     }
     s.push('\n');
     for w in &r.workloads {
-        for metric in shown(w.kind) {
-            let Some(d) = find(&r.summary, "direct", &w.name, metric) else {
+        for &metric in w.kind.shown() {
+            let Some(d) = find(&r.summary, paths::DIRECT, &w.name, metric) else {
                 continue;
             };
             let _ = write!(
@@ -470,7 +288,7 @@ pub fn markdown(r: &Results) -> String {
                 num(d.stat.median),
                 d.stat.spread * 100.0
             );
-            for p in paths.iter().filter(|p| **p != "direct") {
+            for p in paths.iter().filter(|p| **p != paths::DIRECT) {
                 match find(&r.summary, p, &w.name, metric) {
                     Some(row) => match row.ratio_to_direct {
                         Some(q) => {
@@ -497,7 +315,7 @@ pub fn markdown(r: &Results) -> String {
     }
     s.push('\n');
     for w in &r.workloads {
-        for metric in shown(w.kind) {
+        for &metric in w.kind.shown() {
             let _ = write!(s, "| {} | {} |", w.name, metric);
             for p in &paths {
                 match find(&r.summary, p, &w.name, metric) {
@@ -576,34 +394,34 @@ pub fn markdown(r: &Results) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::workloads::Spec;
+    use crate::bench::workloads::{Kind, Spec};
 
-    fn meas(path: &str, workload: &str, repeat: usize, metric: &str, v: f64) -> Measurement {
+    fn meas(path: &str, workload: &str, repeat: usize, metric: Metric, v: f64) -> Measurement {
         Measurement {
             path: path.into(),
             workload: workload.into(),
             repeat,
             ops: 1,
             secs: 1.0,
-            metrics: [(metric.to_owned(), v)].into_iter().collect(),
+            metrics: [(metric, v)].into_iter().collect(),
         }
     }
 
     #[test]
     fn summary_medians_and_ratios() {
         let ms = vec![
-            meas("direct", "crr", 0, "conn_per_s", 100.0),
-            meas("direct", "crr", 1, "conn_per_s", 110.0),
-            meas("direct", "crr", 2, "conn_per_s", 90.0),
-            meas("redirector", "crr", 0, "conn_per_s", 99.0),
-            meas("redirector", "crr", 1, "conn_per_s", 95.0),
-            meas("redirector", "crr", 2, "conn_per_s", 97.0),
-            meas("nftables", "crr", 0, "conn_per_s", 80.0),
-            meas("haproxy", "crr", 0, "conn_per_s", 50.0),
-            meas("nginx", "crr", 0, "conn_per_s", 60.0),
+            meas("direct", "crr", 0, Metric::ConnPerS, 100.0),
+            meas("direct", "crr", 1, Metric::ConnPerS, 110.0),
+            meas("direct", "crr", 2, Metric::ConnPerS, 90.0),
+            meas("redirector", "crr", 0, Metric::ConnPerS, 99.0),
+            meas("redirector", "crr", 1, Metric::ConnPerS, 95.0),
+            meas("redirector", "crr", 2, Metric::ConnPerS, 97.0),
+            meas("nftables", "crr", 0, Metric::ConnPerS, 80.0),
+            meas("haproxy", "crr", 0, Metric::ConnPerS, 50.0),
+            meas("nginx", "crr", 0, Metric::ConnPerS, 60.0),
         ];
         let rows = summarize(&ms);
-        let red = find(&rows, "redirector", "crr", "conn_per_s").expect("row");
+        let red = find(&rows, "redirector", "crr", Metric::ConnPerS).expect("row");
         assert_eq!(red.stat.median, 97.0);
         assert_eq!(red.ratio_to_direct, Some(0.97));
         let wl = vec![Workload {
@@ -612,7 +430,7 @@ mod tests {
             what: String::new(),
             spec: Spec::Crr,
         }];
-        let t = targets(&rows, &wl);
+        let t = targets::check_all(&rows, &wl);
         let get = |name: &str| t.iter().find(|x| x.target == name).expect(name);
         assert_eq!(get("CRR conn/s: redirector vs direct").met, Some(true));
         assert_eq!(
@@ -628,8 +446,8 @@ mod tests {
     #[test]
     fn markdown_has_tables() {
         let ms = vec![
-            meas("direct", "crr", 0, "conn_per_s", 100.0),
-            meas("redirector", "crr", 0, "conn_per_s", 98.0),
+            meas("direct", "crr", 0, Metric::ConnPerS, 100.0),
+            meas("redirector", "crr", 0, Metric::ConnPerS, 98.0),
         ];
         let wl = vec![Workload {
             name: "crr".into(),
@@ -654,18 +472,11 @@ mod tests {
                 note: String::new(),
             })
             .collect();
-        let r = Results::new(
-            &plan,
-            paths,
-            &wl,
-            ms,
-            vec![],
-            vec![],
-            vec![],
-            BTreeMap::new(),
-            vec![],
-            1.0,
-        );
+        let collected = Collected {
+            measurements: ms,
+            ..Collected::default()
+        };
+        let r = Results::new(&plan, paths, &wl, collected, vec![], 1.0);
         let md = markdown(&r);
         assert!(
             md.contains("| workload | metric | direct | redirector |"),

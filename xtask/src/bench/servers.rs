@@ -36,7 +36,10 @@ pub struct LiveStore {
 impl LiveStore {
     pub fn start(ns: &Netns) -> Result<Self> {
         let listener = ns
-            .try_run(|| StdListener::bind(("::", LISTEN_PORT)).context("bind [::]:9095"))
+            .try_run(|| {
+                StdListener::bind(("::", LISTEN_PORT))
+                    .with_context(|| format!("bind [::]:{LISTEN_PORT}"))
+            })
             .with_context(|| format!("live-store listener in {}", ns.name))?;
         listener.set_nonblocking(true)?;
         // Two workers (a Go live-store has GOMAXPROCS threads), both on one CPU.
@@ -70,9 +73,10 @@ impl LiveStore {
         })
     }
 
-    /// Connections accepted on 9095 so far (all paths end here).
-    pub fn accepted(&self) -> u64 {
-        self.accepted.load(Ordering::Relaxed)
+    /// The count of connections accepted on the listen port so far (all
+    /// paths end here), shared: direct's proof reads it.
+    pub fn accepts(&self) -> Arc<AtomicU64> {
+        self.accepted.clone()
     }
 }
 

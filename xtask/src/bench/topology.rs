@@ -10,9 +10,11 @@ use anyhow::{Context, Result};
 /// (which have no route anywhere else).
 pub const QUERIER_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const LIVE_STORE_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
-pub const ADVERTISE_PORT: u16 = 12345;
-pub const LISTEN_PORT: u16 = 9095;
+/// The agent's default ports, which the proxies and nftables use too.
+pub const ADVERTISE_PORT: u16 = redirector_tests::ADVERTISE;
+pub const LISTEN_PORT: u16 = redirector_tests::LISTEN;
 
+/// Every bench namespace is `rdb-<pid>-<n>-<tag>`.
 const PREFIX: &str = "rdb-";
 
 pub use redirector_tests::netns::Netns;
@@ -27,10 +29,7 @@ pub struct Topology {
 impl Topology {
     pub fn create() -> Result<Self> {
         redirector_tests::netns::remove_stale(PREFIX);
-        let querier = Netns::with_prefix(PREFIX, "q")?;
-        let live_store = Netns::with_prefix(PREFIX, "ls")?;
-        let (q4, l4) = (format!("{QUERIER_V4}/24"), format!("{LIVE_STORE_V4}/24"));
-        redirector_tests::netns::veth((&querier, &[&q4]), (&live_store, &[&l4]))?;
+        let (querier, live_store) = pair("q", "ls")?;
         for ns in [&querier, &live_store] {
             // CRR opens tens of thousands of short connections per second; the
             // closing side keeps TIME_WAIT, so widen the port range and allow reuse
@@ -49,6 +48,17 @@ impl Topology {
     pub fn live_store_addr(port: u16) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(LIVE_STORE_V4), port)
     }
+}
+
+/// A querier-side and a live-store-side namespace (tagged `q` and `ls`)
+/// joined by a veth pair with the bench's addresses, nothing else set up:
+/// [`Topology`]'s pair, or another one addressed alike (the SYN flood's).
+pub fn pair(q: &str, ls: &str) -> Result<(Netns, Netns)> {
+    let querier = Netns::with_prefix(PREFIX, q)?;
+    let live_store = Netns::with_prefix(PREFIX, ls)?;
+    let (q4, l4) = (format!("{QUERIER_V4}/24"), format!("{LIVE_STORE_V4}/24"));
+    redirector_tests::netns::veth((&querier, &[&q4]), (&live_store, &[&l4]))?;
+    Ok((querier, live_store))
 }
 
 /// A multi-threaded tokio runtime whose worker threads live in `ns`: sockets

@@ -19,6 +19,7 @@ use tokio::runtime::Runtime;
 use super::{
     cpu::CpuTimes,
     grpc,
+    metric::Metric,
     stats::{self, new_histogram},
     topology::{pin_current_thread, Netns, QUERIER_CPU},
 };
@@ -94,14 +95,25 @@ pub enum Spec {
 
 impl Sample {
     /// The figures reported for a workload of `kind`.
-    pub fn metrics(&self, kind: Kind) -> BTreeMap<String, f64> {
-        let mut m = BTreeMap::new();
-        let l = stats::latency(&self.hist);
-        let per_sec = if self.secs > 0.0 {
-            self.ops as f64 / self.secs
-        } else {
-            0.0
-        };
+    pub fn metrics(&self, kind: Kind) -> BTreeMap<Metric, f64> {
+        let mut m: BTreeMap<Metric, f64> = kind
+            .reported()
+            .iter()
+            .map(|&metric| (metric, self.value(metric)))
+            .collect();
+        m.insert(Metric::Errors, self.value(Metric::Errors));
+        // Reported so a reader can judge how disturbed a run was; without a
+        // bench cgroup there is nothing to subtract.
+        if self.secs > 0.0 && self.own_cpu_secs.is_finite() {
+            m.insert(Metric::ForeignCpuCores, self.value(Metric::ForeignCpuCores));
+        }
+        m
+    }
+
+    /// One figure of this sample: 0 for a rate over no time, NaN for a cost
+    /// per nothing (no operation, no byte, no cgroup).
+    fn value(&self, metric: Metric) -> f64 {
+        let per_sec = |n: f64| if self.secs > 0.0 { n / self.secs } else { 0.0 };
         let per_op = |cpu: f64| {
             if self.ops > 0 {
                 cpu * 1e6 / self.ops as f64
@@ -109,62 +121,26 @@ impl Sample {
                 f64::NAN
             }
         };
-        let (cpu_us_per_op, own_us_per_op) = (per_op(self.cpu_secs), per_op(self.own_cpu_secs));
-        let lat = |m: &mut BTreeMap<String, f64>, all: bool| {
-            m.insert("p50_us".into(), l.p50_us);
-            m.insert("p99_us".into(), l.p99_us);
-            if all {
-                m.insert("p90_us".into(), l.p90_us);
-                m.insert("p99.9_us".into(), l.p999_us);
-                m.insert("max_us".into(), l.max_us);
-            }
-        };
-        match kind {
-            Kind::Rr | Kind::Open => {
-                lat(&mut m, true);
-                m.insert("req_per_s".into(), per_sec);
-                m.insert("cpu_us_per_req".into(), cpu_us_per_op);
-                m.insert("own_cpu_us_per_req".into(), own_us_per_op);
-            }
-            Kind::Crr => {
-                lat(&mut m, true);
-                m.insert("conn_per_s".into(), per_sec);
-                m.insert("cpu_us_per_conn".into(), cpu_us_per_op);
-                m.insert("own_cpu_us_per_conn".into(), own_us_per_op);
-            }
-            Kind::Saturation => {
-                lat(&mut m, false);
-                m.insert("req_per_s".into(), per_sec);
-                m.insert("cpu_us_per_req".into(), cpu_us_per_op);
-                m.insert("own_cpu_us_per_req".into(), own_us_per_op);
-            }
-            Kind::Bulk => {
-                let mib = self.bytes as f64 / (1u64 << 20) as f64;
-                let gib = self.bytes as f64 / (1u64 << 30) as f64;
-                m.insert(
-                    "mib_per_s".into(),
-                    if self.secs > 0.0 {
-                        mib / self.secs
-                    } else {
-                        0.0
-                    },
-                );
-                let per_gib = |cpu: f64| if gib > 0.0 { cpu / gib } else { f64::NAN };
-                m.insert("cpu_s_per_gib".into(), per_gib(self.cpu_secs));
-                m.insert("own_cpu_s_per_gib".into(), per_gib(self.own_cpu_secs));
-            }
+        let gib = self.bytes as f64 / (1u64 << 30) as f64;
+        let per_gib = |cpu: f64| if gib > 0.0 { cpu / gib } else { f64::NAN };
+        let l = stats::latency(&self.hist);
+        match metric {
+            Metric::P50Us => l.p50_us,
+            Metric::P90Us => l.p90_us,
+            Metric::P99Us => l.p99_us,
+            Metric::P999Us => l.p999_us,
+            Metric::MaxUs => l.max_us,
+            Metric::ReqPerS | Metric::ConnPerS => per_sec(self.ops as f64),
+            Metric::CpuUsPerReq | Metric::CpuUsPerConn => per_op(self.cpu_secs),
+            Metric::OwnCpuUsPerReq | Metric::OwnCpuUsPerConn => per_op(self.own_cpu_secs),
+            Metric::MibPerS => per_sec(self.bytes as f64 / (1u64 << 20) as f64),
+            Metric::CpuSPerGib => per_gib(self.cpu_secs),
+            Metric::OwnCpuSPerGib => per_gib(self.own_cpu_secs),
+            Metric::Errors => self.errors as f64,
+            // Everything /proc/stat saw that the bench's cgroup did not: other
+            // tenants of this shared machine (and tick-sampling error).
+            Metric::ForeignCpuCores => ((self.cpu_secs - self.own_cpu_secs) / self.secs).max(0.0),
         }
-        m.insert("errors".into(), self.errors as f64);
-        // Everything /proc/stat saw that the bench's cgroup did not: other
-        // tenants of this shared machine (and tick-sampling error). Reported so
-        // a reader can judge how disturbed a run was.
-        if self.secs > 0.0 && self.own_cpu_secs.is_finite() {
-            m.insert(
-                "foreign_cpu_cores".into(),
-                ((self.cpu_secs - self.own_cpu_secs) / self.secs).max(0.0),
-            );
-        }
-        m
     }
 }
 
