@@ -225,6 +225,16 @@ pub fn link_create(
     bpf(BPF_LINK_CREATE, &mut attr).map(owned)
 }
 
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+
+/// Opens the link with kernel id `id` (aya 0.14 lists links but cannot open
+/// one by id).
+pub fn link_get_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    let mut attr = [0u64; 16];
+    attr[0] = id as u64;
+    bpf(BPF_LINK_GET_FD_BY_ID, &mut attr).map(owned)
+}
+
 /// Detaches a link now, whoever else holds it (a running agent's fd, a pin).
 pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     let mut attr = [0u64; 16];

@@ -570,46 +570,18 @@ pub fn wait_unloaded(ids: &HashSet<u32>) -> Vec<u32> {
 
 /// Ids of the sk_lookup programs attached to the namespace `ns`.
 pub fn sk_lookup_programs(ns: &Netns) -> Vec<u32> {
-    const BPF_PROG_QUERY: libc::c_long = 16;
-    const BPF_SK_LOOKUP: u64 = 36;
     let file = std::fs::File::open(ns.path()).expect("open netns file");
-    let mut ids = [0u32; 64];
-    let mut attr = [0u64; 16];
-    attr[0] = file.as_raw_fd() as u32 as u64 | (BPF_SK_LOOKUP << 32);
-    attr[2] = ids.as_mut_ptr() as u64;
-    attr[3] = ids.len() as u64;
-    // SAFETY: bpf(2) BPF_PROG_QUERY with a zeroed attr; the kernel writes at
-    // most prog_cnt ids into `ids`.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), 128u32) };
-    assert_eq!(rc, 0, "BPF_PROG_QUERY: {}", io::Error::last_os_error());
-    ids[..(attr[3] as u32 as usize).min(ids.len())].to_vec()
+    redirector::sys::prog_query(file.as_fd(), redirector::sys::BPF_SK_LOOKUP)
+        .expect("BPF_PROG_QUERY")
 }
 
 /// Ids of the sock_ops programs attached to the cgroup v2 root (where the
 /// agent attaches its own).
 pub fn sock_ops_programs() -> Vec<u32> {
-    const BPF_PROG_QUERY: libc::c_long = 16;
-    const BPF_CGROUP_SOCK_OPS: u64 = 3;
-    let root = std::fs::read_to_string("/proc/self/mountinfo")
-        .expect("mountinfo")
-        .lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            (post.split_whitespace().next() == Some("cgroup2"))
-                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
-        })
-        .expect("a cgroup2 mount");
+    let root = redirector::bpf::cgroup::cgroup2_mount().expect("a cgroup2 mount");
     let dir = std::fs::File::open(&root).expect("open the cgroup v2 root");
-    let mut ids = [0u32; 64];
-    let mut attr = [0u64; 16];
-    attr[0] = dir.as_raw_fd() as u32 as u64 | (BPF_CGROUP_SOCK_OPS << 32);
-    attr[2] = ids.as_mut_ptr() as u64;
-    attr[3] = ids.len() as u64;
-    // SAFETY: bpf(2) BPF_PROG_QUERY with a zeroed attr; the kernel writes at
-    // most prog_cnt ids into `ids`.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), 128u32) };
-    assert_eq!(rc, 0, "BPF_PROG_QUERY: {}", io::Error::last_os_error());
-    ids[..(attr[3] as u32 as usize).min(ids.len())].to_vec()
+    redirector::sys::prog_query(dir.as_fd(), redirector::sys::BPF_CGROUP_SOCK_OPS)
+        .expect("BPF_PROG_QUERY")
 }
 
 /// `redirector ARGS` to completion: (exit code, stdout, stderr).
@@ -726,12 +698,7 @@ pub fn reset_on_close(conn: &TcpStream) -> io::Result<()> {
 /// every redirector agent's map, behind the agents' backs (what an operator's
 /// `bpftool map delete` would do). Returns how many entries went.
 pub fn delete_registrations(netns_cookie: u64) -> usize {
-    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-    let bpf = |cmd: libc::c_long, attr: &mut [u64; 16]| {
-        // SAFETY: bpf(2) with a zeroed 128-byte attr whose pointers outlive the call.
-        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), 128u32) }
-    };
+    use redirector::sys::{map_delete, map_keys};
     let mut deleted = 0;
     for info in aya::maps::loaded_maps().filter_map(|m| m.ok()) {
         if info.name_as_str() != Some(redirector_common::MAP_LISTENERS) {
@@ -740,26 +707,10 @@ pub fn delete_registrations(netns_cookie: u64) -> usize {
         let Ok(map) = aya::maps::MapData::from_id(info.id()) else {
             continue;
         };
-        let fd = map.fd().as_fd().as_raw_fd() as u32 as u64;
-        let mut keys = Vec::new();
-        let mut next = redirector_common::ListenerKey::default();
-        let mut prev: Option<redirector_common::ListenerKey> = None;
-        loop {
-            let mut attr = [0u64; 16];
-            attr[0] = fd;
-            attr[1] = prev.as_ref().map_or(0, |k| k as *const _ as u64);
-            attr[2] = &mut next as *mut _ as u64;
-            if bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) != 0 {
-                break;
-            }
-            keys.push(next);
-            prev = Some(next);
-        }
+        let fd = map.fd().as_fd();
+        let keys: Vec<redirector_common::ListenerKey> = map_keys(fd).unwrap_or_default();
         for key in keys.iter().filter(|k| k.netns_cookie == netns_cookie) {
-            let mut attr = [0u64; 16];
-            attr[0] = fd;
-            attr[1] = key as *const _ as u64;
-            if bpf(BPF_MAP_DELETE_ELEM, &mut attr) == 0 {
+            if map_delete(fd, key).is_ok() {
                 deleted += 1;
             }
         }

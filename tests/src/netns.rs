@@ -131,28 +131,8 @@ impl Netns {
 
     /// The namespace's cookie, the key the kernel programs use for it.
     pub fn cookie(&self) -> u64 {
-        self.run(|| {
-            let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("socket");
-            let mut cookie: u64 = 0;
-            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-            // SAFETY: getsockopt(SO_NETNS_COOKIE = 71) into a u64 and its length.
-            let rc = unsafe {
-                libc::getsockopt(
-                    std::os::fd::AsRawFd::as_raw_fd(&s),
-                    libc::SOL_SOCKET,
-                    71,
-                    (&mut cookie as *mut u64).cast(),
-                    &mut len,
-                )
-            };
-            assert_eq!(
-                rc,
-                0,
-                "SO_NETNS_COOKIE: {}",
-                std::io::Error::last_os_error()
-            );
-            cookie
-        })
+        self.run(redirector::sys::current_netns_cookie)
+            .expect("SO_NETNS_COOKIE")
     }
 }
 

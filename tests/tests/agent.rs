@@ -12,36 +12,7 @@ use std::{
 
 use redirector_tests::*;
 
-const PIN_ROOT: &str = "/sys/fs/bpf/redirector";
-
-/// `redirector ARGS` to completion: (exit code, stdout, stderr).
-fn redirector(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(agent_bin())
-        .args(args)
-        .output()
-        .expect("run redirector");
-    (
-        out.status.code().expect("exited"),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Removes pinned state at the start and end of a test, even when it fails.
-struct PinCleanup;
-
-impl PinCleanup {
-    fn new() -> Self {
-        redirector(&["detach"]);
-        Self
-    }
-}
-
-impl Drop for PinCleanup {
-    fn drop(&mut self) {
-        redirector(&["detach"]);
-    }
-}
+use redirector::bpf::pins::PIN_ROOT;
 
 /// A live-store stand-in process living inside a namespace, killed on drop.
 fn stand_in(ns: &Netns, addr: &str, name: &str) -> Process {

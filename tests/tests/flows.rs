@@ -183,7 +183,7 @@ fn metrics_match_the_traffic_and_readyz_flips_when_detached() {
     assert_eq!(metric(&body, "redirector_flow_records_dropped_total"), 0);
 
     // Someone detaches our sk_lookup link behind the agent's back.
-    detach_links_of(redirector_common::PROG_SK_LOOKUP);
+    detach_sk_lookup_of(&s.l);
     let (status, body) = http_get(&url("/readyz"));
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("sk_lookup"), "{body}");
@@ -267,51 +267,19 @@ fn json_and_logfmt_lines_parse_and_carry_every_field() {
     }
 }
 
-/// Detaches every BPF link of the program named `name` (as another tool or an
-/// operator with bpftool could), through BPF_LINK_GET_FD_BY_ID + BPF_LINK_DETACH.
-fn detach_links_of(name: &str) {
-    const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    let ids: Vec<u32> = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter(|p| p.name_as_str() == Some(name))
-        .map(|p| p.id())
-        .collect();
+/// Detaches the sk_lookup link of `ns` behind the agent's back, as another
+/// tool or an operator with bpftool could (BPF_LINK_GET_FD_BY_ID +
+/// BPF_LINK_DETACH); only this namespace's, so other agents are untouched.
+fn detach_sk_lookup_of(ns: &Netns) {
+    let ids = sk_lookup_programs(ns);
     let mut detached = 0;
     for link in aya::programs::loaded_links().filter_map(Result::ok) {
         if !ids.contains(&link.program_id()) {
             continue;
         }
-        let mut attr = [0u64; 16];
-        attr[0] = link.id() as u64;
-        // SAFETY: bpf(2) with a zeroed attr whose first field is the link id.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_LINK_GET_FD_BY_ID,
-                attr.as_mut_ptr(),
-                128u32,
-            )
-        };
-        assert!(
-            fd >= 0,
-            "BPF_LINK_GET_FD_BY_ID: {}",
-            std::io::Error::last_os_error()
-        );
-        let mut attr = [0u64; 16];
-        attr[0] = fd as u64;
-        // SAFETY: bpf(2) with a zeroed attr whose first field is the link fd.
-        let rc =
-            unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_mut_ptr(), 128u32) };
-        assert_eq!(
-            rc,
-            0,
-            "BPF_LINK_DETACH: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: closing the fd we just got.
-        unsafe { libc::close(fd as i32) };
+        let fd = redirector::sys::link_get_fd_by_id(link.id()).expect("BPF_LINK_GET_FD_BY_ID");
+        redirector::sys::link_detach(std::os::fd::AsFd::as_fd(&fd)).expect("BPF_LINK_DETACH");
         detached += 1;
     }
-    assert!(detached > 0, "no link of {name} found");
+    assert!(detached > 0, "no sk_lookup link in {}", ns.name);
 }

@@ -9,7 +9,6 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
-    process::Command,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -29,35 +28,6 @@ const NOT_SERVED_IP: &str = "198.18.77.4";
 /// A live-store on another node: TEST-NET-3, on no interface here. Nothing is
 /// ever sent to it; the check only compares addresses.
 const ELSEWHERE_IP: &str = "203.0.113.7";
-
-/// `redirector ARGS` to completion: (exit code, stdout, stderr).
-fn redirector(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(agent_bin())
-        .args(args)
-        .output()
-        .expect("run redirector");
-    (
-        out.status.code().expect("exited"),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Removes pinned state at the start and end of a test, even when it fails.
-struct PinCleanup;
-
-impl PinCleanup {
-    fn new() -> Self {
-        redirector(&["detach"]);
-        Self
-    }
-}
-
-impl Drop for PinCleanup {
-    fn drop(&mut self) {
-        redirector(&["detach"]);
-    }
-}
 
 /// One shard of the ring page, as dskit's `ingesterDesc` renders it.
 fn shard(id: &str, address: &str, zone: &str) -> String {
