@@ -22,6 +22,9 @@ use anyhow::{bail, Context, Result};
 
 pub const ADVERTISE: u16 = redirector_common::DEFAULT_ADVERTISE_PORT;
 pub const LISTEN: u16 = redirector_common::DEFAULT_LISTEN_PORT;
+/// The kernel programs' names, for callers (the bench) that find them among
+/// every program loaded on the machine.
+pub use redirector_common::{PROG_SK_LOOKUP, PROG_SOCK_OPS};
 
 /// Addresses inside the test namespaces only (RFC 2544 benchmarking range and a
 /// ULA prefix); the namespaces have no route anywhere else.
@@ -367,18 +370,51 @@ pub fn agent_bin() -> PathBuf {
 }
 
 /// The real agent, started with `redirector run ARGS` and stopped with SIGTERM.
+/// The one launcher for the tests and the bench (`cargo xtask bench`).
 pub struct Agent {
     child: Child,
     stdout: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<Vec<String>>>,
+    /// The threads reading stdout and stderr: they end once the agent has
+    /// exited and its last line is in.
+    readers: Vec<JoinHandle<()>>,
 }
 
-fn collect(stream: impl Read + Send + 'static, into: Arc<Mutex<Vec<String>>>) {
+/// How [`Agent::launch`] runs the agent; the default is what [`Agent::start`]
+/// does.
+#[derive(Clone, Debug, Default)]
+pub struct AgentOptions {
+    /// The agent binary [default: [`agent_bin`]].
+    pub bin: Option<PathBuf>,
+    /// A program that execs the agent (see [`Agent::start_wrapped`]).
+    pub wrapper: Vec<String>,
+    /// `redirector run` arguments.
+    pub args: Vec<String>,
+    /// Namespaces to serve, one `--netns` each (paths need not be UTF-8).
+    pub netns: Vec<PathBuf>,
+    /// A directory that gets a copy of every line printed, stdout in
+    /// `agent.log` and stderr in `agent.stderr.log` (appended), so a failed
+    /// run can be read afterwards.
+    pub log_dir: Option<PathBuf>,
+    /// SIGTERM the agent when the thread that started it exits. The bench sets
+    /// it so that no agent outlives a killed harness; tests leave it off, as
+    /// they may start an agent on a helper thread and keep it after.
+    pub die_with_parent: bool,
+}
+
+fn collect(
+    stream: impl Read + Send + 'static,
+    into: Arc<Mutex<Vec<String>>>,
+    mut copy: Option<std::fs::File>,
+) -> JoinHandle<()> {
     thread::spawn(move || {
         for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if let Some(f) = copy.as_mut() {
+                let _ = writeln!(f, "{line}");
+            }
             into.lock().expect("lock").push(line);
         }
-    });
+    })
 }
 
 impl Agent {
@@ -391,32 +427,81 @@ impl Agent {
     /// execs it, such as `nsenter -t PID -m --` to start it in another mount
     /// namespace): the child is then still the agent itself.
     pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Result<Self> {
-        let mut cmd = match wrapper.split_first() {
+        Self::launch(&AgentOptions {
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            ..AgentOptions::default()
+        })
+    }
+
+    /// Starts the agent as `opts` says and waits until it prints its `ready`
+    /// line.
+    pub fn launch(opts: &AgentOptions) -> Result<Self> {
+        let bin = opts.bin.clone().unwrap_or_else(agent_bin);
+        let mut cmd = match opts.wrapper.split_first() {
             Some((program, rest)) => {
                 let mut c = Command::new(program);
-                c.args(rest).arg(agent_bin());
+                c.args(rest).arg(&bin);
                 c
             }
-            None => Command::new(agent_bin()),
+            None => Command::new(&bin),
         };
-        cmd.arg("run").args(args);
+        cmd.arg("run").args(&opts.args);
+        for ns in &opts.netns {
+            cmd.arg("--netns").arg(ns);
+        }
         // A free port of its own, so tests never collide on the default 9464.
-        if !args.contains(&"--metrics-addr") {
+        if !opts.args.iter().any(|a| a == "--metrics-addr") {
             cmd.args(["--metrics-addr", "127.0.0.1:0"]);
         }
+        if opts.die_with_parent {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: prctl(2) is async-signal-safe; nothing else runs between
+            // fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                    Ok(())
+                });
+            }
+        }
+        let copy = |name: &str| -> Result<Option<std::fs::File>> {
+            let Some(dir) = &opts.log_dir else {
+                return Ok(None);
+            };
+            let path = dir.join(name);
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("open {}", path.display()))?;
+            Ok(Some(file))
+        };
+        let (stdout_copy, stderr_copy) = (copy("agent.log")?, copy("agent.stderr.log")?);
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {}", agent_bin().display()))?;
+            .with_context(|| format!("starting {}", bin.display()))?;
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
-        collect(child.stdout.take().context("stdout")?, stdout.clone());
-        collect(child.stderr.take().context("stderr")?, stderr.clone());
+        let readers = vec![
+            collect(
+                child.stdout.take().context("stdout")?,
+                stdout.clone(),
+                stdout_copy,
+            ),
+            collect(
+                child.stderr.take().context("stderr")?,
+                stderr.clone(),
+                stderr_copy,
+            ),
+        ];
         let mut agent = Self {
             child,
             stdout,
             stderr,
+            readers,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -473,7 +558,7 @@ impl Agent {
     pub fn kill(mut self) -> Result<Stopped> {
         self.child.kill()?;
         let status = self.child.wait()?;
-        thread::sleep(Duration::from_millis(50));
+        self.drain();
         Ok(Stopped {
             status,
             stdout: self.stdout(),
@@ -484,13 +569,22 @@ impl Agent {
     /// SIGTERM, wait for exit, and return the exit status and everything printed.
     pub fn stop(mut self) -> Result<Stopped> {
         let status = self.terminate()?;
-        // Let the reader threads drain the pipes.
-        thread::sleep(Duration::from_millis(50));
+        self.drain();
         Ok(Stopped {
             status,
             stdout: self.stdout(),
             stderr: self.stderr(),
         })
+    }
+
+    /// Waits (at most 2 s) until the reader threads have read the exited
+    /// agent's last lines, its exit summary among them. Bounded: a process the
+    /// agent started could hold the pipes open.
+    fn drain(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
     }
 
     fn terminate(&mut self) -> Result<ExitStatus> {
@@ -527,15 +621,25 @@ impl Stopped {
     /// A kernel counter from the agent's exit summary (`counters: name=value ...`).
     pub fn counter(&self, name: &str) -> u64 {
         let line = self
-            .stdout
+            .counters()
+            .unwrap_or_else(|| panic!("no counters line in agent output {:?}", self.stdout));
+        counter_in(line, name).unwrap_or_else(|| panic!("no counter {name} in {line:?}"))
+    }
+
+    /// The agent's exit summary line, the one with `counters:`.
+    pub fn counters(&self) -> Option<&str> {
+        self.stdout
             .iter()
             .find(|l| l.contains("counters:"))
-            .unwrap_or_else(|| panic!("no counters line in agent output {:?}", self.stdout));
-        line.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no counter {name} in {line:?}"))
+            .map(String::as_str)
     }
+}
+
+/// `name=N` from the agent's exit summary line.
+pub fn counter_in(line: &str, name: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
 }
 
 /// Ids of the loaded BPF programs that belong to redirector (any agent's).
