@@ -267,44 +267,92 @@ pub enum Counter {
 
 pub const COUNTER_COUNT: u32 = 14;
 
-impl Counter {
-    pub const ALL: [Counter; COUNTER_COUNT as usize] = [
-        Counter::Redirected,
-        Counter::NoListener,
-        Counter::AssignError,
-        Counter::ListenerRegistered,
-        Counter::ListenerRegisterError,
-        Counter::FlowsOpened,
-        Counter::FlowsClosed,
-        Counter::BytesReceived,
-        Counter::BytesSent,
-        Counter::RecordsDropped,
-        Counter::RefusedRecordsSuppressed,
-        Counter::FlowTableFull,
-        Counter::ListenerSlotsFull,
-        Counter::FlowsUntracked,
-    ];
+/// One counter: its slot (the enum), its name in the exit summary and
+/// `status`, and the Prometheus metric (with `_total`) and help it is exported
+/// as. Every counter is described here and nowhere else.
+pub struct CounterInfo {
+    pub counter: Counter,
+    pub name: &'static str,
+    pub metric: &'static str,
+    pub help: &'static str,
+}
 
-    /// Name used in logs, `status` output and metrics.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Counter::Redirected => "redirected",
-            Counter::NoListener => "no_listener",
-            Counter::AssignError => "assign_error",
-            Counter::ListenerRegistered => "listener_registered",
-            Counter::ListenerRegisterError => "listener_register_error",
-            Counter::FlowsOpened => "flows_opened",
-            Counter::FlowsClosed => "flows_closed",
-            Counter::BytesReceived => "bytes_received",
-            Counter::BytesSent => "bytes_sent",
-            Counter::RecordsDropped => "records_dropped",
-            Counter::RefusedRecordsSuppressed => "refused_records_suppressed",
-            Counter::FlowTableFull => "flow_table_full",
-            Counter::ListenerSlotsFull => "listener_slots_full",
-            Counter::FlowsUntracked => "flows_untracked",
-        }
+const fn row(
+    counter: Counter,
+    name: &'static str,
+    metric: &'static str,
+    help: &'static str,
+) -> CounterInfo {
+    CounterInfo {
+        counter,
+        name,
+        metric,
+        help,
     }
 }
+
+/// In slot order.
+pub const COUNTER_TABLE: [CounterInfo; COUNTER_COUNT as usize] = [
+    row(Counter::Redirected, "redirected", "lookups_redirected",
+        "New connections to an advertised port handed to the live-store's listener (counted at the first segment of each client address and port; retransmitted SYNs do not count again)"),
+    row(Counter::NoListener, "no_listener", "connections_refused",
+        "New connections to an advertised port that found no live-store listener"),
+    row(Counter::AssignError, "assign_error", "assign_errors",
+        "Registered listeners the kernel refused to assign (e.g. IPv6 connection, IPv4 listener)"),
+    row(Counter::ListenerRegistered, "listener_registered", "listener_registrations",
+        "Listeners registered by the sock_ops program"),
+    row(Counter::ListenerRegisterError, "listener_register_error", "listener_registration_errors",
+        "Listeners that could not be registered"),
+    row(Counter::FlowsOpened, "flows_opened", "connections_redirected",
+        "Redirected connections that completed the handshake (one open record each)"),
+    row(Counter::FlowsClosed, "flows_closed", "flows_closed",
+        "Redirected connections that closed"),
+    row(Counter::BytesReceived, "bytes_received", "bytes_received",
+        "Payload bytes received from queriers on closed redirected flows"),
+    row(Counter::BytesSent, "bytes_sent", "bytes_sent",
+        "Payload bytes sent to queriers and acknowledged on closed redirected flows"),
+    row(Counter::RecordsDropped, "records_dropped", "flow_records_dropped",
+        "Flow records lost because the ring buffer was full"),
+    row(Counter::RefusedRecordsSuppressed, "refused_records_suppressed", "refused_records_suppressed",
+        "Refused-connection records not written (rate limit)"),
+    row(Counter::FlowTableFull, "flow_table_full", "flow_table_full",
+        "Redirected flows not tracked to their close (flow table full)"),
+    row(Counter::ListenerSlotsFull, "listener_slots_full", "listener_slots_full",
+        "Listeners not registered because every slot for their address was taken (reached through their SO_REUSEPORT group)"),
+    row(Counter::FlowsUntracked, "flows_untracked", "flows_untracked",
+        "Connections to an advertised port accepted without a pending redirect (evicted under a SYN burst, or taken by an old sidecar): no flow records"),
+];
+
+impl Counter {
+    /// Every counter, in slot order.
+    pub const ALL: [Counter; COUNTER_COUNT as usize] = {
+        let mut all = [Counter::Redirected; COUNTER_COUNT as usize];
+        let mut i = 0;
+        while i < all.len() {
+            all[i] = COUNTER_TABLE[i].counter;
+            i += 1;
+        }
+        all
+    };
+
+    pub const fn info(self) -> &'static CounterInfo {
+        &COUNTER_TABLE[self as usize]
+    }
+
+    /// Name used in logs, `status` output and the exit summary.
+    pub const fn name(self) -> &'static str {
+        self.info().name
+    }
+}
+
+// The table's rows are in slot order.
+const _: () = {
+    let mut i = 0;
+    while i < COUNTER_TABLE.len() {
+        assert!(COUNTER_TABLE[i].counter as usize == i);
+        i += 1;
+    }
+};
 
 /// A connection seen by `sk_lookup` and not yet by `sock_ops`: the 4-tuple
 /// half that both see, in the namespace. Addresses in network byte order, an

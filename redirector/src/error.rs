@@ -12,6 +12,11 @@ pub enum Fatal {
     Environment(String),
 }
 
+/// A usage error (exit status 2) with `msg` as its one line.
+pub fn usage(msg: impl Into<String>) -> anyhow::Error {
+    Fatal::Usage(msg.into()).into()
+}
+
 /// 0 success, 1 runtime failure, 2 invalid usage (also clap's), 3 missing
 /// privileges or kernel features.
 pub fn exit_code(err: &anyhow::Error) -> ExitCode {

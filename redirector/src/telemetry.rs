@@ -89,42 +89,14 @@ pub struct Telemetry {
     pub flow_subscribers: Gauge,
 }
 
-/// (metric name, help) for the kernel counters that are exported.
-fn describe(c: Counter) -> Option<(&'static str, &'static str)> {
-    Some(match c {
-        Counter::Redirected => (
-            "lookups_redirected",
-            "New connections to an advertised port handed to the live-store's listener (counted at the first segment of each client address and port; retransmitted SYNs do not count again)",
-        ),
-        Counter::NoListener => ("connections_refused", "New connections to an advertised port that found no live-store listener"),
-        Counter::AssignError => ("assign_errors", "Registered listeners the kernel refused to assign (e.g. IPv6 connection, IPv4 listener)"),
-        Counter::ListenerRegistered => ("listener_registrations", "Listeners registered by the sock_ops program"),
-        Counter::ListenerRegisterError => ("listener_registration_errors", "Listeners that could not be registered"),
-        Counter::FlowsOpened => (
-            "connections_redirected",
-            "Redirected connections that completed the handshake (one open record each)",
-        ),
-        Counter::FlowsClosed => ("flows_closed", "Redirected connections that closed"),
-        Counter::BytesReceived => ("bytes_received", "Payload bytes received from queriers on closed redirected flows"),
-        Counter::BytesSent => ("bytes_sent", "Payload bytes sent to queriers and acknowledged on closed redirected flows"),
-        Counter::RecordsDropped => ("flow_records_dropped", "Flow records lost because the ring buffer was full"),
-        Counter::RefusedRecordsSuppressed => ("refused_records_suppressed", "Refused-connection records not written (rate limit)"),
-        Counter::FlowTableFull => ("flow_table_full", "Redirected flows not tracked to their close (flow table full)"),
-        Counter::ListenerSlotsFull => ("listener_slots_full", "Listeners not registered because every slot for their address was taken (reached through their SO_REUSEPORT group)"),
-        Counter::FlowsUntracked => ("flows_untracked", "Connections to an advertised port accepted without a pending redirect (evicted under a SYN burst, or taken by an old sidecar): no flow records"),
-    })
-}
-
 impl Telemetry {
     pub fn new(counters: MapData, listeners: MapData, attachments: Attachments) -> Result<Self> {
         let mut registry = Registry::with_prefix("redirector");
         let mut kernel = Vec::new();
         for c in Counter::ALL {
-            if let Some((name, help)) = describe(c) {
-                let counter = PromCounter::default();
-                registry.register(name, help, counter.clone());
-                kernel.push((c, counter));
-            }
+            let counter = PromCounter::default();
+            registry.register(c.info().metric, c.info().help, counter.clone());
+            kernel.push((c, counter));
         }
         let active = Gauge::default();
         registry.register(

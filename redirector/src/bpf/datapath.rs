@@ -30,7 +30,7 @@ use redirector_common::{
 
 use crate::{
     bpf::cgroup,
-    bpf::pins::{Link, PinLayout, PinWatch},
+    bpf::pins::{Link, PinLayout, PinWatch, BPFFS},
     bpf::registry::{Registry, Report},
     discovery::netns::Netns,
     sys,
@@ -42,9 +42,6 @@ const MPTCP_SYSCTL: &str = "/proc/sys/net/mptcp/enabled";
 
 /// The kernel object, built by build.rs from `redirector-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector.bpf.o"));
-
-/// Where bpffs must be mounted.
-pub const BPFFS: &str = "/sys/fs/bpf";
 
 /// Identifies the embedded kernel object (FNV-1a): pinned state is only
 /// adopted by an agent with the same programs and map layouts.

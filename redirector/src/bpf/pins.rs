@@ -24,6 +24,9 @@ use redirector_common::SHARED_MAPS;
 
 use crate::{sys, telemetry::Telemetry};
 
+/// Where bpffs must be mounted.
+pub const BPFFS: &str = "/sys/fs/bpf";
+/// Where an agent started with `--pin` keeps its programs, links and maps.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/redirector";
 const SK_LOOKUP_PREFIX: &str = "sk_lookup-";
 

@@ -37,6 +37,20 @@ impl Feature {
     }
 }
 
+/// The oldest mainline kernel with every feature in `FEATURES`.
+pub const MIN_KERNEL: (u32, u32) = {
+    let mut min = (0, 0);
+    let mut i = 0;
+    while i < FEATURES.len() {
+        let since = FEATURES[i].since;
+        if since.0 > min.0 || (since.0 == min.0 && since.1 > min.1) {
+            min = since;
+        }
+        i += 1;
+    }
+    min
+};
+
 /// Everything the agent needs, oldest first.
 pub const FEATURES: [Feature; 10] = [
     // For registering live-store listeners as they start listening.

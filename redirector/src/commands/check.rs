@@ -10,22 +10,12 @@ use aya::{
 };
 use serde::Serialize;
 
-/// Where bpffs must be mounted.
-pub const BPFFS: &str = "/sys/fs/bpf";
-/// Where an agent started with `--pin` keeps its programs, links and maps.
-pub const PIN_DIR: &str = "/sys/fs/bpf/redirector";
+use crate::bpf::pins::{BPFFS, PIN_ROOT as PIN_DIR};
 /// Kernel BTF, exposed by CONFIG_DEBUG_INFO_BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
-/// The oldest kernel with every feature the agent uses.
-pub const MIN_KERNEL: (u32, u32) = (5, 15);
+pub use crate::bpf::probe::MIN_KERNEL;
 
 /// Kernel features and the release that introduced each, newest last.
-const KERNEL_FEATURES: [((u32, u32), &str); 4] = [
-    ((5, 6), "pidfd_getfd"),
-    ((5, 9), "sk_lookup programs"),
-    ((5, 14), "SO_NETNS_COOKIE"),
-    ((5, 15), "bpf_get_netns_cookie in sock_ops"),
-];
 
 /// One probe's verdict.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -147,9 +137,13 @@ fn check_kernel() -> Check {
     const NAME: &str = "kernel";
     let release = match kernel_release() {
         Ok(r) => r,
-        Err(e) => return Check::fail(NAME, format!("uname failed: {e}"), "run on Linux >= 5.15"),
+        Err(e) => return Check::fail(NAME, format!("uname failed: {e}"), min_kernel_fix()),
     };
     kernel_verdict(&release)
+}
+
+fn min_kernel_fix() -> String {
+    format!("run on Linux >= {}.{}", MIN_KERNEL.0, MIN_KERNEL.1)
 }
 
 /// The kernel check on a `uname -r` string, apart from the syscall so it is testable.
@@ -159,17 +153,17 @@ fn kernel_verdict(release: &str) -> Check {
         return Check::fail(
             NAME,
             format!("cannot read a version from release `{release}`"),
-            "run on Linux >= 5.15",
+            min_kernel_fix(),
         );
     };
-    let needs: Vec<String> = KERNEL_FEATURES
-        .iter()
-        .map(|((maj, min), what)| format!("{what} {maj}.{min}"))
+    let features = crate::bpf::probe::FEATURES.iter();
+    let needs: Vec<String> = features
+        .clone()
+        .map(|f| format!("{} {}.{}", f.name, f.since.0, f.since.1))
         .collect();
-    let missing: Vec<String> = KERNEL_FEATURES
-        .iter()
-        .filter(|(since, _)| version < *since)
-        .map(|((maj, min), what)| format!("{what} (needs {maj}.{min})"))
+    let missing: Vec<String> = features
+        .filter(|f| version < f.since)
+        .map(|f| format!("{} (needs {}.{})", f.name, f.since.0, f.since.1))
         .collect();
     if missing.is_empty() {
         Check::pass(
@@ -247,7 +241,7 @@ fn check_sock_ops() -> Check {
         ProgramType::SockOps,
         BpfHelper::BPF_FUNC_get_netns_cookie,
         "bpf_get_netns_cookie",
-        "registers live-store listeners as they start; needs Linux >= 5.15 with CONFIG_CGROUP_BPF",
+        "registers live-store listeners as they start; needs CONFIG_CGROUP_BPF and bpf_get_netns_cookie in sock_ops (Linux 5.15)",
     )
 }
 
@@ -409,7 +403,7 @@ mod tests {
         );
         assert!(
             old.detail
-                .contains("bpf_get_netns_cookie in sock_ops (needs 5.15)"),
+                .contains("bpf_get_netns_cookie in sock_ops programs (needs 5.15)"),
             "{old:?}"
         );
         assert!(!old.detail.contains("sk_lookup"), "{old:?}");

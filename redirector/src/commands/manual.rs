@@ -93,7 +93,7 @@ fn main_page(cmd: &clap::Command, out: &mut dyn Write) -> io::Result<()> {
     )?;
     tp(
         out,
-        "/sys/fs/bpf/redirector",
+        crate::bpf::pins::PIN_ROOT,
         "Programs, links and maps a --pin agent leaves attached; redirector status reads them, redirector detach removes them.",
     )?;
     tp(

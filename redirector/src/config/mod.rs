@@ -18,7 +18,7 @@ use std::{
 use anyhow::Result;
 use serde::{de, Deserialize, Deserializer, Serialize};
 
-use crate::error::Fatal;
+use crate::error::usage;
 
 /// Tempo's `server.grpc_listen_port` when the file does not set it.
 pub const TEMPO_DEFAULT_GRPC_LISTEN_PORT: u16 = 9095;
@@ -237,10 +237,6 @@ fn read(path: &Path) -> Result<String> {
         )));
     }
     Ok(text)
-}
-
-fn usage(msg: String) -> anyhow::Error {
-    Fatal::Usage(msg).into()
 }
 
 /// `FILE:LINE:COLUMN: message`, one line. serde_yaml appends ` at line L column C`
@@ -471,6 +467,7 @@ fn opt_pattern<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Err
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Fatal;
 
     fn origin() -> &'static Path {
         Path::new("redirector.yaml")

@@ -11,7 +11,6 @@ use crate::{
     cli::RunArgs,
     config::{self, FileConfig},
     discovery::netns::SELF_NETNS,
-    error::Fatal,
     flows::log::FlowFormat,
 };
 
@@ -67,9 +66,7 @@ impl Settings {
     }
 }
 
-pub fn usage(msg: String) -> anyhow::Error {
-    Fatal::Usage(msg).into()
-}
+pub use crate::error::usage;
 
 /// Merges flags over the `--config` file over the defaults, and validates.
 pub fn resolve(args: RunArgs) -> Result<Settings> {
