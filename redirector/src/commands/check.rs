@@ -15,8 +15,6 @@ use crate::bpf::pins::{BPFFS, PIN_ROOT as PIN_DIR};
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 pub use crate::bpf::probe::MIN_KERNEL;
 
-/// Kernel features and the release that introduced each, newest last.
-
 /// One probe's verdict.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Check {
