@@ -505,7 +505,7 @@ impl Agent {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if agent.stdout().iter().any(|l| l.starts_with("ready")) {
+            if agent.status().iter().any(|l| l.starts_with("ready")) {
                 return Ok(agent);
             }
             if let Some(status) = agent.child.try_wait()? {
@@ -528,7 +528,7 @@ impl Agent {
     /// `ADDR/path` of the agent's HTTP endpoint, from the address it printed.
     pub fn metrics_url(&self, path: &str) -> String {
         let line = self
-            .stdout()
+            .status()
             .into_iter()
             .find(|l| l.starts_with("metrics on http://"))
             .expect("agent prints its metrics address");
@@ -541,8 +541,15 @@ impl Agent {
         format!("{addr}{path}")
     }
 
+    /// What it wrote on stdout: flow records only (without --flow-log).
     pub fn stdout(&self) -> Vec<String> {
         self.stdout.lock().expect("lock").clone()
+    }
+
+    /// What the agent says about itself (`attached ...`, `ready: ...`, the exit
+    /// summary), on stderr with its log lines.
+    pub fn status(&self) -> Vec<String> {
+        self.stderr()
     }
 
     pub fn stderr(&self) -> Vec<String> {
@@ -622,13 +629,13 @@ impl Stopped {
     pub fn counter(&self, name: &str) -> u64 {
         let line = self
             .counters()
-            .unwrap_or_else(|| panic!("no counters line in agent output {:?}", self.stdout));
+            .unwrap_or_else(|| panic!("no counters line in agent output {:?}", self.stderr));
         counter_in(line, name).unwrap_or_else(|| panic!("no counter {name} in {line:?}"))
     }
 
     /// The agent's exit summary line, the one with `counters:`.
     pub fn counters(&self) -> Option<&str> {
-        self.stdout
+        self.stderr
             .iter()
             .find(|l| l.contains("counters:"))
             .map(String::as_str)

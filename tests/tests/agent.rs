@@ -28,14 +28,14 @@ fn stand_in(ns: &Netns, addr: &str, name: &str) -> Process {
 fn wait_for(agent: &Agent, what: &str, count: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if agent.stdout().iter().filter(|l| l.contains(what)).count() >= count {
+        if agent.status().iter().filter(|l| l.contains(what)).count() >= count {
             return;
         }
         thread::sleep(Duration::from_millis(50));
     }
     panic!(
         "agent never printed {count} x {what:?}; stdout: {:#?}",
-        agent.stdout()
+        agent.status()
     );
 }
 
@@ -168,30 +168,30 @@ fn a_pinned_agent_restarts_under_load_without_a_failed_connection() {
         let stopped = first.stop().expect("first agent stops");
         assert!(
             stopped
-                .stdout
+                .stderr
                 .iter()
                 .any(|l| l.contains("left programs attached and pinned")),
             "{:?}",
-            stopped.stdout
+            stopped.stderr
         );
         // No agent at all for a while: the pinned programs carry on.
         thread::sleep(Duration::from_millis(500));
         let second = Agent::start(&args).expect("second agent");
         assert!(
             second
-                .stdout()
+                .status()
                 .iter()
                 .any(|l| l.starts_with("adopted sock_ops")),
             "{:?}",
-            second.stdout()
+            second.status()
         );
         assert!(
             second
-                .stdout()
+                .status()
                 .iter()
                 .any(|l| l.starts_with("adopted sk_lookup")),
             "{:?}",
-            second.stdout()
+            second.status()
         );
         second
     });
@@ -443,11 +443,11 @@ fn a_new_pinned_agent_removes_what_it_no_longer_serves() {
     let second = Agent::start(&["--pin", "--netns", &keep_path]).expect("second agent");
     assert!(
         second
-            .stdout()
+            .status()
             .iter()
             .any(|l| l.starts_with("removed stale pinned link")),
         "{:?}",
-        second.stdout()
+        second.status()
     );
     assert_eq!(
         request(&keep, "127.0.0.1:12345", b"x")
@@ -479,11 +479,11 @@ fn discovery_can_be_limited_to_matching_cgroups() {
     thread::sleep(Duration::from_millis(2500));
     assert!(
         !agent
-            .stdout()
+            .status()
             .iter()
             .any(|l| l.contains("attached sk_lookup")),
         "a namespace outside the pattern was served: {:?}",
-        agent.stdout()
+        agent.status()
     );
     drop(agent);
 
@@ -529,11 +529,11 @@ fn an_upgrade_to_another_build_replaces_pinned_programs_without_a_gap() {
     let target = format!("{LIVE_STORE_V4}:{ADVERTISE}");
     let (new, ok, failed) = under_load(&q, &target, || Agent::start(&args).expect("new agent"));
     assert!(
-        new.stdout()
+        new.status()
             .iter()
             .any(|l| l.starts_with("replaced the pinned state of build 0000000000000000")),
         "{:?}",
-        new.stdout()
+        new.status()
     );
     assert_eq!(
         failed, 0,

@@ -196,6 +196,10 @@ struct Harness {
     metrics: String,
     live: LiveStore,
     s: FlowSetup,
+    /// The querier's next source port: each connection gets its own, so its
+    /// close record is found by client address (the kernel may otherwise reuse
+    /// the port of a connection that ended in RST or a timeout).
+    next_port: std::sync::atomic::AtomicU16,
 }
 
 impl Harness {
@@ -209,15 +213,33 @@ impl Harness {
             metrics,
             live,
             s,
+            next_port: std::sync::atomic::AtomicU16::new(20000),
         }
     }
 
     fn connect(&self, family: Family) -> Conn {
         let addr = family.advertised();
+        let port = self
+            .next_port
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let q = self
             .s
             .q
-            .run(|| TcpStream::connect_timeout(&addr, WAIT))
+            .run(|| {
+                let socket = socket2::Socket::new(
+                    socket2::Domain::for_address(addr),
+                    socket2::Type::STREAM,
+                    Some(socket2::Protocol::TCP),
+                )?;
+                let any: std::net::IpAddr = if addr.is_ipv4() {
+                    std::net::Ipv4Addr::UNSPECIFIED.into()
+                } else {
+                    std::net::Ipv6Addr::UNSPECIFIED.into()
+                };
+                socket.bind(&SocketAddr::new(any, port).into())?;
+                socket.connect_timeout(&addr.into(), WAIT)?;
+                Ok::<TcpStream, std::io::Error>(socket.into())
+            })
             .unwrap_or_else(|e| panic!("querier connects to {addr}: {e}\n{}", self.diagnose()));
         let client = q.local_addr().expect("querier's local address");
         let l = self.live.accept_from(client);

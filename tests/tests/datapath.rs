@@ -291,11 +291,11 @@ fn listener_that_existed_before_the_agent_is_used() {
     let agent = t.agent();
     assert!(
         agent
-            .stdout()
+            .status()
             .iter()
             .any(|l| l.contains(", 1 listener(s) registered")),
         "agent output: {:?}",
-        agent.stdout()
+        agent.status()
     );
     let reply =
         request(&t.q, &v4(ADVERTISE), b"early").expect("redirected to the pre-existing listener");

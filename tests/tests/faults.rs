@@ -357,9 +357,9 @@ fn a_pinned_agent_killed_with_sigkill_leaves_everything_attached_and_counted() {
         let second = Agent::start(&args).expect("second agent");
         for what in ["adopted sock_ops", "adopted sk_lookup"] {
             assert!(
-                second.stdout().iter().any(|l| l.starts_with(what)),
+                second.status().iter().any(|l| l.starts_with(what)),
                 "{what}: {:?}",
-                second.stdout()
+                second.status()
             );
         }
         second
@@ -551,9 +551,9 @@ fn deleted_pins_are_made_again_and_foreign_entries_reported() {
     let next = Agent::start(&args).expect("next agent");
     for what in ["adopted sock_ops", "adopted sk_lookup"] {
         assert!(
-            next.stdout().iter().any(|l| l.starts_with(what)),
+            next.status().iter().any(|l| l.starts_with(what)),
             "{what}: {:?}",
-            next.stdout()
+            next.status()
         );
     }
     assert_eq!(sk_lookup_programs(&l), sk_lookup_ids, "the same program");
@@ -697,9 +697,9 @@ fn bpffs_unmounted_and_mounted_again_under_a_pinned_agent() {
     let next = Agent::start_wrapped(&enter, &args).expect("next agent");
     for what in ["adopted sock_ops", "adopted sk_lookup"] {
         assert!(
-            next.stdout().iter().any(|l| l.starts_with(what)),
+            next.status().iter().any(|l| l.starts_with(what)),
             "{what}: {:?}",
-            next.stdout()
+            next.status()
         );
     }
     assert_eq!(

@@ -164,7 +164,7 @@ fn flows_prints_exactly_the_matching_records_with_exact_bytes() {
         "flow records for `redirector flows` on {}",
         socket.display()
     );
-    assert!(agent.stdout().contains(&announced), "{:?}", agent.stdout());
+    assert!(agent.status().contains(&announced), "{:?}", agent.status());
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&socket).expect("socket").permissions(),
     );

@@ -162,11 +162,11 @@ fn a_go_live_store_already_listening_with_mptcp_is_reported_then_served_after_it
     let agent = t.agent(&[]);
     assert!(
         agent
-            .stdout()
+            .status()
             .iter()
             .any(|l| l.contains("0 listener(s) registered, 1 NOT registered")),
         "{:?}",
-        agent.stdout()
+        agent.status()
     );
     let (status, body) = http_get(&agent.metrics_url("/readyz"));
     assert_eq!(status, 503, "{body}");

@@ -474,11 +474,11 @@ fn check_and_agent_judge_every_live_store_of_this_node() {
     assert!(stopped.status.success(), "{:?}", stopped.stderr);
     assert!(
         stopped
-            .stdout
+            .stderr
             .iter()
             .any(|l| l == &format!("checking the live-store ring {url} every 1s")),
         "{:?}",
-        stopped.stdout
+        stopped.stderr
     );
     let warned = |id: &str| {
         stopped

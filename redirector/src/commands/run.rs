@@ -1,6 +1,11 @@
 //! `redirector run`: resolve the settings, attach, keep the set of served
 //! namespaces current (explicit ones that vanish, discovered ones that come and
 //! go), serve until a signal, then detach (or, with `--pin`, leave it running).
+//!
+//! Stdout carries flow records only (the default flow log); what the agent says
+//! about itself (`attached ...`, `metrics on http://...`, `ready: ...`, the exit
+//! summary `counters: ...`) goes to stderr with its log, so a pipe of stdout is
+//! a clean stream of records.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -87,7 +92,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     } else {
         "attached"
     };
-    println!("{verb} sock_ops on cgroup {}", datapath.cgroup.display());
+    eprintln!("{verb} sock_ops on cgroup {}", datapath.cgroup.display());
 
     let mut origins: HashMap<u64, Origin> = HashMap::new();
     for netns in namespaces {
@@ -107,7 +112,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         attachments(&datapath)?,
     )?);
     let metrics_addr = telemetry::serve(s.metrics_addr, telemetry.clone()).await?;
-    println!("metrics on http://{metrics_addr}/metrics (also /healthz, /readyz)");
+    eprintln!("metrics on http://{metrics_addr}/metrics (also /healthz, /readyz)");
 
     let names = Arc::new(Mutex::new(HashMap::new()));
     let recorder = Recorder {
@@ -124,7 +129,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // warning, never the redirects.
     let flows_server = match sub::Server::start(&s.flows_socket, hub.clone()) {
         Ok(server) => {
-            println!(
+            eprintln!(
                 "flow records for `redirector flows` on {}",
                 s.flows_socket.display()
             );
@@ -159,14 +164,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // previous agent pinned is stale, or belongs to the build we replace.
     if let Some(old) = agent.datapath.replaces().map(str::to_owned) {
         let removed = agent.datapath.persist()?;
-        println!(
+        eprintln!(
             "replaced the pinned state of build {old} ({} objects) with build {}, without a gap",
             removed.len(),
             crate::bpf::datapath::build_id()
         );
     }
     for what in agent.datapath.sweep_unserved()? {
-        println!("removed stale pinned {what}");
+        eprintln!("removed stale pinned {what}");
     }
     agent.publish()?;
     // The ring check runs on a thread of its own (a slow Tempo never holds up
@@ -181,7 +186,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 &telemetry,
                 view,
             )?;
-            println!(
+            eprintln!(
                 "checking the live-store ring {url} every {}s",
                 agent.settings.tempo_ring_interval.as_secs()
             );
@@ -189,7 +194,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
         None => None,
     };
-    println!(
+    eprintln!(
         "ready: redirecting in {} network namespace(s){}",
         agent.datapath.served.len(),
         if agent.settings.discover {
@@ -250,7 +255,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     } else {
         "detached all programs".to_owned()
     };
-    println!(
+    eprintln!(
         "{what}; flow records delivered={delivered}; counters: {}",
         summary.join(" ")
     );
@@ -297,7 +302,7 @@ fn serve(datapath: &mut Datapath, netns: Netns, redirects: &[Redirect]) -> Resul
         .iter()
         .map(|r| format!("{} -> {}", r.advertise_port, r.listen_port))
         .collect();
-    println!(
+    eprintln!(
         "{} sk_lookup in netns {}: {}, {} listener(s) registered{}",
         if served.adopted {
             "adopted"
@@ -367,7 +372,7 @@ impl Agent {
         for (cookie, why) in gone {
             self.origins.remove(&cookie);
             if let Some(netns) = self.datapath.unserve(cookie) {
-                println!("detached sk_lookup from netns {netns}: {why}");
+                eprintln!("detached sk_lookup from netns {netns}: {why}");
             }
         }
         if let Some(scan) = scan {

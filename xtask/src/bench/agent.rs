@@ -58,7 +58,7 @@ pub fn launch(bin: &Path, namespaces: &[&Netns], extra: &[&str], dir: &Path) -> 
 
 /// Whether the agent printed a line starting with `prefix` (`adopted ...`).
 pub fn printed(agent: &Agent, prefix: &str) -> bool {
-    agent.stdout().iter().any(|l| l.starts_with(prefix))
+    agent.status().iter().any(|l| l.starts_with(prefix))
 }
 
 /// utime + stime of a live process, in seconds (/proc/PID/stat fields 14, 15).
