@@ -31,10 +31,11 @@ use redirector_common::{
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::{
-    bpf::datapath::{Datapath, Redirect},
+    bpf::datapath::Datapath,
     bpf::pins::PinLayout,
     bpf::registry::{Registry, Snapshot, Unservable},
     cli::Output,
+    config::Redirect,
     discovery::netns::Netns,
     discovery::sockdiag,
     sys,

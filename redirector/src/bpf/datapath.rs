@@ -32,6 +32,7 @@ use crate::{
     bpf::cgroup,
     bpf::pins::{Link, PinLayout, PinWatch, BPFFS},
     bpf::registry::{Registry, Report},
+    config::Redirect,
     discovery::netns::Netns,
     sys,
     telemetry::Telemetry,
@@ -67,13 +68,6 @@ mod aya_log_common_level {
     pub const OFF: u8 = 0;
     pub const DEBUG: u8 = 4;
     pub const TRACE: u8 = 5;
-}
-
-/// Connections to `advertise_port` go to the listener on `listen_port`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Redirect {
-    pub advertise_port: u16,
-    pub listen_port: u16,
 }
 
 /// One namespace being served.

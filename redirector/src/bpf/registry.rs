@@ -24,8 +24,7 @@ use redirector_common::{Bind, ListenerKey, NsPort, RedirectTarget, LISTENER_SLOT
 use serde::Serialize;
 
 use crate::{
-    bpf::datapath::Redirect, discovery::listeners, discovery::netns::Netns, discovery::sockdiag,
-    sys,
+    config::Redirect, discovery::listeners, discovery::netns::Netns, discovery::sockdiag, sys,
 };
 
 /// Why a live-store listener is not registered. The label is the `reason` of

@@ -25,11 +25,12 @@ use tokio::{
 };
 
 use crate::{
-    bpf::datapath::{Datapath, Redirect},
+    bpf::datapath::Datapath,
     bpf::pins::{PinLayout, PIN_ROOT},
     bpf::registry::Reason,
     cli::RunArgs,
     config::settings::{self, usage, Settings},
+    config::Redirect,
     discovery,
     discovery::listeners::{self, Owner},
     discovery::netns::Netns,

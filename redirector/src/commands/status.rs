@@ -12,10 +12,10 @@ use redirector_common::{
 use serde::Serialize;
 
 use crate::{
-    bpf::datapath::Redirect,
     bpf::pins::{PinLayout, PIN_ROOT},
     bpf::registry::{Registry, Unservable},
     cli::Output,
+    config::Redirect,
     discovery::netns::Netns,
     sys,
 };

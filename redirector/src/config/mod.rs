@@ -18,7 +18,7 @@ use std::{
 use anyhow::Result;
 use serde::{de, Deserialize, Deserializer, Serialize};
 
-use crate::error::usage;
+use crate::{error::usage, flows::log::FlowFormat};
 
 /// Tempo's `server.grpc_listen_port` when the file does not set it.
 pub const TEMPO_DEFAULT_GRPC_LISTEN_PORT: u16 = 9095;
@@ -99,7 +99,7 @@ pub fn parse_tempo(text: &str, origin: &Path) -> Result<TempoPorts> {
 pub struct FileConfig {
     /// Port pairs to redirect; no two share an advertise port.
     #[serde(default, deserialize_with = "redirect_list")]
-    pub redirects: Vec<RedirectSpec>,
+    pub redirects: Vec<Redirect>,
     /// Network namespaces to serve: `/proc/PID/ns/net` or `/var/run/netns/NAME`.
     #[serde(default)]
     pub netns: Vec<PathBuf>,
@@ -126,14 +126,14 @@ pub struct FileConfig {
     pub tempo_ring: Option<String>,
 }
 
-/// One advertise -> listen pair.
+/// Connections to `advertise_port` go to the listener on `listen_port`: the
+/// one type for a redirect, from flags, redirector.yaml or Tempo's config to
+/// the kernel maps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-pub struct RedirectSpec {
+pub struct Redirect {
     pub advertise_port: u16,
     pub listen_port: u16,
 }
-
-pub use crate::flows::log::FlowFormat;
 
 /// Reads and validates `redirector.yaml` at `path`.
 pub fn load(path: &Path) -> Result<FileConfig> {
@@ -150,11 +150,11 @@ pub fn parse(text: &str, origin: &Path) -> Result<FileConfig> {
 /// The redirects a config asks for: its `redirects` list plus, when
 /// `tempo_config` is set, the pair read from that Tempo file. Errors if the Tempo
 /// file's advertise port is already in the list with another listen port.
-pub fn resolve_redirects(cfg: &FileConfig) -> Result<Vec<RedirectSpec>> {
+pub fn resolve_redirects(cfg: &FileConfig) -> Result<Vec<Redirect>> {
     let mut out = cfg.redirects.clone();
     if let Some(tempo) = &cfg.tempo_config {
         let ports = tempo_ports(tempo)?;
-        let spec = RedirectSpec {
+        let spec = Redirect {
             advertise_port: ports.advertise_port,
             listen_port: ports.listen_port,
         };
@@ -356,13 +356,13 @@ struct RedirectVisitor<'a> {
 }
 
 impl<'de> de::Visitor<'de> for RedirectVisitor<'_> {
-    type Value = RedirectSpec;
+    type Value = Redirect;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a mapping with advertise_port and listen_port")
     }
 
-    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<RedirectSpec, A::Error> {
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Redirect, A::Error> {
         // A derived identifier rejects unknown keys while serde_yaml is on the
         // key, so the error points at it rather than at the mapping.
         #[derive(Deserialize)]
@@ -395,7 +395,7 @@ impl<'de> de::Visitor<'de> for RedirectVisitor<'_> {
                  one advertise port can only go to one listener"
             )));
         }
-        Ok(RedirectSpec {
+        Ok(Redirect {
             advertise_port,
             listen_port,
         })
@@ -403,14 +403,14 @@ impl<'de> de::Visitor<'de> for RedirectVisitor<'_> {
 }
 
 impl<'de> de::DeserializeSeed<'de> for RedirectVisitor<'_> {
-    type Value = RedirectSpec;
+    type Value = Redirect;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<RedirectSpec, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Redirect, D::Error> {
         d.deserialize_map(self)
     }
 }
 
-impl<'de> Deserialize<'de> for RedirectSpec {
+impl<'de> Deserialize<'de> for Redirect {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         d.deserialize_map(RedirectVisitor {
             seen: &mut HashSet::new(),
@@ -421,7 +421,7 @@ impl<'de> Deserialize<'de> for RedirectSpec {
 struct RedirectListVisitor;
 
 impl<'de> de::Visitor<'de> for RedirectListVisitor {
-    type Value = Vec<RedirectSpec>;
+    type Value = Vec<Redirect>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a list of {advertise_port, listen_port} mappings")
@@ -449,7 +449,7 @@ impl<'de> de::Visitor<'de> for RedirectListVisitor {
     }
 }
 
-fn redirect_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<RedirectSpec>, D::Error> {
+fn redirect_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Redirect>, D::Error> {
     d.deserialize_option(RedirectListVisitor)
 }
 
@@ -751,11 +751,11 @@ usage_report:
         assert_eq!(
             all,
             vec![
-                RedirectSpec {
+                Redirect {
                     advertise_port: 12346,
                     listen_port: 9096
                 },
-                RedirectSpec {
+                Redirect {
                     advertise_port: 12345,
                     listen_port: 9095
                 },
@@ -795,11 +795,11 @@ tempo_ring: http://tempo-distributor:3200/live-store/ring
             cfg,
             FileConfig {
                 redirects: vec![
-                    RedirectSpec {
+                    Redirect {
                         advertise_port: 12345,
                         listen_port: 9095
                     },
-                    RedirectSpec {
+                    Redirect {
                         advertise_port: 12346,
                         listen_port: 9096
                     },
@@ -963,7 +963,7 @@ tempo_ring: http://tempo-distributor:3200/live-store/ring
             .collect();
         assert_eq!(embedded.len(), 1);
         let cfg = parse(&embedded[0], Path::new("ConfigMap redirector.yaml")).unwrap();
-        assert!(cfg.redirects.contains(&RedirectSpec {
+        assert!(cfg.redirects.contains(&Redirect {
             advertise_port: tempo.advertise_port,
             listen_port: tempo.listen_port,
         }));

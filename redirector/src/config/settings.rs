@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use redirector_common::{DEFAULT_ADVERTISE_PORT, DEFAULT_LISTEN_PORT};
 
 use crate::{
-    bpf::datapath::Redirect,
     cli::RunArgs,
+    config::Redirect,
     config::{self, FileConfig},
     discovery::netns::SELF_NETNS,
     flows::log::FlowFormat,
@@ -94,12 +94,6 @@ pub fn resolve(args: RunArgs) -> Result<Settings> {
             }]
         } else {
             from_file
-                .into_iter()
-                .map(|r| Redirect {
-                    advertise_port: r.advertise_port,
-                    listen_port: r.listen_port,
-                })
-                .collect()
         }
     };
     for r in &redirects {
