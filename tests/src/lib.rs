@@ -732,6 +732,32 @@ pub fn same_ip(seen: &SocketAddr, expected: &str) -> bool {
     seen.ip().to_canonical().to_string() == expected
 }
 
+/// A querier namespace `q` and a live-store namespace `l` joined by veth (both
+/// address families): the topology every integration test starts from.
+pub struct Topology {
+    pub q: Netns,
+    pub l: Netns,
+}
+
+impl Topology {
+    // Not `Default`: it creates namespaces, which is no default value.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        let q = Netns::new("q").expect("querier netns");
+        let l = Netns::new("l").expect("live-store netns");
+        veth(&q, &l).expect("veth between querier and live-store");
+        Self { q, l }
+    }
+
+    /// The agent serving `l`, with `extra` arguments.
+    pub fn agent(&self, extra: &[&str]) -> Agent {
+        let path = self.l.path();
+        let mut args = vec!["--netns", path.to_str().expect("utf-8 path")];
+        args.extend_from_slice(extra);
+        Agent::start(&args).expect("agent starts")
+    }
+}
+
 /// A querier namespace `q` and a live-store namespace `l` joined by [`veth`],
 /// and the flow log of the agents it starts for `l`; the log goes on drop.
 pub struct FlowSetup {
@@ -744,9 +770,7 @@ impl FlowSetup {
     // Not `Default`: it creates namespaces, which is no default value.
     #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
-        let q = Netns::new("q").expect("querier netns");
-        let l = Netns::new("l").expect("live-store netns");
-        veth(&q, &l).expect("veth");
+        let Topology { q, l } = Topology::new();
         let log = std::env::temp_dir().join(format!("{}.flows", l.name));
         let _ = std::fs::remove_file(&log);
         Self { q, l, log }

@@ -148,9 +148,7 @@ fn under_load<T: Send>(
 /// 9095, and no pinned state before or after.
 fn pinned_setup() -> (PinCleanup, Netns, Netns, Server) {
     let cleanup = PinCleanup::new();
-    let q = Netns::new("q").expect("netns");
-    let l = Netns::new("l").expect("netns");
-    veth(&q, &l).expect("veth");
+    let Topology { q, l } = Topology::new();
     let live_store = Server::start(&l, "[::]:9095", "live-store").expect("listens");
     (cleanup, q, l, live_store)
 }
@@ -613,4 +611,19 @@ fn status_says_which_listener_is_not_registered_and_why() {
     assert_eq!(unservable["reason"], "mptcp", "{json}");
     assert_eq!(unservable["port"], 9095);
     agent.stop().expect("agent stops");
+}
+
+#[test]
+fn a_realistic_tempo_config_gives_the_ring_port_and_the_grpc_port() {
+    let tempo = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/testdata/tempo-live-store.yaml"
+    );
+    let (code, out, err) = redirector(&["run", "--tempo-config", tempo, "--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("--dry-run prints JSON");
+    assert_eq!(
+        v["redirects"],
+        serde_json::json!([{"advertise_port": 12345, "listen_port": 9095}])
+    );
 }

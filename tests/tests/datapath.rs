@@ -14,26 +14,6 @@ fn v6(port: u16) -> String {
     format!("[{LIVE_STORE_V6}]:{port}")
 }
 
-/// Q and L joined by veth, plus an agent serving L.
-struct Topology {
-    q: Netns,
-    l: Netns,
-}
-
-impl Topology {
-    fn new() -> Self {
-        let q = Netns::new("q").expect("create querier netns");
-        let l = Netns::new("l").expect("create live-store netns");
-        veth(&q, &l).expect("veth between querier and live-store");
-        Self { q, l }
-    }
-
-    fn agent(&self) -> Agent {
-        Agent::start(&["--netns", self.l.path().to_str().expect("utf-8 path")])
-            .expect("agent starts")
-    }
-}
-
 fn assert_refused(result: io::Result<Reply>, what: &str) {
     match result {
         Err(e) => assert_eq!(
@@ -49,7 +29,7 @@ fn assert_refused(result: io::Result<Reply>, what: &str) {
 fn redirects_ipv4_and_ipv6_to_the_listener_with_the_client_address() {
     let t = Topology::new();
     let live_store = Server::start(&t.l, "[::]:9095", "live-store").expect("live-store listens");
-    let agent = t.agent();
+    let agent = t.agent(&[]);
     let payload: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
 
     let r4 =
@@ -92,7 +72,7 @@ fn ipv4_only_listener_gets_ipv4_and_ipv6_is_refused() {
     let t = Topology::new();
     let live_store =
         Server::start(&t.l, "0.0.0.0:9095", "live-store-v4").expect("IPv4 live-store listens");
-    let agent = t.agent();
+    let agent = t.agent(&[]);
     let r4 = request(&t.q, &v4(ADVERTISE), b"x").expect("IPv4 connection");
     assert_eq!(r4.server, "live-store-v4");
     // An IPv4 socket cannot take an IPv6 connection: fail open, nothing on 12345.
@@ -142,7 +122,7 @@ fn grpc_unary_call_through_the_advertised_port() {
                 .expect("gRPC server runs");
         });
     });
-    let agent = t.agent();
+    let agent = t.agent(&[]);
 
     let status = t.q.run(|| {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -183,7 +163,7 @@ fn direct_and_other_ports_are_untouched() {
     let t = Topology::new();
     let _live_store = Server::start(&t.l, "[::]:9095", "live-store").expect("live-store listens");
     let _other = Server::start(&t.l, "[::]:8080", "other").expect("another service listens");
-    let agent = t.agent();
+    let agent = t.agent(&[]);
 
     let direct = request(&t.q, &v4(LISTEN), b"direct").expect("direct connection to 9095");
     assert_eq!(direct.server, "live-store");
@@ -208,7 +188,7 @@ fn direct_and_other_ports_are_untouched() {
 #[test]
 fn no_listener_is_refused_then_served_and_the_old_sidecar_hands_over() {
     let t = Topology::new();
-    let agent = t.agent();
+    let agent = t.agent(&[]);
 
     // Nothing anywhere: refused, like a sidecar whose upstream is down.
     assert_refused(
@@ -268,7 +248,7 @@ fn no_listener_is_refused_then_served_and_the_old_sidecar_hands_over() {
 #[test]
 fn live_store_restart_resumes_the_redirect() {
     let t = Topology::new();
-    let agent = t.agent();
+    let agent = t.agent(&[]);
     for generation in 1..=3 {
         let name = format!("live-store-{generation}");
         let live_store = Server::start(&t.l, "[::]:9095", &name).expect("live-store listens");
@@ -288,7 +268,7 @@ fn listener_that_existed_before_the_agent_is_used() {
     let t = Topology::new();
     let live_store =
         Server::start(&t.l, "[::]:9095", "early-live-store").expect("live-store listens");
-    let agent = t.agent();
+    let agent = t.agent(&[]);
     assert!(
         agent
             .status()
@@ -357,7 +337,7 @@ fn sigterm_detaches_everything() {
     let t = Topology::new();
     let _live_store = Server::start(&t.l, "[::]:9095", "live-store").expect("live-store listens");
     let before = redirector_program_ids();
-    let agent = t.agent();
+    let agent = t.agent(&[]);
     assert_eq!(
         request(&t.q, &v4(ADVERTISE), b"x")
             .expect("redirected")

@@ -19,14 +19,11 @@ use std::{
 
 use redirector_tests::*;
 
-const PIN_ROOT: &str = "/sys/fs/bpf/redirector";
-const BPFFS: &str = "/sys/fs/bpf";
+use redirector::bpf::pins::{BPFFS, PIN_ROOT};
 
-/// A querier namespace and a live-store namespace joined by [`veth`].
-fn pair(tag: &str) -> (Netns, Netns) {
-    let q = Netns::new(&format!("{tag}q")).expect("querier netns");
-    let l = Netns::new(&format!("{tag}l")).expect("live-store netns");
-    veth(&q, &l).expect("veth");
+/// The shared querier and live-store namespaces.
+fn pair() -> (Netns, Netns) {
+    let Topology { q, l } = Topology::new();
     (q, l)
 }
 
@@ -149,8 +146,8 @@ fn syn_flood(ns: &Netns, target: SocketAddr, secs: f64) -> u64 {
 
 #[test]
 fn a_syn_flood_without_a_live_store_is_rate_limited_and_loses_no_healthy_record() {
-    let (fq, fl) = pair("f");
-    let (hq, hl) = pair("h");
+    let (fq, fl) = pair();
+    let (hq, hl) = pair();
     let _healthy = Server::start(&hl, "[::]:9095", "live-store").expect("listens");
     let log = temp_log("flood");
     let agent = Agent::start(&[
@@ -234,7 +231,7 @@ fn failed_while_listening(attempts: &[Attempt], up: &[(Instant, Instant)]) -> Ve
 
 #[test]
 fn a_restarted_live_store_gets_the_first_connection_after_listen() {
-    let (q, l) = pair("r");
+    let (q, l) = pair();
     let mut server = Some(Server::start(&l, "[::]:9095", "live-store").expect("listens"));
     let agent = Agent::start(&["--netns", &path_of(&l)]).expect("agent");
     let target = format!("{LIVE_STORE_V4}:{ADVERTISE}");
@@ -318,7 +315,7 @@ fn new_programs(before: &HashSet<u32>) -> HashSet<u32> {
 #[test]
 fn a_pinned_agent_killed_with_sigkill_leaves_everything_attached_and_counted() {
     let _cleanup = PinCleanup::new();
-    let (q, l) = pair("k");
+    let (q, l) = pair();
     let _live_store = Server::start(&l, "[::]:9095", "live-store").expect("listens");
     let log = temp_log("kill-pinned");
     let log_arg = log.display().to_string();
@@ -404,7 +401,7 @@ fn a_pinned_agent_killed_with_sigkill_leaves_everything_attached_and_counted() {
 
 #[test]
 fn an_unpinned_agent_killed_with_sigkill_leaves_nothing_attached() {
-    let (q, l) = pair("u");
+    let (q, l) = pair();
     let _live_store = Server::start(&l, "[::]:9095", "live-store").expect("listens");
     let l_path = path_of(&l);
     let before = redirector_program_ids();
@@ -482,7 +479,7 @@ fn map_id(path: &Path) -> u32 {
 #[test]
 fn deleted_pins_are_made_again_and_foreign_entries_reported() {
     let _cleanup = PinCleanup::new();
-    let (q, l) = pair("t");
+    let (q, l) = pair();
     let _live_store = Server::start(&l, "[::]:9095", "live-store").expect("listens");
     let l_path = path_of(&l);
     let args = ["--pin", "--netns", l_path.as_str()];
@@ -654,7 +651,7 @@ fn bpffs_unmounted_and_mounted_again_under_a_pinned_agent() {
     let _cleanup = PinCleanup::new();
     // Namespaces first: the holder's mount namespace gets a copy of their
     // /var/run/netns mounts.
-    let (q, l) = pair("b");
+    let (q, l) = pair();
     let _live_store = Server::start(&l, "[::]:9095", "live-store").expect("listens");
     let mnt = MountNs::new();
     let enter = mnt.enter();

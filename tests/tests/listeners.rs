@@ -14,27 +14,12 @@ use redirector_tests::*;
 
 const MPTCP_ENABLED: &str = "/proc/sys/net/mptcp/enabled";
 
-struct Topology {
-    q: Netns,
-    l: Netns,
-}
-
-impl Topology {
-    fn new() -> Self {
-        let q = Netns::new("q").expect("querier netns");
-        let l = Netns::new("l").expect("live-store netns");
-        veth(&q, &l).expect("veth");
-        // What a pod gets on Debian, Ubuntu, RHEL, Amazon Linux: MPTCP allowed.
-        l.sysctl("net.mptcp.enabled", "1").expect("mptcp on");
-        Self { q, l }
-    }
-
-    fn agent(&self, extra: &[&str]) -> Agent {
-        let path = self.l.path();
-        let mut args = vec!["--netns", path.to_str().expect("utf-8")];
-        args.extend_from_slice(extra);
-        Agent::start(&args).expect("agent starts")
-    }
+/// The shared topology, with MPTCP allowed in the live-store's namespace:
+/// what a pod gets on Debian, Ubuntu, RHEL, Amazon Linux.
+fn topology() -> Topology {
+    let t = Topology::new();
+    t.l.sysctl("net.mptcp.enabled", "1").expect("mptcp on");
+    t
 }
 
 fn v4(port: u16) -> String {
@@ -121,7 +106,7 @@ fn metric(agent: &Agent, line_start: &str) -> f64 {
 
 #[test]
 fn a_go_live_store_started_after_the_agent_listens_with_tcp_and_is_served() {
-    let t = Topology::new();
+    let t = topology();
     let agent = t.agent(&[]);
     assert_eq!(
         t.l.sysctl_value(MPTCP_ENABLED),
@@ -153,7 +138,7 @@ fn a_go_live_store_started_after_the_agent_listens_with_tcp_and_is_served() {
 
 #[test]
 fn a_go_live_store_already_listening_with_mptcp_is_reported_then_served_after_its_restart() {
-    let t = Topology::new();
+    let t = topology();
     let go = go_live_store(&t.l, "go-mptcp");
     assert!(
         mptcp_listening(&t.l, LISTEN),
@@ -211,7 +196,7 @@ fn a_go_live_store_already_listening_with_mptcp_is_reported_then_served_after_it
 
 #[test]
 fn an_ipv4_mptcp_listener_is_reported_and_a_restart_with_tcp_is_served() {
-    let t = Topology::new();
+    let t = topology();
     let mptcp = stand_in(&t.l, "0.0.0.0:9095", "v4-mptcp", &["--mptcp"]);
     assert!(mptcp.ready.contains("with mptcp"), "{}", mptcp.ready);
     let agent = t.agent(&[]);
@@ -233,7 +218,7 @@ fn an_ipv4_mptcp_listener_is_reported_and_a_restart_with_tcp_is_served() {
 
 #[test]
 fn keep_mptcp_leaves_the_namespace_alone_and_reports_what_it_cannot_serve() {
-    let t = Topology::new();
+    let t = topology();
     let agent = t.agent(&["--keep-mptcp"]);
     assert_eq!(t.l.sysctl_value(MPTCP_ENABLED), "1");
     let _go = go_live_store(&t.l, "go-mptcp");
@@ -253,8 +238,8 @@ fn keep_mptcp_leaves_the_namespace_alone_and_reports_what_it_cannot_serve() {
 
 #[test]
 fn one_unservable_namespace_never_stops_the_others() {
-    let bad = Topology::new();
-    let good = Topology::new();
+    let bad = topology();
+    let good = topology();
     let _mptcp = go_live_store(&bad.l, "go-mptcp");
     let _tcp = Server::start(&good.l, "[::]:9095", "good").expect("listens");
     let (bad_path, good_path) = (bad.l.path(), good.l.path());
@@ -277,7 +262,7 @@ fn one_unservable_namespace_never_stops_the_others() {
 
 #[test]
 fn a_loopback_only_live_store_never_gets_traffic_from_the_network() {
-    let t = Topology::new();
+    let t = topology();
     // The live-store only listens on loopback; an auth sidecar owns 12345.
     let _lo4 = Server::start(&t.l, "127.0.0.1:9095", "live-store-lo4").expect("listens");
     let _lo6 = Server::start(&t.l, "[::1]:9095", "live-store-lo6").expect("listens");
@@ -309,7 +294,7 @@ fn a_loopback_only_live_store_never_gets_traffic_from_the_network() {
 
 #[test]
 fn a_listener_bound_to_one_address_only_gets_connections_to_that_address() {
-    let t = Topology::new();
+    let t = topology();
     const SECOND: &str = "198.18.0.3";
     netns::ip(&[
         "-n",
@@ -352,7 +337,7 @@ fn a_listener_bound_to_one_address_only_gets_connections_to_that_address() {
 
 #[test]
 fn every_member_of_a_reuseport_group_is_used_and_the_redirect_holds_while_one_listens() {
-    let t = Topology::new();
+    let t = topology();
     let mut members: Vec<Process> = ["w1", "w2", "w3"]
         .iter()
         .map(|n| stand_in(&t.l, "[::]:9095", n, &["--reuseport"]))
@@ -399,7 +384,7 @@ fn every_member_of_a_reuseport_group_is_used_and_the_redirect_holds_while_one_li
 
 #[test]
 fn a_registration_deleted_behind_the_agents_back_is_back_within_2_s() {
-    let t = Topology::new();
+    let t = topology();
     let _live_store = Server::start(&t.l, "[::]:9095", "live-store").expect("listens");
     let agent = t.agent(&[]);
     assert_eq!(
@@ -429,7 +414,7 @@ fn a_registration_deleted_behind_the_agents_back_is_back_within_2_s() {
 
 #[test]
 fn the_agents_copy_of_an_existing_listener_never_keeps_the_port_bound() {
-    let t = Topology::new();
+    let t = topology();
     let live_store = Server::start(&t.l, "[::]:9095", "early").expect("listens");
     let agent = t.agent(&[]);
     assert_eq!(

@@ -68,10 +68,16 @@ fn ensure_cargo_fuzz() -> Result<()> {
 fn seed(root: &Path, target: &str, corpus: &Path) -> Result<()> {
     fs::create_dir_all(corpus).with_context(|| format!("creating {}", corpus.display()))?;
     let seeds: Vec<(&str, String)> = match target {
-        "tempo_config" => vec![(
-            "tempo-config.yaml",
-            fs::read_to_string(root.join("deploy/tempo-config.yaml"))?,
-        )],
+        "tempo_config" => vec![
+            (
+                "tempo-config.yaml",
+                fs::read_to_string(root.join("deploy/tempo-config.yaml"))?,
+            ),
+            (
+                "tempo-live-store.yaml",
+                fs::read_to_string(root.join("tests/testdata/tempo-live-store.yaml"))?,
+            ),
+        ],
         "redirector_yaml" => vec![(
             "redirector.yaml",
             "redirects:\n  - advertise_port: 12345\n    listen_port: 9095\ncgroup_pattern: kubepods\nflow_format: json\npin: true\n"
