@@ -152,7 +152,7 @@ impl Datapath {
                 prog.load().map_err(|e| {
                     kernel_error(
                         e.into(),
-                        "loading the sock_ops program (BPF_PROG_TYPE_SOCK_OPS, Linux >= 5.15)",
+                        "loading the sock_ops program (BPF_PROG_TYPE_SOCK_OPS; `redirector check` probes what it needs)",
                     )
                 })?;
                 let cgroup_dir = fs::File::open(&cgroup)
@@ -473,7 +473,7 @@ impl Datapath {
         prog.load().map_err(|e| {
             kernel_error(
                 e.into(),
-                "loading the sk_lookup program (BPF_PROG_TYPE_SK_LOOKUP, Linux >= 5.9)",
+                "loading the sk_lookup program (BPF_PROG_TYPE_SK_LOOKUP; `redirector check` probes what it needs)",
             )
         })?;
         let fd = sys::link_create(prog.fd()?.as_fd(), netns.file.as_fd(), sys::BPF_SK_LOOKUP)

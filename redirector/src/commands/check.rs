@@ -103,7 +103,14 @@ fn check_privileges() -> Check {
     match crate::sys::missing_capabilities() {
         Ok(missing) if missing.is_empty() => Check::pass(
             NAME,
-            format!("{who}; effective CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_SYS_PTRACE"),
+            format!(
+                "{who}; effective {}",
+                crate::sys::REQUIRED_CAPABILITIES
+                    .iter()
+                    .map(|(_, name, _)| *name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         ),
         Ok(missing) => {
             let list: Vec<String> = missing

@@ -79,16 +79,16 @@ pub fn parse_tempo(text: &str, origin: &Path) -> Result<TempoPorts> {
                 origin.display()
             ))
         })?;
-    if advertise_port == listen_port {
-        return Err(usage(format!(
-            "{}: live_store.ring.instance_port and server.grpc_listen_port are both {listen_port}: \
+    let pair = Redirect::new(advertise_port, listen_port).map_err(|SamePort(port)| {
+        usage(format!(
+            "{}: live_store.ring.instance_port and server.grpc_listen_port are both {port}: \
              there is nothing to redirect; advertise a different port in live_store.ring.instance_port",
             origin.display()
-        )));
-    }
+        ))
+    })?;
     Ok(TempoPorts {
-        listen_port,
-        advertise_port,
+        listen_port: pair.listen_port,
+        advertise_port: pair.advertise_port,
     })
 }
 
@@ -133,6 +133,25 @@ pub struct FileConfig {
 pub struct Redirect {
     pub advertise_port: u16,
     pub listen_port: u16,
+}
+
+/// Both ports of a redirect are this one: there would be nothing to redirect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SamePort(pub u16);
+
+impl Redirect {
+    /// The one check every source of a redirect goes through (flags,
+    /// redirector.yaml, Tempo's config); the caller says where the ports came
+    /// from in its error.
+    pub fn new(advertise_port: u16, listen_port: u16) -> Result<Self, SamePort> {
+        if advertise_port == listen_port {
+            return Err(SamePort(listen_port));
+        }
+        Ok(Self {
+            advertise_port,
+            listen_port,
+        })
+    }
 }
 
 /// Reads and validates `redirector.yaml` at `path`.
@@ -384,21 +403,18 @@ impl<'de> de::Visitor<'de> for RedirectVisitor<'_> {
         }
         let advertise_port = advertise.ok_or_else(|| de::Error::missing_field("advertise_port"))?;
         let listen_port = listen.ok_or_else(|| de::Error::missing_field("listen_port"))?;
-        if advertise_port == listen_port {
-            return Err(de::Error::custom(format!(
-                "advertise_port and listen_port are both {listen_port}: a redirect needs two different ports"
-            )));
-        }
+        let redirect = Redirect::new(advertise_port, listen_port).map_err(|SamePort(port)| {
+            de::Error::custom(format!(
+                "advertise_port and listen_port are both {port}: a redirect needs two different ports"
+            ))
+        })?;
         if !self.seen.insert(advertise_port) {
             return Err(de::Error::custom(format!(
                 "advertise_port {advertise_port} appears more than once in redirects: \
                  one advertise port can only go to one listener"
             )));
         }
-        Ok(Redirect {
-            advertise_port,
-            listen_port,
-        })
+        Ok(redirect)
     }
 }
 

@@ -8,8 +8,8 @@ use redirector_common::{DEFAULT_ADVERTISE_PORT, DEFAULT_LISTEN_PORT};
 
 use crate::{
     cli::RunArgs,
-    config::Redirect,
     config::{self, FileConfig},
+    config::{Redirect, SamePort},
     discovery::netns::SELF_NETNS,
     flows::log::FlowFormat,
 };
@@ -75,10 +75,16 @@ pub fn resolve(args: RunArgs) -> Result<Settings> {
         None => FileConfig::default(),
     };
     let redirects: Vec<Redirect> = if args.advertise_port.is_some() || args.listen_port.is_some() {
-        vec![Redirect {
-            advertise_port: args.advertise_port.unwrap_or(DEFAULT_ADVERTISE_PORT),
-            listen_port: args.listen_port.unwrap_or(DEFAULT_LISTEN_PORT),
-        }]
+        let flags = Redirect::new(
+            args.advertise_port.unwrap_or(DEFAULT_ADVERTISE_PORT),
+            args.listen_port.unwrap_or(DEFAULT_LISTEN_PORT),
+        )
+        .map_err(|SamePort(port)| {
+            usage(format!(
+                "--advertise-port and --listen-port are both {port}: the advertised port must differ from the port the live-store listens on"
+            ))
+        })?;
+        vec![flags]
     } else if let Some(path) = &args.tempo_config {
         let ports = config::tempo_ports(path)?;
         vec![Redirect {
@@ -96,14 +102,6 @@ pub fn resolve(args: RunArgs) -> Result<Settings> {
             from_file
         }
     };
-    for r in &redirects {
-        if r.advertise_port == r.listen_port {
-            return Err(usage(format!(
-                "--advertise-port and --listen-port are both {}: the advertised port must differ from the port the live-store listens on",
-                r.listen_port
-            )));
-        }
-    }
     let discover = args.discover || file.discover.unwrap_or(false);
     let cgroup_pattern = args.cgroup_pattern.or(file.cgroup_pattern);
     // Checked on the merged settings, not with clap's `requires`: `discover`
