@@ -19,9 +19,11 @@ const INIT: &str = include_str!("init.sh");
 /// iproute2's `ip` (`ip netns`, veth; busybox's has neither) and `ss`;
 /// util-linux's `setpriv` and `unshare` as the tests call them; procps'
 /// `sysctl` for `ip netns exec NS sysctl` (busybox's is the fallback); bpftool
-/// to show that a refusal leaves no program loaded.
-const TOOLS: [(&str, bool); 7] = [
+/// to show that a refusal leaves no program loaded; bash, whose `-n` checks the
+/// generated completion script.
+const TOOLS: [(&str, bool); 8] = [
     ("busybox", true),
+    ("bash", true),
     ("ip", true),
     ("ss", true),
     ("setpriv", true),
