@@ -1,12 +1,28 @@
-//! The few system calls std does not wrap: entering a network namespace,
-//! reading a namespace's cookie, copying a socket out of another process, and
-//! reading our capabilities. Each `unsafe` block is a plain syscall.
+//! The few system calls std and aya 0.14 do not wrap. Each `unsafe` block is
+//! a plain syscall; command and type numbers come from aya-obj's kernel
+//! bindings. What each covers:
+//! - entering a network namespace, its cookie (`SO_NETNS_COOKIE`), copying a
+//!   socket out of another process (`pidfd_getfd`), capabilities: std has none;
+//! - BPF_LINK_CREATE for sk_lookup on a netns fd and sock_ops on a cgroup fd
+//!   as a raw link fd we pin ourselves, BPF_LINK_DETACH, BPF_LINK_GET_FD_BY_ID,
+//!   BPF_OBJ_PIN/GET and a link's netns inode (BPF_OBJ_GET_INFO_BY_FD): aya
+//!   0.14 exposes neither a netns link's inode nor detach by fd nor open by id;
+//! - BPF_PROG_QUERY on a netns or cgroup: aya 0.14's query is not public;
+//! - map element operations on the socket hash with 8-byte values: aya 0.14's
+//!   `SockHash` only takes 4-byte values.
 
 use std::{
     fs, io,
     os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::Path,
 };
+
+use aya_obj::generated::{bpf_attach_type, bpf_cmd, bpf_link_type};
+
+/// A bpf(2) command number as the syscall takes it.
+const fn cmd(c: bpf_cmd) -> libc::c_long {
+    c as libc::c_long
+}
 
 /// `SO_NETNS_COOKIE` (Linux 5.14), not in every libc crate release.
 const SO_NETNS_COOKIE: libc::c_int = 71;
@@ -139,9 +155,9 @@ pub fn missing_capabilities() -> io::Result<Vec<(&'static str, &'static str)>> {
 }
 
 /// `bpf_attach_type` values for `prog_query`.
-pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
-pub const BPF_SK_LOOKUP: u32 = 36;
-const BPF_PROG_QUERY: libc::c_long = 16;
+pub const BPF_CGROUP_SOCK_OPS: u32 = bpf_attach_type::BPF_CGROUP_SOCK_OPS as u32;
+pub const BPF_SK_LOOKUP: u32 = bpf_attach_type::BPF_SK_LOOKUP as u32;
+const BPF_PROG_QUERY: libc::c_long = cmd(bpf_cmd::BPF_PROG_QUERY);
 
 /// Ids of the programs of `attach_type` attached directly to `target` (a
 /// netns or cgroup fd): whether our programs are still in place.
@@ -186,13 +202,13 @@ pub fn monotonic_to_unix_offset_ns() -> i128 {
     now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC)
 }
 
-const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_LINK_DETACH: libc::c_long = 34;
+const BPF_OBJ_PIN: libc::c_long = cmd(bpf_cmd::BPF_OBJ_PIN);
+const BPF_OBJ_GET: libc::c_long = cmd(bpf_cmd::BPF_OBJ_GET);
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = cmd(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD);
+const BPF_LINK_CREATE: libc::c_long = cmd(bpf_cmd::BPF_LINK_CREATE);
+const BPF_LINK_DETACH: libc::c_long = cmd(bpf_cmd::BPF_LINK_DETACH);
 /// `bpf_link_type` of a netns (sk_lookup) link.
-pub const BPF_LINK_TYPE_NETNS: u32 = 5;
+pub const BPF_LINK_TYPE_NETNS: u32 = bpf_link_type::BPF_LINK_TYPE_NETNS as u32;
 
 /// bpf(2) with a zeroed 128-byte `union bpf_attr` the caller filled in.
 fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i64> {
@@ -225,7 +241,7 @@ pub fn link_create(
     bpf(BPF_LINK_CREATE, &mut attr).map(owned)
 }
 
-const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = cmd(bpf_cmd::BPF_LINK_GET_FD_BY_ID);
 
 /// Opens the link with kernel id `id` (aya 0.14 lists links but cannot open
 /// one by id).
@@ -286,12 +302,12 @@ pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     })
 }
 
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = cmd(bpf_cmd::BPF_MAP_LOOKUP_ELEM);
+const BPF_MAP_UPDATE_ELEM: libc::c_long = cmd(bpf_cmd::BPF_MAP_UPDATE_ELEM);
+const BPF_MAP_DELETE_ELEM: libc::c_long = cmd(bpf_cmd::BPF_MAP_DELETE_ELEM);
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = cmd(bpf_cmd::BPF_MAP_GET_NEXT_KEY);
 /// `BPF_NOEXIST`: an update that never replaces an existing entry.
-pub const BPF_NOEXIST: u64 = 1;
+pub const BPF_NOEXIST: u64 = aya_obj::generated::BPF_NOEXIST as u64;
 
 /// Map element operations by raw pointer: for the socket hash with 8-byte
 /// values (fd in, socket cookie out), which aya 0.14's `SockHash` refuses (it
@@ -403,4 +419,33 @@ pub fn netns_sysctl(netns: BorrowedFd<'_>, path: &'static str) -> io::Result<Opt
 
 pub fn set_netns_sysctl(netns: BorrowedFd<'_>, path: &'static str, value: &str) -> io::Result<()> {
     in_netns(netns, || fs::write(path, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The numbers of the kernel's uapi (include/uapi/linux/bpf.h), which
+    /// never change: the bindings must give exactly these.
+    #[test]
+    fn bpf_numbers_are_the_kernels() {
+        assert_eq!(
+            [
+                BPF_MAP_LOOKUP_ELEM,
+                BPF_MAP_UPDATE_ELEM,
+                BPF_MAP_DELETE_ELEM,
+                BPF_MAP_GET_NEXT_KEY,
+                BPF_OBJ_PIN,
+                BPF_OBJ_GET,
+                BPF_OBJ_GET_INFO_BY_FD,
+                BPF_PROG_QUERY,
+                BPF_LINK_CREATE,
+                BPF_LINK_GET_FD_BY_ID,
+                BPF_LINK_DETACH,
+            ],
+            [1, 2, 3, 4, 6, 7, 15, 16, 28, 30, 34]
+        );
+        assert_eq!((BPF_CGROUP_SOCK_OPS, BPF_SK_LOOKUP), (3, 36));
+        assert_eq!((BPF_LINK_TYPE_NETNS, BPF_NOEXIST), (5, 1));
+    }
 }
