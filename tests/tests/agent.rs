@@ -611,11 +611,12 @@ fn status_says_which_listener_is_not_registered_and_why() {
 
 #[test]
 fn a_realistic_tempo_config_gives_the_ring_port_and_the_grpc_port() {
-    let tempo = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/testdata/tempo-live-store.yaml"
-    );
-    let (code, out, err) = redirector(&["run", "--tempo-config", tempo, "--dry-run"]);
+    // Embedded, so the test also runs where the source tree is not (the VMs).
+    let tempo = std::env::temp_dir().join(format!("rdt-tempo-{}.yaml", std::process::id()));
+    std::fs::write(&tempo, include_str!("../testdata/tempo-live-store.yaml")).expect("write");
+    let path = tempo.to_str().expect("utf-8");
+    let (code, out, err) = redirector(&["run", "--tempo-config", path, "--dry-run"]);
+    let _ = std::fs::remove_file(&tempo);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("--dry-run prints JSON");
     assert_eq!(
