@@ -1,13 +1,15 @@
 //! A live-store stand-in for tests that need a real process: it lives in a
 //! network namespace (`ip netns exec NS live-store-standin ADDR NAME [--mptcp]
-//! [--reuseport]`) and answers like the tests' `Server`, until killed.
+//! [--reuseport] [-target=NAME]`) and answers like the tests' `Server`, until
+//! killed. `-target=live-store` is what Tempo's own command line carries, and
+//! what the agent's discovery looks for; the stand-in itself ignores it.
 
 use redirector_tests::{listen, ListenOpts};
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let (Some(addr), Some(name)) = (args.next(), args.next()) else {
-        eprintln!("usage: live-store-standin ADDR NAME [--mptcp] [--reuseport]");
+        eprintln!("usage: live-store-standin ADDR NAME [--mptcp] [--reuseport] [-target=NAME]");
         std::process::exit(2);
     };
     let mut opts = ListenOpts::default();
@@ -15,6 +17,7 @@ fn main() {
         match flag.as_str() {
             "--mptcp" => opts.mptcp = true,
             "--reuseport" => opts.reuseport = true,
+            t if t.starts_with("-target=") => {}
             other => {
                 eprintln!("live-store-standin: unknown flag {other}");
                 std::process::exit(2);
