@@ -13,6 +13,9 @@ pub const DEFAULT_LISTEN_PORT: u16 = 9095;
 /// `BPF_OBJ_NAME_LEN`, so `bpftool prog` shows them whole).
 pub const PROG_SK_LOOKUP: &str = "redir_lookup";
 pub const PROG_SOCK_OPS: &str = "redir_sockops";
+/// The bind hooks (cgroup `post_bind4`/`post_bind6` on the cgroup v2 root).
+pub const PROG_BIND4: &str = "redir_bind4";
+pub const PROG_BIND6: &str = "redir_bind6";
 
 /// Map names (the symbol names in the object file).
 pub const MAP_LISTENERS: &str = "LISTENERS";
@@ -23,13 +26,15 @@ pub const MAP_PENDING: &str = "PENDING";
 pub const MAP_FLOWS: &str = "FLOWS";
 pub const MAP_FLOW_EVENTS: &str = "FLOW_EVENTS";
 pub const MAP_REFUSED_BUDGET: &str = "REFUSED_BUDGET";
+pub const MAP_WATCH_PORTS: &str = "WATCH_PORTS";
+pub const MAP_LISTEN_EVENTS: &str = "LISTEN_EVENTS";
 /// aya-log's record ring: shared too, so one reader serves every instance.
 pub const MAP_AYA_LOGS: &str = "AYA_LOGS";
 /// aya-log's load-time level (0 = off, 4 = debug): set from RUST_LOG.
 pub const GLOBAL_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
 /// Every map that all program instances must share (the per-namespace
 /// `sk_lookup` instances and the one `sock_ops` instance).
-pub const SHARED_MAPS: [&str; 9] = [
+pub const SHARED_MAPS: [&str; 11] = [
     MAP_LISTENERS,
     MAP_REDIRECTS,
     MAP_LISTEN_PORTS,
@@ -39,6 +44,8 @@ pub const SHARED_MAPS: [&str; 9] = [
     MAP_FLOW_EVENTS,
     MAP_REFUSED_BUDGET,
     MAP_AYA_LOGS,
+    MAP_WATCH_PORTS,
+    MAP_LISTEN_EVENTS,
 ];
 
 /// Load-time constant of each `sk_lookup` instance: the cookie of the network
@@ -59,6 +66,9 @@ pub const MAX_PENDING: u32 = 16384;
 /// Redirected connections open at once; beyond this a flow is counted in
 /// `FlowTableFull` and gets no close record.
 pub const MAX_FLOWS: u32 = 65536;
+/// Bind events waiting for the agent: thousands, far more than the bind()
+/// calls on watched ports a node makes between two agent wakeups.
+pub const LISTEN_EVENTS_BYTES: u32 = 16 * 4096;
 /// Default flow ring buffer size (bytes, a power-of-two number of pages).
 pub const DEFAULT_FLOW_RING_BYTES: u32 = 1 << 20;
 /// Refused-connection records each CPU may emit per second; all are counted.
@@ -263,9 +273,12 @@ pub enum Counter {
     /// pending redirect: evicted from `PENDING` (a SYN burst), or accepted by
     /// another listener on the advertised port (an old sidecar). No records.
     FlowsUntracked = 13,
+    /// A bind() to a watched port could not be reported to the agent (its
+    /// ring was full): found by the agent's periodic resync instead.
+    ListenEventsDropped = 14,
 }
 
-pub const COUNTER_COUNT: u32 = 14;
+pub const COUNTER_COUNT: u32 = 15;
 
 /// One counter: its slot (the enum), its name in the exit summary and
 /// `status`, and the Prometheus metric (with `_total`) and help it is exported
@@ -321,6 +334,8 @@ pub const COUNTER_TABLE: [CounterInfo; COUNTER_COUNT as usize] = [
         "Listeners not registered because every slot for their address was taken (reached through their SO_REUSEPORT group)"),
     row(Counter::FlowsUntracked, "flows_untracked", "flows_untracked",
         "Connections to an advertised port accepted without a pending redirect (evicted under a SYN burst, or taken by an old sidecar): no flow records"),
+    row(Counter::ListenEventsDropped, "listen_events_dropped", "listen_events_dropped",
+        "bind() calls to a watched port not reported to the agent (event ring full): served at the next resync instead"),
 ];
 
 impl Counter {
@@ -408,6 +423,24 @@ pub const FLOW_RTO: u16 = 4;
 /// A segment carrying the peer's FIN was seen after we sent ours; `fin_end`
 /// says where it ends, so the close can tell whether it was consumed.
 pub const FLOW_FIN_SEEN: u16 = 8;
+
+/// What the bind hooks tell the agent: a process bound a TCP socket to a
+/// watched port (and is about to listen on it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenEvent {
+    pub netns_cookie: u64,
+    /// The cgroup v2 id of the calling task: the socket's cgroup.
+    pub cgroup_id: u64,
+    /// The process (thread group id) that called bind(), as the initial PID
+    /// namespace numbers it.
+    pub tgid: u32,
+    /// Host byte order.
+    pub port: u16,
+    pub family: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<ListenEvent>() == 24);
 
 /// Kinds of flow record.
 pub const EVENT_OPEN: u8 = 1;

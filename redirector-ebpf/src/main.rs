@@ -3,8 +3,11 @@
 //! - `redir_lookup` (one instance per served network namespace, `sk_lookup`): when
 //!   a new TCP connection arrives for an advertised port, hand it to the listener
 //!   registered for the matching listen port in the same namespace.
-//! - `redir_sockops` (cgroup v2 root, `sock_ops`): registers listeners on served
-//!   listen ports, and writes the open and close record of every redirected flow.
+//! - `redir_sockops` (`sock_ops`, attached to each served live-store's pod
+//!   cgroup): registers listeners on served listen ports, and writes the open
+//!   and close record of every redirected flow.
+//! - `redir_bind4`/`redir_bind6` (cgroup `post_bind4`/`post_bind6`): report a
+//!   bind() to a watched port to the agent, which serves the new live-store.
 //!
 //! Both programs fail open: any miss or error leaves the kernel's own lookup in
 //! charge, so nothing here can make a working port stop working.
@@ -16,6 +19,7 @@
 #![allow(internal_features)]
 
 mod ctx;
+mod discover;
 mod flows;
 mod listeners;
 
@@ -54,7 +58,7 @@ static LISTEN_PORTS: HashMap<NsPort, u16> = HashMap::with_max_entries(MAX_REDIRE
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 
 #[inline(always)]
-fn count(counter: Counter) {
+pub(crate) fn count(counter: Counter) {
     add(counter, 1);
 }
 

@@ -193,11 +193,39 @@ pub struct RunArgs {
     )]
     pub netns: Vec<PathBuf>,
 
-    /// Serve every network namespace that has a socket listening on a listen port
-    /// (with hostPID: every live-store pod on the node), checked every second; stop
-    /// serving a namespace when it disappears or its live-store stays down.
+    /// Serve every network namespace where a Tempo live-store listens on a listen
+    /// port (with hostPID: every live-store pod on the node), from the moment it
+    /// calls listen(); stop serving a namespace when it disappears or its
+    /// live-store stays down.
     #[arg(long, env = "REDIRECTOR_DISCOVER")]
     pub discover: bool,
+
+    /// With --discover, the Tempo targets served: a process counts when its
+    /// `-target=` flag (or `target:` in its -config.file) names one of these.
+    /// `live-store,all` also serves single-binary Tempo; `any` serves every
+    /// process listening on a listen port [default: live-store].
+    #[arg(
+        long,
+        value_name = "TARGET",
+        env = "REDIRECTOR_SERVE_TARGET",
+        value_delimiter = ','
+    )]
+    pub serve_target: Vec<String>,
+
+    /// Where `redir_sockops` (listener registration, flow records) runs: `pod`
+    /// attaches it to each served live-store's pod cgroup, so other pods'
+    /// connections run none of redirector's programs; `root` attaches it to
+    /// the cgroup v2 root (every connection of the node pays for it), for hosts
+    /// whose live-stores do not run in a cgroup of their own [default: pod].
+    #[arg(long, env = "REDIRECTOR_SOCK_OPS_CGROUP", value_enum)]
+    pub sock_ops_cgroup: Option<crate::bpf::sockops::Scope>,
+
+    /// Seconds between resyncs: every served namespace's listeners checked
+    /// against the kernel (spread over the interval), and, with --discover,
+    /// /proc scanned for live-stores the listen events missed. New listeners
+    /// are found at once by a listen() hook; this is the safety net [default: 30].
+    #[arg(long, env = "REDIRECTOR_RESYNC_INTERVAL", value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub resync_interval: Option<u64>,
 
     /// With --discover, only namespaces of processes whose cgroup path contains
     /// this (or matches it as a glob with `*`/`?`), e.g. `*tempo*live-store*`.

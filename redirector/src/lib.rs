@@ -2,7 +2,9 @@
 //!
 //! Module map, from the operator down to the kernel:
 //! - `cli`, `commands/`: the command line and one file per subcommand
-//!   (`run` is the agent).
+//!   (`run` sets the agent up and tears it down).
+//! - `agent`: the served set, kept current from listen events, process exits
+//!   and the resync.
 //! - `config/`: redirector.yaml, Tempo's config file, and the settings `run`
 //!   resolves from flags, files and defaults.
 //! - `discovery/`: network namespaces, their listening sockets (sock_diag) and
@@ -15,6 +17,7 @@
 //! - `sys`: the system calls std and aya 0.14 do not wrap.
 //! - `error`: exit statuses.
 
+pub mod agent;
 pub mod bpf;
 pub mod cli;
 pub mod commands;

@@ -888,7 +888,7 @@ impl Source for Pinned {
             state.registered = snapshot.in_netns(cookie).map(|(k, _)| *k).collect();
             // Read-only: the checks the agent's reconcile pass makes, for the reasons.
             state.unservable = registry
-                .reconcile(&ns.netns, &state.redirects, snapshot, false)
+                .inspect(&ns.netns, &state.redirects)
                 .map(|r| r.unservable)
                 .unwrap_or_default();
         }

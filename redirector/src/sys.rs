@@ -78,16 +78,21 @@ pub fn current_netns_cookie() -> io::Result<u64> {
     Ok(cookie)
 }
 
-/// A duplicate of file descriptor `fd` of process `pid` (`pidfd_getfd`, Linux 5.6;
-/// needs ptrace access to the process, i.e. CAP_SYS_PTRACE for other users).
-pub fn copy_fd_from(pid: i32, fd: i32) -> io::Result<OwnedFd> {
+/// A pidfd for process `pid` (Linux 5.3): readable once the process exits.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open(2) with no flags; the result is checked and owned at once.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if pidfd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: pidfd was just returned by pidfd_open(2) and nothing else owns it.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    Ok(unsafe { OwnedFd::from_raw_fd(pidfd as i32) })
+}
+
+/// A duplicate of file descriptor `fd` of process `pid` (`pidfd_getfd`, Linux 5.6;
+/// needs ptrace access to the process, i.e. CAP_SYS_PTRACE for other users).
+pub fn copy_fd_from(pid: i32, fd: i32) -> io::Result<OwnedFd> {
+    let pidfd = pidfd_open(pid)?;
     // SAFETY: pidfd_getfd(2) with no flags; the result is checked and owned at once.
     let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_fd().as_raw_fd(), fd, 0) };
     if copy < 0 {
@@ -157,6 +162,8 @@ pub fn missing_capabilities() -> io::Result<Vec<(&'static str, &'static str)>> {
 /// `bpf_attach_type` values for `prog_query`.
 pub const BPF_CGROUP_SOCK_OPS: u32 = bpf_attach_type::BPF_CGROUP_SOCK_OPS as u32;
 pub const BPF_SK_LOOKUP: u32 = bpf_attach_type::BPF_SK_LOOKUP as u32;
+pub const BPF_CGROUP_INET4_POST_BIND: u32 = bpf_attach_type::BPF_CGROUP_INET4_POST_BIND as u32;
+pub const BPF_CGROUP_INET6_POST_BIND: u32 = bpf_attach_type::BPF_CGROUP_INET6_POST_BIND as u32;
 const BPF_PROG_QUERY: libc::c_long = cmd(bpf_cmd::BPF_PROG_QUERY);
 
 /// Ids of the programs of `attach_type` attached directly to `target` (a

@@ -32,11 +32,10 @@ use crate::{
     sys,
 };
 
-/// What readiness checks: each (namespace, sk_lookup program id), and the cgroup
-/// with the sock_ops program id.
+/// What readiness checks: each (cgroup, sock_ops program id) and each
+/// (namespace, sk_lookup program id).
 pub struct Attachments {
-    pub cgroup: File,
-    pub sock_ops_id: u32,
+    pub cgroups: Vec<(String, File, u32)>,
     pub namespaces: Vec<(String, File, u32)>,
 }
 
@@ -49,8 +48,10 @@ impl Attachments {
                 .map(|ids| ids.contains(&id))
                 .unwrap_or(false)
         };
-        if !attached(&self.cgroup, sys::BPF_CGROUP_SOCK_OPS, self.sock_ops_id) {
-            missing.push("sock_ops on the cgroup v2 root".to_owned());
+        for (name, fd, id) in &self.cgroups {
+            if !attached(fd, sys::BPF_CGROUP_SOCK_OPS, *id) {
+                missing.push(format!("sock_ops on cgroup {name}"));
+            }
         }
         for (name, fd, id) in &self.namespaces {
             if !attached(fd, sys::BPF_SK_LOOKUP, *id) {
@@ -119,7 +120,7 @@ impl Telemetry {
         let programs = Gauge::default();
         registry.register(
             "programs_attached",
-            "redirector programs attached (sock_ops + one sk_lookup per namespace)",
+            "redirector programs attached (sock_ops per served pod cgroup + one sk_lookup per namespace)",
             programs.clone(),
         );
         let flow_subscriber_lost = PromCounter::default();
@@ -139,7 +140,7 @@ impl Telemetry {
         let expected = Gauge::default();
         registry.register(
             "programs_expected",
-            "redirector programs that should be attached (sock_ops + one sk_lookup per served namespace)",
+            "redirector programs that should be attached (sock_ops per served pod cgroup + one sk_lookup per served namespace)",
             expected.clone(),
         );
         let ready = Gauge::default();
@@ -178,9 +179,14 @@ impl Telemetry {
         }
     }
 
-    /// Replaces the set of namespaces readiness checks (discovery changes it).
-    pub fn set_namespaces(&self, namespaces: Vec<(String, File, u32)>) {
+    /// Replaces what readiness checks (the served set changed).
+    pub fn set_attachments(
+        &self,
+        cgroups: Vec<(String, File, u32)>,
+        namespaces: Vec<(String, File, u32)>,
+    ) {
         if let Ok(mut a) = self.attachments.lock() {
+            a.cgroups = cgroups;
             a.namespaces = namespaces;
         }
     }
@@ -202,7 +208,7 @@ impl Telemetry {
     /// (programs that should be attached, what is missing).
     fn attachment_state(&self) -> (usize, Vec<String>) {
         match self.attachments.lock() {
-            Ok(a) => (1 + a.namespaces.len(), a.missing()),
+            Ok(a) => (a.cgroups.len() + a.namespaces.len(), a.missing()),
             Err(_) => (0, vec!["attachment state (lock poisoned)".to_owned()]),
         }
     }

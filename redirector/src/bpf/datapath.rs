@@ -1,7 +1,8 @@
 //! Loads the kernel programs and keeps them attached.
 //!
-//! One "main" instance of the object owns the shared maps and the `sock_ops`
-//! program on the cgroup v2 root. Every served network namespace gets its own
+//! One "main" instance of the object owns the shared maps, the `sock_ops`
+//! program (attached to each served live-store's pod cgroup, see `sockops`)
+//! and the bind hooks that report new live-store sockets to the agent. Every served network namespace gets its own
 //! `sk_lookup` instance whose only difference is the `NETNS_COOKIE` constant;
 //! those instances reuse the main instance's maps through pins: the persistent
 //! ones of `--pin`, or a private directory that exists only while an instance
@@ -12,6 +13,7 @@
 //! are pinned too and outlive the process, and the next agent adopts them.
 
 use std::{
+    collections::BTreeSet,
     fs,
     os::fd::AsFd,
     path::{Path, PathBuf},
@@ -20,20 +22,22 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{HashMap, MapData},
-    programs::{SkLookup, SockOps},
+    programs::{CgroupSock, SkLookup},
     Ebpf, EbpfLoader,
 };
 use redirector_common::{
     NsPort, RedirectTarget, GLOBAL_LOG_LEVEL, GLOBAL_NETNS_COOKIE, MAP_COUNTERS, MAP_FLOW_EVENTS,
-    MAP_LISTENERS, MAP_LISTEN_PORTS, MAP_REDIRECTS, PROG_SK_LOOKUP, PROG_SOCK_OPS, SHARED_MAPS,
+    MAP_LISTENERS, MAP_LISTEN_EVENTS, MAP_LISTEN_PORTS, MAP_REDIRECTS, MAP_WATCH_PORTS, PROG_BIND4,
+    PROG_BIND6, PROG_SK_LOOKUP, PROG_SOCK_OPS, SHARED_MAPS,
 };
 
 use crate::{
     bpf::cgroup,
     bpf::pins::{Link, PinLayout, PinWatch, BPFFS},
     bpf::registry::{Registry, Report},
+    bpf::sockops::{Scope, SockOps},
     config::Redirect,
-    discovery::netns::Netns,
+    discovery::{cgroups::CgroupIndex, netns::Netns, sockdiag},
     sys,
     telemetry::Telemetry,
 };
@@ -82,6 +86,16 @@ pub struct Served {
     pub mptcp_was: Option<String>,
     /// The last reconcile pass over its listeners.
     pub report: Report,
+    /// Where `sock_ops` runs for its listeners (pod scope), or why nowhere.
+    pub sock_ops: SockOpsPlacement,
+}
+
+/// Where a namespace's listeners have `sock_ops`, for `status`.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SockOpsPlacement {
+    pub cgroups: BTreeSet<PathBuf>,
+    /// Listeners whose connections get no flow records, and why.
+    pub problems: Vec<String>,
 }
 
 pub struct Datapath {
@@ -89,9 +103,12 @@ pub struct Datapath {
     pins: Option<PinLayout>,
     /// Pinned state of another build this agent takes over (layout, its build).
     replaces: Option<(PinLayout, String)>,
+    /// The cgroup v2 mount.
     pub cgroup: PathBuf,
-    pub sock_ops: Link,
-    pub sock_ops_adopted: bool,
+    pub sock_ops: SockOps,
+    cgroups: CgroupIndex,
+    /// The bind hooks' links (they report new listeners), or why there are none.
+    pub listen_events: std::result::Result<Vec<std::os::fd::OwnedFd>, String>,
     pub served: Vec<Served>,
     registry: Registry,
     keep_mptcp: bool,
@@ -105,12 +122,20 @@ pub struct MapHandles {
     pub flow_events: MapData,
     pub counters: MapData,
     pub listeners: MapData,
+    pub listen_events: MapData,
 }
 
 impl Datapath {
-    /// Loads (or, with `pins`, reopens) the shared maps and attaches (or adopts)
-    /// `sock_ops` on the cgroup v2 root.
-    pub fn load(flow_ring_bytes: u32, pins: Option<PinLayout>, keep_mptcp: bool) -> Result<Self> {
+    /// Loads (or, with `pins`, reopens) the shared maps, loads `sock_ops`
+    /// (attached to the root at once in root scope, else per served pod), and
+    /// attaches the bind hooks for bind() calls to `watch_ports`.
+    pub fn load(
+        flow_ring_bytes: u32,
+        pins: Option<PinLayout>,
+        keep_mptcp: bool,
+        scope: Scope,
+        watch_ports: &[u16],
+    ) -> Result<Self> {
         require_bpffs()?;
         let cgroup = cgroup::cgroup2_mount()?;
         let mut pins = pins;
@@ -143,42 +168,22 @@ impl Datapath {
             .load(OBJECT)
             .map_err(|e| kernel_error(e.into(), "loading the eBPF maps"))?;
 
-        let adopted = pins.as_ref().and_then(|l| Link::adopt(&l.sock_ops_link()));
-        let sock_ops_adopted = adopted.is_some();
-        let sock_ops = match adopted {
-            Some(link) => link,
-            None => {
-                let prog: &mut SockOps = program(&mut main, PROG_SOCK_OPS)?.try_into()?;
-                prog.load().map_err(|e| {
-                    kernel_error(
-                        e.into(),
-                        "loading the sock_ops program (BPF_PROG_TYPE_SOCK_OPS; `redirector check` probes what it needs)",
-                    )
-                })?;
-                let cgroup_dir = fs::File::open(&cgroup)
-                    .with_context(|| format!("opening cgroup v2 root {}", cgroup.display()))?;
-                let fd = sys::link_create(
-                    prog.fd()?.as_fd(),
-                    cgroup_dir.as_fd(),
-                    sys::BPF_CGROUP_SOCK_OPS,
-                )
-                .map_err(|e| {
-                    kernel_error(
-                        e.into(),
-                        &format!("attaching sock_ops to cgroup {}", cgroup.display()),
-                    )
-                })?;
-                let mut link = Link {
-                    fd,
-                    pin: None,
-                    prog_id: prog.info()?.id(),
-                };
-                if let Some(layout) = &pins {
-                    link.pin(&layout.sock_ops_link())?;
-                }
-                link
-            }
-        };
+        let prog: &mut aya::programs::SockOps = program(&mut main, PROG_SOCK_OPS)?.try_into()?;
+        prog.load().map_err(|e| {
+            kernel_error(
+                e.into(),
+                "loading the sock_ops program (BPF_PROG_TYPE_SOCK_OPS; `redirector check` probes what it needs)",
+            )
+        })?;
+        let prog_fd = prog
+            .fd()?
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the sock_ops program fd")?;
+        let sock_ops = SockOps::new(scope, prog_fd, prog.info()?.id(), &cgroup, pins.as_ref())
+            .map_err(|e| kernel_error(e, "attaching sock_ops to the cgroup v2 root"))?;
+        watch(&mut main, watch_ports)?;
+        let listen_events = attach_bind_hooks(&mut main, &cgroup);
         let registry = with_map_pins(&main, pins.as_ref(), |path| {
             let open = |name: &str| {
                 MapData::from_pin(path(name)).with_context(|| format!("reopening map {name}"))
@@ -189,9 +194,10 @@ impl Datapath {
             main,
             pins,
             replaces,
+            cgroups: CgroupIndex::new(cgroup.clone()),
             cgroup,
             sock_ops,
-            sock_ops_adopted,
+            listen_events,
             served: Vec::new(),
             registry,
             keep_mptcp,
@@ -222,7 +228,13 @@ impl Datapath {
                 .pin(&path)
                 .with_context(|| format!("pinning map {name} at {}", path.display()))?;
         }
-        self.sock_ops.pin(&layout.sock_ops_link())?;
+        for a in &mut self.sock_ops.attached {
+            let path = match self.sock_ops.scope {
+                Scope::Root => layout.sock_ops_link(),
+                Scope::Pod => layout.sock_ops_cgroup_link(a.cgroup_id),
+            };
+            a.link.pin(&path)?;
+        }
         for s in &mut self.served {
             s.link.pin(&layout.netns_link(s.netns.cookie))?;
         }
@@ -246,6 +258,7 @@ impl Datapath {
                 flow_events: open(MAP_FLOW_EVENTS)?,
                 counters: open(MAP_COUNTERS)?,
                 listeners: open(MAP_LISTENERS)?,
+                listen_events: open(MAP_LISTEN_EVENTS)?,
             })
         })
     }
@@ -255,7 +268,9 @@ impl Datapath {
     /// attaches (or adopts) `sk_lookup`. A listener that cannot be registered
     /// is reported in `Served::report`, never an error: the namespace is still
     /// served, and the next pass retries. On error nothing stays behind.
-    pub fn serve(&mut self, netns: Netns, redirects: &[Redirect]) -> Result<&Served> {
+    /// `hint`: processes in the namespace, where its listeners' owners are
+    /// looked for first.
+    pub fn serve(&mut self, netns: Netns, redirects: &[Redirect], hint: &[i32]) -> Result<&Served> {
         let cookie = netns.cookie;
         if self.served.iter().any(|s| s.netns.cookie == cookie) {
             bail!("network namespace {} is listed twice", netns.path.display());
@@ -269,12 +284,12 @@ impl Datapath {
         } else {
             disable_mptcp(&netns)
         };
-        // Listeners that exist already are registered before sk_lookup runs,
-        // so no connection finds the redirect without its listener.
+        // Listeners that exist already are registered (with sock_ops in their
+        // cgroups) before sk_lookup runs, so no connection finds the redirect
+        // without its listener, nor a redirected connection without records.
+        let mut placement = SockOpsPlacement::default();
         let report = self
-            .registry
-            .snapshot()
-            .and_then(|snap| self.registry.reconcile(&netns, redirects, &snap, true))
+            .reconcile_netns(&netns, redirects, hint, &mut placement)
             .unwrap_or_else(|e| {
                 tracing::warn!("registering the listeners of {netns}: {e:#}");
                 Report::default()
@@ -292,6 +307,7 @@ impl Datapath {
             Err(e) => {
                 self.clear_redirects(cookie, redirects);
                 self.registry.forget(cookie);
+                self.sock_ops.release(cookie);
                 restore_mptcp(&netns, mptcp_was.as_deref());
                 return Err(e);
             }
@@ -303,25 +319,88 @@ impl Datapath {
             link,
             mptcp_was,
             report,
+            sock_ops: placement,
         });
         Ok(self.served.last().expect("just pushed"))
     }
 
-    /// One reconcile pass over every served namespace (see `registry`): repairs
-    /// registrations and refreshes each namespace's report.
-    pub fn reconcile(&mut self) -> Result<()> {
-        let snapshot = self.registry.snapshot()?;
-        for s in &mut self.served {
-            match self
-                .registry
-                .reconcile(&s.netns, &s.redirects, &snapshot, true)
-            {
-                Ok(report) => s.report = report,
-                // The namespace may be vanishing: maintenance drops it.
-                Err(e) => tracing::debug!("reconciling {}: {e:#}", s.netns),
+    /// One reconcile pass over the served namespace with `cookie` (see
+    /// `registry`): repairs registrations, attaches `sock_ops` where its
+    /// listeners are, and refreshes its report. False if it is not served.
+    pub fn reconcile(&mut self, cookie: u64, hint: &[i32]) -> bool {
+        let Some(pos) = self.served.iter().position(|s| s.netns.cookie == cookie) else {
+            return false;
+        };
+        let mut s = self.served.swap_remove(pos);
+        let mut placement = SockOpsPlacement::default();
+        match self.reconcile_netns(&s.netns, &s.redirects, hint, &mut placement) {
+            Ok(report) => {
+                s.report = report;
+                s.sock_ops = placement;
+            }
+            // The namespace may be vanishing: maintenance drops it.
+            Err(e) => tracing::debug!("reconciling {}: {e:#}", s.netns),
+        }
+        self.served.push(s);
+        let last = self.served.len() - 1;
+        self.served.swap(pos, last);
+        true
+    }
+
+    /// The listeners of `netns` on the listen ports: `sock_ops` attached to
+    /// their cgroups first, then registered.
+    fn reconcile_netns(
+        &mut self,
+        netns: &Netns,
+        redirects: &[Redirect],
+        hint: &[i32],
+        placement: &mut SockOpsPlacement,
+    ) -> Result<Report> {
+        let ports: Vec<u16> = redirects.iter().map(|r| r.listen_port).collect();
+        let found = sys::in_netns(netns.file.as_fd(), || sockdiag::listening(&ports))
+            .with_context(|| format!("listing listeners in {}", netns.path.display()))?;
+        if self.sock_ops.scope == Scope::Pod {
+            for l in &found {
+                let addr = std::net::SocketAddr::new(l.addr, l.port);
+                let Some(path) = self.cgroups.path_of(l.cgroup_id) else {
+                    placement.problems.push(format!(
+                        "listener {addr}: its cgroup (id {}) is not under {}",
+                        l.cgroup_id,
+                        self.cgroup.display()
+                    ));
+                    continue;
+                };
+                let Some(scope) = self.cgroups.scope_of(&path) else {
+                    placement.problems.push(format!(
+                        "listener {addr} is in the cgroup v2 root: no flow records for its \
+                         connections (run it in a cgroup of its own, as every container \
+                         runtime does, or start the agent with --sock-ops-cgroup root)"
+                    ));
+                    continue;
+                };
+                match self
+                    .sock_ops
+                    .ensure(&scope, netns.cookie, self.pins.as_ref())
+                {
+                    Ok(Some(a)) => tracing::info!(
+                        "{} sock_ops on cgroup {} (listener {addr} of {netns})",
+                        if a.adopted { "adopted" } else { "attached" },
+                        scope.display()
+                    ),
+                    Ok(None) => {}
+                    Err(e) => {
+                        placement.problems.push(format!("listener {addr}: {e:#}"));
+                        continue;
+                    }
+                }
+                placement.cgroups.insert(scope);
+            }
+            for gone in self.sock_ops.retain(netns.cookie, &placement.cgroups) {
+                tracing::info!("detached sock_ops from cgroup {}", gone.display());
             }
         }
-        Ok(())
+        self.registry
+            .reconcile(netns, redirects, &found, hint, true)
     }
 
     /// Stops redirecting in the namespace with `cookie`: detaches its program
@@ -332,6 +411,9 @@ impl Datapath {
         self.clear_redirects(cookie, &served.redirects);
         restore_mptcp(&served.netns, served.mptcp_was.as_deref());
         self.registry.forget(cookie);
+        for gone in self.sock_ops.release(cookie) {
+            tracing::info!("detached sock_ops from cgroup {}", gone.display());
+        }
         served.link.remove();
         Some(served.netns)
     }
@@ -353,6 +435,14 @@ impl Datapath {
         };
         let served: Vec<u64> = self.served.iter().map(|s| s.netns.cookie).collect();
         let mut removed = Vec::new();
+        let attached: Vec<u64> = self.sock_ops.attached.iter().map(|a| a.cgroup_id).collect();
+        for (id, path) in layout.pinned_sock_ops() {
+            if !attached.contains(&id) {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+                removed.push(format!("link {}", path.display()));
+            }
+        }
         for pinned in layout.pinned_netns() {
             if !served.contains(&pinned.cookie) {
                 let path = layout.netns_link(pinned.cookie);
@@ -400,7 +490,10 @@ impl Datapath {
     /// fds it holds; foreign entries and an unmounted bpffs are reported.
     pub fn check_pins(&mut self, telemetry: &Telemetry) {
         let Some(layout) = &self.pins else { return };
-        let links = std::iter::once(&self.sock_ops).chain(self.served.iter().map(|s| &s.link));
+        let links = self
+            .sock_ops
+            .links()
+            .chain(self.served.iter().map(|s| &s.link));
         self.pin_watch.check(layout, &build_id(), links, telemetry);
     }
 
@@ -494,6 +587,51 @@ impl Datapath {
         }
         Ok(link)
     }
+}
+
+/// Tells `redir_listen` which ports to report.
+fn watch(main: &mut Ebpf, ports: &[u16]) -> Result<()> {
+    let mut m: HashMap<_, u16, u8> = main
+        .map_mut(MAP_WATCH_PORTS)
+        .context("WATCH_PORTS map")?
+        .try_into()?;
+    for port in ports {
+        m.insert(port, 1, 0)
+            .context("adding to the WATCH_PORTS map")?;
+    }
+    Ok(())
+}
+
+/// Attaches the bind hooks to the cgroup v2 root, where they see every
+/// bind() of the node (and nothing else). Not pinned: a successor agent
+/// attaches its own. Without them the agent still works, finding new
+/// listeners by scanning /proc every second.
+fn attach_bind_hooks(
+    main: &mut Ebpf,
+    root: &Path,
+) -> std::result::Result<Vec<std::os::fd::OwnedFd>, String> {
+    let dir = fs::File::open(root).map_err(|e| format!("opening {}: {e}", root.display()))?;
+    let mut links = Vec::new();
+    for (name, attach) in [
+        (PROG_BIND4, sys::BPF_CGROUP_INET4_POST_BIND),
+        (PROG_BIND6, sys::BPF_CGROUP_INET6_POST_BIND),
+    ] {
+        let prog: &mut CgroupSock = program(main, name)
+            .map_err(|e| e.to_string())?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+        prog.load()
+            .map_err(|e| format!("{:#}", kernel_error(e.into(), &format!("loading {name}"))))?;
+        let fd = prog.fd().map_err(|e| e.to_string())?;
+        let link = sys::link_create(fd.as_fd(), dir.as_fd(), attach).map_err(|e| {
+            format!(
+                "{:#}",
+                kernel_error(e.into(), &format!("attaching {name} to {}", root.display()))
+            )
+        })?;
+        links.push(link);
+    }
+    Ok(links)
 }
 
 /// Runs `f` with a path for each shared map: the persistent pins, or a private

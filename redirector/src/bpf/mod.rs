@@ -1,9 +1,11 @@
 //! Everything that talks to the BPF subsystem: the embedded object and its
 //! build id, loading and attaching the programs (`datapath`), the live-store
-//! listener registry, pinned state, the cgroup v2 mount, and feature probes.
+//! listener registry, where `sock_ops` runs (`sockops`), pinned state, the
+//! cgroup v2 mount, and feature probes.
 
 pub mod cgroup;
 pub mod datapath;
 pub mod pins;
 pub mod probe;
 pub mod registry;
+pub mod sockops;

@@ -6,7 +6,8 @@
 //!   build-<hash>/             which kernel object made this state (a directory
 //!                             as a marker: bpffs holds no regular files)
 //!   maps/<MAP>                every shared map
-//!   links/sock_ops            the sock_ops link on the cgroup v2 root
+//!   links/sock_ops-<cgroup>   one sock_ops link per served pod cgroup (by id)
+//!   links/sock_ops            or, with --sock-ops-cgroup root, the one on the root
 //!   links/sk_lookup-<cookie>  one sk_lookup link per served namespace
 //! ```
 
@@ -29,6 +30,7 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 /// Where an agent started with `--pin` keeps its programs, links and maps.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/redirector";
 const SK_LOOKUP_PREFIX: &str = "sk_lookup-";
+const SOCK_OPS_PREFIX: &str = "sock_ops-";
 
 #[derive(Clone, Debug)]
 pub struct PinLayout {
@@ -60,6 +62,32 @@ impl PinLayout {
 
     pub fn sock_ops_link(&self) -> PathBuf {
         self.root.join("links/sock_ops")
+    }
+
+    /// The sock_ops link on the cgroup with id `cgroup_id` (pod scope).
+    pub fn sock_ops_cgroup_link(&self, cgroup_id: u64) -> PathBuf {
+        self.root
+            .join("links")
+            .join(format!("{SOCK_OPS_PREFIX}{cgroup_id}"))
+    }
+
+    /// Pinned per-cgroup sock_ops links: (cgroup id, path).
+    pub fn pinned_sock_ops(&self) -> Vec<(u64, PathBuf)> {
+        let Ok(entries) = fs::read_dir(self.root.join("links")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let id = e
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix(SOCK_OPS_PREFIX)?
+                    .parse()
+                    .ok()?;
+                Some((id, e.path()))
+            })
+            .collect()
     }
 
     pub fn netns_link(&self, cookie: u64) -> PathBuf {

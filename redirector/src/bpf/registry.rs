@@ -2,7 +2,8 @@
 //!
 //! `sock_ops` registers a listener the moment it starts listening. What it
 //! cannot do is left to this reconcile pass, run when a namespace starts being
-//! served and then every second: listeners that existed before the agent, a
+//! served, when a listen event names it, and at each resync: listeners that
+//! existed before the agent, or whose pod had no `sock_ops` yet, a
 //! registration that failed or was deleted, and the report of listeners that
 //! cannot be served at all (an MPTCP socket, an owner we may not copy from).
 //!
@@ -168,6 +169,9 @@ pub struct Registry {
     /// Listeners that cannot be registered for a reason that lasts as long as
     /// the socket, by (netns cookie, inode): not looked at again every pass.
     permanent: HashMap<(u64, u64), Unservable>,
+    /// Per namespace, the entries the last pass saw: read back next pass, so
+    /// a pass over one namespace never lists the whole map.
+    known: HashMap<u64, HashSet<ListenerKey>>,
 }
 
 impl Registry {
@@ -177,10 +181,11 @@ impl Registry {
             redirects: BpfHashMap::try_from(aya::maps::Map::HashMap(redirects))
                 .context("REDIRECTS map")?,
             permanent: HashMap::new(),
+            known: HashMap::new(),
         })
     }
 
-    /// Reads every entry of `LISTENERS` once, for the passes over all namespaces.
+    /// Reads every entry of `LISTENERS` once (`redirector status`).
     pub fn snapshot(&self) -> Result<Snapshot> {
         let fd = self.listeners.fd().as_fd();
         let keys: Vec<ListenerKey> = sys::map_keys(fd).context("listing LISTENERS")?;
@@ -194,20 +199,38 @@ impl Registry {
         Ok(Snapshot(entries))
     }
 
-    /// Compares the listeners sock_diag reports in `netns` on the redirects'
-    /// listen ports with the registered ones, and says why each missing one is
-    /// missing; with `repair`, registers what it can and removes what is stale
-    /// (without, it changes nothing: `redirector status`).
+    /// The entries of namespace `cookie` that `found` listeners or the last
+    /// pass could be using: a few lookups per listener, whatever the number
+    /// of namespaces.
+    fn entries(&self, cookie: u64, found: &[sockdiag::Listening]) -> Snapshot {
+        let fd = self.listeners.fd().as_fd();
+        let mut keys: HashSet<ListenerKey> = self.known.get(&cookie).cloned().unwrap_or_default();
+        for l in found {
+            for slot in 0..LISTENER_SLOTS {
+                keys.insert(ListenerKey::new(cookie, l.port, bind_of(l.addr), slot));
+            }
+        }
+        Snapshot(
+            keys.into_iter()
+                .filter_map(|k| sys::map_lookup(fd, &k).ok().flatten().map(|c| (k, c)))
+                .collect(),
+        )
+    }
+
+    /// Compares the listeners sock_diag reported in `netns` (`found`, on the
+    /// redirects' listen ports) with the registered ones, and says why each
+    /// missing one is missing; with `repair`, registers what it can and
+    /// removes what is stale (without, it changes nothing: `redirector status`).
     pub fn reconcile(
         &mut self,
         netns: &Netns,
         redirects: &[Redirect],
-        snapshot: &Snapshot,
+        found: &[sockdiag::Listening],
+        hint: &[i32],
         repair: bool,
     ) -> Result<Report> {
         let ports: Vec<u16> = redirects.iter().map(|r| r.listen_port).collect();
-        let found = sys::in_netns(netns.file.as_fd(), || sockdiag::listening(&ports))
-            .with_context(|| format!("listing listeners in {}", netns.path.display()))?;
+        let snapshot = self.entries(netns.cookie, found);
         let mut report = Report::default();
         let mut registered: HashSet<u64> = HashSet::new();
         let mut taken: HashSet<ListenerKey> = HashSet::new();
@@ -246,6 +269,7 @@ impl Registry {
                     .filter(|l| !self.permanent.contains_key(&(cookie, l.inode)))
                     .map(|l| l.inode)
                     .collect(),
+                hint,
             );
             for l in missing {
                 if let Some(known) = self.permanent.get(&(cookie, l.inode)) {
@@ -295,8 +319,18 @@ impl Registry {
         report.inodes.sort_unstable();
         if repair {
             self.mark_binds(netns.cookie, redirects, &taken);
+            self.known.insert(netns.cookie, taken);
         }
         Ok(report)
+    }
+
+    /// Read-only: the reconcile pass's checks on what sock_diag lists in
+    /// `netns` now (`redirector status`, the ring check).
+    pub fn inspect(&mut self, netns: &Netns, redirects: &[Redirect]) -> Result<Report> {
+        let ports: Vec<u16> = redirects.iter().map(|r| r.listen_port).collect();
+        let found = sys::in_netns(netns.file.as_fd(), || sockdiag::listening(&ports))
+            .with_context(|| format!("listing listeners in {}", netns.path.display()))?;
+        self.reconcile(netns, redirects, &found, &[], false)
     }
 
     /// Copies the listener out of its owner and inserts it into a free slot.
@@ -356,7 +390,8 @@ impl Registry {
     }
 
     /// Removes every registration of a namespace that is no longer served.
-    pub fn forget(&self, netns_cookie: u64) {
+    pub fn forget(&mut self, netns_cookie: u64) {
+        self.known.remove(&netns_cookie);
         let fd = self.listeners.fd().as_fd();
         for key in sys::map_keys::<ListenerKey>(fd).unwrap_or_default() {
             if key.netns_cookie == netns_cookie {

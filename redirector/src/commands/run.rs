@@ -8,53 +8,36 @@
 //! a clean stream of records.
 
 use std::{
-    collections::{HashMap, HashSet},
-    fs::File,
-    os::unix::fs::MetadataExt,
-    path::PathBuf,
+    collections::HashMap,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use redirector_common::Counter;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
-    sync::watch,
+    sync::{mpsc, watch},
 };
 
 use crate::{
+    agent::{self, Agent},
     bpf::datapath::Datapath,
     bpf::pins::{PinLayout, PIN_ROOT},
-    bpf::registry::Reason,
     cli::RunArgs,
-    config::settings::{self, usage, Settings},
-    config::Redirect,
-    discovery,
-    discovery::listeners::{self, Owner},
+    config::settings::{self, usage},
     discovery::netns::Netns,
     error::Fatal,
-    flows::log::{NsInfo, Recorder},
+    flows::log::Recorder,
     flows::reader,
     flows::sub,
     sys,
-    telemetry::{self, Attachments, Telemetry},
+    telemetry::{self, Telemetry},
 };
 
-const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
-
-/// How a served namespace came to be served, which decides when it stops.
-enum Origin {
-    /// Listed by the operator: served until its path disappears.
-    Explicit { path: PathBuf, ino: u64 },
-    /// Found by discovery: served while it exists and, within the grace
-    /// period, has a listener.
-    Discovered {
-        ino: u64,
-        without_listener_since: Option<Instant>,
-    },
-}
+/// The tick of explicit-path checks, grace periods, the resync slice and the
+/// pin watch.
+const TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub async fn run(args: RunArgs) -> Result<()> {
     let dry_run = args.dry_run;
@@ -87,30 +70,45 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .map(|p| Netns::open(p))
         .collect::<Result<Vec<_>>>()?;
     let pins = s.pin.then(PinLayout::default);
-    let mut datapath = Datapath::load(s.flow_ring_bytes, pins, s.keep_mptcp)?;
-    let verb = if datapath.sock_ops_adopted {
-        "adopted"
-    } else {
-        "attached"
-    };
-    eprintln!("{verb} sock_ops on cgroup {}", datapath.cgroup.display());
-
-    let mut origins: HashMap<u64, Origin> = HashMap::new();
-    for netns in namespaces {
-        let origin = Origin::Explicit {
-            path: netns.path.clone(),
-            ino: netns.inode(),
-        };
-        let cookie = netns.cookie;
-        serve(&mut datapath, netns, &s.redirects)?;
-        origins.insert(cookie, origin);
+    let datapath = Datapath::load(
+        s.flow_ring_bytes,
+        pins,
+        s.keep_mptcp,
+        s.sock_ops_cgroup,
+        &s.listen_ports(),
+    )?;
+    match datapath.sock_ops.scope {
+        crate::bpf::sockops::Scope::Root => {
+            let verb = if datapath.sock_ops.attached.iter().any(|a| a.adopted) {
+                "adopted"
+            } else {
+                "attached"
+            };
+            eprintln!(
+                "{verb} sock_ops on cgroup {} (--sock-ops-cgroup root: every connection of the node runs it)",
+                datapath.cgroup.display()
+            );
+        }
+        crate::bpf::sockops::Scope::Pod => eprintln!(
+            "sock_ops attaches to each served live-store's pod cgroup (under {})",
+            datapath.cgroup.display()
+        ),
+    }
+    match &datapath.listen_events {
+        Ok(_) => eprintln!(
+            "bind() to the listen ports reported by post_bind hooks on cgroup {}",
+            datapath.cgroup.display()
+        ),
+        Err(why) => tracing::warn!(
+            "listen events unavailable ({why}): new listeners are found by scanning every second"
+        ),
     }
 
     let handles = datapath.map_handles()?;
     let telemetry = Arc::new(Telemetry::new(
         handles.counters,
         handles.listeners,
-        attachments(&datapath)?,
+        agent::attachments(&datapath)?,
     )?);
     let metrics_addr = telemetry::serve(s.metrics_addr, telemetry.clone()).await?;
     eprintln!("metrics on http://{metrics_addr}/metrics (also /healthz, /readyz)");
@@ -121,6 +119,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         clock_offset_ns: sys::monotonic_to_unix_offset_ns(),
     };
     spawn_kernel_logs(datapath.sock_ops.prog_id);
+    let (listen_tx, mut listen_rx) = mpsc::unbounded_channel();
+    if datapath.listen_events.is_ok() {
+        agent::spawn_listen_events(handles.listen_events, listen_tx)?;
+    }
+    let (exit_tx, mut exit_rx) = mpsc::unbounded_channel();
     let hub = Arc::new(sub::Hub::new(
         sub::Hub::capacity_for_ring(s.flow_ring_bytes),
         telemetry.flow_subscriber_lost.clone(),
@@ -151,16 +154,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         hub,
     ));
 
-    let mut agent = Agent {
-        datapath,
-        origins,
-        settings: s,
-        telemetry: telemetry.clone(),
-        names,
-        owners: HashMap::new(),
-        reported: HashSet::new(),
-    };
-    agent.maintain()?;
+    let mut agent = Agent::new(datapath, s, telemetry.clone(), names, exit_tx);
+    for netns in namespaces {
+        agent.serve_explicit(netns)?;
+    }
+    if agent.settings.discover {
+        agent.scan();
+    }
+    agent.tick()?;
     // Everything this agent serves is adopted or attached by now: what else a
     // previous agent pinned is stale, or belongs to the build we replace.
     if let Some(old) = agent.datapath.replaces().map(str::to_owned) {
@@ -205,13 +206,26 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     );
 
-    let mut tick = tokio::time::interval(MAINTAIN_EVERY);
+    let mut tick = tokio::time::interval(TICK);
     loop {
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM received"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT received"); break; }
+            Some(events) = listen_rx.recv() => {
+                agent.on_listen(&events);
+                agent.on_pending();
+                publish(&mut agent);
+            }
+            _ = pending(agent.next_pending()) => {
+                agent.on_pending();
+                publish(&mut agent);
+            }
+            Some(cookie) = exit_rx.recv() => {
+                agent.on_exit(cookie);
+                publish(&mut agent);
+            }
             _ = tick.tick() => {
-                if let Err(e) = agent.maintain().and_then(|()| agent.publish()) {
+                if let Err(e) = agent.tick() {
                     tracing::error!("updating served namespaces: {e:#}");
                 }
                 if let Some(ring) = &ring {
@@ -223,6 +237,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
         }
     }
+    agent.remove_state();
     let pinned = agent.settings.pin;
     if !pinned {
         agent.datapath.restore_namespaces();
@@ -296,216 +311,19 @@ fn spawn_kernel_logs(prog_id: u32) {
     });
 }
 
-fn serve(datapath: &mut Datapath, netns: Netns, redirects: &[Redirect]) -> Result<()> {
-    let served = datapath.serve(netns, redirects)?;
-    let ports: Vec<String> = served
-        .redirects
-        .iter()
-        .map(|r| format!("{} -> {}", r.advertise_port, r.listen_port))
-        .collect();
-    eprintln!(
-        "{} sk_lookup in netns {}: {}, {} listener(s) registered{}",
-        if served.adopted {
-            "adopted"
-        } else {
-            "attached"
-        },
-        served.netns,
-        ports.join(", "),
-        served.report.registered,
-        if served.report.unservable.is_empty() {
-            String::new()
-        } else {
-            format!(", {} NOT registered", served.report.unservable.len())
-        }
-    );
-    Ok(())
-}
-
-struct Agent {
-    datapath: Datapath,
-    origins: HashMap<u64, Origin>,
-    settings: Settings,
-    telemetry: Arc<Telemetry>,
-    names: Arc<Mutex<HashMap<u64, NsInfo>>>,
-    /// Per namespace: the listening socket inodes last seen and their owner.
-    owners: HashMap<u64, (Vec<u64>, Option<Owner>)>,
-    /// Unservable listeners already logged: (netns cookie, inode, reason).
-    reported: HashSet<(u64, u64, Reason)>,
-}
-
-impl Agent {
-    /// Drops namespaces that are gone (or whose live-store stopped for good) and,
-    /// with discovery, serves new ones.
-    fn maintain(&mut self) -> Result<()> {
-        let scan = self.settings.discover.then(|| {
-            discovery::scan(
-                &self.settings.listen_ports(),
-                self.settings.cgroup_pattern.as_deref(),
-            )
-        });
-        let now = Instant::now();
-        let mut gone: Vec<(u64, &'static str)> = Vec::new();
-        for (cookie, origin) in self.origins.iter_mut() {
-            match origin {
-                Origin::Explicit { path, ino } => {
-                    // A deleted bind mount (ip netns del) or a dead process: the
-                    // path no longer names the namespace we hold open.
-                    if std::fs::metadata(&*path).map(|m| m.ino()).ok() != Some(*ino) {
-                        gone.push((*cookie, "its namespace path is gone"));
-                    }
-                }
-                Origin::Discovered {
-                    ino,
-                    without_listener_since,
-                } => match scan.as_ref().and_then(|s| s.get(ino)) {
-                    None => gone.push((*cookie, "no process is left in the namespace")),
-                    Some(c) if c.has_listener => *without_listener_since = None,
-                    Some(_) => {
-                        let since = *without_listener_since.get_or_insert(now);
-                        if now.duration_since(since) >= self.settings.listener_grace {
-                            gone.push((*cookie, "its live-store stopped listening"));
-                        }
-                    }
-                },
-            }
-        }
-        for (cookie, why) in gone {
-            self.origins.remove(&cookie);
-            if let Some(netns) = self.datapath.unserve(cookie) {
-                eprintln!("detached sk_lookup from netns {netns}: {why}");
-            }
-        }
-        if let Some(scan) = scan {
-            self.discover(scan);
-        }
-        self.datapath.reconcile()?;
-        self.datapath.check_pins(&self.telemetry);
-        self.report_listeners();
-        Ok(())
-    }
-
-    /// Logs what each reconcile pass repaired, and each unservable listener
-    /// once (and when it is resolved); shares them with metrics and readiness.
-    fn report_listeners(&mut self) {
-        let mut now = HashSet::new();
-        let mut unservable = Vec::new();
-        for s in &self.datapath.served {
-            for what in &s.report.repaired {
-                tracing::info!("netns {}: {what}", s.netns);
-            }
-            for u in &s.report.unservable {
-                let id = (s.netns.cookie, u.inode, u.reason);
-                if !self.reported.contains(&id) {
-                    tracing::warn!("netns {}: {u}", s.netns);
-                }
-                now.insert(id);
-                unservable.push((s.netns.path.display().to_string(), u.clone()));
-            }
-        }
-        for (cookie, inode, reason) in self.reported.difference(&now) {
-            tracing::info!(
-                "netns cookie {cookie}: listener socket inode {inode} no longer unservable ({reason}): registered or closed"
-            );
-        }
-        self.reported = now;
-        self.telemetry.set_unservable(unservable);
-    }
-
-    /// Serves the namespaces discovery found with a listener that are not
-    /// served yet.
-    fn discover(&mut self, scan: HashMap<u64, discovery::Candidate>) {
-        let served: HashSet<u64> = self
-            .origins
-            .values()
-            .map(|o| match o {
-                Origin::Explicit { ino, .. } | Origin::Discovered { ino, .. } => *ino,
-            })
-            .collect();
-        for (ino, candidate) in scan {
-            if !candidate.has_listener || served.contains(&ino) {
-                continue;
-            }
-            // The process may have exited since the scan: try again next time.
-            let netns = match Netns::open(&candidate.path) {
-                Ok(n) if n.inode() == ino => n,
-                Ok(_) | Err(_) => continue,
-            };
-            let cookie = netns.cookie;
-            match serve(&mut self.datapath, netns, &self.settings.redirects) {
-                Ok(()) => {
-                    self.origins.insert(
-                        cookie,
-                        Origin::Discovered {
-                            ino,
-                            without_listener_since: None,
-                        },
-                    );
-                }
-                Err(e) => tracing::warn!(
-                    "serving discovered netns {}: {e:#}",
-                    candidate.path.display()
-                ),
-            }
-        }
-    }
-
-    /// Shares the current set of namespaces with readiness checks and flow
-    /// records, including which process holds each live-store listener (looked
-    /// up again only when the listening sockets change).
-    fn publish(&mut self) -> Result<()> {
-        self.telemetry
-            .set_namespaces(attachments(&self.datapath)?.namespaces);
-        let mut infos = HashMap::new();
-        for s in &self.datapath.served {
-            // The reconcile pass that just ran listed the listeners.
-            let inodes = s.report.inodes.clone();
-            let cached = self
-                .owners
-                .get(&s.netns.cookie)
-                .filter(|(seen, _)| *seen == inodes);
-            let owner = match cached {
-                Some((_, owner)) => owner.clone(),
-                None => {
-                    let owner = listeners::owner(&inodes);
-                    self.owners.insert(s.netns.cookie, (inodes, owner.clone()));
-                    owner
-                }
-            };
-            infos.insert(
-                s.netns.cookie,
-                NsInfo {
-                    name: s.netns.path.display().to_string(),
-                    listener: owner,
-                },
-            );
-        }
-        self.owners.retain(|cookie, _| infos.contains_key(cookie));
-        if let Ok(mut names) = self.names.lock() {
-            *names = infos;
-        }
-        Ok(())
+/// Sleeps until `at`, or forever.
+async fn pending(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
-fn attachments(datapath: &Datapath) -> Result<Attachments> {
-    let reopen = |f: &File| f.try_clone().context("duplicating a namespace fd");
-    Ok(Attachments {
-        cgroup: File::open(&datapath.cgroup)
-            .with_context(|| format!("opening {}", datapath.cgroup.display()))?,
-        sock_ops_id: datapath.sock_ops.prog_id,
-        namespaces: datapath
-            .served
-            .iter()
-            .map(|s| {
-                Ok((
-                    s.netns.path.display().to_string(),
-                    reopen(&s.netns.file)?,
-                    s.link.prog_id,
-                ))
-            })
-            .collect::<Result<_>>()?,
-    })
+/// Readiness and flow records learn of a change at once, not at the next tick.
+fn publish(agent: &mut Agent) {
+    if let Err(e) = agent.publish_if_changed() {
+        tracing::error!("publishing the served namespaces: {e:#}");
+    }
 }
 
 pub fn check_privileges() -> Result<()> {

@@ -154,7 +154,7 @@ pub fn collect(layout: &PinLayout) -> Result<Status> {
                     })
                     .collect();
                 registry
-                    .reconcile(&netns, &rs, &snapshot, false)
+                    .inspect(&netns, &rs)
                     .map(|r| r.unservable)
                     .unwrap_or_default()
             })

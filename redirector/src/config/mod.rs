@@ -109,7 +109,7 @@ pub fn resolve_redirects(cfg: &FileConfig) -> Result<Vec<Redirect>> {
 /// /dev/zero) is refused before it can take the node's memory.
 pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
 
-fn read(path: &Path) -> Result<String> {
+pub(crate) fn read(path: &Path) -> Result<String> {
     use std::io::Read;
     let cannot = |e: std::io::Error| usage(format!("cannot read {}: {e}", path.display()));
     let file = std::fs::File::open(path).map_err(cannot)?;

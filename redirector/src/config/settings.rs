@@ -7,15 +7,18 @@ use anyhow::{Context, Result};
 use redirector_common::{DEFAULT_ADVERTISE_PORT, DEFAULT_LISTEN_PORT};
 
 use crate::{
+    bpf::sockops::Scope,
     cli::RunArgs,
     config::{self, FileConfig},
     config::{Redirect, SamePort},
     discovery::netns::SELF_NETNS,
+    discovery::role,
     flows::log::FlowFormat,
 };
 
 const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 const DEFAULT_LISTENER_GRACE_SECS: u64 = 60;
+const DEFAULT_RESYNC_SECS: u64 = 30;
 
 /// Everything `run` needs, after flags, the config file and defaults are merged.
 pub struct Settings {
@@ -23,6 +26,10 @@ pub struct Settings {
     pub netns: Vec<PathBuf>,
     pub discover: bool,
     pub cgroup_pattern: Option<String>,
+    /// Tempo targets discovery serves (`any`: every listener).
+    pub serve_targets: Vec<String>,
+    pub sock_ops_cgroup: Scope,
+    pub resync_interval: Duration,
     pub listener_grace: Duration,
     pub pin: bool,
     pub keep_mptcp: bool,
@@ -35,6 +42,9 @@ pub struct Settings {
     pub flow_ring_bytes: u32,
     /// Where `redirector flows` subscribers connect.
     pub flows_socket: PathBuf,
+    /// What the agent serves and why, for `redirector status`: next to the
+    /// flows socket.
+    pub state_file: PathBuf,
 }
 
 impl Settings {
@@ -48,6 +58,9 @@ impl Settings {
             "netns": self.netns,
             "discover": self.discover,
             "cgroup_pattern": self.cgroup_pattern,
+            "serve_targets": self.serve_targets,
+            "sock_ops_cgroup": self.sock_ops_cgroup,
+            "resync_interval_secs": self.resync_interval.as_secs(),
             "listener_grace_secs": self.listener_grace.as_secs(),
             "pin": self.pin,
             "keep_mptcp": self.keep_mptcp,
@@ -58,6 +71,7 @@ impl Settings {
             "metrics_addr": self.metrics_addr.to_string(),
             "flow_ring_bytes": self.flow_ring_bytes,
             "flows_socket": self.flows_socket,
+            "state_file": self.state_file,
         })
     }
 
@@ -67,6 +81,14 @@ impl Settings {
 }
 
 pub use crate::error::usage;
+
+/// The agent's state file, in the directory of its flows socket
+/// (/run/redirector/agent.json by default).
+pub fn state_file(flows_socket: &std::path::Path) -> PathBuf {
+    flows_socket.with_file_name(STATE_FILE_NAME)
+}
+
+const STATE_FILE_NAME: &str = "agent.json";
 
 /// Merges flags over the `--config` file over the defaults, and validates.
 pub fn resolve(args: RunArgs) -> Result<Settings> {
@@ -113,11 +135,34 @@ pub fn resolve(args: RunArgs) -> Result<Settings> {
                     .to_owned(),
             ));
         }
+        if !args.serve_target.is_empty() {
+            return Err(usage(
+                "--serve-target only applies with --discover (discover: true)".to_owned(),
+            ));
+        }
         if args.listener_grace.is_some() {
             return Err(usage(
                 "--listener-grace only applies with --discover (discover: true)".to_owned(),
             ));
         }
+    }
+    let serve_targets = if args.serve_target.is_empty() {
+        vec![role::LIVE_STORE.to_owned()]
+    } else {
+        args.serve_target
+            .iter()
+            .map(|t| t.trim().to_owned())
+            .collect()
+    };
+    if let Some(bad) = serve_targets.iter().find(|t| {
+        t.is_empty()
+            || !t
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    }) {
+        return Err(usage(format!(
+            "--serve-target {bad:?} is not a Tempo target name (e.g. live-store, all, or any)"
+        )));
     }
     let mut netns = if args.netns.is_empty() {
         file.netns
@@ -127,6 +172,10 @@ pub fn resolve(args: RunArgs) -> Result<Settings> {
     if netns.is_empty() && !discover {
         netns.push(PathBuf::from(SELF_NETNS));
     }
+    let flows_socket = args
+        .flows_socket
+        .or(file.flows_socket)
+        .unwrap_or_else(|| PathBuf::from(crate::flows::sub::DEFAULT_FLOWS_SOCKET));
     let metrics_addr = match args.metrics_addr.or(file.metrics_addr) {
         Some(addr) => addr,
         None => DEFAULT_METRICS_ADDR
@@ -138,6 +187,9 @@ pub fn resolve(args: RunArgs) -> Result<Settings> {
         netns,
         discover,
         cgroup_pattern,
+        serve_targets,
+        sock_ops_cgroup: args.sock_ops_cgroup.unwrap_or_default(),
+        resync_interval: Duration::from_secs(args.resync_interval.unwrap_or(DEFAULT_RESYNC_SECS)),
         listener_grace: Duration::from_secs(
             args.listener_grace.unwrap_or(DEFAULT_LISTENER_GRACE_SECS),
         ),
@@ -160,9 +212,7 @@ pub fn resolve(args: RunArgs) -> Result<Settings> {
         flow_log: args.flow_log.or(file.flow_log),
         metrics_addr,
         flow_ring_bytes: args.flow_ring_bytes,
-        flows_socket: args
-            .flows_socket
-            .or(file.flows_socket)
-            .unwrap_or_else(|| PathBuf::from(crate::flows::sub::DEFAULT_FLOWS_SOCKET)),
+        state_file: state_file(&flows_socket),
+        flows_socket,
     })
 }

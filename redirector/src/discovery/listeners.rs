@@ -12,9 +12,10 @@ pub struct Owner {
     pub comm: String,
 }
 
-/// The process holding the first of `inodes`, if it can be found.
-pub fn owner(inodes: &[u64]) -> Option<Owner> {
-    let owners = socket_owners(inodes.to_vec());
+/// The process holding the first of `inodes`, if it can be found (`hint`:
+/// processes to look at first, see [`socket_owners`]).
+pub fn owner(inodes: &[u64], hint: &[i32]) -> Option<Owner> {
+    let owners = socket_owners(inodes.to_vec(), hint);
     let (pid, _) = inodes.iter().find_map(|i| owners.get(i))?;
     let comm = fs::read_to_string(format!("/proc/{pid}/comm"))
         .ok()?
@@ -24,11 +25,14 @@ pub fn owner(inodes: &[u64]) -> Option<Owner> {
 }
 
 /// For each wanted socket inode, one (pid, fd) that holds it. Socket inodes are
-/// unique machine-wide, so every process is searched, whatever its namespace.
-pub fn socket_owners(mut wanted: Vec<u64>) -> HashMap<u64, (i32, i32)> {
+/// unique machine-wide, so every process is searched, whatever its namespace;
+/// the processes in `hint` (the one that called listen(), those known in the
+/// namespace) first, so on a node of a thousand pods the walk usually ends
+/// after a few.
+pub fn socket_owners(mut wanted: Vec<u64>, hint: &[i32]) -> HashMap<u64, (i32, i32)> {
     let mut owners = HashMap::new();
     let me = std::process::id() as i32;
-    for pid in sys::pids() {
+    for pid in hint.iter().copied().chain(sys::pids()) {
         if pid == me {
             continue;
         }

@@ -26,7 +26,14 @@ pub struct Listening {
     pub inode: u64,
     /// The kernel's socket cookie: what `LISTENERS` reads back for an entry.
     pub cookie: u64,
+    /// The cgroup v2 id the socket belongs to (its creator's cgroup), which
+    /// accepted connections inherit: where `sock_ops` must run for them. 0 if
+    /// the kernel did not say (before Linux 5.7).
+    pub cgroup_id: u64,
 }
+
+/// `INET_DIAG_CGROUP_ID` (Linux 5.7), sent with every socket.
+const INET_DIAG_CGROUP_ID: u16 = 21;
 
 /// TCP sockets in LISTEN state on any of `ports`, IPv4 and IPv6.
 pub fn listening(ports: &[u16]) -> io::Result<Vec<Listening>> {
@@ -80,6 +87,7 @@ pub fn listening(ports: &[u16]) -> io::Result<Vec<Listening>> {
                                 port,
                                 inode: r.header.inode as u64,
                                 cookie: half(0) | (half(4) << 32),
+                                cgroup_id: cgroup_id(&r.nlas),
                             });
                         }
                     }
@@ -97,6 +105,22 @@ pub fn listening(ports: &[u16]) -> io::Result<Vec<Listening>> {
         }
     }
     Ok(found)
+}
+
+fn cgroup_id(nlas: &[netlink_packet_sock_diag::inet::nlas::Nla]) -> u64 {
+    use netlink_packet_core::Nla as _;
+    nlas.iter()
+        .find_map(|nla| match nla {
+            netlink_packet_sock_diag::inet::nlas::Nla::Other(o)
+                if o.kind() == INET_DIAG_CGROUP_ID =>
+            {
+                let mut value = [0u8; 8];
+                o.emit_value(&mut value);
+                Some(u64::from_ne_bytes(value))
+            }
+            _ => None,
+        })
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -121,6 +145,20 @@ mod tests {
             "{found:?}"
         );
         assert!(found.iter().all(|l| l.inode != 0));
+        // This process's own cgroup, as the cgroup v2 hierarchy numbers it.
+        let own = std::fs::read_to_string("/proc/self/cgroup").expect("cgroup");
+        let path = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .expect("v2 line");
+        let mount = crate::bpf::cgroup::cgroup2_mount().expect("cgroup2");
+        let ino = std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(mount.join(path.trim_start_matches('/'))).expect("stat"),
+        );
+        assert!(
+            found.iter().all(|l| l.cgroup_id == ino),
+            "{found:?} vs {ino}"
+        );
         // A connected socket on the port is not a listener.
         let _c = std::net::TcpStream::connect(("127.0.0.1", p4)).expect("connect");
         assert_eq!(listening(&[p4]).expect("dump").len(), 1);

@@ -1,0 +1,736 @@
+//! The set of served namespaces, kept current from events rather than polls:
+//!
+//! - a bind() to a listen port (the bind hooks' ring): the caller's namespace
+//!   is served if new and its process qualifies (discovery), then reconciled
+//!   within milliseconds until the socket listens;
+//! - the exit of a discovered namespace's witness process (a pidfd): another
+//!   process in it becomes the witness, or the namespace, now empty, is dropped;
+//! - the tick: explicit namespaces whose path went, namespaces waiting out
+//!   their listener grace, and the resync, the safety net that reconciles
+//!   every served namespace once per `--resync-interval` (a slice per tick)
+//!   and, with discovery, scans /proc for what the events missed.
+//!
+//! Nothing here costs per tick in proportion to the pods of the node, except
+//! the resync slice.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs::File,
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{Map, MapData, RingBuf};
+use redirector_common::ListenEvent;
+use serde::Serialize;
+use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
+
+use crate::{
+    bpf::{datapath::Datapath, registry::Reason, sockops::Scope},
+    config::{settings::Settings, Redirect},
+    discovery::{self, listeners, listeners::Owner, netns::Netns, Filter},
+    flows::log::NsInfo,
+    sys,
+    telemetry::{Attachments, Telemetry},
+};
+
+/// How a served namespace came to be served, which decides when it stops.
+enum Origin {
+    /// Listed by the operator: served until its path disappears.
+    Explicit { path: PathBuf, ino: u64 },
+    /// Found by discovery: served while a process is in it and, within the
+    /// grace period, it has a listener.
+    Discovered {
+        ino: u64,
+        why: String,
+        without_listener_since: Option<Instant>,
+    },
+}
+
+/// A socket bound to a listen port whose listener the agent looks for.
+struct Pending {
+    cookie: u64,
+    pid: i32,
+    since: Instant,
+    next: Instant,
+    tries: u32,
+}
+
+/// Looks for a bound socket's listener: quickly at first (bind() and listen()
+/// are back to back in every server), then backing off.
+const PENDING_BACKOFF: [Duration; 8] = [
+    Duration::from_millis(1),
+    Duration::from_millis(2),
+    Duration::from_millis(5),
+    Duration::from_millis(10),
+    Duration::from_millis(25),
+    Duration::from_millis(50),
+    Duration::from_millis(100),
+    Duration::from_millis(250),
+];
+/// A socket bound but not listening after this is not looked for any more;
+/// the resync would find a listener that comes later.
+const PENDING_FOR: Duration = Duration::from_secs(3);
+
+/// A process whose exit makes the agent look at its namespace again.
+struct Witness {
+    pid: i32,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Witness {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub struct Agent {
+    pub datapath: Datapath,
+    pub settings: Settings,
+    telemetry: Arc<Telemetry>,
+    names: Arc<Mutex<HashMap<u64, NsInfo>>>,
+    origins: HashMap<u64, Origin>,
+    filter: Filter,
+    witnesses: HashMap<u64, Witness>,
+    exits: mpsc::UnboundedSender<u64>,
+    /// Per namespace: the listening socket inodes last seen and their owner.
+    owners: HashMap<u64, (Vec<u64>, Option<Owner>)>,
+    /// Unservable listeners already logged: (netns cookie, inode, reason).
+    reported: HashSet<(u64, u64, Reason)>,
+    /// Where the resync goes on next, and when /proc was last scanned.
+    resync_cursor: usize,
+    last_scan: Option<Instant>,
+    /// Bound sockets whose listener is looked for.
+    pending: Vec<Pending>,
+    /// The served set or what it reports changed: publish at the next tick.
+    dirty: bool,
+}
+
+/// The served namespaces, as `redirector status` reads them from the state
+/// file the agent keeps.
+#[derive(Serialize, serde::Deserialize, Debug, Clone, Default)]
+pub struct State {
+    pub pid: u32,
+    pub sock_ops_cgroup: String,
+    /// Where `sock_ops` is attached.
+    pub sock_ops_attached: Vec<String>,
+    /// How new listeners are found.
+    pub listen_events: String,
+    pub resync_interval_secs: u64,
+    pub namespaces: Vec<NsState>,
+}
+
+#[derive(Serialize, serde::Deserialize, Debug, Clone, Default)]
+pub struct NsState {
+    pub netns: String,
+    pub cookie: u64,
+    /// Why it is served.
+    pub why: String,
+    pub sock_ops_cgroups: Vec<String>,
+    /// Listeners whose connections get no flow records, and why.
+    pub sock_ops_problems: Vec<String>,
+}
+
+impl Agent {
+    pub fn new(
+        datapath: Datapath,
+        settings: Settings,
+        telemetry: Arc<Telemetry>,
+        names: Arc<Mutex<HashMap<u64, NsInfo>>>,
+        exits: mpsc::UnboundedSender<u64>,
+    ) -> Self {
+        let filter = Filter::new(
+            settings.cgroup_pattern.clone(),
+            settings.serve_targets.clone(),
+        );
+        Self {
+            datapath,
+            settings,
+            telemetry,
+            names,
+            origins: HashMap::new(),
+            filter,
+            witnesses: HashMap::new(),
+            exits,
+            owners: HashMap::new(),
+            reported: HashSet::new(),
+            resync_cursor: 0,
+            last_scan: None,
+            pending: Vec::new(),
+            dirty: true,
+        }
+    }
+
+    /// Starts serving an operator-listed namespace (fatal if it fails: the
+    /// operator asked for it by name).
+    pub fn serve_explicit(&mut self, netns: Netns) -> Result<()> {
+        let origin = Origin::Explicit {
+            path: netns.path.clone(),
+            ino: netns.inode(),
+        };
+        let cookie = netns.cookie;
+        self.serve(netns, &[])?;
+        self.origins.insert(cookie, origin);
+        Ok(())
+    }
+
+    fn serve(&mut self, netns: Netns, hint: &[i32]) -> Result<()> {
+        let redirects = self.settings.redirects.clone();
+        let served = self.datapath.serve(netns, &redirects, hint)?;
+        let ports: Vec<String> = served
+            .redirects
+            .iter()
+            .map(|r: &Redirect| format!("{} -> {}", r.advertise_port, r.listen_port))
+            .collect();
+        eprintln!(
+            "{} sk_lookup in netns {}: {}, {} listener(s) registered{}",
+            if served.adopted {
+                "adopted"
+            } else {
+                "attached"
+            },
+            served.netns,
+            ports.join(", "),
+            served.report.registered,
+            if served.report.unservable.is_empty() {
+                String::new()
+            } else {
+                format!(", {} NOT registered", served.report.unservable.len())
+            }
+        );
+        for problem in &served.sock_ops.problems {
+            tracing::warn!("netns {}: {problem}", served.netns);
+        }
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Serves a namespace discovery found; `pid` is a process in it.
+    fn serve_discovered(&mut self, ino: u64, pid: i32, why: String) {
+        let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        // The process may have exited since: the next event or resync retries.
+        let netns = match Netns::open(&path) {
+            Ok(n) if n.inode() == ino => n,
+            Ok(_) | Err(_) => return,
+        };
+        let cookie = netns.cookie;
+        match self.serve(netns, &[pid]) {
+            Ok(()) => {
+                tracing::info!("serving netns net:[{ino}]: {why}");
+                self.origins.insert(
+                    cookie,
+                    Origin::Discovered {
+                        ino,
+                        why,
+                        without_listener_since: None,
+                    },
+                );
+                self.watch(cookie, pid);
+            }
+            Err(e) => tracing::warn!("serving discovered netns {}: {e:#}", path.display()),
+        }
+    }
+
+    /// Makes `pid` the witness of namespace `cookie`.
+    fn watch(&mut self, cookie: u64, pid: i32) {
+        let pidfd = match sys::pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(_) => {
+                // Already gone: look at the namespace now.
+                let _ = self.exits.send(cookie);
+                return;
+            }
+        };
+        let exits = self.exits.clone();
+        let task = tokio::spawn(async move {
+            // A pidfd turns readable when its process exits.
+            // SAFETY: the AsyncFd owns the pidfd and keeps it open, unchanged,
+            // until it is dropped.
+            if let Ok(fd) =
+                unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+            {
+                let _ = fd.readable().await;
+            }
+            let _ = exits.send(cookie);
+        });
+        self.witnesses.insert(cookie, Witness { pid, task });
+    }
+
+    /// Bind events: serve the caller's namespace if it is new and its process
+    /// qualifies, then look for its listener until it listens (bind() comes
+    /// just before listen()).
+    pub fn on_listen(&mut self, events: &[ListenEvent]) {
+        let now = Instant::now();
+        for e in events {
+            let pid = e.tgid as i32;
+            if self
+                .pending
+                .iter()
+                .any(|p| p.cookie == e.netns_cookie && p.pid == pid)
+            {
+                continue;
+            }
+            let served = self
+                .datapath
+                .served
+                .iter()
+                .any(|s| s.netns.cookie == e.netns_cookie);
+            if !served {
+                if !self.settings.discover {
+                    continue;
+                }
+                let Some(ino) = discovery::netns_inode(pid) else {
+                    continue;
+                };
+                let Some(why) = self.filter.qualifies(pid, ino) else {
+                    tracing::debug!(
+                        "pid {pid} binds port {} in net:[{ino}]: not a process to serve (--serve-target)",
+                        e.port
+                    );
+                    continue;
+                };
+                self.serve_discovered(ino, pid, why);
+                if !self
+                    .datapath
+                    .served
+                    .iter()
+                    .any(|s| s.netns.cookie == e.netns_cookie)
+                {
+                    continue;
+                }
+                if self.has_listener(e.netns_cookie) {
+                    continue;
+                }
+            }
+            self.pending.push(Pending {
+                cookie: e.netns_cookie,
+                pid,
+                since: now,
+                next: now,
+                tries: 0,
+            });
+        }
+    }
+
+    /// When the next look for a bound socket's listener is due.
+    pub fn next_pending(&self) -> Option<Instant> {
+        self.pending.iter().map(|p| p.next).min()
+    }
+
+    /// Looks for the listeners of bound sockets whose look is due: a
+    /// reconcile of their namespace, which registers them (and attaches
+    /// `sock_ops` to their pod) once they listen.
+    pub fn on_pending(&mut self) {
+        let now = Instant::now();
+        let due: Vec<Pending> = {
+            let (due, later) = std::mem::take(&mut self.pending)
+                .into_iter()
+                .partition(|p| p.next <= now);
+            self.pending = later;
+            due
+        };
+        for mut p in due {
+            let before = self.inodes(p.cookie);
+            if !self.datapath.reconcile(p.cookie, &[p.pid]) {
+                continue;
+            }
+            self.after_reconcile(p.cookie);
+            let after = self.inodes(p.cookie);
+            if after != before {
+                self.dirty = true;
+            }
+            // A new listener appeared, or the socket was bound for something
+            // else (a bind() that never listens): stop looking after a while.
+            if after.len() > before.len() || now.duration_since(p.since) >= PENDING_FOR {
+                continue;
+            }
+            p.tries += 1;
+            p.next = now + PENDING_BACKOFF[(p.tries as usize).min(PENDING_BACKOFF.len() - 1)];
+            self.pending.push(p);
+        }
+    }
+
+    fn has_listener(&self, cookie: u64) -> bool {
+        !self.inodes(cookie).is_empty()
+    }
+
+    /// The witness of namespace `cookie` exited.
+    pub fn on_exit(&mut self, cookie: u64) {
+        let Some(Origin::Discovered { ino, .. }) = self.origins.get(&cookie) else {
+            return;
+        };
+        let ino = *ino;
+        let pids = discovery::pids_in(ino);
+        let Some(&first) = pids.first() else {
+            self.drop_namespace(cookie, "no process is left in the namespace");
+            return;
+        };
+        if self.witnesses.get(&cookie).map(|w| w.pid) != Some(first) {
+            self.watch(cookie, first);
+        }
+        // Its live-store may have been the one that exited.
+        self.datapath.reconcile(cookie, &pids);
+        self.after_reconcile(cookie);
+        self.dirty = true;
+    }
+
+    fn drop_namespace(&mut self, cookie: u64, why: &str) {
+        self.origins.remove(&cookie);
+        self.witnesses.remove(&cookie);
+        if let Some(netns) = self.datapath.unserve(cookie) {
+            eprintln!("detached sk_lookup from netns {netns}: {why}");
+        }
+        self.dirty = true;
+    }
+
+    /// Starts (or ends) the listener grace of a discovered namespace after a
+    /// reconcile pass over it.
+    fn after_reconcile(&mut self, cookie: u64) {
+        let has_listener = self
+            .datapath
+            .served
+            .iter()
+            .find(|s| s.netns.cookie == cookie)
+            .is_some_and(|s| !s.report.inodes.is_empty());
+        if let Some(Origin::Discovered {
+            without_listener_since,
+            ..
+        }) = self.origins.get_mut(&cookie)
+        {
+            if has_listener {
+                *without_listener_since = None;
+            } else {
+                without_listener_since.get_or_insert_with(Instant::now);
+            }
+        }
+    }
+
+    /// The once-a-second work: see the module comment.
+    pub fn tick(&mut self) -> Result<()> {
+        let now = Instant::now();
+        let mut gone: Vec<(u64, &'static str)> = Vec::new();
+        let mut in_grace = Vec::new();
+        for (cookie, origin) in &self.origins {
+            match origin {
+                Origin::Explicit { path, ino } => {
+                    // A deleted bind mount (ip netns del) or a dead process: the
+                    // path no longer names the namespace we hold open.
+                    if std::fs::metadata(path).map(|m| m.ino()).ok() != Some(*ino) {
+                        gone.push((*cookie, "its namespace path is gone"));
+                    }
+                }
+                Origin::Discovered {
+                    without_listener_since: Some(_),
+                    ..
+                } => in_grace.push(*cookie),
+                Origin::Discovered { .. } => {}
+            }
+        }
+        for (cookie, why) in gone {
+            self.drop_namespace(cookie, why);
+        }
+        // Namespaces waiting for their live-store to listen again.
+        for cookie in in_grace {
+            self.datapath.reconcile(cookie, &[]);
+            self.after_reconcile(cookie);
+            if let Some(Origin::Discovered {
+                without_listener_since: Some(since),
+                ..
+            }) = self.origins.get(&cookie)
+            {
+                if now.duration_since(*since) >= self.settings.listener_grace {
+                    self.drop_namespace(cookie, "its live-store stopped listening");
+                }
+            }
+        }
+        self.resync_slice();
+        if self.settings.discover {
+            let due = self
+                .last_scan
+                .is_none_or(|t| now.duration_since(t) >= self.scan_interval());
+            if due {
+                self.scan();
+            }
+        }
+        self.datapath.check_pins(&self.telemetry);
+        self.report_listeners();
+        if self.dirty {
+            self.publish()?;
+        }
+        Ok(())
+    }
+
+    /// Without listen events, /proc is the only way to find new live-stores:
+    /// scanned every tick, as before the events.
+    fn scan_interval(&self) -> Duration {
+        if self.datapath.listen_events.is_ok() {
+            self.settings.resync_interval
+        } else {
+            Duration::from_secs(1)
+        }
+    }
+
+    /// Reconciles the next share of the served namespaces, so each is
+    /// reconciled once per resync interval.
+    fn resync_slice(&mut self) {
+        let n = self.datapath.served.len();
+        if n == 0 {
+            return;
+        }
+        let ticks = self.scan_interval().as_secs().max(1) as usize;
+        let per_tick = n.div_ceil(ticks);
+        let cookies: Vec<u64> = (0..per_tick)
+            .map(|i| {
+                self.datapath.served[(self.resync_cursor + i) % n]
+                    .netns
+                    .cookie
+            })
+            .collect();
+        self.resync_cursor = (self.resync_cursor + per_tick) % n;
+        for cookie in cookies {
+            let before = self.inodes(cookie);
+            self.datapath.reconcile(cookie, &[]);
+            self.after_reconcile(cookie);
+            if self.inodes(cookie) != before {
+                self.dirty = true;
+            }
+        }
+    }
+
+    fn inodes(&self, cookie: u64) -> Vec<u64> {
+        self.datapath
+            .served
+            .iter()
+            .find(|s| s.netns.cookie == cookie)
+            .map(|s| s.report.inodes.clone())
+            .unwrap_or_default()
+    }
+
+    /// Serves the namespaces the /proc scan finds that are not served yet.
+    pub fn scan(&mut self) {
+        self.last_scan = Some(Instant::now());
+        let served: HashSet<u64> = self
+            .origins
+            .values()
+            .map(|o| match o {
+                Origin::Explicit { ino, .. } | Origin::Discovered { ino, .. } => *ino,
+            })
+            .collect();
+        let ports = self.settings.listen_ports();
+        for (ino, c) in discovery::scan(&ports, &mut self.filter, &served) {
+            self.serve_discovered(ino, c.pid, c.why);
+        }
+    }
+
+    /// Logs what each reconcile pass repaired, and each unservable listener
+    /// once (and when it is resolved); shares them with metrics and readiness.
+    fn report_listeners(&mut self) {
+        let mut now = HashSet::new();
+        let mut unservable = Vec::new();
+        for s in &mut self.datapath.served {
+            for what in s.report.repaired.drain(..) {
+                tracing::info!("netns {}: {what}", s.netns);
+            }
+            for u in &s.report.unservable {
+                let id = (s.netns.cookie, u.inode, u.reason);
+                if !self.reported.contains(&id) {
+                    tracing::warn!("netns {}: {u}", s.netns);
+                }
+                now.insert(id);
+                unservable.push((s.netns.path.display().to_string(), u.clone()));
+            }
+        }
+        for (cookie, inode, reason) in self.reported.difference(&now) {
+            tracing::info!(
+                "netns cookie {cookie}: listener socket inode {inode} no longer unservable ({reason}): registered or closed"
+            );
+        }
+        self.reported = now;
+        self.telemetry.set_unservable(unservable);
+    }
+
+    /// Shares the current set of namespaces with readiness checks, flow
+    /// records (which process holds each live-store listener, looked up again
+    /// only when the listening sockets change) and the state file.
+    pub fn publish(&mut self) -> Result<()> {
+        self.dirty = false;
+        self.publish_now()
+    }
+
+    /// [`Agent::publish`] if anything changed since.
+    pub fn publish_if_changed(&mut self) -> Result<()> {
+        if self.dirty {
+            self.publish()?;
+        }
+        Ok(())
+    }
+
+    fn publish_now(&mut self) -> Result<()> {
+        let a = attachments(&self.datapath)?;
+        self.telemetry.set_attachments(a.cgroups, a.namespaces);
+        let mut infos = HashMap::new();
+        for s in &self.datapath.served {
+            let inodes = s.report.inodes.clone();
+            let cached = self
+                .owners
+                .get(&s.netns.cookie)
+                .filter(|(seen, _)| *seen == inodes);
+            let owner = match cached {
+                Some((_, owner)) => owner.clone(),
+                None => {
+                    let hint: Vec<i32> = self
+                        .witnesses
+                        .get(&s.netns.cookie)
+                        .map(|w| w.pid)
+                        .into_iter()
+                        .collect();
+                    let owner = listeners::owner(&inodes, &hint);
+                    self.owners.insert(s.netns.cookie, (inodes, owner.clone()));
+                    owner
+                }
+            };
+            infos.insert(
+                s.netns.cookie,
+                NsInfo {
+                    name: s.netns.path.display().to_string(),
+                    listener: owner,
+                },
+            );
+        }
+        self.owners.retain(|cookie, _| infos.contains_key(cookie));
+        if let Ok(mut names) = self.names.lock() {
+            *names = infos;
+        }
+        if let Err(e) = self.write_state() {
+            tracing::warn!(
+                "writing {} (read by `redirector status`): {e:#}",
+                self.settings.state_file.display()
+            );
+        }
+        Ok(())
+    }
+
+    pub fn state(&self) -> State {
+        let d = &self.datapath;
+        State {
+            pid: std::process::id(),
+            sock_ops_cgroup: match d.sock_ops.scope {
+                Scope::Pod => "pod: each served live-store's pod cgroup".to_owned(),
+                Scope::Root => format!(
+                    "root: {} (--sock-ops-cgroup root: every connection of the node runs it)",
+                    d.cgroup.display()
+                ),
+            },
+            sock_ops_attached: d
+                .sock_ops
+                .attached
+                .iter()
+                .map(|a| a.path.display().to_string())
+                .collect(),
+            listen_events: match &d.listen_events {
+                Ok(_) => {
+                    "post_bind4/post_bind6 on the cgroup v2 root report bind() to the listen ports"
+                        .to_owned()
+                }
+                Err(why) => format!("unavailable ({why}): /proc scanned every second"),
+            },
+            resync_interval_secs: self.settings.resync_interval.as_secs(),
+            namespaces: d
+                .served
+                .iter()
+                .map(|s| NsState {
+                    netns: s.netns.to_string(),
+                    cookie: s.netns.cookie,
+                    why: match self.origins.get(&s.netns.cookie) {
+                        Some(Origin::Explicit { path, .. }) => {
+                            format!("listed by the operator ({})", path.display())
+                        }
+                        Some(Origin::Discovered { why, .. }) => format!("discovered: {why}"),
+                        None => String::new(),
+                    },
+                    sock_ops_cgroups: s
+                        .sock_ops
+                        .cgroups
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect(),
+                    sock_ops_problems: s.sock_ops.problems.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    fn write_state(&self) -> Result<()> {
+        let path = &self.settings.state_file;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.state())?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+    }
+
+    /// Removes the state file: the agent is leaving.
+    pub fn remove_state(&self) {
+        let _ = std::fs::remove_file(&self.settings.state_file);
+    }
+}
+
+pub fn attachments(datapath: &Datapath) -> Result<Attachments> {
+    let reopen = |f: &File| f.try_clone().context("duplicating a namespace fd");
+    Ok(Attachments {
+        cgroups: datapath
+            .sock_ops
+            .attached
+            .iter()
+            // A cgroup removed meanwhile (its pod went) is dropped by the
+            // next reconcile of its namespace.
+            .filter_map(|a| {
+                let dir = File::open(&a.path).ok()?;
+                Some((a.path.display().to_string(), dir, a.link.prog_id))
+            })
+            .collect(),
+        namespaces: datapath
+            .served
+            .iter()
+            .map(|s| {
+                Ok((
+                    s.netns.path.display().to_string(),
+                    reopen(&s.netns.file)?,
+                    s.link.prog_id,
+                ))
+            })
+            .collect::<Result<_>>()?,
+    })
+}
+
+/// Forwards `redir_listen`'s events to the agent loop, a batch per wakeup.
+pub fn spawn_listen_events(
+    map: MapData,
+    tx: mpsc::UnboundedSender<Vec<ListenEvent>>,
+) -> Result<()> {
+    let ring = RingBuf::try_from(Map::RingBuf(map)).context("LISTEN_EVENTS ring buffer")?;
+    // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, until
+    // the AsyncFd (which owns the RingBuf) is dropped.
+    let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .context("watching the LISTEN_EVENTS ring")?;
+    tokio::spawn(async move {
+        while let Ok(mut guard) = fd.readable_mut().await {
+            let ring = guard.get_inner_mut();
+            let mut batch = Vec::new();
+            while let Some(item) = ring.next() {
+                if item.len() >= std::mem::size_of::<ListenEvent>() {
+                    // SAFETY: the kernel wrote a ListenEvent (repr(C), plain
+                    // integers) here; read unaligned from the ring's bytes.
+                    batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+                }
+            }
+            guard.clear_ready();
+            if !batch.is_empty() && tx.send(batch).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! From a socket's cgroup id (sock_diag, or the listen event) to the cgroup
+//! `sock_ops` is attached to: the live-store's pod.
+//!
+//! A cgroup v2 id is the inode number of its directory, whatever cgroup or
+//! PID namespace the agent runs in, so ids are resolved by walking the
+//! mounted hierarchy (once, and again only when an id is unknown) rather than
+//! through /proc/PID/cgroup paths, which are relative to the reader's cgroup
+//! namespace.
+
+use std::{
+    collections::HashMap,
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+/// A walk of the whole hierarchy costs milliseconds on a node with a
+/// thousand pods: an unknown id (a cgroup removed meanwhile) may not trigger
+/// one more often than this.
+const MIN_WALK_INTERVAL: Duration = Duration::from_millis(50);
+
+pub struct CgroupIndex {
+    mount: PathBuf,
+    by_id: HashMap<u64, PathBuf>,
+    last_walk: Option<Instant>,
+}
+
+impl CgroupIndex {
+    pub fn new(mount: PathBuf) -> Self {
+        Self {
+            mount,
+            by_id: HashMap::new(),
+            last_walk: None,
+        }
+    }
+
+    pub fn mount(&self) -> &Path {
+        &self.mount
+    }
+
+    /// The directory of cgroup `id`, walking the hierarchy again if it is new.
+    pub fn path_of(&mut self, id: u64) -> Option<PathBuf> {
+        if id == 0 {
+            return None;
+        }
+        if let Some(p) = self.by_id.get(&id).filter(|p| p.is_dir()) {
+            return Some(p.clone());
+        }
+        if self
+            .last_walk
+            .is_some_and(|t| t.elapsed() < MIN_WALK_INTERVAL)
+        {
+            // Known to be missing a moment ago; a cgroup that appeared since
+            // is found by the next resync.
+            if !self.by_id.contains_key(&id) {
+                self.walk();
+            }
+        } else {
+            self.walk();
+        }
+        self.by_id.get(&id).cloned()
+    }
+
+    fn walk(&mut self) {
+        self.last_walk = Some(Instant::now());
+        self.by_id.clear();
+        let mut stack = vec![self.mount.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(meta) = fs::metadata(&dir) else {
+                continue;
+            };
+            self.by_id.insert(meta.ino(), dir.clone());
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                // Cgroups are the directories; the files are their controls.
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
+
+    /// Where `sock_ops` should run for a listener in cgroup `path`: the
+    /// nearest ancestor that is a Kubernetes pod cgroup (so a container
+    /// restarted in the same pod is covered from its first listen()), else
+    /// the listener's own cgroup. `None` for the hierarchy's root: attaching
+    /// there would tax every connection of the node.
+    pub fn scope_of(&self, path: &Path) -> Option<PathBuf> {
+        let rel = path.strip_prefix(&self.mount).ok()?;
+        if rel.as_os_str().is_empty() {
+            return None;
+        }
+        let mut pod = None;
+        let mut at = self.mount.clone();
+        for part in rel.components() {
+            at.push(part);
+            if is_pod_cgroup(&part.as_os_str().to_string_lossy()) {
+                pod = Some(at.clone());
+            }
+        }
+        Some(pod.unwrap_or_else(|| path.to_owned()))
+    }
+}
+
+/// Kubelet names a pod's cgroup after the pod UID: `pod<uid>` with the
+/// cgroupfs driver, `kubepods-<qos>-pod<uid_with_underscores>.slice` with the
+/// systemd driver.
+pub fn is_pod_cgroup(name: &str) -> bool {
+    let name = name.strip_suffix(".slice").unwrap_or(name);
+    let Some(at) = name.rfind("pod") else {
+        return false;
+    };
+    if at > 0 && !name[..at].ends_with('-') {
+        return false;
+    }
+    let uid = &name[at + 3..];
+    uid.len() == 36
+        && uid.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-' || c == '_',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_pod_cgroups_of_both_kubelet_drivers() {
+        assert!(is_pod_cgroup("pod0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"));
+        assert!(is_pod_cgroup(
+            "kubepods-burstable-pod0f1e2d3c_4b5a_6978_8796_a5b4c3d2e1f0.slice"
+        ));
+        assert!(!is_pod_cgroup("kubepods-burstable.slice"));
+        assert!(!is_pod_cgroup(
+            "cri-containerd-0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0.scope"
+        ));
+        assert!(!is_pod_cgroup("tempo.service"));
+        assert!(!is_pod_cgroup("ipod0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"));
+    }
+
+    #[test]
+    fn scope_is_the_pod_above_a_container_or_the_cgroup_itself() {
+        let index = CgroupIndex::new(PathBuf::from("/sys/fs/cgroup"));
+        let pod = "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0f1e2d3c_4b5a_6978_8796_a5b4c3d2e1f0.slice";
+        let ctr = format!("{pod}/cri-containerd-abc.scope");
+        assert_eq!(index.scope_of(Path::new(&ctr)), Some(PathBuf::from(pod)));
+        assert_eq!(index.scope_of(Path::new(pod)), Some(PathBuf::from(pod)));
+        let svc = Path::new("/sys/fs/cgroup/system.slice/tempo.service");
+        assert_eq!(index.scope_of(svc), Some(svc.to_owned()));
+        assert_eq!(index.scope_of(Path::new("/sys/fs/cgroup")), None);
+        assert_eq!(index.scope_of(Path::new("/elsewhere")), None);
+    }
+}
