@@ -40,6 +40,14 @@ pub enum Command {
         /// `table` for people, `json` for scripts.
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// The running agent's state file (next to its --flows-socket): what it
+        /// serves and why.
+        #[arg(
+            long,
+            value_name = "PATH",
+            default_value = "/run/redirector/agent.json"
+        )]
+        state_file: std::path::PathBuf,
     },
     /// Remove everything a --pin agent left attached and pinned under
     /// /sys/fs/bpf/redirector, and say what was removed.

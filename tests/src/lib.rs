@@ -8,7 +8,7 @@ use std::{
     io::{self, BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::{AsFd, AsRawFd},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -39,6 +39,81 @@ pub use netns::Netns;
 
 /// Joins a querier namespace and a live-store namespace with a veth pair that
 /// carries both IPv4 and IPv6 (DAD off so v6 addresses are usable at once).
+/// The cgroup the test processes run in (under the cgroup v2 mount).
+pub const TEST_CGROUP: &str = "redirector-tests";
+
+/// Moves this test process (and so the servers, stand-ins and clients it
+/// starts) out of the cgroup v2 root into a cgroup of its own, as a
+/// live-store runs in its pod's: the agent attaches `sock_ops` to served
+/// listeners' cgroups, never to the root where a bare test host keeps every
+/// process. Once per process; the empty cgroup stays for the next test binary
+/// (`cargo xtask test` removes it).
+pub fn enter_test_cgroup() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Already in a cgroup of its own (a systemd scope, the bench's): the
+        // agent can scope sock_ops to it as it is.
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        if own
+            .lines()
+            .any(|l| l.strip_prefix("0::").is_some_and(|p| p != "/"))
+        {
+            return;
+        }
+        let moved = redirector::bpf::cgroup::cgroup2_mount().and_then(|mount| {
+            let dir = mount.join(TEST_CGROUP);
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())?;
+            Ok(())
+        });
+        if let Err(e) = moved {
+            panic!("moving the test process into cgroup {TEST_CGROUP}: {e:#}");
+        }
+    });
+}
+
+/// Creates cgroup `rel` under the cgroup v2 mount (a pod's, a container's) and
+/// removes it on drop.
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new(rel: &str) -> Result<Self> {
+        let path = redirector::bpf::cgroup::cgroup2_mount()?.join(rel);
+        std::fs::create_dir_all(&path).with_context(|| format!("mkdir {}", path.display()))?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Children first; a cgroup with processes left cannot go (they are
+        // killed by their own guards first).
+        for _ in 0..50 {
+            let mut dirs = vec![self.path.clone()];
+            let mut i = 0;
+            while i < dirs.len() {
+                if let Ok(entries) = std::fs::read_dir(&dirs[i]) {
+                    for e in entries.flatten() {
+                        if e.file_type().is_ok_and(|t| t.is_dir()) {
+                            dirs.push(e.path());
+                        }
+                    }
+                }
+                i += 1;
+            }
+            for d in dirs.iter().rev() {
+                let _ = std::fs::remove_dir(d);
+            }
+            if !self.path.exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
 pub fn veth(querier: &Netns, live_store: &Netns) -> Result<()> {
     let (q4, q6) = (format!("{QUERIER_V4}/24"), format!("{QUERIER_V6}/64"));
     let (l4, l6) = (format!("{LIVE_STORE_V4}/24"), format!("{LIVE_STORE_V6}/64"));
@@ -178,7 +253,40 @@ impl Process {
     /// Starts `program ARGS` in `ns` (with `env`) and waits for its first
     /// stdout line, which must start with `listening`.
     pub fn start(ns: &Netns, program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        Self::start_in(ns, None, program, args, env)
+    }
+
+    /// [`Process::start`] in cgroup `cgroup` (a pod's container), entered
+    /// before it runs anything, so its sockets belong to that cgroup.
+    pub fn start_in(
+        ns: &Netns,
+        cgroup: Option<&Path>,
+        program: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let mut cmd = Command::new("ip");
+        if let Some(cgroup) = cgroup {
+            use std::os::unix::process::CommandExt;
+            let procs =
+                std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
+            // SAFETY: open/write/close are async-signal-safe; nothing else
+            // runs between fork and exec. Writing "0" moves the writer.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                    if n != 1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.args(["netns", "exec", &ns.name, program])
             .args(args)
             .envs(env.iter().copied())
@@ -373,6 +481,8 @@ pub fn agent_bin() -> PathBuf {
 /// The one launcher for the tests and the bench (`cargo xtask bench`).
 pub struct Agent {
     child: Child,
+    /// Where it writes what it serves and why (`redirector status` reads it).
+    state_file: PathBuf,
     stdout: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<Vec<String>>>,
     /// The threads reading stdout and stderr: they end once the agent has
@@ -418,6 +528,11 @@ fn collect(
 }
 
 impl Agent {
+    /// The agent's state file (what it serves and why).
+    pub fn state_file(&self) -> &Path {
+        &self.state_file
+    }
+
     /// Starts the agent and waits until it prints its `ready` line.
     pub fn start(args: &[&str]) -> Result<Self> {
         Self::start_wrapped(&[], args)
@@ -497,7 +612,15 @@ impl Agent {
                 stderr_copy,
             ),
         ];
+        let socket = opts
+            .args
+            .iter()
+            .position(|a| a == "--flows-socket")
+            .and_then(|i| opts.args.get(i + 1))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(redirector::flows::sub::DEFAULT_FLOWS_SOCKET));
         let mut agent = Self {
+            state_file: redirector::config::settings::state_file(&socket),
             child,
             stdout,
             stderr,
@@ -649,6 +772,39 @@ pub fn counter_in(line: &str, name: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// How many times redirector's programs (any agent's) ran, and for how long
+/// (ns), by the kernel's BPF statistics (`kernel.bpf_stats_enabled`).
+pub fn redirector_program_runs() -> (u64, u64) {
+    aya::programs::loaded_programs()
+        .filter_map(|p| p.ok())
+        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("redir_")))
+        .fold((0, 0), |(n, t), p| {
+            (n + p.run_count(), t + p.run_time().as_nanos() as u64)
+        })
+}
+
+/// Turns the kernel's BPF run statistics on while it lives (they cost a
+/// little on every program run, so they are off by default).
+pub struct BpfStats {
+    was: String,
+}
+
+const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    pub fn enable() -> Result<Self> {
+        let was = std::fs::read_to_string(BPF_STATS_SYSCTL)?.trim().to_owned();
+        std::fs::write(BPF_STATS_SYSCTL, "1")?;
+        Ok(Self { was })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS_SYSCTL, &self.was);
+    }
+}
+
 /// Ids of the loaded BPF programs that belong to redirector (any agent's).
 pub fn redirector_program_ids() -> HashSet<u32> {
     aya::programs::loaded_programs()
@@ -656,7 +812,10 @@ pub fn redirector_program_ids() -> HashSet<u32> {
         .filter(|p| {
             matches!(
                 p.name_as_str(),
-                Some(redirector_common::PROG_SK_LOOKUP) | Some(redirector_common::PROG_SOCK_OPS)
+                Some(redirector_common::PROG_SK_LOOKUP)
+                    | Some(redirector_common::PROG_SOCK_OPS)
+                    | Some(redirector_common::PROG_BIND4)
+                    | Some(redirector_common::PROG_BIND6)
             )
         })
         .map(|p| p.id())
@@ -686,13 +845,29 @@ pub fn sk_lookup_programs(ns: &Netns) -> Vec<u32> {
         .expect("BPF_PROG_QUERY")
 }
 
-/// Ids of the sock_ops programs attached to the cgroup v2 root (where the
-/// agent attaches its own).
+/// Ids of the sock_ops programs attached to this process's cgroup (where the
+/// agent attaches its own for the tests' in-process live-stores) and to the
+/// cgroup v2 root (`--sock-ops-cgroup root`).
 pub fn sock_ops_programs() -> Vec<u32> {
     let root = redirector::bpf::cgroup::cgroup2_mount().expect("a cgroup2 mount");
-    let dir = std::fs::File::open(&root).expect("open the cgroup v2 root");
-    redirector::sys::prog_query(dir.as_fd(), redirector::sys::BPF_CGROUP_SOCK_OPS)
-        .expect("BPF_PROG_QUERY")
+    let own = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| root.join(p.trim_start_matches('/')))
+        .unwrap_or_else(|| root.clone());
+    let mut ids = Vec::new();
+    for dir in [&root, &own] {
+        let fd = std::fs::File::open(dir).expect("open a cgroup");
+        for id in redirector::sys::prog_query(fd.as_fd(), redirector::sys::BPF_CGROUP_SOCK_OPS)
+            .expect("BPF_PROG_QUERY")
+        {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    ids
 }
 
 /// `redirector ARGS` to completion: (exit code, stdout, stderr).

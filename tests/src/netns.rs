@@ -44,6 +44,7 @@ impl Netns {
     }
 
     pub fn with_prefix(prefix: &str, tag: &str) -> Result<Self> {
+        crate::enter_test_cgroup();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("{prefix}{}-{n}-{tag}", std::process::id());
         ip(&["netns", "add", &name])?;

@@ -19,7 +19,7 @@ fn stand_in(ns: &Netns, addr: &str, name: &str) -> Process {
     Process::start(
         ns,
         env!("CARGO_BIN_EXE_live-store-standin"),
-        &[addr, name],
+        &[addr, name, "-target=live-store"],
         &[],
     )
     .expect("start the stand-in")
@@ -214,7 +214,7 @@ fn a_pinned_agent_restarts_under_load_without_a_failed_connection() {
     assert_eq!(code, 0);
     let status: serde_json::Value = serde_json::from_str(&json).expect("status JSON");
     assert_eq!(status["pinned"], true);
-    assert_eq!(status["sock_ops_attached"], true);
+    assert_eq!(status["sock_ops_attached"], 1);
     assert_eq!(status["namespaces"][0]["attached"], true);
     assert_eq!(
         status["namespaces"][0]["redirects"][0]["advertise_port"],

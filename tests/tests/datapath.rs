@@ -348,7 +348,11 @@ fn sigterm_detaches_everything() {
         .difference(&before)
         .copied()
         .collect();
-    assert_eq!(ours.len(), 2, "sk_lookup and sock_ops loaded while running");
+    assert_eq!(
+        ours.len(),
+        4,
+        "sk_lookup, sock_ops and the two bind hooks loaded while running"
+    );
     assert_eq!(
         sk_lookup_programs(&t.l).len(),
         1,

@@ -335,7 +335,14 @@ fn a_pinned_agent_killed_with_sigkill_leaves_everything_attached_and_counted() {
     ];
     let before = redirector_program_ids();
     let first = Agent::start(&args).expect("first agent");
-    let ours = new_programs(&before);
+    // What it attached and pinned (its bind hooks are not pinned: they end
+    // with it, and the next agent attaches its own).
+    let ours: HashSet<u32> = sk_lookup_programs(&l)
+        .into_iter()
+        .chain(sock_ops_programs())
+        .filter(|id| new_programs(&before).contains(id))
+        .collect();
+    assert_eq!(ours.len(), 2, "sk_lookup and sock_ops");
     let sk_lookup = sk_lookup_programs(&l);
     let target = format!("{LIVE_STORE_V4}:{ADVERTISE}");
     let (second, attempts) = under_load(&q, &target, || {
@@ -488,7 +495,15 @@ fn deleted_pins_are_made_again_and_foreign_entries_reported() {
     let root = Path::new(PIN_ROOT);
     let listeners = root.join("maps/LISTENERS");
     let ring = root.join("maps/FLOW_EVENTS");
-    let sock_ops = root.join("links/sock_ops");
+    let sock_ops = std::fs::read_dir(root.join("links"))
+        .expect("links")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("sock_ops-"))
+        })
+        .expect("the pod cgroup's sock_ops link pin");
     let sk_lookup = root.join(format!("links/sk_lookup-{}", l.cookie()));
     let ids = (map_id(&listeners), map_id(&ring));
     let target = format!("{LIVE_STORE_V4}:{ADVERTISE}");

@@ -382,7 +382,8 @@ impl Datapath {
                     .sock_ops
                     .ensure(&scope, netns.cookie, self.pins.as_ref())
                 {
-                    Ok(Some(a)) => tracing::info!(
+                    // A status line, like sk_lookup's: on stderr, unprefixed.
+                    Ok(Some(a)) => eprintln!(
                         "{} sock_ops on cgroup {} (listener {addr} of {netns})",
                         if a.adopted { "adopted" } else { "attached" },
                         scope.display()
@@ -396,7 +397,7 @@ impl Datapath {
                 placement.cgroups.insert(scope);
             }
             for gone in self.sock_ops.retain(netns.cookie, &placement.cgroups) {
-                tracing::info!("detached sock_ops from cgroup {}", gone.display());
+                eprintln!("detached sock_ops from cgroup {}", gone.display());
             }
         }
         self.registry
@@ -412,7 +413,7 @@ impl Datapath {
         restore_mptcp(&served.netns, served.mptcp_was.as_deref());
         self.registry.forget(cookie);
         for gone in self.sock_ops.release(cookie) {
-            tracing::info!("detached sock_ops from cgroup {}", gone.display());
+            eprintln!("detached sock_ops from cgroup {}", gone.display());
         }
         served.link.remove();
         Some(served.netns)

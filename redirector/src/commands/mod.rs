@@ -46,9 +46,10 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             crate::cli::Command::Run(args) => run::run(args).await,
-            crate::cli::Command::Status { output } => {
+            crate::cli::Command::Status { output, state_file } => {
                 let layout = crate::bpf::pins::PinLayout::default();
-                let report = status::collect(&layout)?;
+                let mut report = status::collect(&layout)?;
+                report.agent = status::agent_state(&state_file);
                 print!("{}", status::render(&report, output)?);
                 Ok(())
             }

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use redirector_common::{
     Counter, NsPort, RedirectTarget, AF_INET, MAP_COUNTERS, MAP_LISTENERS, MAP_REDIRECTS,
-    PROG_SK_LOOKUP, PROG_SOCK_OPS,
+    PROG_BIND4, PROG_BIND6, PROG_SK_LOOKUP, PROG_SOCK_OPS,
 };
 use serde::Serialize;
 
@@ -25,7 +25,10 @@ pub struct Status {
     pub pinned: bool,
     pub pin_root: &'static str,
     pub build: Option<String>,
-    pub sock_ops_attached: bool,
+    /// Pinned sock_ops links (one per served pod cgroup, or the root's).
+    pub sock_ops_attached: usize,
+    /// What a running agent serves and why (its state file).
+    pub agent: Option<crate::agent::State>,
     pub namespaces: Vec<NamespaceStatus>,
     pub counters: BTreeMap<&'static str, u64>,
     /// redirector programs loaded in the kernel (pinned or by running agents).
@@ -68,7 +71,12 @@ pub struct RedirectStatus {
 fn programs() -> Vec<ProgramStatus> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
-        .filter(|p| matches!(p.name_as_str(), Some(PROG_SK_LOOKUP) | Some(PROG_SOCK_OPS)))
+        .filter(|p| {
+            matches!(
+                p.name_as_str(),
+                Some(PROG_SK_LOOKUP) | Some(PROG_SOCK_OPS) | Some(PROG_BIND4) | Some(PROG_BIND6)
+            )
+        })
         .map(|p| ProgramStatus {
             id: p.id(),
             name: p.name_as_str().unwrap_or_default().to_owned(),
@@ -98,7 +106,8 @@ pub fn collect(layout: &PinLayout) -> Result<Status> {
         pinned: layout.exists(),
         pin_root: PIN_ROOT,
         build: layout.pinned_build(),
-        sock_ops_attached: false,
+        sock_ops_attached: 0,
+        agent: None,
         namespaces: Vec::new(),
         counters: BTreeMap::new(),
         programs_loaded: 0,
@@ -108,9 +117,14 @@ pub fn collect(layout: &PinLayout) -> Result<Status> {
     if !status.pinned {
         return Ok(status);
     }
-    status.sock_ops_attached = sys::obj_get(&layout.sock_ops_link())
-        .and_then(|fd| sys::link_info(fd.as_fd()))
-        .is_ok();
+    status.sock_ops_attached = std::iter::once(layout.sock_ops_link())
+        .chain(layout.pinned_sock_ops().into_iter().map(|(_, p)| p))
+        .filter(|p| {
+            sys::obj_get(p)
+                .and_then(|fd| sys::link_info(fd.as_fd()))
+                .is_ok_and(|i| i.netns_ino != 0)
+        })
+        .count();
     let redirects: HashMap<MapData, NsPort, RedirectTarget> =
         open_map(layout, MAP_REDIRECTS)?.try_into()?;
     let counters: PerCpuArray<MapData, u64> = open_map(layout, MAP_COUNTERS)?.try_into()?;
@@ -177,11 +191,42 @@ pub fn collect(layout: &PinLayout) -> Result<Status> {
     Ok(status)
 }
 
+/// The running agent's state file, if an agent that is still running wrote it.
+pub fn agent_state(path: &std::path::Path) -> Option<crate::agent::State> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let state: crate::agent::State = serde_json::from_str(&text).ok()?;
+    std::path::Path::new(&format!("/proc/{}", state.pid))
+        .exists()
+        .then_some(state)
+}
+
+fn write_agent(out: &mut String, status: &Status) -> Result<()> {
+    let Some(a) = &status.agent else {
+        return Ok(());
+    };
+    writeln!(out, "agent pid {}:", a.pid)?;
+    writeln!(out, "  sock_ops: {}", a.sock_ops_cgroup)?;
+    for c in &a.sock_ops_attached {
+        writeln!(out, "    attached to {c}")?;
+    }
+    writeln!(out, "  new listeners: {}", a.listen_events)?;
+    writeln!(out, "  resync every {}s", a.resync_interval_secs)?;
+    writeln!(out, "  serves {} namespace(s):", a.namespaces.len())?;
+    for ns in &a.namespaces {
+        writeln!(out, "    {}: {}", ns.netns, ns.why)?;
+        for p in &ns.sock_ops_problems {
+            writeln!(out, "      no flow records: {p}")?;
+        }
+    }
+    Ok(())
+}
+
 pub fn render(status: &Status, output: Output) -> Result<String> {
     if output == Output::Json {
         return Ok(serde_json::to_string_pretty(status)? + "\n");
     }
     let mut out = String::new();
+    write_agent(&mut out, status)?;
     if !status.pinned {
         writeln!(
             out,
@@ -197,12 +242,8 @@ pub fn render(status: &Status, output: Output) -> Result<String> {
     )?;
     writeln!(
         out,
-        "sock_ops on cgroup v2 root: {}",
-        if status.sock_ops_attached {
-            "attached"
-        } else {
-            "NOT attached"
-        }
+        "pinned sock_ops links attached: {}",
+        status.sock_ops_attached
     )?;
     writeln!(
         out,

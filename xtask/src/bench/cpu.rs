@@ -60,8 +60,9 @@ fn cgroup2_mount() -> Option<PathBuf> {
 
 /// A cgroup v2 `rdb-<pid>` holding this process (and so every child it
 /// starts), for CPU accounting; on drop the process moves back and the cgroup
-/// is removed. Programs attached to the root cgroup (redirector's sock_ops)
-/// apply to it like to any other descendant.
+/// is removed. Programs attached to the root cgroup (redirector's bind hooks,
+/// and its sock_ops with `--sock-ops-cgroup root`) apply to it like to any
+/// other descendant.
 pub struct BenchCgroup {
     dir: PathBuf,
     home: PathBuf,
@@ -89,8 +90,33 @@ impl BenchCgroup {
     }
 }
 
+/// The live-store's "pod": a threaded child of the bench's cgroup. The
+/// thread that creates the live-store's listening socket moves in first, so
+/// the socket (and every connection it accepts) belongs to it while the load
+/// generator's sockets do not, as a querier and a live-store are in different
+/// pods: redirector attaches `sock_ops` there only.
+const LIVE_STORE_CGROUP: &str = "live-store";
+
+/// Moves the calling thread (only) into the live-store's cgroup.
+pub fn enter_live_store_cgroup() -> Result<()> {
+    let Some(bench) = BENCH_CGROUP.get() else {
+        return Ok(());
+    };
+    let dir = bench.join(LIVE_STORE_CGROUP);
+    if !dir.is_dir() {
+        std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        std::fs::write(dir.join("cgroup.type"), "threaded")
+            .with_context(|| format!("making {} threaded", dir.display()))?;
+    }
+    // SAFETY: gettid(2) has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    std::fs::write(dir.join("cgroup.threads"), tid.to_string())
+        .with_context(|| format!("moving thread {tid} into {}", dir.display()))
+}
+
 impl Drop for BenchCgroup {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir(self.dir.join(LIVE_STORE_CGROUP));
         let _ = std::fs::write(
             self.home.join("cgroup.procs"),
             std::process::id().to_string(),

@@ -37,6 +37,7 @@ impl LiveStore {
     pub fn start(ns: &Netns) -> Result<Self> {
         let listener = ns
             .try_run(|| {
+                super::cpu::enter_live_store_cgroup()?;
                 StdListener::bind(("::", LISTEN_PORT))
                     .with_context(|| format!("bind [::]:{LISTEN_PORT}"))
             })
