@@ -252,6 +252,16 @@ fn put_u16(out: &mut Vec<u8>, v: u16) {
     let _ = CompactFormatter.write_u16(out, v);
 }
 
+fn put_u8(out: &mut Vec<u8>, v: u8) {
+    if v >= 100 {
+        out.push(b'0' + v / 100);
+    }
+    if v >= 10 {
+        out.push(b'0' + v / 10 % 10);
+    }
+    out.push(b'0' + v % 10);
+}
+
 /// As `ip(family, words)` displays it.
 fn put_ip(out: &mut Vec<u8>, family: u16, words: [u32; 4]) {
     if family == AF_INET {
@@ -259,16 +269,27 @@ fn put_ip(out: &mut Vec<u8>, family: u16, words: [u32; 4]) {
             if i > 0 {
                 out.push(b'.');
             }
-            let _ = CompactFormatter.write_u8(out, octet);
+            put_u8(out, octet);
         }
     } else {
         let _ = write!(out, "{}", ip(family, words));
     }
 }
 
-/// A string as serde_json escapes it.
+/// A string as serde_json escapes it. Names rarely hold a byte serde_json
+/// escapes (controls, `"`, `\\`), so they are looked for first, in a loop
+/// without early exit that the compiler vectorizes.
 fn put_json_str(out: &mut Vec<u8>, s: &str) {
-    let _ = serde_json::to_writer(&mut *out, s);
+    let escapes = s.bytes().fold(false, |any, b| {
+        any | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if escapes {
+        let _ = serde_json::to_writer(&mut *out, s);
+    } else {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    }
 }
 
 /// A free-form value as `logfmt` writes it: quoted (Rust's escapes) if it is
