@@ -140,6 +140,26 @@ impl Recorder {
     }
 }
 
+/// What records say about a namespace, looked at once per run of records
+/// from it: names so rarely need JSON escapes that checking them for every
+/// record would cost more than writing them.
+#[derive(Clone, Copy)]
+pub struct Ns<'a> {
+    info: &'a NsInfo,
+    name_plain: bool,
+    comm_plain: bool,
+}
+
+impl<'a> Ns<'a> {
+    pub fn new(info: &'a NsInfo) -> Self {
+        Self {
+            info,
+            name_plain: json_plain(&info.name),
+            comm_plain: info.listener.as_ref().is_none_or(|o| json_plain(&o.comm)),
+        }
+    }
+}
+
 /// Renders kernel records straight into a byte buffer, in any format: the
 /// agent's hot path (two records per redirected connection), so nothing is
 /// allocated once the buffer has grown and no namespace name is copied. The
@@ -162,7 +182,7 @@ impl Renderer {
         out: &mut Vec<u8>,
         format: FlowFormat,
         e: &FlowEvent,
-        ns: Option<&NsInfo>,
+        ns: Option<Ns<'_>>,
         clock_offset_ns: i128,
     ) -> bool {
         let event = match e.kind {
@@ -180,7 +200,7 @@ impl Renderer {
             ns,
             // A refused connection found no listener.
             owner: ns
-                .and_then(|n| n.listener.as_ref())
+                .and_then(|n| n.info.listener.as_ref())
                 .filter(|_| e.kind != EVENT_REFUSED),
             close: e.kind == EVENT_CLOSE,
         };
@@ -234,7 +254,7 @@ struct Fields<'a> {
     event: &'static str,
     time: [u8; 27],
     e: &'a FlowEvent,
-    ns: Option<&'a NsInfo>,
+    ns: Option<Ns<'a>>,
     owner: Option<&'a Owner>,
     close: bool,
 }
@@ -252,43 +272,48 @@ fn put_u16(out: &mut Vec<u8>, v: u16) {
     let _ = CompactFormatter.write_u16(out, v);
 }
 
-fn put_u8(out: &mut Vec<u8>, v: u8) {
-    if v >= 100 {
-        out.push(b'0' + v / 100);
-    }
-    if v >= 10 {
-        out.push(b'0' + v / 10 % 10);
-    }
-    out.push(b'0' + v % 10);
-}
-
 /// As `ip(family, words)` displays it.
 fn put_ip(out: &mut Vec<u8>, family: u16, words: [u32; 4]) {
     if family == AF_INET {
-        for (i, octet) in words[0].to_ne_bytes().into_iter().enumerate() {
+        // Built on the stack, then appended at once.
+        let mut s = [0u8; 15];
+        let mut n = 0;
+        for (i, v) in words[0].to_ne_bytes().into_iter().enumerate() {
             if i > 0 {
-                out.push(b'.');
+                s[n] = b'.';
+                n += 1;
             }
-            put_u8(out, octet);
+            if v >= 100 {
+                s[n] = b'0' + v / 100;
+                n += 1;
+            }
+            if v >= 10 {
+                s[n] = b'0' + v / 10 % 10;
+                n += 1;
+            }
+            s[n] = b'0' + v % 10;
+            n += 1;
         }
+        out.extend_from_slice(&s[..n]);
     } else {
         let _ = write!(out, "{}", ip(family, words));
     }
 }
 
-/// A string as serde_json escapes it. Names rarely hold a byte serde_json
-/// escapes (controls, `"`, `\\`), so they are looked for first, in a loop
-/// without early exit that the compiler vectorizes.
-fn put_json_str(out: &mut Vec<u8>, s: &str) {
-    let escapes = s.bytes().fold(false, |any, b| {
-        any | (b < 0x20) | (b == b'"') | (b == b'\\')
-    });
-    if escapes {
-        let _ = serde_json::to_writer(&mut *out, s);
-    } else {
+/// Whether serde_json writes `s` as it is between quotes: no control
+/// character, `"` or `\`.
+fn json_plain(s: &str) -> bool {
+    !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\')
+}
+
+/// A string as serde_json escapes it; `plain` as [`json_plain`] says.
+fn put_json_str(out: &mut Vec<u8>, s: &str, plain: bool) {
+    if plain {
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');
+    } else {
+        let _ = serde_json::to_writer(&mut *out, s);
     }
 }
 
@@ -317,9 +342,9 @@ fn end_name(end: u8) -> &'static str {
 impl Fields<'_> {
     /// The namespace's name, or `cookie:N` when the agent does not know it;
     /// `name` writes a known name (escaped as the format wants).
-    fn put_netns(&self, out: &mut Vec<u8>, name: fn(&mut Vec<u8>, &str), quote: bool) {
+    fn put_netns(&self, out: &mut Vec<u8>, name: fn(&mut Vec<u8>, Ns), quote: bool) {
         match self.ns {
-            Some(info) => name(out, &info.name),
+            Some(ns) => name(out, ns),
             None => {
                 if quote {
                     out.push(b'"');
@@ -340,7 +365,11 @@ impl Fields<'_> {
         out.extend_from_slice(b"\",\"time\":\"");
         out.extend_from_slice(&self.time);
         out.extend_from_slice(b"\",\"netns\":");
-        self.put_netns(out, put_json_str, true);
+        self.put_netns(
+            out,
+            |out, ns| put_json_str(out, &ns.info.name, ns.name_plain),
+            true,
+        );
         out.extend_from_slice(b",\"netns_cookie\":");
         put_u64(out, e.netns_cookie);
         out.extend_from_slice(b",\"client_addr\":\"");
@@ -357,7 +386,8 @@ impl Fields<'_> {
             out.extend_from_slice(b",\"listener_pid\":");
             let _ = CompactFormatter.write_i32(out, o.pid);
             out.extend_from_slice(b",\"listener_comm\":");
-            put_json_str(out, &o.comm);
+            let plain = self.ns.is_some_and(|ns| ns.comm_plain);
+            put_json_str(out, &o.comm, plain);
         }
         if self.close {
             out.extend_from_slice(b",\"duration_ms\":");
@@ -386,7 +416,11 @@ impl Fields<'_> {
         out.extend_from_slice(self.event.as_bytes());
         out.extend(std::iter::repeat_n(b' ', 7 - self.event.len().min(7)));
         out.push(b' ');
-        self.put_netns(out, |out, s| out.extend_from_slice(s.as_bytes()), false);
+        self.put_netns(
+            out,
+            |out, ns| out.extend_from_slice(ns.info.name.as_bytes()),
+            false,
+        );
         out.push(b' ');
         // Any family but IPv4 displays as IPv6, with colons: bracketed.
         let v6 = e.family != AF_INET;
@@ -428,7 +462,7 @@ impl Fields<'_> {
         out.extend_from_slice(b" time=");
         out.extend_from_slice(&self.time);
         out.extend_from_slice(b" netns=");
-        self.put_netns(out, put_logfmt_str, false);
+        self.put_netns(out, |out, ns| put_logfmt_str(out, &ns.info.name), false);
         out.extend_from_slice(b" netns_cookie=");
         put_u64(out, e.netns_cookie);
         out.extend_from_slice(b" client_addr=");
@@ -707,7 +741,7 @@ mod tests {
                         write_line(&mut want, format, &record).expect("write");
                     }
                     let mut got = Vec::new();
-                    let known = renderer.render(&mut got, format, &e, info, offset);
+                    let known = renderer.render(&mut got, format, &e, info.map(Ns::new), offset);
                     assert_eq!(known, !want.is_empty());
                     assert_eq!(
                         String::from_utf8_lossy(&got),

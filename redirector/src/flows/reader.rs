@@ -13,7 +13,7 @@ use tokio::{io::unix::AsyncFd, sync::watch};
 
 use crate::{
     config::settings::{usage, Settings},
-    flows::log::{FlowFormat, NsInfo, Recorder, Renderer},
+    flows::log::{FlowFormat, Ns, Recorder, Renderer},
     flows::sub::Hub,
 };
 
@@ -182,7 +182,7 @@ fn drain(
             let names = recorder.namespaces.lock();
             let names = names.as_deref().ok();
             // Records come in runs from one namespace: one lookup per run.
-            let mut last: Option<(u64, Option<&NsInfo>)> = None;
+            let mut last: Option<(u64, Option<Ns>)> = None;
             loop {
                 if batch.out.len() >= WRITE_BATCH {
                     break true;
@@ -197,7 +197,7 @@ fn drain(
                 let ns = match last {
                     Some((cookie, ns)) if cookie == event.netns_cookie => ns,
                     _ => {
-                        let ns = names.and_then(|t| t.get(&event.netns_cookie));
+                        let ns = names.and_then(|t| t.get(&event.netns_cookie)).map(Ns::new);
                         last = Some((event.netns_cookie, ns));
                         ns
                     }
@@ -241,7 +241,7 @@ mod tests {
     //! <test binary> --ignored --exact flows::reader::tests::flow_cost
     //! --test-threads=1`, then Ir / 100000.
     use super::*;
-    use crate::discovery::listeners::Owner;
+    use crate::{discovery::listeners::Owner, flows::log::NsInfo};
     use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
     use redirector_common::{AF_INET, END_FIN, EVENT_CLOSE, EVENT_OPEN};
     use std::{
