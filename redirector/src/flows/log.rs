@@ -15,6 +15,7 @@ use redirector_common::{
     FlowEvent, AF_INET, END_ABORTED, END_FIN, END_RST, EVENT_CLOSE, EVENT_OPEN, EVENT_REFUSED,
 };
 use serde::Serialize;
+use serde_json::ser::{CompactFormatter, Formatter as _};
 
 use crate::discovery::listeners::Owner;
 
@@ -136,6 +137,365 @@ impl Recorder {
                 _ => "unknown",
             }),
         })
+    }
+}
+
+/// What records say about a namespace, looked at once per run of records
+/// from it: names so rarely need JSON escapes that checking them for every
+/// record would cost more than writing them.
+#[derive(Clone, Copy)]
+pub struct Ns<'a> {
+    info: &'a NsInfo,
+    name_plain: bool,
+    comm_plain: bool,
+}
+
+impl<'a> Ns<'a> {
+    pub fn new(info: &'a NsInfo) -> Self {
+        Self {
+            info,
+            name_plain: json_plain(&info.name),
+            comm_plain: info.listener.as_ref().is_none_or(|o| json_plain(&o.comm)),
+        }
+    }
+}
+
+/// Renders kernel records straight into a byte buffer, in any format: the
+/// agent's hot path (two records per redirected connection), so nothing is
+/// allocated once the buffer has grown and no namespace name is copied. The
+/// lines are byte for byte those [`write_line`] renders from
+/// [`Recorder::record`] (the tests compare them); `write_line` stays for
+/// records that arrive as JSON (`redirector flows`).
+#[derive(Default)]
+pub struct Renderer {
+    /// The last whole second rendered and its `YYYY-MM-DDTHH:MM:SS`: records
+    /// come in bursts, so the calendar arithmetic runs about once a second.
+    second: Option<(u64, [u8; 19])>,
+}
+
+impl Renderer {
+    /// Appends `e` as one line in `format`; false (nothing appended) for a
+    /// kind of record this agent does not know. `ns` is what the agent knows
+    /// of the record's namespace, if anything.
+    pub fn render(
+        &mut self,
+        out: &mut Vec<u8>,
+        format: FlowFormat,
+        e: &FlowEvent,
+        ns: Option<Ns<'_>>,
+        clock_offset_ns: i128,
+    ) -> bool {
+        let event = match e.kind {
+            EVENT_OPEN => "open",
+            EVENT_CLOSE => "close",
+            EVENT_REFUSED => "refused",
+            _ => return false,
+        };
+        // As `Recorder::record` computes it, truncation included.
+        let unix_ns = (e.ts_ns as i128 + clock_offset_ns).max(0) as u128 as u64;
+        let r = Fields {
+            event,
+            time: self.time(unix_ns),
+            e,
+            ns,
+            // A refused connection found no listener.
+            owner: ns
+                .and_then(|n| n.info.listener.as_ref())
+                .filter(|_| e.kind != EVENT_REFUSED),
+            close: e.kind == EVENT_CLOSE,
+        };
+        match format {
+            FlowFormat::Json => r.json(out),
+            FlowFormat::Text => r.text(out),
+            FlowFormat::Logfmt => r.logfmt(out),
+        }
+        true
+    }
+
+    /// `YYYY-MM-DDTHH:MM:SS.uuuuuuZ`, as `humantime::format_rfc3339_micros`.
+    fn time(&mut self, unix_ns: u64) -> [u8; 27] {
+        let (secs, nanos) = (unix_ns / 1_000_000_000, unix_ns % 1_000_000_000);
+        let prefix = match self.second {
+            Some((s, p)) if s == secs => p,
+            _ => {
+                let p = calendar(secs);
+                self.second = Some((secs, p));
+                p
+            }
+        };
+        let mut t = *b"0000-00-00T00:00:00.000000Z";
+        t[..19].copy_from_slice(&prefix);
+        let mut micros = nanos / 1_000;
+        for d in t[20..26].iter_mut().rev() {
+            *d = b'0' + (micros % 10) as u8;
+            micros /= 10;
+        }
+        t
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of `secs` after the epoch. humantime refuses only
+/// years past 9999, which u64 nanoseconds never reach.
+fn calendar(secs: u64) -> [u8; 19] {
+    let mut buf = [b'0'; 20];
+    let mut w: &mut [u8] = &mut buf;
+    let _ = write!(
+        w,
+        "{}",
+        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs))
+    );
+    let mut prefix = [0; 19];
+    prefix.copy_from_slice(&buf[..19]);
+    prefix
+}
+
+/// One record's fields, borrowed, for [`Renderer`].
+struct Fields<'a> {
+    event: &'static str,
+    time: [u8; 27],
+    e: &'a FlowEvent,
+    ns: Option<Ns<'a>>,
+    owner: Option<&'a Owner>,
+    close: bool,
+}
+
+// Writes into a Vec<u8> cannot fail, hence the ignored io::Results below.
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    let _ = CompactFormatter.write_u64(out, v);
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    let _ = CompactFormatter.write_u32(out, v);
+}
+
+fn put_u16(out: &mut Vec<u8>, v: u16) {
+    let _ = CompactFormatter.write_u16(out, v);
+}
+
+/// As `ip(family, words)` displays it.
+fn put_ip(out: &mut Vec<u8>, family: u16, words: [u32; 4]) {
+    if family == AF_INET {
+        // Built on the stack, then appended at once.
+        let mut s = [0u8; 15];
+        let mut n = 0;
+        for (i, v) in words[0].to_ne_bytes().into_iter().enumerate() {
+            if i > 0 {
+                s[n] = b'.';
+                n += 1;
+            }
+            if v >= 100 {
+                s[n] = b'0' + v / 100;
+                n += 1;
+            }
+            if v >= 10 {
+                s[n] = b'0' + v / 10 % 10;
+                n += 1;
+            }
+            s[n] = b'0' + v % 10;
+            n += 1;
+        }
+        out.extend_from_slice(&s[..n]);
+    } else {
+        let _ = write!(out, "{}", ip(family, words));
+    }
+}
+
+/// Whether serde_json writes `s` as it is between quotes: no control
+/// character, `"` or `\`.
+fn json_plain(s: &str) -> bool {
+    !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\')
+}
+
+/// A string as serde_json escapes it; `plain` as [`json_plain`] says.
+fn put_json_str(out: &mut Vec<u8>, s: &str, plain: bool) {
+    if plain {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+}
+
+/// A free-form value as `logfmt` writes it: quoted (Rust's escapes) if it is
+/// empty or has spaces, quotes, `=` or control characters.
+fn put_logfmt_str(out: &mut Vec<u8>, v: &str) {
+    let needs_quotes = v.is_empty()
+        || v.chars()
+            .any(|c| c == ' ' || c == '"' || c == '=' || c.is_control());
+    if needs_quotes {
+        let _ = write!(out, "{v:?}");
+    } else {
+        out.extend_from_slice(v.as_bytes());
+    }
+}
+
+fn end_name(end: u8) -> &'static str {
+    match end {
+        END_FIN => "fin",
+        END_RST => "rst",
+        END_ABORTED => "aborted",
+        _ => "unknown",
+    }
+}
+
+impl Fields<'_> {
+    /// The namespace's name, or `cookie:N` when the agent does not know it;
+    /// `name` writes a known name (escaped as the format wants).
+    fn put_netns(&self, out: &mut Vec<u8>, name: fn(&mut Vec<u8>, Ns), quote: bool) {
+        match self.ns {
+            Some(ns) => name(out, ns),
+            None => {
+                if quote {
+                    out.push(b'"');
+                }
+                out.extend_from_slice(b"cookie:");
+                put_u64(out, self.e.netns_cookie);
+                if quote {
+                    out.push(b'"');
+                }
+            }
+        }
+    }
+
+    fn json(&self, out: &mut Vec<u8>) {
+        let e = self.e;
+        out.extend_from_slice(b"{\"event\":\"");
+        out.extend_from_slice(self.event.as_bytes());
+        out.extend_from_slice(b"\",\"time\":\"");
+        out.extend_from_slice(&self.time);
+        out.extend_from_slice(b"\",\"netns\":");
+        self.put_netns(
+            out,
+            |out, ns| put_json_str(out, &ns.info.name, ns.name_plain),
+            true,
+        );
+        out.extend_from_slice(b",\"netns_cookie\":");
+        put_u64(out, e.netns_cookie);
+        out.extend_from_slice(b",\"client_addr\":\"");
+        put_ip(out, e.family, e.remote_ip);
+        out.extend_from_slice(b"\",\"client_port\":");
+        put_u16(out, e.remote_port);
+        out.extend_from_slice(b",\"local_addr\":\"");
+        put_ip(out, e.family, e.local_ip);
+        out.extend_from_slice(b"\",\"advertise_port\":");
+        put_u16(out, e.local_port);
+        out.extend_from_slice(b",\"listen_port\":");
+        put_u16(out, e.listen_port);
+        if let Some(o) = self.owner {
+            out.extend_from_slice(b",\"listener_pid\":");
+            let _ = CompactFormatter.write_i32(out, o.pid);
+            out.extend_from_slice(b",\"listener_comm\":");
+            let plain = self.ns.is_some_and(|ns| ns.comm_plain);
+            put_json_str(out, &o.comm, plain);
+        }
+        if self.close {
+            out.extend_from_slice(b",\"duration_ms\":");
+            // Always finite (a u64 over 1e6), so never serde_json's `null`.
+            let _ = CompactFormatter.write_f64(out, e.duration_ns as f64 / 1e6);
+            out.extend_from_slice(b",\"bytes_received\":");
+            put_u64(out, e.bytes_received);
+            out.extend_from_slice(b",\"bytes_sent\":");
+            put_u64(out, e.bytes_sent);
+            out.extend_from_slice(b",\"srtt_us\":");
+            put_u32(out, e.srtt_us);
+            out.extend_from_slice(b",\"retransmits\":");
+            put_u32(out, e.retransmits);
+            out.extend_from_slice(b",\"end\":\"");
+            out.extend_from_slice(end_name(e.end).as_bytes());
+            out.push(b'"');
+        }
+        out.extend_from_slice(b"}\n");
+    }
+
+    fn text(&self, out: &mut Vec<u8>) {
+        let e = self.e;
+        out.extend_from_slice(&self.time);
+        out.push(b' ');
+        // `{:<7}`: every event name is ASCII and at most 7 long.
+        out.extend_from_slice(self.event.as_bytes());
+        out.extend(std::iter::repeat_n(b' ', 7 - self.event.len().min(7)));
+        out.push(b' ');
+        self.put_netns(
+            out,
+            |out, ns| out.extend_from_slice(ns.info.name.as_bytes()),
+            false,
+        );
+        out.push(b' ');
+        // Any family but IPv4 displays as IPv6, with colons: bracketed.
+        let v6 = e.family != AF_INET;
+        if v6 {
+            out.push(b'[');
+        }
+        put_ip(out, e.family, e.remote_ip);
+        if v6 {
+            out.push(b']');
+        }
+        out.push(b':');
+        put_u16(out, e.remote_port);
+        out.extend_from_slice(b" -> :");
+        put_u16(out, e.local_port);
+        out.extend_from_slice(b" => :");
+        put_u16(out, e.listen_port);
+        if self.close {
+            let _ = write!(out, " {:.3}", e.duration_ns as f64 / 1e6);
+            out.extend_from_slice(b"ms rx=");
+            put_u64(out, e.bytes_received);
+            out.extend_from_slice(b"B tx=");
+            put_u64(out, e.bytes_sent);
+            out.extend_from_slice(b"B srtt=");
+            put_u32(out, e.srtt_us);
+            out.extend_from_slice(b"us retrans=");
+            put_u32(out, e.retransmits);
+            out.extend_from_slice(b" end=");
+            out.extend_from_slice(end_name(e.end).as_bytes());
+        }
+        out.push(b'\n');
+    }
+
+    /// Event names, times, addresses and end reasons never need quotes;
+    /// namespace and process names may.
+    fn logfmt(&self, out: &mut Vec<u8>) {
+        let e = self.e;
+        out.extend_from_slice(b"event=");
+        out.extend_from_slice(self.event.as_bytes());
+        out.extend_from_slice(b" time=");
+        out.extend_from_slice(&self.time);
+        out.extend_from_slice(b" netns=");
+        self.put_netns(out, |out, ns| put_logfmt_str(out, &ns.info.name), false);
+        out.extend_from_slice(b" netns_cookie=");
+        put_u64(out, e.netns_cookie);
+        out.extend_from_slice(b" client_addr=");
+        put_ip(out, e.family, e.remote_ip);
+        out.extend_from_slice(b" client_port=");
+        put_u16(out, e.remote_port);
+        out.extend_from_slice(b" local_addr=");
+        put_ip(out, e.family, e.local_ip);
+        out.extend_from_slice(b" advertise_port=");
+        put_u16(out, e.local_port);
+        out.extend_from_slice(b" listen_port=");
+        put_u16(out, e.listen_port);
+        if let Some(o) = self.owner {
+            out.extend_from_slice(b" listener_pid=");
+            let _ = CompactFormatter.write_i32(out, o.pid);
+            out.extend_from_slice(b" listener_comm=");
+            put_logfmt_str(out, &o.comm);
+        }
+        if self.close {
+            out.extend_from_slice(b" duration_ms=");
+            let _ = CompactFormatter.write_f64(out, e.duration_ns as f64 / 1e6);
+            out.extend_from_slice(b" bytes_received=");
+            put_u64(out, e.bytes_received);
+            out.extend_from_slice(b" bytes_sent=");
+            put_u64(out, e.bytes_sent);
+            out.extend_from_slice(b" srtt_us=");
+            put_u32(out, e.srtt_us);
+            out.extend_from_slice(b" retransmits=");
+            put_u32(out, e.retransmits);
+            out.extend_from_slice(b" end=");
+            out.extend_from_slice(end_name(e.end).as_bytes());
+        }
+        out.push(b'\n');
     }
 }
 
@@ -279,6 +639,118 @@ mod tests {
             "{line}"
         );
         assert!(!line.contains("bytes_received"), "{line}");
+    }
+
+    /// The hot path renders exactly what the reference path (`record`, then
+    /// `write_line`) does, in every format, for every kind of record, family,
+    /// namespace name (quotes, controls, non-ASCII, empty), owner and value.
+    #[test]
+    fn the_renderer_writes_what_write_line_writes() {
+        let names = [
+            "/var/run/netns/live-store-0",
+            "/var/run/netns/live store",
+            "",
+            "quo\"te\\back=eq",
+            "tab\tnew\nline\u{1}\u{7f}",
+            "é\u{301}\u{200b}",
+        ];
+        let mut table = HashMap::new();
+        for (i, name) in names.iter().enumerate() {
+            let listener = match i % 3 {
+                0 => None,
+                1 => Some(Owner {
+                    pid: i as i32 * 1000 - 2000,
+                    comm: "tempo".to_owned(),
+                }),
+                _ => Some(Owner {
+                    pid: i32::MAX,
+                    comm: name.to_string(),
+                }),
+            };
+            table.insert(
+                i as u64 + 1,
+                NsInfo {
+                    name: name.to_string(),
+                    listener,
+                },
+            );
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            // xorshift64*: varied, and the same every run.
+            seed ^= seed >> 12;
+            seed ^= seed << 25;
+            seed ^= seed >> 27;
+            seed.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        };
+        for offset in [
+            0i128,
+            1_700_000_000_123_456_789,
+            -5_000_000_000,
+            i128::from(u64::MAX),
+        ] {
+            let recorder = Recorder {
+                namespaces: Arc::new(Mutex::new(table.clone())),
+                clock_offset_ns: offset,
+            };
+            let mut renderer = Renderer::default();
+            let mut ts = 1_000_000_000u64;
+            for i in 0..20_000u64 {
+                let r = next();
+                let mut e = event([EVENT_OPEN, EVENT_CLOSE, EVENT_REFUSED, 0, 9][(r % 5) as usize]);
+                e.end = (r >> 3) as u8 % 5;
+                e.family = [AF_INET, AF_INET, 10, 0][(r >> 6) as usize % 4];
+                e.netns_cookie = (r >> 8) % 8;
+                e.remote_port = (r >> 16) as u16;
+                e.local_port = (r >> 20) as u16;
+                e.listen_port = (r >> 24) as u16;
+                e.srtt_us = (r >> 32) as u32;
+                e.retransmits = if i % 7 == 0 {
+                    u32::MAX
+                } else {
+                    (r >> 40) as u32 % 4
+                };
+                // Seconds apart, the same second, or back in time; now and then huge.
+                ts = match r % 4 {
+                    0 => ts + (r >> 30) % 3_000_000_000,
+                    1 => ts + (r >> 30) % 1000,
+                    2 => ts.saturating_sub((r >> 30) % 2_000_000_000),
+                    _ if i % 101 == 0 => next(),
+                    _ => ts,
+                };
+                e.ts_ns = ts;
+                e.duration_ns = match i % 6 {
+                    0 => next(),
+                    1 => 1500,
+                    2 => 0,
+                    _ => next() % 100_000_000_000,
+                };
+                e.bytes_received = next();
+                e.bytes_sent = next() % 4096;
+                let mut words = || -> [u32; 4] { std::array::from_fn(|_| next() as u32) };
+                e.remote_ip = if i % 9 == 0 { [0; 4] } else { words() };
+                e.local_ip = if i % 5 == 0 {
+                    [0, 0, u32::to_be(0xffff), 7]
+                } else {
+                    words()
+                };
+                let info = table.get(&e.netns_cookie);
+                for format in [FlowFormat::Json, FlowFormat::Text, FlowFormat::Logfmt] {
+                    let mut want = Vec::new();
+                    if let Some(record) = recorder.record(&e) {
+                        write_line(&mut want, format, &record).expect("write");
+                    }
+                    let mut got = Vec::new();
+                    let known = renderer.render(&mut got, format, &e, info.map(Ns::new), offset);
+                    assert_eq!(known, !want.is_empty());
+                    assert_eq!(
+                        String::from_utf8_lossy(&got),
+                        String::from_utf8_lossy(&want),
+                        "{format:?} {e:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

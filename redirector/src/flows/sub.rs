@@ -39,13 +39,11 @@ use tokio::{
     task::JoinSet,
 };
 
-use crate::flows::log::{self, FlowFormat, FlowRecord};
-
 /// Where the agent listens for subscribers unless told otherwise.
 pub const DEFAULT_FLOWS_SOCKET: &str = "/run/redirector/flows.sock";
 
-/// Records kept for `{"last":N}` (`redirector flows --last N`): ~300 bytes
-/// each, so a few hundred KiB.
+/// Records kept for `{"last":N}` (`redirector flows --last N`): JSON lines of
+/// ~300 bytes each, so a few hundred KiB.
 pub const HISTORY: usize = 1024;
 
 /// How long the agent waits for a subscriber's request line before streaming
@@ -85,7 +83,10 @@ impl Notice {
     }
 }
 
-type Subscription = broadcast::Receiver<Arc<FlowRecord>>;
+/// One record: its JSON line, newline included.
+type Line = Arc<[u8]>;
+
+type Subscription = broadcast::Receiver<Line>;
 
 /// Fans records out to subscribers and keeps the most recent ones.
 pub struct Hub {
@@ -95,9 +96,11 @@ pub struct Hub {
 }
 
 struct Inner {
-    history: VecDeque<Arc<FlowRecord>>,
+    /// Kept JSON lines; the oldest's buffer takes the newest line, so keeping
+    /// records allocates nothing once the history is full.
+    history: VecDeque<Vec<u8>>,
     /// None once the agent stops: subscribers then end after the last record.
-    tx: Option<broadcast::Sender<Arc<FlowRecord>>>,
+    tx: Option<broadcast::Sender<Line>>,
 }
 
 impl Hub {
@@ -121,28 +124,43 @@ impl Hub {
         (ring_bytes as usize / record).clamp(256, 65_536)
     }
 
-    /// Hands `record` to every subscriber; never waits.
-    pub fn publish(&self, record: FlowRecord) {
-        let record = Arc::new(record);
+    /// Keeps `lines` (each a record's JSON line, newline included) and hands
+    /// them to every subscriber; never waits. With nobody subscribed (the
+    /// usual case) that is a copy into the history and nothing else.
+    pub fn publish<'a>(&self, lines: impl IntoIterator<Item = &'a [u8]>) {
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
-        if inner.history.len() == HISTORY {
-            inner.history.pop_front();
-        }
-        inner.history.push_back(record.clone());
-        if let Some(tx) = &inner.tx {
-            // Err only means nobody is subscribed.
-            let _ = tx.send(record);
+        let Inner { history, tx } = &mut *inner;
+        // Subscribing takes this lock, so nobody joins before we are done.
+        let tx = tx.as_ref().filter(|tx| tx.receiver_count() > 0);
+        for line in lines {
+            let mut kept = match history.len() {
+                HISTORY => history.pop_front().unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            kept.clear();
+            kept.extend_from_slice(line);
+            history.push_back(kept);
+            if let Some(tx) = tx {
+                // Err only means every subscriber has left meanwhile.
+                let _ = tx.send(Line::from(line));
+            }
         }
     }
 
     /// A receiver and the records kept so far, taken together so that replay
     /// and live records neither overlap nor leave a gap.
-    fn subscribe(&self) -> Option<(Subscription, Vec<Arc<FlowRecord>>)> {
+    pub(crate) fn subscribe(&self) -> Option<(Subscription, Vec<u8>, Vec<usize>)> {
         let inner = self.inner.lock().ok()?;
         let rx = inner.tx.as_ref()?.subscribe();
-        Some((rx, inner.history.iter().cloned().collect()))
+        let mut lines = Vec::with_capacity(inner.history.iter().map(Vec::len).sum());
+        let mut ends = Vec::with_capacity(inner.history.len());
+        for line in &inner.history {
+            lines.extend_from_slice(line);
+            ends.push(lines.len());
+        }
+        Some((rx, lines, ends))
     }
 
     /// Ends every subscription once its receiver has taken what is left.
@@ -278,7 +296,7 @@ impl Drop for Connected {
 async fn subscriber(stream: UnixStream, hub: Arc<Hub>) {
     // Subscribed at once, so nothing published from now on is missed even
     // while we wait for the request.
-    let Some((mut rx, history)) = hub.subscribe() else {
+    let Some((mut rx, history, ends)) = hub.subscribe() else {
         return;
     };
     hub.subscribers.inc();
@@ -302,10 +320,10 @@ async fn subscriber(stream: UnixStream, hub: Arc<Hub>) {
         Err(_) => Request::default(),
     };
     let mut buf = Vec::with_capacity(WRITE_BATCH);
-    let skip = history.len().saturating_sub(request.last);
-    for record in &history[skip..] {
-        push_record(&mut buf, record);
-    }
+    // The last `request.last` kept lines: from the end of the one before them.
+    let skip = ends.len().saturating_sub(request.last);
+    let from = skip.checked_sub(1).map_or(0, |i| ends[i]);
+    buf.extend_from_slice(&history[from..]);
     buf.extend_from_slice(Notice::Live(true).line().as_bytes());
     drop(history);
     if write.write_all(&buf).await.is_err() {
@@ -320,7 +338,7 @@ async fn subscriber(stream: UnixStream, hub: Arc<Hub>) {
                 // Take what is already waiting too: one write per batch.
                 loop {
                     match next {
-                        Ok(record) => push_record(&mut buf, &record),
+                        Ok(line) => buf.extend_from_slice(&line),
                         Err(broadcast::error::RecvError::Lagged(n)) => {
                             hub.lost.inc_by(n);
                             buf.extend_from_slice(Notice::Lost(n).line().as_bytes());
@@ -362,14 +380,10 @@ async fn subscriber(stream: UnixStream, hub: Arc<Hub>) {
     }
 }
 
-fn push_record(buf: &mut Vec<u8>, record: &FlowRecord) {
-    // Exactly the agent's JSON flow log line; writing to a Vec cannot fail.
-    let _ = log::write_line(buf, FlowFormat::Json, record);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flows::log::{self, FlowFormat, FlowRecord};
 
     #[test]
     fn notices_are_one_key_objects() {
@@ -395,7 +409,14 @@ mod tests {
         assert!(serde_json::from_str::<Request>("{\"lats\":20}").is_err());
     }
 
-    fn record(port: u16) -> FlowRecord {
+    /// A record's JSON line, as the agent publishes it.
+    fn record(port: u16) -> Vec<u8> {
+        let mut line = Vec::new();
+        log::write_line(&mut line, FlowFormat::Json, &wire(port)).expect("json");
+        line
+    }
+
+    fn wire(port: u16) -> FlowRecord {
         FlowRecord {
             event: "open",
             time: "2026-01-01T00:00:00.000000Z".into(),
@@ -433,7 +454,7 @@ mod tests {
         let (lost, subscribers) = (Counter::default(), Gauge::default());
         let hub = Arc::new(Hub::new(4, lost.clone(), subscribers.clone()));
         for port in 1..=3 {
-            hub.publish(record(port));
+            hub.publish([record(port).as_slice()]);
         }
         let server = Server::start(&path, hub.clone()).expect("listens");
         let mode = fs::metadata(&path).expect("socket").permissions().mode();
@@ -453,11 +474,11 @@ mod tests {
         assert_eq!(next!(), "{\"live\":true}");
         assert_eq!(subscribers.get(), 1);
 
-        hub.publish(record(4));
+        hub.publish([record(4).as_slice()]);
         assert_eq!(port_of(&next!()), 4);
         // 10 records at once into a channel of 4: the oldest 6 are missed.
         for port in 5..=14 {
-            hub.publish(record(port));
+            hub.publish([record(port).as_slice()]);
         }
         assert_eq!(next!(), "{\"lost\":6}");
         for port in 11..=14 {
@@ -466,7 +487,7 @@ mod tests {
         assert_eq!(lost.get(), 6);
 
         // A stopping agent hands over the last records, then hangs up.
-        hub.publish(record(15));
+        hub.publish([record(15).as_slice()]);
         server.shutdown().await;
         assert_eq!(port_of(&next!()), 15);
         assert!(lines.next_line().await.expect("eof").is_none());
