@@ -9,12 +9,14 @@
 //! (live-store stand-in), `grpc` (its service), `workloads` (load
 //! generators), `metric` (every figure, named once), `targets` (the issue's
 //! goals, each defined once), `cpu`, `bpf` (sk_lookup cost, run-time stats),
-//! `profile` (where redirector's per-connection cost goes), `stats`, `report`,
+//! `profile` (where redirector's per-connection cost goes), `bystander` (what
+//! the agent costs pods it does not serve), `stats`, `report`,
 //! `charts`, `packages` (Debian installs), `faults/` (`--faults`: failure
 //! modes).
 
 mod agent;
 mod bpf;
+mod bystander;
 mod charts;
 mod cpu;
 mod faults;
@@ -153,6 +155,10 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         match profile::measure(&env, &querier, slot) {
             Ok(p) => collected.profile = p,
             Err(e) => notes.push(format!("profile: {e:#}")),
+        }
+        match bystander::measure(&plan, &env) {
+            Ok(b) => collected.bystander = Some(b),
+            Err(e) => notes.push(format!("bystander: {e:#}")),
         }
     }
     drop(querier);

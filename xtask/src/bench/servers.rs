@@ -35,10 +35,14 @@ pub struct LiveStore {
 
 impl LiveStore {
     pub fn start(ns: &Netns) -> Result<Self> {
+        Self::start_on(ns, LISTEN_PORT)
+    }
+
+    /// The same server on another `port` (the bystander workload's pod).
+    pub fn start_on(ns: &Netns, port: u16) -> Result<Self> {
         let listener = ns
             .try_run(|| {
-                StdListener::bind(("::", LISTEN_PORT))
-                    .with_context(|| format!("bind [::]:{LISTEN_PORT}"))
+                StdListener::bind(("::", port)).with_context(|| format!("bind [::]:{port}"))
             })
             .with_context(|| format!("live-store listener in {}", ns.name))?;
         listener.set_nonblocking(true)?;
