@@ -12,7 +12,7 @@
 //! `profile` (where redirector's per-connection cost goes), `bystander` (what
 //! the agent costs pods it does not serve), `stats`, `report`,
 //! `charts`, `packages` (Debian installs), `faults/` (`--faults`: failure
-//! modes).
+//! modes), `scale/` (`--scale`: the agent with `--discover` among many pods).
 
 mod agent;
 mod bpf;
@@ -28,6 +28,7 @@ mod plan;
 mod profile;
 mod report;
 mod rounds;
+pub mod scale;
 mod servers;
 mod stats;
 mod targets;
@@ -76,6 +77,17 @@ pub struct BenchArgs {
     /// With --faults: only these scenarios (synflood, restart, agent-kill).
     #[arg(long, value_delimiter = ',', requires = "faults")]
     pub scenario: Vec<String>,
+    /// The agent with --discover among many pods instead of paths: for each
+    /// comma-separated count of live-store namespaces, time until all are
+    /// served, listen-to-served of 100 new ones, idle CPU, memory; writes
+    /// target/bench/scale/. With --quick: a shorter idle window, 20 new starts.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "N,N,...",
+        conflicts_with_all = ["smoke", "repeats", "paths", "faults"]
+    )]
+    pub scale: Vec<usize>,
 }
 
 impl BenchArgs {
@@ -121,6 +133,9 @@ pub fn main(root: &Path, args: BenchArgs) -> Result<()> {
 pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
     if args.faults {
         return faults::run(root, &args);
+    }
+    if !args.scale.is_empty() {
+        return scale::run(root, &args);
     }
     let started = Instant::now();
     let plan = Plan::for_args(&args);
