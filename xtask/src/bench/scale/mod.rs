@@ -61,7 +61,8 @@ impl ScalePlan {
             new_starts: if a.quick { 20 } else { 100 },
             new_start_spacing_ms: 75,
             idle_secs: if a.quick { 5.0 } else { 20.0 },
-            served_limit_secs: 120.0,
+            // At 1000 the agent took 113 s to say ready (this machine, 2 cores).
+            served_limit_secs: 300.0,
         }
     }
 }
@@ -101,6 +102,8 @@ pub struct Point {
     pub queriers_served: usize,
     /// SIGTERM to exit (detaching from every namespace).
     pub agent_stop_secs: f64,
+    /// Why the agent did not exit cleanly, if it did not.
+    pub agent_stop_error: Option<String>,
     pub secs: f64,
 }
 
@@ -405,7 +408,11 @@ fn measure(ctx: &Ctx, n: usize, baseline: Option<&Memory>) -> Result<Point> {
         p.queriers_served
     );
     let stop = Instant::now();
-    agent.stop().context("stopping the agent")?;
+    // A figure, not a failure: at a thousand namespaces the agent takes
+    // longer than the launcher's 10 s grace to detach, and is killed.
+    if let Err(e) = agent.stop() {
+        p.agent_stop_error = Some(format!("{e:#}"));
+    }
     p.agent_stop_secs = stop.elapsed().as_secs_f64();
     drop(pods);
     drop(cgroups);

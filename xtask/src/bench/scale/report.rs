@@ -157,9 +157,20 @@ pub fn markdown(r: &ScaleResults) -> String {
             if p.queriers_served == 0 { "yes" } else { "**no**" },
         );
     }
-    if !r.notes.is_empty() {
+    let stops: Vec<String> = r
+        .points
+        .iter()
+        .filter_map(|p| {
+            let e = p.agent_stop_error.as_ref()?;
+            Some(format!(
+                "N={}: the agent's exit after SIGTERM: {e}",
+                p.namespaces
+            ))
+        })
+        .collect();
+    if !r.notes.is_empty() || !stops.is_empty() {
         let _ = writeln!(s, "\n## Notes\n");
-        for n in &r.notes {
+        for n in r.notes.iter().chain(&stops) {
             let _ = writeln!(s, "- {n}");
         }
     }
