@@ -111,7 +111,7 @@ pub fn markdown(r: &ScaleResults) -> String {
     }
     let _ = writeln!(
         s,
-        "\n## Resources\n\nIdle CPU: the agent's utime+stime over {:.0} s once everything is served, % of one core. Memory: the agent's VmRSS, and `memlock` of the BPF maps and programs it holds fds for (/proc/PID/fdinfo; links have none, counted only). Per namespace: (figure − the N=0 figure) / namespaces served at that moment (live-stores + new starts + querier namespaces served).\n",
+        "\n## Resources\n\nIdle CPU: the agent's utime+stime over {:.0} s once everything is served, % of one core. Memory: the agent's VmRSS, and `memlock` of the BPF maps it holds fds for and of the programs it holds by fd or through its links (/proc/PID/fdinfo, the kernel's program list; links themselves report none). Per namespace: (figure − the N=0 figure) / namespaces served at that moment (live-stores + new starts + querier namespaces served).\n",
         r.plan.idle_secs
     );
     let _ = writeln!(
