@@ -510,6 +510,10 @@ pub struct AgentOptions {
     /// it so that no agent outlives a killed harness; tests leave it off, as
     /// they may start an agent on a helper thread and keep it after.
     pub die_with_parent: bool,
+    /// How long to wait for `ready` [default: 20 s]. The bench's scale mode
+    /// starts an agent that discovers a thousand namespaces before it is
+    /// ready.
+    pub ready_within: Option<Duration>,
 }
 
 fn collect(
@@ -626,7 +630,8 @@ impl Agent {
             stderr,
             readers,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let within = opts.ready_within.unwrap_or(Duration::from_secs(20));
+        let deadline = Instant::now() + within;
         loop {
             if agent.status().iter().any(|l| l.starts_with("ready")) {
                 return Ok(agent);
@@ -640,7 +645,7 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "agent not ready after 20 s; stderr: {}",
+                    "agent not ready after {within:?}; stderr: {}",
                     agent.stderr().join("\n")
                 );
             }

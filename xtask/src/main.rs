@@ -68,6 +68,13 @@ enum Cmd {
     /// Benchmark redirector against direct, nftables and sidecar proxies, in
     /// namespaces on this machine: `--quick` (< 1 min) or full (minutes).
     Bench(bench::BenchArgs),
+    /// A pod of `bench --scale` (started by the bench itself): listens,
+    /// says so, answers every connection with its name.
+    #[command(name = bench::scale::POD_COMMAND, hide = true)]
+    ScalePod {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -163,6 +170,7 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
         Cmd::Bench(args) => bench::main(&root, args),
+        Cmd::ScalePod { args } => bench::scale::pod_main(&args),
     }
 }
 

@@ -30,6 +30,16 @@ pub fn flow_log_args(dir: &Path) -> String {
 /// the default one another agent on the machine may use) and stdout/stderr
 /// copies go to `dir`.
 pub fn launch(bin: &Path, namespaces: &[&Netns], extra: &[&str], dir: &Path) -> Result<Agent> {
+    Agent::launch(&options(bin, namespaces, extra, dir)?)
+}
+
+/// How [`launch`] runs the agent, for a caller that changes a setting first.
+pub fn options(
+    bin: &Path,
+    namespaces: &[&Netns],
+    extra: &[&str],
+    dir: &Path,
+) -> Result<AgentOptions> {
     std::fs::create_dir_all(dir)?;
     let path = |p: PathBuf| p.display().to_string();
     let mut args: Vec<String> = [
@@ -46,7 +56,7 @@ pub fn launch(bin: &Path, namespaces: &[&Netns], extra: &[&str], dir: &Path) -> 
     ]
     .into();
     args.extend(extra.iter().map(|s| s.to_string()));
-    Agent::launch(&AgentOptions {
+    Ok(AgentOptions {
         bin: Some(bin.to_owned()),
         args,
         netns: namespaces.iter().map(|ns| ns.path()).collect(),

@@ -211,6 +211,28 @@ pub fn run_stats() -> Vec<ProgStats> {
         .collect()
 }
 
+/// What every redirector program's name starts with: the two of today and
+/// any added later (a tracing `redir_listen`, say), so that a measurement of
+/// "everything redirector runs" needs no update when a program is added.
+pub const PROG_PREFIX: &str = "redir_";
+
+/// Every loaded program whose name starts with [`PROG_PREFIX`] (any
+/// agent's), with its run-time statistics.
+pub fn prefixed_run_stats() -> Vec<ProgStats> {
+    aya::programs::loaded_programs()
+        .filter_map(|p| p.ok())
+        .filter_map(|p| {
+            let name = p.name_as_str()?;
+            name.starts_with(PROG_PREFIX).then(|| ProgStats {
+                id: p.id(),
+                name: name.to_owned(),
+                run_time_ns: u64::try_from(p.run_time().as_nanos()).unwrap_or(u64::MAX),
+                run_count: p.run_count(),
+            })
+        })
+        .collect()
+}
+
 /// Ids of redirector's programs loaded now (any agent's): taken before an
 /// agent starts, for [`new_programs`].
 pub use redirector_tests::redirector_program_ids as program_ids;

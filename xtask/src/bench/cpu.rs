@@ -49,7 +49,7 @@ fn cgroup_usage_usec(dir: &Path) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-fn cgroup2_mount() -> Option<PathBuf> {
+pub fn cgroup2_mount() -> Option<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     info.lines().find_map(|l| {
         let (pre, post) = l.split_once(" - ")?;

@@ -9,12 +9,14 @@
 //! (live-store stand-in), `grpc` (its service), `workloads` (load
 //! generators), `metric` (every figure, named once), `targets` (the issue's
 //! goals, each defined once), `cpu`, `bpf` (sk_lookup cost, run-time stats),
-//! `profile` (where redirector's per-connection cost goes), `stats`, `report`,
+//! `profile` (where redirector's per-connection cost goes), `bystander` (what
+//! the agent costs pods it does not serve), `stats`, `report`,
 //! `charts`, `packages` (Debian installs), `faults/` (`--faults`: failure
-//! modes).
+//! modes), `scale/` (`--scale`: the agent with `--discover` among many pods).
 
 mod agent;
 mod bpf;
+mod bystander;
 mod charts;
 mod cpu;
 mod faults;
@@ -26,6 +28,7 @@ mod plan;
 mod profile;
 mod report;
 mod rounds;
+pub mod scale;
 mod servers;
 mod stats;
 mod targets;
@@ -74,6 +77,17 @@ pub struct BenchArgs {
     /// With --faults: only these scenarios (synflood, restart, agent-kill).
     #[arg(long, value_delimiter = ',', requires = "faults")]
     pub scenario: Vec<String>,
+    /// The agent with --discover among many pods instead of paths: for each
+    /// comma-separated count of live-store namespaces, time until all are
+    /// served, listen-to-served of 100 new ones, idle CPU, memory; writes
+    /// target/bench/scale/. With --quick: a shorter idle window, 20 new starts.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "N,N,...",
+        conflicts_with_all = ["smoke", "repeats", "paths", "faults"]
+    )]
+    pub scale: Vec<usize>,
 }
 
 impl BenchArgs {
@@ -120,6 +134,9 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
     if args.faults {
         return faults::run(root, &args);
     }
+    if !args.scale.is_empty() {
+        return scale::run(root, &args);
+    }
     let started = Instant::now();
     let plan = Plan::for_args(&args);
     let out = plan.out_dir(root, &args);
@@ -153,6 +170,10 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         match profile::measure(&env, &querier, slot) {
             Ok(p) => collected.profile = p,
             Err(e) => notes.push(format!("profile: {e:#}")),
+        }
+        match bystander::measure(&plan, &env) {
+            Ok(b) => collected.bystander = Some(b),
+            Err(e) => notes.push(format!("bystander: {e:#}")),
         }
     }
     drop(querier);

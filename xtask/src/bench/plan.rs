@@ -18,6 +18,10 @@ pub struct Plan {
     pub open_loop_rates: Vec<u64>,
     pub saturation_inflight: usize,
     pub bpf_repeat: u32,
+    /// The bystander workload: rounds per agent state (stopped, running)
+    /// and the length of each.
+    pub bystander_rounds: usize,
+    pub bystander_slot_secs: f64,
 }
 
 impl Plan {
@@ -30,6 +34,9 @@ impl Plan {
                 open_loop_rates: vec![500],
                 saturation_inflight: 8,
                 bpf_repeat: 10_000,
+                // Once each: proves the workload runs, no ratio is judged.
+                bystander_rounds: 1,
+                bystander_slot_secs: 0.1,
             }
         } else if a.quick {
             Plan {
@@ -39,6 +46,8 @@ impl Plan {
                 open_loop_rates: vec![2000],
                 saturation_inflight: 32,
                 bpf_repeat: 1_000_000,
+                bystander_rounds: 3,
+                bystander_slot_secs: 0.3,
             }
         } else {
             Plan {
@@ -51,6 +60,10 @@ impl Plan {
                 open_loop_rates: vec![2000, 8000],
                 saturation_inflight: 32,
                 bpf_repeat: 1_000_000,
+                // A ratio near 1.00 is the claim: longer slots than the
+                // paths' and enough rounds for a median.
+                bystander_rounds: 7,
+                bystander_slot_secs: 1.0,
             }
         };
         if let Some(r) = a.repeats {

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::{
     bpf::ProgCost,
+    bystander::Bystander,
     metric::Metric,
     paths::{self, Proof},
     profile::ProgProfile,
@@ -33,6 +34,8 @@ pub struct Collected {
     pub proofs: Vec<Proof>,
     pub sk_lookup_cost: Vec<ProgCost>,
     pub profile: Vec<ProgProfile>,
+    /// What the agent costs namespaces it does not serve.
+    pub bystander: Option<Bystander>,
     /// Latency CDF points per (workload, path), all rounds merged.
     pub cdfs: BTreeMap<(String, String), Vec<(f64, f64)>>,
 }
@@ -76,6 +79,8 @@ pub struct Results {
     pub sk_lookup_cost: Vec<ProgCost>,
     /// Redirector's per-connection cost by component (kernel run-time stats).
     pub profile: Vec<ProgProfile>,
+    /// The bystander workload: agent stopped vs running, pods it does not serve.
+    pub bystander: Option<Bystander>,
     pub proofs: Vec<Proof>,
     pub notes: Vec<String>,
     pub elapsed_secs: f64,
@@ -98,6 +103,7 @@ impl Results {
             proofs,
             sk_lookup_cost,
             profile,
+            bystander,
             cdfs,
         } = collected;
         let summary = summarize(&measurements);
@@ -115,6 +121,7 @@ impl Results {
             targets,
             sk_lookup_cost,
             profile,
+            bystander,
             proofs,
             notes,
             elapsed_secs,
@@ -374,6 +381,9 @@ pub fn markdown(r: &Results) -> String {
             );
         }
     }
+    if let Some(b) = &r.bystander {
+        bystander(&mut s, b);
+    }
     let _ = writeln!(s, "\n## Workloads\n");
     for w in &r.workloads {
         let _ = writeln!(s, "- `{}`: {}", w.name, w.what);
@@ -389,6 +399,92 @@ pub fn markdown(r: &Results) -> String {
         }
     }
     s
+}
+
+/// The bystander workload's section: conn/s per agent state, then the
+/// issue's two goals with what was measured.
+fn bystander(s: &mut String, b: &Bystander) {
+    let rounds = |running: bool| {
+        b.rounds
+            .iter()
+            .filter(|r| r.agent_running == running)
+            .count()
+    };
+    let _ = writeln!(
+        s,
+        "\n## Bystanders: pods the agent does not serve\n\n{}; {} round(s) per state of {:.1} s each. The kernel's BPF run-time statistics are on in both states (they cost only when a program runs). Runs count every program named `redir_*` the running agent loaded, over its rounds, divided by the bystander connections in them ({}, warm-ups included); sock_ops attached to the cgroup root also counts any other TCP activity on the machine meanwhile.\n",
+        b.what,
+        rounds(false),
+        b.slot_secs,
+        b.connections
+    );
+    let _ = writeln!(
+        s,
+        "| agent | rounds | conn/s (median) | ± |\n|---|---|---|---|"
+    );
+    for (name, st) in [("stopped", &b.stopped), ("running", &b.running)] {
+        match st {
+            Some(st) => {
+                let _ = writeln!(
+                    s,
+                    "| {name} | {} | {} | {:.1}% |",
+                    st.n,
+                    num(st.median),
+                    st.spread * 100.0
+                );
+            }
+            None => {
+                let _ = writeln!(s, "| {name} | 0 | - | - |");
+            }
+        }
+    }
+    let met = |m: Option<bool>| match m {
+        Some(true) => "yes",
+        Some(false) => "**no**",
+        None => "n/a",
+    };
+    let noise = b.stopped.map_or(0.0, |st| st.spread);
+    let _ = writeln!(
+        s,
+        "\n| figure | measured | goal | met |\n|---|---|---|---|\n| bystander conn/s: agent running / stopped | {} | 1.00x within noise (±{:.1}%: the stopped rounds' half-range) | {} |\n| `redir_*` program runs per bystander connection | {:.2} | 0 | {} |\n| `redir_*` program ns per bystander connection | {:.0} | 0 | {} |",
+        b.ratio.map_or("n/a".to_owned(), |q| format!("{q:.3}x")),
+        noise * 100.0,
+        met(b.within_noise),
+        b.runs_per_conn,
+        met(Some(b.runs_per_conn == 0.0)),
+        b.ns_per_conn,
+        met(Some(b.ns_per_conn == 0.0)),
+    );
+    if !b.programs.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n| program | runs | runs per bystander conn | ns per run | ns per bystander conn |\n|---|---|---|---|---|"
+        );
+        for p in &b.programs {
+            let per_run = if p.runs > 0 {
+                p.run_ns as f64 / p.runs as f64
+            } else {
+                0.0
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.2} | {:.0} | {:.0} |",
+                p.program, p.runs, p.runs_per_conn, per_run, p.ns_per_conn
+            );
+        }
+    }
+    let foreign: u64 = b
+        .rounds
+        .iter()
+        .filter(|r| !r.agent_running)
+        .map(|r| r.redir_runs)
+        .sum();
+    if foreign > 0 {
+        let _ = writeln!(
+            s,
+            "\n{foreign} runs of `redir_*` programs while this agent was stopped: another agent's programs are loaded on the machine."
+        );
+    }
 }
 
 #[cfg(test)]
@@ -462,6 +558,8 @@ mod tests {
             open_loop_rates: vec![],
             saturation_inflight: 1,
             bpf_repeat: 1,
+            bystander_rounds: 1,
+            bystander_slot_secs: 0.1,
         };
         let paths = ["direct", "redirector"]
             .iter()

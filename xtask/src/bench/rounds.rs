@@ -169,6 +169,15 @@ pub fn smoke_check(r: &super::report::Results, all_paths: bool) -> Result<()> {
             failed.push(format!("{} was not measured", path.name()));
         }
     }
+    // The bystander workload only has to run: its ratio is noise at smoke
+    // lengths and its runs per connection are the agent's business.
+    let redirector = r
+        .paths
+        .iter()
+        .any(|s| s.name == paths::REDIRECTOR && s.measured);
+    if redirector && !r.bystander.as_ref().is_some_and(|b| b.carried_traffic()) {
+        failed.push("the bystander workload carried no traffic in some agent state".into());
+    }
     if failed.is_empty() {
         eprintln!("bench: smoke OK: every path carried traffic (see proofs in the report)");
         Ok(())

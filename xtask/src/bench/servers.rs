@@ -35,11 +35,19 @@ pub struct LiveStore {
 
 impl LiveStore {
     pub fn start(ns: &Netns) -> Result<Self> {
+        Self::start_on(ns, LISTEN_PORT)
+    }
+
+    /// The same server on another `port` (the bystander workload's pod).
+    pub fn start_on(ns: &Netns, port: u16) -> Result<Self> {
         let listener = ns
             .try_run(|| {
-                super::cpu::enter_live_store_cgroup()?;
-                StdListener::bind(("::", LISTEN_PORT))
-                    .with_context(|| format!("bind [::]:{LISTEN_PORT}"))
+                // The live-store's socket in its "pod"; a bystander's stays
+                // with the load generator, in no cgroup redirector serves.
+                if port == LISTEN_PORT {
+                    super::cpu::enter_live_store_cgroup()?;
+                }
+                StdListener::bind(("::", port)).with_context(|| format!("bind [::]:{port}"))
             })
             .with_context(|| format!("live-store listener in {}", ns.name))?;
         listener.set_nonblocking(true)?;

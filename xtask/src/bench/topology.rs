@@ -13,6 +13,10 @@ pub const LIVE_STORE_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// The agent's default ports, which the proxies and nftables use too.
 pub const ADVERTISE_PORT: u16 = redirector_tests::ADVERTISE;
 pub const LISTEN_PORT: u16 = redirector_tests::LISTEN;
+/// A pod that is neither a live-store nor a querier (a web server, say): what
+/// the bystander workload's server listens on, in namespaces the agent does
+/// not serve.
+pub const BYSTANDER_PORT: u16 = 8080;
 
 /// Every bench namespace is `rdb-<pid>-<n>-<tag>`.
 const PREFIX: &str = "rdb-";
@@ -31,12 +35,7 @@ impl Topology {
         redirector_tests::netns::remove_stale(PREFIX);
         let (querier, live_store) = pair("q", "ls")?;
         for ns in [&querier, &live_store] {
-            // CRR opens tens of thousands of short connections per second; the
-            // closing side keeps TIME_WAIT, so widen the port range and allow reuse
-            // (the same for every path).
-            ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
-            ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-            ns.sysctl("net.core.somaxconn", "4096")?;
+            tune_for_crr(ns)?;
         }
         Ok(Self {
             querier,
@@ -48,6 +47,15 @@ impl Topology {
     pub fn live_store_addr(port: u16) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(LIVE_STORE_V4), port)
     }
+}
+
+/// CRR opens tens of thousands of short connections per second; the closing
+/// side keeps TIME_WAIT, so widen the port range and allow reuse (the same
+/// for every path and every namespace pair that carries CRR).
+pub fn tune_for_crr(ns: &Netns) -> Result<()> {
+    ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    ns.sysctl("net.core.somaxconn", "4096")
 }
 
 /// A querier-side and a live-store-side namespace (tagged `q` and `ls`)

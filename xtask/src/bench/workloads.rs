@@ -394,8 +394,12 @@ fn rr(addr: SocketAddr, size: usize, dur: Duration) -> Result<Sample> {
     Sample::finish(start, &cpu0, hist, ops, 0, 0)
 }
 
-/// Connect, send 64 bytes, read them back, close; repeated for `dur`. The
-/// latency covers the whole exchange including the handshake.
+/// Connections a CRR run makes before it starts counting (and timing).
+pub const CRR_WARMUP: u64 = 50;
+
+/// Connect, send 64 bytes, read them back, close; repeated for `dur`, after
+/// [`CRR_WARMUP`] untimed ones. The latency covers the whole exchange
+/// including the handshake.
 fn crr(addr: SocketAddr, dur: Duration) -> Result<Sample> {
     let mut hist = new_histogram();
     let mut errors = 0u64;
@@ -409,7 +413,7 @@ fn crr(addr: SocketAddr, dur: Duration) -> Result<Sample> {
         conn.read_exact(back)?;
         Ok(())
     };
-    for _ in 0..50 {
+    for _ in 0..CRR_WARMUP {
         one(&mut back).context("CRR warm-up")?;
     }
     let cpu0 = CpuTimes::now()?;
