@@ -266,11 +266,13 @@ impl Agent {
         let now = Instant::now();
         for e in events {
             let pid = e.tgid as i32;
-            if self
+            // Bound again (a live-store restarting in place): look from now.
+            if let Some(p) = self
                 .pending
-                .iter()
-                .any(|p| p.cookie == e.netns_cookie && p.pid == pid)
+                .iter_mut()
+                .find(|p| p.cookie == e.netns_cookie && p.pid == pid)
             {
+                (p.since, p.next, p.tries) = (now, now, 0);
                 continue;
             }
             let served = self
@@ -338,6 +340,7 @@ impl Agent {
                 continue;
             }
             self.after_reconcile(p.cookie);
+            self.log_repairs();
             let after = self.inodes(p.cookie);
             if after != before {
                 self.dirty = true;
@@ -525,15 +528,22 @@ impl Agent {
         }
     }
 
-    /// Logs what each reconcile pass repaired, and each unservable listener
-    /// once (and when it is resolved); shares them with metrics and readiness.
-    fn report_listeners(&mut self) {
-        let mut now = HashSet::new();
-        let mut unservable = Vec::new();
+    /// Logs what reconcile passes registered or removed, as it happens.
+    fn log_repairs(&mut self) {
         for s in &mut self.datapath.served {
             for what in s.report.repaired.drain(..) {
                 tracing::info!("netns {}: {what}", s.netns);
             }
+        }
+    }
+
+    /// Logs what each reconcile pass repaired, and each unservable listener
+    /// once (and when it is resolved); shares them with metrics and readiness.
+    fn report_listeners(&mut self) {
+        self.log_repairs();
+        let mut now = HashSet::new();
+        let mut unservable = Vec::new();
+        for s in &mut self.datapath.served {
             for u in &s.report.unservable {
                 let id = (s.netns.cookie, u.inode, u.reason);
                 if !self.reported.contains(&id) {

@@ -532,6 +532,29 @@ fn collect(
 }
 
 impl Agent {
+    /// Waits (up to 3 s) until the agent reports at least `n` registered
+    /// listeners. A listener in a cgroup that already has `sock_ops` (a
+    /// live-store restarting in its pod) is registered in the kernel at
+    /// listen(); the first one of a pod is registered by the agent from its
+    /// bind event, milliseconds later: tests that connect right after a
+    /// first listen() wait for it, as a querier waits for the ring.
+    pub fn wait_registered(&self, n: u64) {
+        let url = self.metrics_url("/metrics");
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let (code, body) = http_get(&url);
+            if code == 200 && metric(&body, "redirector_listeners_registered") >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {n} listener(s) registered after 3 s: {:?}",
+                self.status()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// The agent's state file (what it serves and why).
     pub fn state_file(&self) -> &Path {
         &self.state_file

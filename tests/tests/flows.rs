@@ -160,6 +160,7 @@ fn metrics_match_the_traffic_and_readyz_flips_when_detached() {
         assert!(request(&s.q, &format!("{LIVE_STORE_V4}:{ADVERTISE}"), b"x").is_err());
     }
     let _live_store = Server::start(&s.l, "[::]:9095", "live-store").expect("live-store listens");
+    agent.wait_registered(1);
     let mut sent = 0;
     for n in [1usize, 100, 1000] {
         request(

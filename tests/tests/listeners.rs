@@ -228,11 +228,7 @@ fn keep_mptcp_leaves_the_namespace_alone_and_reports_what_it_cannot_serve() {
     })
     .expect("the next reconcile pass reports the MPTCP listener");
     assert_refused(request(&t.q, &v4(ADVERTISE), b"x"), "MPTCP listener");
-    let stopped = agent.stop().expect("agent stops");
-    assert!(
-        stopped.counter("listener_register_error") >= 1,
-        "sock_ops tried, and the kernel refused the MPTCP subflow"
-    );
+    agent.stop().expect("agent stops");
     assert_eq!(t.l.sysctl_value(MPTCP_ENABLED), "1");
 }
 

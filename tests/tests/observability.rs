@@ -88,13 +88,14 @@ fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
 /// Makes one refused connection (no live-store listens yet), then starts the
 /// live-store and makes [`N`] redirected ones. Returns the live-store and the
 /// payload bytes (received from queriers, sent to them).
-fn traffic(s: &Setup) -> (Server, u64, u64) {
+fn traffic(s: &Setup, agent: &Agent) -> (Server, u64, u64) {
     let addr = format!("{LIVE_STORE_V4}:{ADVERTISE}");
     assert!(
         request(&s.q, &addr, b"x").is_err(),
         "no live-store listens yet: the connection is refused"
     );
     let live_store = Server::start(&s.l, "[::]:9095", "live-store").expect("live-store listens");
+    agent.wait_registered(1);
     let (mut received, mut sent) = (0, 0);
     for i in 0..N {
         let payload = vec![b'q'; 10usize.pow(i as u32 % 4)];
@@ -387,7 +388,7 @@ fn every_series_the_rules_and_dashboard_use_is_exported() {
 fn metrics_pass_promtool_and_openmetrics_is_served_when_asked() {
     let s = Setup::new();
     let agent = s.agent(&[]);
-    let (_live_store, received, sent) = traffic(&s);
+    let (_live_store, received, sent) = traffic(&s, &agent);
     // Close records follow the close by a moment.
     let url = agent.metrics_url("/metrics");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -461,7 +462,7 @@ fn a_real_prometheus_scrapes_openmetrics_counts_exactly_and_evaluates_the_rules(
         &[("up", 1.0), ("redirector_connections_refused_total", 0.0)],
         &target,
     );
-    let (_live_store, received, sent) = traffic(&s);
+    let (_live_store, received, sent) = traffic(&s, &agent);
     prom.wait_for(
         &[
             ("up", 1.0),

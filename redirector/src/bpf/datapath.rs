@@ -396,7 +396,7 @@ impl Datapath {
                 }
                 placement.cgroups.insert(scope);
             }
-            for gone in self.sock_ops.retain(netns.cookie, &placement.cgroups) {
+            for gone in self.sock_ops.prune() {
                 eprintln!("detached sock_ops from cgroup {}", gone.display());
             }
         }

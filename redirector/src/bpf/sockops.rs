@@ -138,25 +138,29 @@ impl SockOps {
     /// Namespace `user` is no longer served: detaches from the cgroups only
     /// it used. Returns their paths.
     pub fn release(&mut self, user: u64) -> Vec<PathBuf> {
-        self.retain(user, &BTreeSet::new())
+        for a in &mut self.attached {
+            a.users.remove(&user);
+        }
+        self.prune()
     }
 
-    /// Namespace `user`'s listeners are in the cgroups `now`: detaches from
-    /// cgroups no served namespace uses any more (a listener moved, its pod
-    /// went, the namespace is no longer served). Returns their paths.
-    pub fn retain(&mut self, user: u64, now: &BTreeSet<PathBuf>) -> Vec<PathBuf> {
+    /// Detaches from cgroups no served namespace uses any more, and drops
+    /// links whose cgroup was removed (its pod went; the kernel detached
+    /// them). A cgroup stays attached while its namespace is served, listener
+    /// or not: a live-store restarting in its pod is registered by `sock_ops`
+    /// at listen(), in the kernel, before any connection can find it missing.
+    pub fn prune(&mut self) -> Vec<PathBuf> {
         if self.scope == Scope::Root {
             return Vec::new();
         }
         let mut gone = Vec::new();
         let mut kept = Vec::new();
-        for mut a in self.attached.drain(..) {
-            if !now.contains(&a.path) {
-                a.users.remove(&user);
-            }
-            // A cgroup that was removed (its pod is gone) detached the link.
-            let alive = sys::link_info(a.link.fd.as_fd()).is_ok_and(|i| i.netns_ino != 0);
-            if a.users.is_empty() || !alive {
+        for a in self.attached.drain(..) {
+            // A cgroup link reads cgroup id 0 once detached. One detached
+            // while its cgroup is still there was detached by an operator
+            // (`redirector detach`): kept, so readiness and the pin watch see it.
+            let detached = sys::link_info(a.link.fd.as_fd()).is_ok_and(|i| i.netns_ino == 0);
+            if a.users.is_empty() || (detached && !a.path.exists()) {
                 gone.push(a.path.clone());
                 a.link.remove();
             } else {
