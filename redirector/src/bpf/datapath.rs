@@ -23,7 +23,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{HashMap, MapData},
     programs::{CgroupSock, SkLookup},
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
 };
 use redirector_common::{
     NsPort, RedirectTarget, GLOBAL_LOG_LEVEL, GLOBAL_NETNS_COOKIE, MAP_COUNTERS, MAP_FLOW_EVENTS,
@@ -55,6 +55,14 @@ pub fn build_id() -> String {
         (h ^ *b as u64).wrapping_mul(0x100_0000_01b3)
     });
     format!("{hash:016x}")
+}
+
+/// The kernel's BTF, parsed once: aya's loader would otherwise read and parse
+/// /sys/kernel/btf/vmlinux (megabytes) for every `sk_lookup` instance, most of
+/// the cost of serving a new namespace. `None` on a kernel without BTF.
+fn kernel_btf() -> Option<&'static Btf> {
+    static BTF: std::sync::OnceLock<Option<Btf>> = std::sync::OnceLock::new();
+    BTF.get_or_init(|| Btf::from_sys_fs().ok()).as_ref()
 }
 
 /// aya-log level for the kernel programs: their debug messages are only
@@ -155,6 +163,7 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         let level = kernel_log_level();
         loader
+            .btf(kernel_btf())
             .map_max_entries(MAP_FLOW_EVENTS, flow_ring_bytes)
             .override_global(GLOBAL_LOG_LEVEL, &level, true);
         let map_paths: Vec<(&str, PathBuf)> = match &pins {
@@ -552,6 +561,7 @@ impl Datapath {
     fn attach_sk_lookup(&mut self, netns: &Netns) -> Result<Link> {
         let mut instance = self.with_map_pins(|path| {
             let mut loader = EbpfLoader::new();
+            loader.btf(kernel_btf());
             let paths: Vec<(&str, PathBuf)> = SHARED_MAPS.iter().map(|m| (*m, path(m))).collect();
             for (name, p) in &paths {
                 loader.map_pin_path(name, p.as_path());

@@ -133,9 +133,17 @@ impl Cgroups {
         })
     }
 
-    /// `<root>/<pod>/ctr`, the container's cgroup.
+    /// `<root>/pod<uid>/ctr`, the container's cgroup, the pod's named as
+    /// kubelet names it (so the agent attaches `sock_ops` to the pod, as on a
+    /// node). The uid's last group is the pod name's bytes.
     pub fn container(&mut self, pod: &str) -> Result<PathBuf> {
-        let dir = self.root.join(pod);
+        let tail: u64 = pod
+            .bytes()
+            .fold(0u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+            & 0xffff_ffff_ffff;
+        let dir = self
+            .root
+            .join(format!("pod0f1e2d3c-4b5a-4978-8796-{tail:012x}"));
         let ctr = dir.join("ctr");
         std::fs::create_dir_all(&ctr).with_context(|| format!("mkdir {}", ctr.display()))?;
         self.made.push(dir);
