@@ -178,8 +178,18 @@ impl Agent {
     }
 
     fn serve(&mut self, netns: Netns, hint: &[i32]) -> Result<()> {
+        let cookie = netns.cookie;
         let redirects = self.settings.redirects.clone();
-        let served = self.datapath.serve(netns, &redirects, hint)?;
+        self.datapath.serve(netns, &redirects, hint)?;
+        self.announce(cookie);
+        Ok(())
+    }
+
+    /// The status line of a namespace just served.
+    fn announce(&mut self, cookie: u64) {
+        let Some(served) = self.datapath.served.iter().find(|s| s.netns.cookie == cookie) else {
+            return;
+        };
         let ports: Vec<String> = served
             .redirects
             .iter()
@@ -205,32 +215,52 @@ impl Agent {
             tracing::warn!("netns {}: {problem}", served.netns);
         }
         self.dirty = true;
-        Ok(())
     }
 
     /// Serves a namespace discovery found; `pid` is a process in it.
     fn serve_discovered(&mut self, ino: u64, pid: i32, why: String) {
-        let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
-        // The process may have exited since: the next event or resync retries.
-        let netns = match Netns::open(&path) {
-            Ok(n) if n.inode() == ino => n,
-            Ok(_) | Err(_) => return,
-        };
-        let cookie = netns.cookie;
-        match self.serve(netns, &[pid]) {
-            Ok(()) => {
-                tracing::info!("serving netns net:[{ino}]: {why}");
-                self.origins.insert(
-                    cookie,
-                    Origin::Discovered {
-                        ino,
-                        why,
-                        without_listener_since: None,
-                    },
-                );
-                self.watch(cookie, pid);
+        self.serve_discovered_many(vec![(ino, pid, why)]);
+    }
+
+    /// Serves namespaces discovery found, (inode, a process in it, why), in
+    /// one batch.
+    fn serve_discovered_many(&mut self, found: Vec<(u64, i32, String)>) {
+        let mut batch = Vec::new();
+        let mut meta = HashMap::new();
+        for (ino, pid, why) in found {
+            let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+            // The process may have exited since: the next event or resync retries.
+            let netns = match Netns::open(&path) {
+                Ok(n) if n.inode() == ino => n,
+                Ok(_) | Err(_) => continue,
+            };
+            meta.insert(netns.cookie, (ino, pid, why));
+            batch.push((netns, vec![pid]));
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let redirects = self.settings.redirects.clone();
+        for (cookie, name, result) in self.datapath.serve_many(batch, &redirects) {
+            let Some((ino, pid, why)) = meta.remove(&cookie) else {
+                continue;
+            };
+            match result {
+                Ok(()) => {
+                    self.announce(cookie);
+                    tracing::info!("serving netns net:[{ino}]: {why}");
+                    self.origins.insert(
+                        cookie,
+                        Origin::Discovered {
+                            ino,
+                            why,
+                            without_listener_since: None,
+                        },
+                    );
+                    self.watch(cookie, pid);
+                }
+                Err(e) => tracing::warn!("serving discovered netns {name}: {e:#}"),
             }
-            Err(e) => tracing::warn!("serving discovered netns {}: {e:#}", path.display()),
         }
     }
 
@@ -495,7 +525,9 @@ impl Agent {
         self.resync_cursor = (self.resync_cursor + per_tick) % n;
         for cookie in cookies {
             let before = self.inodes(cookie);
-            self.datapath.reconcile(cookie, &[]);
+            if !self.datapath.resync(cookie) {
+                continue;
+            }
             self.after_reconcile(cookie);
             if self.inodes(cookie) != before {
                 self.dirty = true;
@@ -523,9 +555,11 @@ impl Agent {
             })
             .collect();
         let ports = self.settings.listen_ports();
-        for (ino, c) in discovery::scan(&ports, &mut self.filter, &served) {
-            self.serve_discovered(ino, c.pid, c.why);
-        }
+        let found = discovery::scan(&ports, &mut self.filter, &served)
+            .into_iter()
+            .map(|(ino, c)| (ino, c.pid, c.why))
+            .collect();
+        self.serve_discovered_many(found);
     }
 
     /// Logs what reconcile passes registered or removed, as it happens.

@@ -23,7 +23,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{HashMap, MapData},
     programs::{CgroupSock, SkLookup},
-    Btf, Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader,
 };
 use redirector_common::{
     NsPort, RedirectTarget, GLOBAL_LOG_LEVEL, GLOBAL_NETNS_COOKIE, MAP_COUNTERS, MAP_FLOW_EVENTS,
@@ -55,14 +55,6 @@ pub fn build_id() -> String {
         (h ^ *b as u64).wrapping_mul(0x100_0000_01b3)
     });
     format!("{hash:016x}")
-}
-
-/// The kernel's BTF, parsed once: aya's loader would otherwise read and parse
-/// /sys/kernel/btf/vmlinux (megabytes) for every `sk_lookup` instance, most of
-/// the cost of serving a new namespace. `None` on a kernel without BTF.
-fn kernel_btf() -> Option<&'static Btf> {
-    static BTF: std::sync::OnceLock<Option<Btf>> = std::sync::OnceLock::new();
-    BTF.get_or_init(|| Btf::from_sys_fs().ok()).as_ref()
 }
 
 /// aya-log level for the kernel programs: their debug messages are only
@@ -163,7 +155,6 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         let level = kernel_log_level();
         loader
-            .btf(kernel_btf())
             .map_max_entries(MAP_FLOW_EVENTS, flow_ring_bytes)
             .override_global(GLOBAL_LOG_LEVEL, &level, true);
         let map_paths: Vec<(&str, PathBuf)> = match &pins {
@@ -281,6 +272,89 @@ impl Datapath {
     /// looked for first.
     pub fn serve(&mut self, netns: Netns, redirects: &[Redirect], hint: &[i32]) -> Result<&Served> {
         let cookie = netns.cookie;
+        let (_, _, result) = self
+            .serve_many(vec![(netns, hint.to_vec())], redirects)
+            .pop()
+            .context("one namespace in, one result out")?;
+        result?;
+        self.served
+            .iter()
+            .find(|s| s.netns.cookie == cookie)
+            .context("just served")
+    }
+
+    /// [`Datapath::serve`] for many namespaces at once (an agent starting on
+    /// a busy node): their `sk_lookup` instances come from one loader, which
+    /// parses the kernel's BTF once. Returns each namespace's cookie, name
+    /// and result; one that fails leaves nothing behind and never stops the
+    /// others.
+    pub fn serve_many(
+        &mut self,
+        batch: Vec<(Netns, Vec<i32>)>,
+        redirects: &[Redirect],
+    ) -> Vec<(u64, String, Result<()>)> {
+        let mut out = Vec::new();
+        let mut ready = Vec::new();
+        for (netns, hint) in batch {
+            let (cookie, name) = (netns.cookie, netns.to_string());
+            match self.prepare(netns, redirects, &hint) {
+                Ok(p) => ready.push(p),
+                Err(e) => out.push((cookie, name, Err(e))),
+            }
+        }
+        let to_attach: Vec<&Netns> = ready
+            .iter()
+            .filter(|p| p.adopted.is_none())
+            .map(|p| &p.netns)
+            .collect();
+        let mut links = match self.attach_sk_lookups(&to_attach) {
+            Ok(links) => links.into_iter(),
+            Err(e) => {
+                let e = format!("{e:#}");
+                to_attach
+                    .iter()
+                    .map(|_| Err(anyhow!("{e}")))
+                    .collect::<Vec<_>>()
+                    .into_iter()
+            }
+        };
+        for p in ready {
+            let (cookie, name) = (p.netns.cookie, p.netns.to_string());
+            let attached = match p.adopted {
+                Some(link) => Ok((link, true)),
+                None => links
+                    .next()
+                    .unwrap_or_else(|| Err(anyhow!("no sk_lookup link")))
+                    .map(|link| (link, false)),
+            };
+            match attached {
+                Ok((link, adopted)) => {
+                    self.served.push(Served {
+                        netns: p.netns,
+                        redirects: redirects.to_vec(),
+                        adopted,
+                        link,
+                        mptcp_was: p.mptcp_was,
+                        report: p.report,
+                        sock_ops: p.placement,
+                    });
+                    out.push((cookie, name, Ok(())));
+                }
+                Err(e) => {
+                    self.clear_redirects(cookie, redirects);
+                    self.registry.forget(cookie);
+                    self.sock_ops.release(cookie);
+                    restore_mptcp(&p.netns, p.mptcp_was.as_deref());
+                    out.push((cookie, name, Err(e)));
+                }
+            }
+        }
+        out
+    }
+
+    /// Everything serving `netns` needs but its `sk_lookup` link.
+    fn prepare(&mut self, netns: Netns, redirects: &[Redirect], hint: &[i32]) -> Result<Prepared> {
+        let cookie = netns.cookie;
         if self.served.iter().any(|s| s.netns.cookie == cookie) {
             bail!("network namespace {} is listed twice", netns.path.display());
         }
@@ -307,30 +381,13 @@ impl Datapath {
             .pins
             .as_ref()
             .and_then(|l| Link::adopt(&l.netns_link(cookie)));
-        let attached = match adopted {
-            Some(link) => Ok((link, true)),
-            None => self.attach_sk_lookup(&netns).map(|link| (link, false)),
-        };
-        let (link, adopted) = match attached {
-            Ok(r) => r,
-            Err(e) => {
-                self.clear_redirects(cookie, redirects);
-                self.registry.forget(cookie);
-                self.sock_ops.release(cookie);
-                restore_mptcp(&netns, mptcp_was.as_deref());
-                return Err(e);
-            }
-        };
-        self.served.push(Served {
+        Ok(Prepared {
             netns,
-            redirects: redirects.to_vec(),
-            adopted,
-            link,
             mptcp_was,
             report,
-            sock_ops: placement,
-        });
-        Ok(self.served.last().expect("just pushed"))
+            placement,
+            adopted,
+        })
     }
 
     /// One reconcile pass over the served namespace with `cookie` (see
@@ -356,6 +413,23 @@ impl Datapath {
         true
     }
 
+    /// The resync's check of namespace `cookie`: whether every registration
+    /// the last pass saw is still there (a few map lookups, no sock_diag walk
+    /// of the node's listener table); if not, or the last pass found no
+    /// listener, a full reconcile pass. True if it reconciled.
+    pub fn resync(&mut self, cookie: u64) -> bool {
+        let unchanged = self
+            .served
+            .iter()
+            .find(|s| s.netns.cookie == cookie)
+            .is_some_and(|s| {
+                s.report.registered > 0
+                    && s.report.unservable.is_empty()
+                    && self.registry.unchanged(cookie)
+            });
+        !unchanged && self.reconcile(cookie, &[])
+    }
+
     /// The listeners of `netns` on the listen ports: `sock_ops` attached to
     /// their cgroups first, then registered.
     fn reconcile_netns(
@@ -371,7 +445,7 @@ impl Datapath {
         if self.sock_ops.scope == Scope::Pod {
             for l in &found {
                 let addr = std::net::SocketAddr::new(l.addr, l.port);
-                let Some(path) = self.cgroups.path_of(l.cgroup_id) else {
+                let Some(path) = self.cgroups.path_of(l.cgroup_id, hint) else {
                     placement.problems.push(format!(
                         "listener {addr}: its cgroup (id {}) is not under {}",
                         l.cgroup_id,
@@ -404,9 +478,6 @@ impl Datapath {
                     }
                 }
                 placement.cgroups.insert(scope);
-            }
-            for gone in self.sock_ops.prune() {
-                eprintln!("detached sock_ops from cgroup {}", gone.display());
             }
         }
         self.registry
@@ -558,46 +629,68 @@ impl Datapath {
         }
     }
 
-    fn attach_sk_lookup(&mut self, netns: &Netns) -> Result<Link> {
-        let mut instance = self.with_map_pins(|path| {
-            let mut loader = EbpfLoader::new();
-            loader.btf(kernel_btf());
+    /// Loads one `sk_lookup` instance per namespace (its cookie baked in) and
+    /// links it there. One loader for all: aya's parses the kernel's BTF each
+    /// time one is made, which would be most of the cost of each namespace.
+    fn attach_sk_lookups(&self, netns: &[&Netns]) -> Result<Vec<Result<Link>>> {
+        if netns.is_empty() {
+            return Ok(Vec::new());
+        }
+        let cookies: Vec<u64> = netns.iter().map(|n| n.cookie).collect();
+        let pins = self.pins.clone();
+        self.with_map_pins(|path| {
             let paths: Vec<(&str, PathBuf)> = SHARED_MAPS.iter().map(|m| (*m, path(m))).collect();
+            let level = kernel_log_level();
+            let mut loader = EbpfLoader::new();
             for (name, p) in &paths {
                 loader.map_pin_path(name, p.as_path());
             }
-            let level = kernel_log_level();
-            loader
-                .override_global(GLOBAL_NETNS_COOKIE, &netns.cookie, true)
-                .override_global(GLOBAL_LOG_LEVEL, &level, true)
-                .load(OBJECT)
-                .map_err(|e| kernel_error(e.into(), "loading the sk_lookup instance"))
-        })?;
-        let prog: &mut SkLookup = program(&mut instance, PROG_SK_LOOKUP)?.try_into()?;
-        prog.load().map_err(|e| {
-            kernel_error(
-                e.into(),
-                "loading the sk_lookup program (BPF_PROG_TYPE_SK_LOOKUP; `redirector check` probes what it needs)",
-            )
-        })?;
-        let fd = sys::link_create(prog.fd()?.as_fd(), netns.file.as_fd(), sys::BPF_SK_LOOKUP)
-            .map_err(|e| {
-                kernel_error(
-                    e.into(),
-                    &format!("attaching sk_lookup to {}", netns.path.display()),
-                )
-            })?;
-        // The link holds the program: the instance (and its fds) can go.
-        let mut link = Link {
-            fd,
-            pin: None,
-            prog_id: prog.info()?.id(),
-        };
-        if let Some(layout) = &self.pins {
-            link.pin(&layout.netns_link(netns.cookie))?;
-        }
-        Ok(link)
+            loader.override_global(GLOBAL_LOG_LEVEL, &level, true);
+            Ok(netns
+                .iter()
+                .zip(&cookies)
+                .map(|(ns, cookie)| {
+                    loader.override_global(GLOBAL_NETNS_COOKIE, cookie, true);
+                    let mut instance = loader
+                        .load(OBJECT)
+                        .map_err(|e| kernel_error(e.into(), "loading the sk_lookup instance"))?;
+                    let prog: &mut SkLookup = program(&mut instance, PROG_SK_LOOKUP)?.try_into()?;
+                    prog.load().map_err(|e| {
+                        kernel_error(
+                            e.into(),
+                            "loading the sk_lookup program (BPF_PROG_TYPE_SK_LOOKUP; `redirector check` probes what it needs)",
+                        )
+                    })?;
+                    let fd = sys::link_create(prog.fd()?.as_fd(), ns.file.as_fd(), sys::BPF_SK_LOOKUP)
+                        .map_err(|e| {
+                            kernel_error(
+                                e.into(),
+                                &format!("attaching sk_lookup to {}", ns.path.display()),
+                            )
+                        })?;
+                    // The link holds the program: the instance (and its fds) can go.
+                    let mut link = Link {
+                        fd,
+                        pin: None,
+                        prog_id: prog.info()?.id(),
+                    };
+                    if let Some(layout) = &pins {
+                        link.pin(&layout.netns_link(ns.cookie))?;
+                    }
+                    Ok(link)
+                })
+                .collect())
+        })
     }
+}
+
+/// A namespace ready to be served but for its `sk_lookup` link.
+struct Prepared {
+    netns: Netns,
+    mptcp_was: Option<String>,
+    report: Report,
+    placement: SockOpsPlacement,
+    adopted: Option<Link>,
 }
 
 /// Tells `redir_listen` which ports to report.

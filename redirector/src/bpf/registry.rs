@@ -172,6 +172,9 @@ pub struct Registry {
     /// Per namespace, the entries the last pass saw: read back next pass, so
     /// a pass over one namespace never lists the whole map.
     known: HashMap<u64, HashSet<ListenerKey>>,
+    /// Per namespace, the registrations the last pass left (key, socket
+    /// cookie): what the resync's cheap check compares.
+    last: HashMap<u64, Vec<(ListenerKey, u64)>>,
 }
 
 impl Registry {
@@ -182,6 +185,7 @@ impl Registry {
                 .context("REDIRECTS map")?,
             permanent: HashMap::new(),
             known: HashMap::new(),
+            last: HashMap::new(),
         })
     }
 
@@ -215,6 +219,20 @@ impl Registry {
                 .filter_map(|k| sys::map_lookup(fd, &k).ok().flatten().map(|c| (k, c)))
                 .collect(),
         )
+    }
+
+    /// Whether namespace `cookie`'s entries are the ones the last pass left:
+    /// each still holds the same socket (a closed listener's entry is gone, a
+    /// deleted one too).
+    pub fn unchanged(&self, cookie: u64) -> bool {
+        let Some(known) = self.last.get(&cookie) else {
+            return false;
+        };
+        let fd = self.listeners.fd().as_fd();
+        !known.is_empty()
+            && known
+                .iter()
+                .all(|(k, c)| sys::map_lookup(fd, k).ok().flatten() == Some(*c))
     }
 
     /// Compares the listeners sock_diag reported in `netns` (`found`, on the
@@ -319,6 +337,12 @@ impl Registry {
         report.inodes.sort_unstable();
         if repair {
             self.mark_binds(netns.cookie, redirects, &taken);
+            let fd = self.listeners.fd().as_fd();
+            let last = taken
+                .iter()
+                .filter_map(|k| sys::map_lookup(fd, k).ok().flatten().map(|c| (*k, c)))
+                .collect();
+            self.last.insert(netns.cookie, last);
             self.known.insert(netns.cookie, taken);
         }
         Ok(report)
@@ -392,6 +416,7 @@ impl Registry {
     /// Removes every registration of a namespace that is no longer served.
     pub fn forget(&mut self, netns_cookie: u64) {
         self.known.remove(&netns_cookie);
+        self.last.remove(&netns_cookie);
         let fd = self.listeners.fd().as_fd();
         for key in sys::map_keys::<ListenerKey>(fd).unwrap_or_default() {
             if key.netns_cookie == netns_cookie {

@@ -39,13 +39,30 @@ impl CgroupIndex {
         &self.mount
     }
 
-    /// The directory of cgroup `id`, walking the hierarchy again if it is new.
-    pub fn path_of(&mut self, id: u64) -> Option<PathBuf> {
+    /// The directory of cgroup `id`: known, or the cgroup of one of `hint`'s
+    /// processes (read from /proc/PID/cgroup, checked by inode), or found by
+    /// walking the hierarchy again.
+    pub fn path_of(&mut self, id: u64, hint: &[i32]) -> Option<PathBuf> {
         if id == 0 {
             return None;
         }
         if let Some(p) = self.by_id.get(&id).filter(|p| p.is_dir()) {
             return Some(p.clone());
+        }
+        for pid in hint {
+            let Ok(text) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+                continue;
+            };
+            let Some(rel) = text.lines().find_map(|l| l.strip_prefix("0::")) else {
+                continue;
+            };
+            let path = self.mount.join(rel.trim_start_matches('/'));
+            // A path relative to another cgroup namespace names another
+            // directory, or none: only an inode match counts.
+            if fs::metadata(&path).is_ok_and(|m| m.ino() == id) {
+                self.by_id.insert(id, path.clone());
+                return Some(path);
+            }
         }
         if self
             .last_walk
