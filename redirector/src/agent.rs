@@ -187,7 +187,12 @@ impl Agent {
 
     /// The status line of a namespace just served.
     fn announce(&mut self, cookie: u64) {
-        let Some(served) = self.datapath.served.iter().find(|s| s.netns.cookie == cookie) else {
+        let Some(served) = self
+            .datapath
+            .served
+            .iter()
+            .find(|s| s.netns.cookie == cookie)
+        else {
             return;
         };
         let ports: Vec<String> = served

@@ -630,58 +630,94 @@ impl Datapath {
     }
 
     /// Loads one `sk_lookup` instance per namespace (its cookie baked in) and
-    /// links it there. One loader for all: aya's parses the kernel's BTF each
-    /// time one is made, which would be most of the cost of each namespace.
+    /// links it there. Most of the cost is the kernel verifying each
+    /// instance, so a batch is split over the CPUs; each thread has one
+    /// loader (aya's parses the kernel's BTF each time one is made).
     fn attach_sk_lookups(&self, netns: &[&Netns]) -> Result<Vec<Result<Link>>> {
         if netns.is_empty() {
             return Ok(Vec::new());
         }
-        let cookies: Vec<u64> = netns.iter().map(|n| n.cookie).collect();
         let pins = self.pins.clone();
         self.with_map_pins(|path| {
             let paths: Vec<(&str, PathBuf)> = SHARED_MAPS.iter().map(|m| (*m, path(m))).collect();
-            let level = kernel_log_level();
-            let mut loader = EbpfLoader::new();
-            for (name, p) in &paths {
-                loader.map_pin_path(name, p.as_path());
-            }
-            loader.override_global(GLOBAL_LOG_LEVEL, &level, true);
-            Ok(netns
-                .iter()
-                .zip(&cookies)
-                .map(|(ns, cookie)| {
-                    loader.override_global(GLOBAL_NETNS_COOKIE, cookie, true);
-                    let mut instance = loader
-                        .load(OBJECT)
-                        .map_err(|e| kernel_error(e.into(), "loading the sk_lookup instance"))?;
-                    let prog: &mut SkLookup = program(&mut instance, PROG_SK_LOOKUP)?.try_into()?;
-                    prog.load().map_err(|e| {
-                        kernel_error(
-                            e.into(),
-                            "loading the sk_lookup program (BPF_PROG_TYPE_SK_LOOKUP; `redirector check` probes what it needs)",
+            let threads = std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .clamp(1, 4)
+                .min(netns.len());
+            let chunk = netns.len().div_ceil(threads);
+            Ok(std::thread::scope(|scope| {
+                let parts: Vec<_> = netns
+                    .chunks(chunk)
+                    .map(|part| {
+                        let (paths, pins) = (&paths, pins.as_ref());
+                        (
+                            part.len(),
+                            scope.spawn(move || load_instances(part, paths, pins)),
                         )
-                    })?;
-                    let fd = sys::link_create(prog.fd()?.as_fd(), ns.file.as_fd(), sys::BPF_SK_LOOKUP)
-                        .map_err(|e| {
-                            kernel_error(
-                                e.into(),
-                                &format!("attaching sk_lookup to {}", ns.path.display()),
-                            )
-                        })?;
-                    // The link holds the program: the instance (and its fds) can go.
-                    let mut link = Link {
-                        fd,
-                        pin: None,
-                        prog_id: prog.info()?.id(),
-                    };
-                    if let Some(layout) = &pins {
-                        link.pin(&layout.netns_link(ns.cookie))?;
-                    }
-                    Ok(link)
-                })
-                .collect())
+                    })
+                    .collect();
+                parts
+                    .into_iter()
+                    .flat_map(|(n, handle)| {
+                        handle.join().unwrap_or_else(|_| {
+                            (0..n)
+                                .map(|_| Err(anyhow!("the sk_lookup loading thread panicked")))
+                                .collect()
+                        })
+                    })
+                    .collect()
+            }))
         })
     }
+}
+
+/// Loads and links the `sk_lookup` instances of `netns`, with one loader.
+fn load_instances(
+    netns: &[&Netns],
+    paths: &[(&str, PathBuf)],
+    pins: Option<&PinLayout>,
+) -> Vec<Result<Link>> {
+    let cookies: Vec<u64> = netns.iter().map(|n| n.cookie).collect();
+    let level = kernel_log_level();
+    let mut loader = EbpfLoader::new();
+    for (name, p) in paths {
+        loader.map_pin_path(name, p.as_path());
+    }
+    loader.override_global(GLOBAL_LOG_LEVEL, &level, true);
+    netns
+        .iter()
+        .zip(&cookies)
+        .map(|(ns, cookie)| {
+            loader.override_global(GLOBAL_NETNS_COOKIE, cookie, true);
+            let mut instance = loader
+                .load(OBJECT)
+                .map_err(|e| kernel_error(e.into(), "loading the sk_lookup instance"))?;
+            let prog: &mut SkLookup = program(&mut instance, PROG_SK_LOOKUP)?.try_into()?;
+            prog.load().map_err(|e| {
+                kernel_error(
+                    e.into(),
+                    "loading the sk_lookup program (BPF_PROG_TYPE_SK_LOOKUP; `redirector check` probes what it needs)",
+                )
+            })?;
+            let fd = sys::link_create(prog.fd()?.as_fd(), ns.file.as_fd(), sys::BPF_SK_LOOKUP)
+                .map_err(|e| {
+                    kernel_error(
+                        e.into(),
+                        &format!("attaching sk_lookup to {}", ns.path.display()),
+                    )
+                })?;
+            // The link holds the program: the instance (and its fds) can go.
+            let mut link = Link {
+                fd,
+                pin: None,
+                prog_id: prog.info()?.id(),
+            };
+            if let Some(layout) = pins {
+                link.pin(&layout.netns_link(ns.cookie))?;
+            }
+            Ok(link)
+        })
+        .collect()
 }
 
 /// A namespace ready to be served but for its `sk_lookup` link.
