@@ -172,9 +172,17 @@ fn a_live_store_is_served_from_its_listen_not_from_a_poll() {
         agent.status()
     );
     // sock_ops went to the pod's cgroup (above the container's), not the root.
-    let state: serde_json::Value =
+    // The state file follows the change by a moment.
+    let read_state = || -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(agent.state_file()).expect("state file"))
-            .expect("state JSON");
+            .expect("state JSON")
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut state = read_state();
+    while state["namespaces"].as_array().is_none_or(|a| a.is_empty()) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+        state = read_state();
+    }
     let attached: Vec<&str> = state["sock_ops_attached"]
         .as_array()
         .expect("sock_ops_attached")

@@ -152,7 +152,13 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(f) = &filter {
                 integration.arg(f);
             }
-            cmd(&mut integration)?;
+            let tested = cmd(&mut integration);
+            // The test binaries move themselves out of the cgroup v2 root into
+            // one of their own (redirector_tests::TEST_CGROUP); empty now.
+            if let Some(mount) = bench::cpu::cgroup2_mount() {
+                let _ = std::fs::remove_dir(mount.join(redirector_tests::TEST_CGROUP));
+            }
+            tested?;
             // After the host tests, so its agents never overlap the integration
             // tests (which assert that no redirector program is loaded).
             bench::run(&root, bench::BenchArgs::smoke())?;

@@ -18,7 +18,7 @@ mod agent;
 mod bpf;
 mod bystander;
 mod charts;
-mod cpu;
+pub mod cpu;
 mod faults;
 mod grpc;
 mod metric;
