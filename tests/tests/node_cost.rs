@@ -194,6 +194,10 @@ fn a_live_store_is_served_from_its_listen_not_from_a_poll() {
         [pod_cgroup.path.to_str().expect("utf-8")],
         "{state}"
     );
+    // Found by the bind hooks, not by a /proc scan (the fallback scans every
+    // second whatever --resync-interval says).
+    let events = state["listen_events"].as_str().unwrap_or_default();
+    assert!(events.starts_with("post_bind4/post_bind6"), "{state}");
     let why = state["namespaces"][0]["why"].as_str().unwrap_or_default();
     assert!(
         why.contains("-target=live-store on its command line"),

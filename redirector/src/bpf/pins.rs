@@ -15,6 +15,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs, io,
     os::fd::{AsFd, OwnedFd},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
 
@@ -320,6 +321,8 @@ pub struct PinWatch {
     /// when it is gone, not every second.
     reported: BTreeMap<Key, String>,
     metrics: Option<PinMetrics>,
+    /// Link pins checked to hold this agent's link, by the pin file's inode.
+    verified: std::collections::HashMap<PathBuf, u64>,
 }
 
 struct PinMetrics {
@@ -443,7 +446,7 @@ impl PinWatch {
         self.reported = pass.problems;
     }
 
-    fn pass(&self, layout: &PinLayout, build: &str, links: &[&Link]) -> Pass {
+    fn pass(&mut self, layout: &PinLayout, build: &str, links: &[&Link]) -> Pass {
         let mut pass = Pass::default();
         let mount = layout.root.parent().unwrap_or(&layout.root);
         if !sys::is_bpffs(mount).unwrap_or(false) {
@@ -459,13 +462,16 @@ impl PinWatch {
             );
             return pass;
         }
-        // `redirector detach` while the agent runs detaches its sock_ops link
-        // and removes every pin: that is the operator tearing the state down
-        // (readiness says the programs are gone), not damage to repair.
-        let torn_down = links.iter().any(|l| {
-            sys::link_info(l.fd.as_fd())
-                .is_ok_and(|i| i.kind != sys::BPF_LINK_TYPE_NETNS && !link_attached(&i))
-        });
+        // `redirector detach` while the agent runs detaches its sock_ops links
+        // and removes every pin, directories included: that is the operator
+        // tearing the state down (readiness says the programs are gone), not
+        // damage to repair. Only looked at when the directories went, so a
+        // node of a thousand pods pays nothing for it each second.
+        let torn_down = !layout.root.join("links").is_dir()
+            && links.iter().any(|l| {
+                sys::link_info(l.fd.as_fd())
+                    .is_ok_and(|i| i.kind != sys::BPF_LINK_TYPE_NETNS && !link_attached(&i))
+            });
         if torn_down {
             return pass;
         }
@@ -519,6 +525,14 @@ impl PinWatch {
         }
         for link in links {
             let Some(path) = &link.pin else { continue };
+            let meta = fs::symlink_metadata(path);
+            // The same pin file this agent checked before: still its link.
+            // One stat per link and second, not a BPF lookup.
+            if let Ok(m) = &meta {
+                if self.verified.get(path) == Some(&m.ino()) {
+                    continue;
+                }
+            }
             // A link no longer attached (detached by `redirector detach` while
             // the agent runs) is not pinned again: readiness reports it, and a
             // pin of it would only hand the next agent a dead link.
@@ -530,7 +544,7 @@ impl PinWatch {
             }
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
             let name = name.unwrap_or_default();
-            match fs::symlink_metadata(path) {
+            match meta {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     match sys::obj_pin(link.fd.as_fd(), path) {
                         Ok(()) => pass.repaired.push(format!("link {name}")),
@@ -546,8 +560,10 @@ impl PinWatch {
                     path,
                     format!("cannot inspect {}: {e}", path.display()),
                 ),
-                Ok(_) => match sys::obj_get(path).and_then(|fd| sys::link_info(fd.as_fd())) {
-                    Ok(info) if info.id == ours.id => {}
+                Ok(m) => match sys::obj_get(path).and_then(|fd| sys::link_info(fd.as_fd())) {
+                    Ok(info) if info.id == ours.id => {
+                        self.verified.insert(path.clone(), m.ino());
+                    }
                     found => pass.problem(
                         PinProblem::Replaced,
                         path,
