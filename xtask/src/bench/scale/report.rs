@@ -66,7 +66,7 @@ pub fn markdown(r: &ScaleResults) -> String {
     let _ = writeln!(s, "# redirector at scale: `{}`\n", r.command);
     let _ = writeln!(
         s,
-        "{} ({} cores, {}), kernel {}, {}, commit {}; {:.0} s in all. The agent runs with `--discover --cgroup-pattern {}` (the pattern keeps it to the bench's own pods on this shared machine). Each N from scratch: N live-store pods and N/10 (at least 2) querier pods, each a network namespace with a process listening on 0.0.0.0:{} (`-target=live-store` or `-target=querier` on its command line) in its own cgroup `pod-*/ctr`; then the agent starts. \"Served\" means a connection from inside the namespace to 127.0.0.1:{} was answered by that namespace's pod. N=0 is the agent alone, the baseline of the per-namespace figures.\n",
+        "{} ({} cores, {}), kernel {}, {}, commit {}; {:.0} s in all. The agent runs with `--discover --cgroup-pattern {}` (the pattern keeps it to the bench's own pods on this shared machine). Each N from scratch: N live-store pods and N/10 (at least 2) querier pods, each a network namespace with a process listening on 0.0.0.0:{} (`-target=live-store` or `-target=querier` on its command line) in its own cgroup `pod<uid>/ctr` (named as kubelet names pod cgroups, so the agent attaches sock_ops to the pod); then the agent starts. \"Served\" means a connection from inside the namespace to 127.0.0.1:{} was answered by that namespace's pod. N=0 is the agent alone, the baseline of the per-namespace figures.\n",
         m.cpu,
         m.cores,
         m.memory,
