@@ -222,21 +222,23 @@ impl Agent {
         self.dirty = true;
     }
 
-    /// Serves a namespace discovery found; `pid` is a process in it.
-    fn serve_discovered(&mut self, ino: u64, pid: i32, why: String) {
-        self.serve_discovered_many(vec![(ino, pid, why)]);
+    /// Serves the namespace with `cookie` of a bind event: `pid`'s, unless
+    /// the bind came from a thread of it in another namespace (left to the
+    /// resync's /proc scan, which finds namespaces by their processes).
+    fn serve_discovered(&mut self, ino: u64, pid: i32, why: String, cookie: u64) {
+        self.serve_discovered_many(vec![(ino, pid, why)], Some(cookie));
     }
 
     /// Serves namespaces discovery found, (inode, a process in it, why), in
     /// one batch.
-    fn serve_discovered_many(&mut self, found: Vec<(u64, i32, String)>) {
+    fn serve_discovered_many(&mut self, found: Vec<(u64, i32, String)>, cookie: Option<u64>) {
         let mut batch = Vec::new();
         let mut meta = HashMap::new();
         for (ino, pid, why) in found {
             let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
             // The process may have exited since: the next event or resync retries.
             let netns = match Netns::open(&path) {
-                Ok(n) if n.inode() == ino => n,
+                Ok(n) if n.inode() == ino && cookie.is_none_or(|c| c == n.cookie) => n,
                 Ok(_) | Err(_) => continue,
             };
             meta.insert(netns.cookie, (ino, pid, why));
@@ -329,7 +331,7 @@ impl Agent {
                     );
                     continue;
                 };
-                self.serve_discovered(ino, pid, why);
+                self.serve_discovered(ino, pid, why, e.netns_cookie);
                 if !self
                     .datapath
                     .served
@@ -564,7 +566,7 @@ impl Agent {
             .into_iter()
             .map(|(ino, c)| (ino, c.pid, c.why))
             .collect();
-        self.serve_discovered_many(found);
+        self.serve_discovered_many(found, None);
     }
 
     /// Logs what reconcile passes registered or removed, as it happens.
