@@ -10,8 +10,8 @@ use std::{
 };
 
 use redirector_tests::{
-    enter_test_cgroup, redirector_program_runs, request, veth, Agent, BpfStats, Cgroup, Netns,
-    Process, LIVE_STORE_V4,
+    enter_test_cgroup, redirector, redirector_program_runs, request, veth, Agent, BpfStats, Cgroup,
+    Netns, Process, LIVE_STORE_V4,
 };
 
 /// Ports of their own, so nothing else on the machine is discovered.
@@ -255,6 +255,22 @@ fn only_live_stores_are_served_unless_asked_for_more() {
         Duration::from_secs(5)
     ));
     assert_eq!(served_locally(&l).as_deref(), Some("live-store"));
+    // `status` says why, from the agent's state file.
+    let state = agent.state_file().display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let out = loop {
+        let (code, out, err) = redirector(&["status", "--state-file", &state]);
+        assert_eq!(code, 0, "{err}");
+        if out.contains("serves 1 namespace(s)") || Instant::now() > deadline {
+            break out;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert!(out.contains("sock_ops: pod"), "{out}");
+    assert!(
+        out.contains("is a Tempo live-store: -target=live-store on its command line"),
+        "{out}"
+    );
     // Give the querier's namespace every chance: a full resync.
     thread::sleep(Duration::from_millis(1500));
     assert_eq!(
