@@ -18,13 +18,15 @@ use redirector_tests::{
 const LISTEN: &str = "19195";
 const ADVERTISE: &str = "22445";
 
-/// A pod cgroup the way kubelet's cgroupfs driver names it, with a container.
-fn pod(tag: &str) -> (Cgroup, std::path::PathBuf) {
+/// A pod cgroup the way kubelet's cgroupfs driver names it, with a
+/// container: (the tree, removed on drop; the pod; the container).
+fn pod(tag: &str) -> (Cgroup, std::path::PathBuf, std::path::PathBuf) {
     let uid = format!("0f1e2d3c-4b5a-6978-8796-{:012x}", std::process::id());
-    let pod = Cgroup::new(&format!("redirector-test-{tag}/pod{uid}")).expect("pod cgroup");
-    let ctr = pod.path.join("ctr");
-    std::fs::create_dir_all(&ctr).expect("container cgroup");
-    (pod, ctr)
+    let tree = Cgroup::new(&format!("redirector-test-{tag}")).expect("cgroup tree");
+    let pod = tree.path.join(format!("pod{uid}"));
+    let ctr = pod.join("ctr");
+    std::fs::create_dir_all(&ctr).expect("pod and container cgroups");
+    (tree, pod, ctr)
 }
 
 fn stand_in(ns: &Netns, cgroup: &Path, addr: &str, name: &str, target: &str) -> Process {
@@ -73,7 +75,7 @@ fn bystander_connections_run_none_of_redirectors_programs() {
     enter_test_cgroup();
     let _stats = BpfStats::enable().expect("kernel.bpf_stats_enabled");
     // A served live-store in its pod.
-    let (_pod, ctr) = pod("bystander");
+    let (_pod, _, ctr) = pod("bystander");
     let l = Netns::new("by-l").expect("netns");
     let _live_store = stand_in(
         &l,
@@ -149,7 +151,7 @@ fn bystander_connections_run_none_of_redirectors_programs() {
 #[test]
 fn a_live_store_is_served_from_its_listen_not_from_a_poll() {
     enter_test_cgroup();
-    let (pod_cgroup, ctr) = pod("event");
+    let (_tree, pod_cgroup, ctr) = pod("event");
     // No resync for an hour: only the bind hook can find it.
     let agent = discovering(&["--resync-interval", "3600"]);
     let l = Netns::new("ev").expect("netns");
@@ -189,11 +191,7 @@ fn a_live_store_is_served_from_its_listen_not_from_a_poll() {
         .iter()
         .filter_map(|v| v.as_str())
         .collect();
-    assert_eq!(
-        attached,
-        [pod_cgroup.path.to_str().expect("utf-8")],
-        "{state}"
-    );
+    assert_eq!(attached, [pod_cgroup.to_str().expect("utf-8")], "{state}");
     // Found by the bind hooks, not by a /proc scan (the fallback scans every
     // second whatever --resync-interval says).
     let events = state["listen_events"].as_str().unwrap_or_default();
@@ -228,8 +226,8 @@ fn a_live_store_is_served_from_its_listen_not_from_a_poll() {
 #[test]
 fn only_live_stores_are_served_unless_asked_for_more() {
     enter_test_cgroup();
-    let (_pod, ctr) = pod("roles");
-    let (_querier_pod, querier_ctr) = pod("roles-querier");
+    let (_pod, _, ctr) = pod("roles");
+    let (_querier_pod, _, querier_ctr) = pod("roles-querier");
     let l = Netns::new("role-l").expect("netns");
     let q = Netns::new("role-q").expect("netns");
     let _live_store = stand_in(
