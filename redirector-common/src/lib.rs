@@ -9,8 +9,13 @@ pub const DEFAULT_ADVERTISE_PORT: u16 = 12345;
 /// Tempo's default `server.grpc_listen_port`.
 pub const DEFAULT_LISTEN_PORT: u16 = 9095;
 
+/// What every redirector program's name starts with: "everything redirector
+/// runs" (status, tests, the bench) is selected by it, so a new program needs
+/// no update elsewhere.
+pub const PROG_PREFIX: &str = "redir_";
 /// Program names as the kernel reports them (kept under 16 bytes, the kernel's
-/// `BPF_OBJ_NAME_LEN`, so `bpftool prog` shows them whole).
+/// `BPF_OBJ_NAME_LEN`, so `bpftool prog` shows them whole), each starting
+/// with [`PROG_PREFIX`].
 pub const PROG_SK_LOOKUP: &str = "redir_lookup";
 pub const PROG_SOCK_OPS: &str = "redir_sockops";
 /// The bind hooks (cgroup `post_bind4`/`post_bind6` on the cgroup v2 root).

@@ -800,54 +800,58 @@ pub fn counter_in(line: &str, name: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// How many times redirector's programs (any agent's) ran, and for how long
-/// (ns), by the kernel's BPF statistics (`kernel.bpf_stats_enabled`).
-pub fn redirector_program_runs() -> (u64, u64) {
+/// Kernel run-time statistics for every BPF program, on while this lives
+/// (BPF_ENABLE_STATS: an fd instead of the global sysctl, so they switch
+/// themselves off even if the process dies).
+pub struct RunStats {
+    _fd: std::os::fd::OwnedFd,
+}
+
+impl RunStats {
+    pub fn enable() -> Result<Self> {
+        let fd = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
+        Ok(Self { _fd: fd })
+    }
+}
+
+/// One of redirector's loaded programs, with its run-time statistics (which
+/// only grow while a [`RunStats`] is alive).
+#[derive(Clone, Debug)]
+pub struct ProgStats {
+    pub id: u32,
+    pub name: String,
+    pub run_time_ns: u64,
+    pub run_count: u64,
+}
+
+/// Every loaded redirector program (any agent's: its name starts with
+/// `PROG_PREFIX`), with its run-time statistics.
+pub fn run_stats() -> Vec<ProgStats> {
     aya::programs::loaded_programs()
         .filter_map(|p| p.ok())
-        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("redir_")))
-        .fold((0, 0), |(n, t), p| {
-            (n + p.run_count(), t + p.run_time().as_nanos() as u64)
+        .filter_map(|p| {
+            let name = p.name_as_str()?;
+            name.starts_with(redirector_common::PROG_PREFIX)
+                .then(|| ProgStats {
+                    id: p.id(),
+                    name: name.to_owned(),
+                    run_time_ns: u64::try_from(p.run_time().as_nanos()).unwrap_or(u64::MAX),
+                    run_count: p.run_count(),
+                })
         })
+        .collect()
 }
 
-/// Turns the kernel's BPF run statistics on while it lives (they cost a
-/// little on every program run, so they are off by default).
-pub struct BpfStats {
-    was: String,
-}
-
-const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
-
-impl BpfStats {
-    pub fn enable() -> Result<Self> {
-        let was = std::fs::read_to_string(BPF_STATS_SYSCTL)?.trim().to_owned();
-        std::fs::write(BPF_STATS_SYSCTL, "1")?;
-        Ok(Self { was })
-    }
-}
-
-impl Drop for BpfStats {
-    fn drop(&mut self) {
-        let _ = std::fs::write(BPF_STATS_SYSCTL, &self.was);
-    }
+/// How many times redirector's programs ran, and for how long (ns), in all.
+pub fn redirector_program_runs() -> (u64, u64) {
+    run_stats()
+        .iter()
+        .fold((0, 0), |(n, t), p| (n + p.run_count, t + p.run_time_ns))
 }
 
 /// Ids of the loaded BPF programs that belong to redirector (any agent's).
 pub fn redirector_program_ids() -> HashSet<u32> {
-    aya::programs::loaded_programs()
-        .filter_map(|p| p.ok())
-        .filter(|p| {
-            matches!(
-                p.name_as_str(),
-                Some(redirector_common::PROG_SK_LOOKUP)
-                    | Some(redirector_common::PROG_SOCK_OPS)
-                    | Some(redirector_common::PROG_BIND4)
-                    | Some(redirector_common::PROG_BIND6)
-            )
-        })
-        .map(|p| p.id())
-        .collect()
+    run_stats().into_iter().map(|p| p.id).collect()
 }
 
 /// Waits (up to 5 s: program fds are released asynchronously after a process

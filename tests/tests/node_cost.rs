@@ -10,8 +10,8 @@ use std::{
 };
 
 use redirector_tests::{
-    enter_test_cgroup, redirector, redirector_program_runs, request, veth, Agent, BpfStats, Cgroup,
-    Netns, Process, LIVE_STORE_V4,
+    enter_test_cgroup, redirector, redirector_program_runs, request, veth, Agent, Cgroup, Netns,
+    Process, RunStats, LIVE_STORE_V4,
 };
 
 /// Ports of their own, so nothing else on the machine is discovered.
@@ -73,7 +73,7 @@ fn served_locally(ns: &Netns) -> Option<String> {
 #[test]
 fn bystander_connections_run_none_of_redirectors_programs() {
     enter_test_cgroup();
-    let _stats = BpfStats::enable().expect("kernel.bpf_stats_enabled");
+    let _stats = RunStats::enable().expect("BPF run-time statistics");
     // A served live-store in its pod.
     let (_pod, _, ctr) = pod("bystander");
     let l = Netns::new("by-l").expect("netns");

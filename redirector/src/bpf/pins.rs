@@ -577,6 +577,10 @@ impl PinWatch {
                 },
             }
         }
+        // Pins of links this agent no longer holds (namespaces it stopped
+        // serving) are forgotten, so the map follows the served set.
+        self.verified
+            .retain(|path, _| links.iter().any(|l| l.pin.as_ref() == Some(path)));
         let mut expected_links = BTreeSet::new();
         for link in links {
             if let Some(name) = link.pin.as_ref().and_then(|p| p.file_name()) {

@@ -169,11 +169,9 @@ pub struct Registry {
     /// Listeners that cannot be registered for a reason that lasts as long as
     /// the socket, by (netns cookie, inode): not looked at again every pass.
     permanent: HashMap<(u64, u64), Unservable>,
-    /// Per namespace, the entries the last pass saw: read back next pass, so
-    /// a pass over one namespace never lists the whole map.
-    known: HashMap<u64, HashSet<ListenerKey>>,
     /// Per namespace, the registrations the last pass left (key, socket
-    /// cookie): what the resync's cheap check compares.
+    /// cookie): read back by the next pass, so a pass over one namespace
+    /// never lists the whole map, and compared by the resync's cheap check.
     last: HashMap<u64, Vec<(ListenerKey, u64)>>,
 }
 
@@ -184,7 +182,6 @@ impl Registry {
             redirects: BpfHashMap::try_from(aya::maps::Map::HashMap(redirects))
                 .context("REDIRECTS map")?,
             permanent: HashMap::new(),
-            known: HashMap::new(),
             last: HashMap::new(),
         })
     }
@@ -208,7 +205,11 @@ impl Registry {
     /// of namespaces.
     fn entries(&self, cookie: u64, found: &[sockdiag::Listening]) -> Snapshot {
         let fd = self.listeners.fd().as_fd();
-        let mut keys: HashSet<ListenerKey> = self.known.get(&cookie).cloned().unwrap_or_default();
+        let mut keys: HashSet<ListenerKey> = self
+            .last
+            .get(&cookie)
+            .map(|l| l.iter().map(|(k, _)| *k).collect())
+            .unwrap_or_default();
         for l in found {
             for slot in 0..LISTENER_SLOTS {
                 keys.insert(ListenerKey::new(cookie, l.port, bind_of(l.addr), slot));
@@ -343,7 +344,6 @@ impl Registry {
                 .filter_map(|k| sys::map_lookup(fd, k).ok().flatten().map(|c| (*k, c)))
                 .collect();
             self.last.insert(netns.cookie, last);
-            self.known.insert(netns.cookie, taken);
         }
         Ok(report)
     }
@@ -415,7 +415,6 @@ impl Registry {
 
     /// Removes every registration of a namespace that is no longer served.
     pub fn forget(&mut self, netns_cookie: u64) {
-        self.known.remove(&netns_cookie);
         self.last.remove(&netns_cookie);
         let fd = self.listeners.fd().as_fd();
         for key in sys::map_keys::<ListenerKey>(fd).unwrap_or_default() {

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use redirector_common::{
     Counter, NsPort, RedirectTarget, AF_INET, MAP_COUNTERS, MAP_LISTENERS, MAP_REDIRECTS,
-    PROG_BIND4, PROG_BIND6, PROG_SK_LOOKUP, PROG_SOCK_OPS,
+    PROG_PREFIX,
 };
 use serde::Serialize;
 
@@ -71,12 +71,7 @@ pub struct RedirectStatus {
 fn programs() -> Vec<ProgramStatus> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
-        .filter(|p| {
-            matches!(
-                p.name_as_str(),
-                Some(PROG_SK_LOOKUP) | Some(PROG_SOCK_OPS) | Some(PROG_BIND4) | Some(PROG_BIND6)
-            )
-        })
+        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with(PROG_PREFIX)))
         .map(|p| ProgramStatus {
             id: p.id(),
             name: p.name_as_str().unwrap_or_default().to_owned(),

@@ -46,8 +46,13 @@ impl CgroupIndex {
         if id == 0 {
             return None;
         }
-        if let Some(p) = self.by_id.get(&id).filter(|p| p.is_dir()) {
-            return Some(p.clone());
+        match self.by_id.get(&id) {
+            Some(p) if p.is_dir() => return Some(p.clone()),
+            // Removed (its pod went): ids are never reused, so forget it.
+            Some(_) => {
+                self.by_id.remove(&id);
+            }
+            None => {}
         }
         for pid in hint {
             let Ok(text) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
@@ -64,18 +69,15 @@ impl CgroupIndex {
                 return Some(path);
             }
         }
+        // Walked a moment ago and not there (a cgroup already removed): the
+        // next resync looks again, rather than walking once per listener.
         if self
             .last_walk
             .is_some_and(|t| t.elapsed() < MIN_WALK_INTERVAL)
         {
-            // Known to be missing a moment ago; a cgroup that appeared since
-            // is found by the next resync.
-            if !self.by_id.contains_key(&id) {
-                self.walk();
-            }
-        } else {
-            self.walk();
+            return None;
         }
+        self.walk();
         self.by_id.get(&id).cloned()
     }
 

@@ -4,7 +4,7 @@
 //! run), and the kernel's run-time statistics of every program (aya's
 //! `enable_stats` and `ProgramInfo::run_time`/`run_count`).
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -171,67 +171,9 @@ fn test_run(fd: i32, port: u16, repeat: u32) -> Result<(u32, f64)> {
     Ok((attr.retval, attr.duration as f64))
 }
 
-/// Kernel run-time statistics for every BPF program, on while this lives
-/// (BPF_ENABLE_STATS: an fd instead of the global sysctl, so they switch
-/// themselves off even if the bench dies).
-pub struct RunStats {
-    _fd: OwnedFd,
-}
-
-impl RunStats {
-    pub fn enable() -> Result<Self> {
-        let fd = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
-        Ok(Self { _fd: fd })
-    }
-}
-
-/// One of redirector's loaded programs, with its run-time statistics (which
-/// only grow while a [`RunStats`] is alive).
-#[derive(Clone, Debug)]
-pub struct ProgStats {
-    pub id: u32,
-    pub name: String,
-    pub run_time_ns: u64,
-    pub run_count: u64,
-}
-
-/// Every loaded instance of redirector's programs (any agent's).
-pub fn run_stats() -> Vec<ProgStats> {
-    aya::programs::loaded_programs()
-        .filter_map(|p| p.ok())
-        .filter_map(|p| {
-            let name = p.name_as_str()?;
-            (name == PROG_SK_LOOKUP || name == PROG_SOCK_OPS).then(|| ProgStats {
-                id: p.id(),
-                name: name.to_owned(),
-                run_time_ns: u64::try_from(p.run_time().as_nanos()).unwrap_or(u64::MAX),
-                run_count: p.run_count(),
-            })
-        })
-        .collect()
-}
-
-/// What every redirector program's name starts with: the two of today and
-/// any added later (a tracing `redir_listen`, say), so that a measurement of
-/// "everything redirector runs" needs no update when a program is added.
-pub const PROG_PREFIX: &str = "redir_";
-
-/// Every loaded program whose name starts with [`PROG_PREFIX`] (any
-/// agent's), with its run-time statistics.
-pub fn prefixed_run_stats() -> Vec<ProgStats> {
-    aya::programs::loaded_programs()
-        .filter_map(|p| p.ok())
-        .filter_map(|p| {
-            let name = p.name_as_str()?;
-            name.starts_with(PROG_PREFIX).then(|| ProgStats {
-                id: p.id(),
-                name: name.to_owned(),
-                run_time_ns: u64::try_from(p.run_time().as_nanos()).unwrap_or(u64::MAX),
-                run_count: p.run_count(),
-            })
-        })
-        .collect()
-}
+/// Run-time statistics of redirector's programs: one definition, shared with
+/// the integration tests.
+pub use redirector_tests::{run_stats, ProgStats, RunStats};
 
 /// Ids of redirector's programs loaded now (any agent's): taken before an
 /// agent starts, for [`new_programs`].

@@ -114,7 +114,7 @@ pub fn measure(plan: &Plan, env: &Env) -> Result<Bystander> {
                 plan.bystander_rounds,
                 if running { "running" } else { "stopped" }
             );
-            let before: HashSet<u32> = bpf::prefixed_run_stats().iter().map(|p| p.id).collect();
+            let before: HashSet<u32> = bpf::run_stats().iter().map(|p| p.id).collect();
             let agent = if running {
                 Some(agent::launch(
                     env.agent,
@@ -126,9 +126,9 @@ pub fn measure(plan: &Plan, env: &Env) -> Result<Bystander> {
                 None
             };
             std::thread::sleep(SETTLE);
-            let s0 = bpf::prefixed_run_stats();
+            let s0 = bpf::run_stats();
             let sample = querier.run(Spec::Crr, addr, slot);
-            let s1 = bpf::prefixed_run_stats();
+            let s1 = bpf::run_stats();
             if let Some(a) = agent {
                 a.stop()
                     .context("stopping the agent after a bystander round")?;

@@ -189,19 +189,8 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         notes,
         started.elapsed().as_secs_f64(),
     );
-    std::fs::write(
-        out.join("results.json"),
-        serde_json::to_string_pretty(&results)?,
-    )?;
-    let md = report::markdown(&results);
-    std::fs::write(out.join("results.md"), &md)?;
+    write_results(&out, &results, &report::markdown(&results), started)?;
     charts::write(&results, &out).context("charts")?;
-    println!("{md}");
-    eprintln!(
-        "bench: wrote {}/results.{{md,json}} and charts in {:.0} s",
-        out.display(),
-        started.elapsed().as_secs_f64()
-    );
     work.done();
     if args.smoke {
         rounds::smoke_check(&results, args.paths.is_empty())?;
@@ -242,4 +231,26 @@ impl Drop for WorkDir {
             eprintln!("bench: logs and configs kept in {}", self.path.display());
         }
     }
+}
+
+/// Writes a mode's `results.json` and `results.md` to `out` and prints the
+/// markdown (charts, where a mode has them, go next to them).
+fn write_results(
+    out: &Path,
+    results: &impl serde::Serialize,
+    md: &str,
+    started: std::time::Instant,
+) -> Result<()> {
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(results)?,
+    )?;
+    std::fs::write(out.join("results.md"), md)?;
+    println!("{md}");
+    eprintln!(
+        "bench: wrote {}/results.{{md,json}} in {:.0} s",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }

@@ -172,18 +172,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
         notes,
         elapsed_secs: started.elapsed().as_secs_f64(),
     };
-    fs::write(
-        out.join("results.json"),
-        serde_json::to_string_pretty(&results)?,
-    )?;
-    let md = markdown(&results);
-    fs::write(out.join("results.md"), &md)?;
-    println!("{md}");
-    eprintln!(
-        "bench: wrote {}/results.{{md,json}} in {:.0} s",
-        out.display(),
-        started.elapsed().as_secs_f64()
-    );
+    super::write_results(&out, &results, &markdown(&results), started)?;
     work.done();
     Ok(())
 }

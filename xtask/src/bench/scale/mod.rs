@@ -197,19 +197,8 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
         points.push(measure(&ctx, n, Some(&baseline.memory))?);
     }
     let results = report::ScaleResults::new(plan, points, notes, started.elapsed().as_secs_f64());
-    std::fs::write(
-        out.join("results.json"),
-        serde_json::to_string_pretty(&results)?,
-    )?;
-    let md = report::markdown(&results);
-    std::fs::write(out.join("results.md"), &md)?;
+    super::write_results(&out, &results, &report::markdown(&results), started)?;
     report::charts(&results, &out).context("charts")?;
-    println!("{md}");
-    eprintln!(
-        "bench: wrote {}/results.{{md,json}} and charts in {:.0} s",
-        out.display(),
-        started.elapsed().as_secs_f64()
-    );
     work.done();
     Ok(())
 }
