@@ -9,6 +9,11 @@
 //!
 //! `REDIRECTOR_BPF_TOOLCHAIN=nightly|debian` forces one; otherwise the first that
 //! is present wins. Both need `bpf-linker` on PATH.
+//!
+//! Without the `bpf-object` feature (on by default) nothing is built and the
+//! embedded object is empty: xtask and the test fixtures link this library for
+//! its constants and system calls, and must compile before `cargo xtask setup`
+//! has installed the toolchain.
 
 use std::{env, path::PathBuf, process::Command};
 
@@ -40,12 +45,25 @@ fn pick_toolchain() -> Result<Toolchain> {
         bail!(
             "no toolchain can build the eBPF programs: need Debian's rustc-web + libstd-rust-web-dev-bpf \
              ({DEBIAN_RUSTC} and {DEBIAN_BPF_CORE}) or a nightly toolchain with rust-src, plus bpf-linker. \
-             Run `cargo xtask setup`."
+             `cargo xtask setup` (as root) installs them; `cargo xtask build` installs and builds."
         )
     }
 }
 
-fn main() -> Result<()> {
+fn main() {
+    if let Err(e) = build() {
+        // A plain message, not a backtrace: this is what a new user reads first.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn build() -> Result<()> {
+    let out = PathBuf::from(env::var("OUT_DIR")?).join("redirector.bpf.o");
+    if env::var_os("CARGO_FEATURE_BPF_OBJECT").is_none() {
+        std::fs::write(&out, b"").context("writing the empty kernel object")?;
+        return Ok(());
+    }
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
     let root = manifest_dir.parent().context("workspace root")?.to_owned();
     for watched in [
@@ -102,7 +120,6 @@ fn main() -> Result<()> {
         bail!("building redirector-ebpf failed ({status}); `cargo xtask setup` installs the toolchain");
     }
     let object = target_dir.join(TARGET).join("release/redirector-ebpf");
-    let out = PathBuf::from(env::var("OUT_DIR")?).join("redirector.bpf.o");
     std::fs::copy(&object, &out)
         .with_context(|| format!("copying {} to {}", object.display(), out.display()))?;
     Ok(())

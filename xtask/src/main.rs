@@ -3,6 +3,7 @@
 //! fresh clone on a fresh machine needs nothing else.
 
 mod bench;
+mod bootstrap;
 mod fuzz;
 mod golang;
 mod setup;
@@ -37,7 +38,7 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run every test: unit tests, the privileged integration tests on this
+    /// Run every test: the bootstrap check (without a filter), unit tests, the privileged integration tests on this
     /// kernel (as root, one at a time, since they share kernel state such as the
     /// root cgroup), the benchmark smoke run, then the kernel matrix: the
     /// integration tests in QEMU guests booted with Debian's 6.1 and 6.12
@@ -64,6 +65,15 @@ enum Cmd {
         /// How long each fuzz target runs.
         #[arg(long, default_value_t = 60, requires = "fuzz")]
         fuzz_seconds: u32,
+    },
+    /// Check that `cargo xtask` builds and runs on a machine without the eBPF
+    /// toolchain: a clean copy of the tree, its own target directory, the
+    /// toolchain hidden in a private mount namespace (root). `cargo xtask test`
+    /// runs it first.
+    BootstrapCheck {
+        /// Check this commit instead of the work tree.
+        #[arg(long)]
+        rev: Option<String>,
     },
     /// Benchmark redirector against direct, nftables and sidecar proxies, in
     /// namespaces on this machine: `--quick` (< 1 min) or full (minutes).
@@ -126,6 +136,11 @@ fn run(cli: Cli) -> Result<()> {
                     &[(golang::LIVE_STORE_ENV, go_live_store)],
                 );
             }
+            // Before anything installs or builds: a green run must also mean
+            // that a new machine can start.
+            if filter.is_none() {
+                bootstrap::check(&root, None)?;
+            }
             setup::ensure()?;
             build(&root)?;
             cmd(cargo(&root).args([
@@ -175,6 +190,7 @@ fn run(cli: Cli) -> Result<()> {
                 &[(golang::LIVE_STORE_ENV, go_live_store)],
             )
         }
+        Cmd::BootstrapCheck { rev } => bootstrap::check(&root, rev.as_deref()),
         Cmd::Bench(args) => bench::main(&root, args),
         Cmd::ScalePod { args } => bench::scale::pod_main(&args),
     }

@@ -128,8 +128,10 @@ fn apt_install(packages: &[&str]) -> Result<()> {
     }
     eprintln!("xtask: installing {}", packages.join(" "));
     cmd(Command::new("apt-get").args(["update", "-q"]))?;
+    // --reinstall: a package dpkg lists whose files are gone (deleted, or hidden
+    // as in the bootstrap check) is installed again rather than skipped.
     cmd(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(["install", "-y", "-q", "--no-install-recommends", "--reinstall"])
         .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }

@@ -45,8 +45,20 @@ use crate::{
 /// The per-namespace switch Go's default MPTCP listeners depend on.
 const MPTCP_SYSCTL: &str = "/proc/sys/net/mptcp/enabled";
 
-/// The kernel object, built by build.rs from `redirector-ebpf`.
+/// The kernel object, built by build.rs from `redirector-ebpf`; empty in a build
+/// without the `bpf-object` feature (the fixtures xtask and the tests link).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector.bpf.o"));
+
+/// The embedded kernel object, or why there is none.
+fn object() -> Result<&'static [u8]> {
+    if OBJECT.is_empty() {
+        bail!(
+            "this build of redirector carries no kernel programs (built without its `bpf-object` feature): \
+             build the agent with `cargo xtask build`"
+        );
+    }
+    Ok(OBJECT)
+}
 
 /// Identifies the embedded kernel object (FNV-1a): pinned state is only
 /// adopted by an agent with the same programs and map layouts.
@@ -165,7 +177,7 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut main = loader
-            .load(OBJECT)
+            .load(object()?)
             .map_err(|e| kernel_error(e.into(), "loading the eBPF maps"))?;
 
         let prog: &mut aya::programs::SockOps = program(&mut main, PROG_SOCK_OPS)?.try_into()?;
@@ -690,7 +702,7 @@ fn load_instances(
         .map(|(ns, cookie)| {
             loader.override_global(GLOBAL_NETNS_COOKIE, cookie, true);
             let mut instance = loader
-                .load(OBJECT)
+                .load(object()?)
                 .map_err(|e| kernel_error(e.into(), "loading the sk_lookup instance"))?;
             let prog: &mut SkLookup = program(&mut instance, PROG_SK_LOOKUP)?.try_into()?;
             prog.load().map_err(|e| {
