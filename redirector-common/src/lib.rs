@@ -33,13 +33,14 @@ pub const MAP_FLOW_EVENTS: &str = "FLOW_EVENTS";
 pub const MAP_REFUSED_BUDGET: &str = "REFUSED_BUDGET";
 pub const MAP_WATCH_PORTS: &str = "WATCH_PORTS";
 pub const MAP_LISTEN_EVENTS: &str = "LISTEN_EVENTS";
+pub const MAP_NS_QUOTAS: &str = "NS_QUOTAS";
 /// aya-log's record ring: shared too, so one reader serves every instance.
 pub const MAP_AYA_LOGS: &str = "AYA_LOGS";
 /// aya-log's load-time level (0 = off, 4 = debug): set from RUST_LOG.
 pub const GLOBAL_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
 /// Every map that all program instances must share (the per-namespace
 /// `sk_lookup` instances and the one `sock_ops` instance).
-pub const SHARED_MAPS: [&str; 11] = [
+pub const SHARED_MAPS: [&str; 12] = [
     MAP_LISTENERS,
     MAP_REDIRECTS,
     MAP_LISTEN_PORTS,
@@ -51,6 +52,7 @@ pub const SHARED_MAPS: [&str; 11] = [
     MAP_AYA_LOGS,
     MAP_WATCH_PORTS,
     MAP_LISTEN_EVENTS,
+    MAP_NS_QUOTAS,
 ];
 
 /// Load-time constant of each `sk_lookup` instance: the cookie of the network
@@ -58,11 +60,17 @@ pub const SHARED_MAPS: [&str; 11] = [
 /// `bpf_get_netns_cookie`, so each namespace gets its own instance.
 pub const GLOBAL_NETNS_COOKIE: &str = "NETNS_COOKIE";
 
-/// Capacity of the listener map: one entry per (namespace, listen port, bound
-/// address, slot).
-pub const MAX_LISTENERS: u32 = 16384;
 /// Capacity of the redirect tables: one entry per (namespace, port).
 pub const MAX_REDIRECTS: u32 = 4096;
+/// Listeners `sock_ops` registers per served namespace: a live-store has a few
+/// (a wildcard socket, or one per address, times its SO_REUSEPORT members);
+/// a pod that binds thousands of addresses gets this many and no more.
+pub const LISTENERS_PER_NETNS: u64 = 32;
+/// Capacity of the listener map: one entry per (namespace, listen port, bound
+/// address, slot). Every namespace the redirect tables can hold fits its
+/// quota, so no namespace can fill the map for the others (socket hash
+/// entries are allocated as they are used: the capacity costs nothing).
+pub const MAX_LISTENERS: u32 = LISTENERS_PER_NETNS as u32 * MAX_REDIRECTS;
 
 /// Connections between redirect and handshake completion, shared by all CPUs
 /// (one common LRU: a burst on one CPU may use all of it; SYN floods evict
@@ -239,6 +247,18 @@ const _: () = assert!(core::mem::size_of::<NsPort>() == 16 && core::mem::align_o
 const _: () = assert!(core::mem::size_of::<ListenerKey>() == 32);
 const _: () = assert!(core::mem::size_of::<RedirectTarget>() == 8);
 
+/// Value of `NS_QUOTAS` (key: netns cookie): what a served namespace holds of
+/// the node-wide maps. Created by the agent when it serves the namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NsQuota {
+    /// Listeners `sock_ops` registered that still listen (added at
+    /// registration, taken away when they stop listening). Read as signed:
+    /// a close counted twice under a race leaves it at -1, not at 2^64 - 1.
+    pub listeners: u64,
+}
+const _: () = assert!(core::mem::size_of::<NsQuota>() == 8);
+
 /// Indices into the per-CPU `COUNTERS` array. Userspace sums the CPUs.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -281,9 +301,12 @@ pub enum Counter {
     /// A bind() to a watched port could not be reported to the agent (its
     /// ring was full): found by the agent's periodic resync instead.
     ListenEventsDropped = 14,
+    /// A listener was not registered because its namespace already has
+    /// `LISTENERS_PER_NETNS` registered.
+    ListenerQuotaExceeded = 15,
 }
 
-pub const COUNTER_COUNT: u32 = 15;
+pub const COUNTER_COUNT: u32 = 16;
 
 /// One counter: its slot (the enum), its name in the exit summary and
 /// `status`, and the Prometheus metric (with `_total`) and help it is exported
@@ -341,6 +364,8 @@ pub const COUNTER_TABLE: [CounterInfo; COUNTER_COUNT as usize] = [
         "Connections to an advertised port accepted without a pending redirect (evicted under a SYN burst, or taken by an old sidecar): no flow records"),
     row(Counter::ListenEventsDropped, "listen_events_dropped", "listen_events_dropped",
         "bind() calls to a watched port not reported to the agent (event ring full): served at the next resync instead"),
+    row(Counter::ListenerQuotaExceeded, "listener_quota_exceeded", "listener_quota_exceeded",
+        "Listeners not registered because their namespace already had its quota of registered listeners (a pod binding many addresses)"),
 ];
 
 impl Counter {
@@ -501,4 +526,6 @@ mod user {
     unsafe impl aya::Pod for super::ListenerKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RedirectTarget {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NsQuota {}
 }

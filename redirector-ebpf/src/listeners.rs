@@ -8,8 +8,14 @@
 use core::{cell::UnsafeCell, ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
-    bindings::{bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKHASH, bpf_sock_ops, BPF_NOEXIST},
-    helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_sock_hash_update},
+    bindings::{
+        bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKHASH, bpf_sock_ops, BPF_NOEXIST,
+        BPF_SOCK_OPS_STATE_CB_FLAG,
+    },
+    helpers::{
+        bpf_get_netns_cookie, bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release,
+        bpf_sock_hash_update,
+    },
     macros::map,
     programs::{SkLookupContext, SockOpsContext},
     EbpfContext,
@@ -17,12 +23,13 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use redirector_common::{
     Bind, Counter, ListenerKey, RedirectTarget, AF_INET, AF_INET6, BIND_V4_ADDR, BIND_V4_ANY,
-    BIND_V6_ADDR, BIND_V6_ANY, LISTENER_SLOTS, MAX_LISTENERS,
+    BIND_V6_ADDR, BIND_V6_ANY, LISTENERS_PER_NETNS, LISTENER_SLOTS, MAX_LISTENERS,
 };
 
 use crate::{
-    count,
+    atomic_add, count,
     ctx::{ctx_ip6, ctx_u32},
+    NS_QUOTAS,
 };
 
 const ENOENT: i64 = 2;
@@ -169,6 +176,17 @@ pub fn register(ctx: &SockOpsContext, netns_cookie: u64, port: u16, target: *mut
     if family != AF_INET && family != AF_INET6 {
         return;
     }
+    let Some(quota) = NS_QUOTAS.get_ptr_mut(&netns_cookie) else {
+        return;
+    };
+    // Checked, then added after the insert: CPUs registering at the same
+    // moment may pass the quota by one each, never by more.
+    // SAFETY: map value pointer, valid for this program run.
+    let held = unsafe { core::ptr::read_volatile(&(*quota).listeners) } as i64;
+    if held >= LISTENERS_PER_NETNS as i64 {
+        count(Counter::ListenerQuotaExceeded);
+        return;
+    }
     let p = ctx.ops;
     // SAFETY: context field loads, rewritten by the verifier. For a listener
     // these are its bound address.
@@ -184,6 +202,10 @@ pub fn register(ctx: &SockOpsContext, netns_cookie: u64, port: u16, target: *mut
         let key = ListenerKey::new(netns_cookie, port, bind, slot);
         match LISTENERS.insert_new(&key, p) {
             Ok(()) => {
+                // SAFETY: map value pointer, valid for this program run.
+                atomic_add(unsafe { &mut (*quota).listeners }, 1);
+                // Its state change out of LISTEN gives the unit back.
+                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
                 count(Counter::ListenerRegistered);
                 debug!(ctx, "registered listener on port {} (slot {})", port, slot);
                 return;
@@ -199,4 +221,17 @@ pub fn register(ctx: &SockOpsContext, netns_cookie: u64, port: u16, target: *mut
         }
     }
     count(Counter::ListenerSlotsFull);
+}
+
+/// A registered listener stopped listening (closed, or shut down): its
+/// namespace's quota unit is free again. The kernel has dropped (or will drop
+/// at close) its `LISTENERS` entry itself.
+#[inline(always)]
+pub fn stopped(ctx: &SockOpsContext) {
+    // SAFETY: the helper only reads the namespace of the context's socket.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if let Some(quota) = NS_QUOTAS.get_ptr_mut(&netns_cookie) {
+        // SAFETY: map value pointer, valid for this program run.
+        atomic_add(unsafe { &mut (*quota).listeners }, u64::MAX);
+    }
 }

@@ -26,7 +26,7 @@ mod listeners;
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
-    bindings::{sk_action::SK_PASS, BPF_SOCK_OPS_TCP_LISTEN_CB},
+    bindings::{sk_action::SK_PASS, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_TCP_LISTEN_CB},
     helpers::bpf_get_netns_cookie,
     macros::{map, sk_lookup, sock_ops},
     maps::{HashMap, PerCpuArray},
@@ -35,7 +35,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use redirector_common::{
-    Counter, NsPort, RedirectTarget, COUNTER_COUNT, IPPROTO_TCP, MAX_REDIRECTS,
+    Counter, NsPort, NsQuota, RedirectTarget, COUNTER_COUNT, IPPROTO_TCP, MAX_REDIRECTS,
 };
 
 use listeners::Lookup;
@@ -57,6 +57,14 @@ static LISTEN_PORTS: HashMap<NsPort, u16> = HashMap::with_max_entries(MAX_REDIRE
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 
+/// What each served namespace holds of the node-wide maps (see `NsQuota`);
+/// an entry exists exactly while the agent serves the namespace.
+#[map]
+pub(crate) static NS_QUOTAS: HashMap<u64, NsQuota> = HashMap::with_max_entries(MAX_REDIRECTS, 0);
+
+/// `TCP_LISTEN` in the kernel's `enum tcp_state`.
+const TCP_LISTEN: u32 = 10;
+
 #[inline(always)]
 pub(crate) fn count(counter: Counter) {
     add(counter, 1);
@@ -67,10 +75,18 @@ fn add(counter: Counter, n: u64) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         // Atomic although per CPU: sock_ops also runs in process context (listen,
         // close), where a softirq on the same CPU can interrupt a plain
-        // read-modify-write. The result is unused, so this is one `lock add`.
-        // SAFETY: a valid, aligned u64 map value for this program run.
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, n) };
+        // read-modify-write.
+        atomic_add(slot, n);
     }
+}
+
+/// Adds `n` (wrapping: `u64::MAX` takes one away) to a map value shared by
+/// CPUs. The result is unused, so this is one BPF atomic add (no fetch
+/// variant, which older kernels lack).
+#[inline(always)]
+pub(crate) fn atomic_add(value: *mut u64, n: u64) {
+    // SAFETY: callers pass a valid, aligned u64 map value for this program run.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(value, n) };
 }
 
 #[sk_lookup]
@@ -132,6 +148,8 @@ fn redirect(ctx: &SkLookupContext) {
 pub fn redir_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_LISTEN_CB => listening(&ctx),
+        // Only registered listeners ask for state callbacks as listeners.
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(0) == TCP_LISTEN => listeners::stopped(&ctx),
         op => flows::on_sock_op(&ctx, op),
     }
     // Any other return value makes the kernel fail the socket operation.

@@ -31,7 +31,14 @@ use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 use crate::{
     bpf::{datapath::Datapath, registry::Reason, sockops::Scope},
     config::{settings::Settings, Redirect},
-    discovery::{self, listeners, listeners::Owner, netns::Netns, Filter},
+    discovery::{
+        self,
+        inspector::{self, Inspector, Origin as Asked, Request, Verdict},
+        listeners,
+        listeners::Owner,
+        netns::Netns,
+        podfs::sanitize,
+    },
     flows::log::NsInfo,
     sys,
     telemetry::{Attachments, Telemetry},
@@ -48,6 +55,14 @@ enum Origin {
         why: String,
         without_listener_since: Option<Instant>,
     },
+}
+
+impl Origin {
+    fn ino(&self) -> u64 {
+        match self {
+            Origin::Explicit { ino, .. } | Origin::Discovered { ino, .. } => *ino,
+        }
+    }
 }
 
 /// A socket bound to a listen port whose listener the agent looks for.
@@ -71,6 +86,12 @@ const PENDING_BACKOFF: [Duration; 8] = [
     Duration::from_millis(100),
     Duration::from_millis(250),
 ];
+/// A process found not to qualify is asked about again on its next bind after
+/// this (a wrapper that has exec'd its server since), and by the /proc scan
+/// after [`RECHECK_SCANNED`].
+const RECHECK_BOUND: Duration = Duration::from_secs(1);
+const RECHECK_SCANNED: Duration = Duration::from_secs(300);
+
 /// A socket bound but not listening after this is not looked for any more;
 /// the resync would find a listener that comes later.
 const PENDING_FOR: Duration = Duration::from_secs(3);
@@ -93,7 +114,15 @@ pub struct Agent {
     telemetry: Arc<Telemetry>,
     names: Arc<Mutex<HashMap<u64, NsInfo>>>,
     origins: HashMap<u64, Origin>,
-    filter: Filter,
+    /// Reads what processes claim, off this loop.
+    inspector: Inspector,
+    /// The last verdict per (pid, namespace): yes or no, when, and the
+    /// program the process ran then (an exec since asks again at once).
+    verdicts: HashMap<(i32, u64), (bool, Instant, Option<PathBuf>)>,
+    /// Processes whose inspection stalled: not asked about again.
+    stalled: HashSet<(i32, u64)>,
+    /// The inspector's figures in the state file last written.
+    published_inspector: inspector::Summary,
     witnesses: HashMap<u64, Witness>,
     exits: mpsc::UnboundedSender<u64>,
     /// Per namespace: the listening socket inodes last seen and their owner.
@@ -121,6 +150,9 @@ pub struct State {
     pub listen_events: String,
     pub resync_interval_secs: u64,
     pub namespaces: Vec<NsState>,
+    /// What reading other pods' processes and files cost: stalls, refusals.
+    #[serde(default)]
+    pub inspector: inspector::Summary,
 }
 
 #[derive(Serialize, serde::Deserialize, Debug, Clone, Default)]
@@ -141,18 +173,18 @@ impl Agent {
         telemetry: Arc<Telemetry>,
         names: Arc<Mutex<HashMap<u64, NsInfo>>>,
         exits: mpsc::UnboundedSender<u64>,
+        inspector: Inspector,
     ) -> Self {
-        let filter = Filter::new(
-            settings.cgroup_pattern.clone(),
-            settings.serve_targets.clone(),
-        );
         Self {
             datapath,
             settings,
             telemetry,
             names,
             origins: HashMap::new(),
-            filter,
+            inspector,
+            verdicts: HashMap::new(),
+            stalled: HashSet::new(),
+            published_inspector: inspector::Summary::default(),
             witnesses: HashMap::new(),
             exits,
             owners: HashMap::new(),
@@ -318,31 +350,16 @@ impl Agent {
                 .iter()
                 .any(|s| s.netns.cookie == e.netns_cookie);
             if !served {
-                if !self.settings.discover {
-                    continue;
+                if self.settings.discover {
+                    if let Some(ino) = discovery::netns_inode(pid) {
+                        let origin = Asked::Bind {
+                            cookie: e.netns_cookie,
+                        };
+                        self.ask(pid, ino, origin, RECHECK_BOUND);
+                    }
                 }
-                let Some(ino) = discovery::netns_inode(pid) else {
-                    continue;
-                };
-                let Some(why) = self.filter.qualifies(pid, ino) else {
-                    tracing::debug!(
-                        "pid {pid} binds port {} in net:[{ino}]: not a process to serve (--serve-target)",
-                        e.port
-                    );
-                    continue;
-                };
-                self.serve_discovered(ino, pid, why, e.netns_cookie);
-                if !self
-                    .datapath
-                    .served
-                    .iter()
-                    .any(|s| s.netns.cookie == e.netns_cookie)
-                {
-                    continue;
-                }
-                if self.has_listener(e.netns_cookie) {
-                    continue;
-                }
+                // Looked for once the inspector says it qualifies.
+                continue;
             }
             self.pending.push(Pending {
                 cookie: e.netns_cookie,
@@ -352,6 +369,79 @@ impl Agent {
                 tries: 0,
             });
         }
+    }
+
+    /// Asks the inspector about process `pid` unless its inspection stalled,
+    /// or it was found not to qualify less than `recheck` ago.
+    fn ask(&mut self, pid: i32, ino: u64, origin: Asked, recheck: Duration) {
+        if self.stalled.contains(&(pid, ino)) {
+            return;
+        }
+        if let Some((false, at, exe)) = self.verdicts.get(&(pid, ino)) {
+            // The kernel's name for the program: no file of the pod is read.
+            let same_program = *exe == std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+            if same_program && at.elapsed() < recheck {
+                return;
+            }
+        }
+        self.inspector.submit(Request { pid, ino, origin });
+    }
+
+    /// The inspector's answers: serve the namespace of each process that
+    /// qualifies (and, found by the resync's scan, listens: those in one
+    /// batch), then look for the listener of its bind.
+    pub fn on_verdicts(&mut self, verdicts: Vec<Verdict>) {
+        let ports = self.settings.listen_ports();
+        let mut scanned = Vec::new();
+        for v in verdicts {
+            let Request { pid, ino, origin } = v.request;
+            self.inspector.done(&v.request);
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+            self.verdicts
+                .insert((pid, ino), (v.why.is_some(), Instant::now(), exe));
+            let Some(why) = v.why else {
+                tracing::debug!("pid {pid} in net:[{ino}]: not a process to serve");
+                continue;
+            };
+            if self.origins.values().any(|o| o.ino() == ino) {
+                continue;
+            }
+            match origin {
+                Asked::Bind { cookie } => {
+                    self.serve_discovered(ino, pid, why, cookie);
+                    let served = self
+                        .datapath
+                        .served
+                        .iter()
+                        .any(|s| s.netns.cookie == cookie);
+                    if served && !self.has_listener(cookie) {
+                        let now = Instant::now();
+                        self.pending.push(Pending {
+                            cookie,
+                            pid,
+                            since: now,
+                            next: now,
+                            tries: 0,
+                        });
+                    }
+                }
+                Asked::Scan => {
+                    let seen = scanned.iter().any(|(i, _, _)| *i == ino);
+                    if !seen && discovery::listens(pid, &ports) {
+                        scanned.push((ino, pid, why));
+                    }
+                }
+            }
+        }
+        if !scanned.is_empty() {
+            self.serve_discovered_many(scanned, None);
+        }
+    }
+
+    /// Whether the inspector still has questions open (startup waits for the
+    /// first scan's answers).
+    pub fn inspecting(&self) -> bool {
+        self.inspector.busy()
     }
 
     /// When the next look for a bound socket's listener is due.
@@ -486,6 +576,10 @@ impl Agent {
                 }
             }
         }
+        self.check_inspections();
+        if self.inspector.summary() != self.published_inspector {
+            self.dirty = true;
+        }
         self.resync_slice();
         if self.settings.discover {
             let due = self
@@ -551,22 +645,37 @@ impl Agent {
             .unwrap_or_default()
     }
 
-    /// Serves the namespaces the /proc scan finds that are not served yet.
+    /// Asks the inspector about every process in a namespace not served yet;
+    /// the answers serve those with a live-store (`on_verdict`).
     pub fn scan(&mut self) {
         self.last_scan = Some(Instant::now());
-        let served: HashSet<u64> = self
-            .origins
-            .values()
-            .map(|o| match o {
-                Origin::Explicit { ino, .. } | Origin::Discovered { ino, .. } => *ino,
-            })
-            .collect();
-        let ports = self.settings.listen_ports();
-        let found = discovery::scan(&ports, &mut self.filter, &served)
-            .into_iter()
-            .map(|(ino, c)| (ino, c.pid, c.why))
-            .collect();
-        self.serve_discovered_many(found, None);
+        let served: HashSet<u64> = self.origins.values().map(Origin::ino).collect();
+        let processes = discovery::processes();
+        let alive: HashSet<(i32, u64)> = processes.iter().copied().collect();
+        self.verdicts.retain(|k, _| alive.contains(k));
+        self.stalled.retain(|k| alive.contains(k));
+        for (pid, ino) in processes {
+            if !served.contains(&ino) {
+                self.ask(pid, ino, Asked::Scan, RECHECK_SCANNED);
+            }
+        }
+    }
+
+    /// Abandons inspections past their deadline: those processes are not
+    /// asked about again, and the rest of discovery goes on.
+    fn check_inspections(&mut self) {
+        for r in self.inspector.check_stalls() {
+            let comm = std::fs::read_to_string(format!("/proc/{}/comm", r.pid)).unwrap_or_default();
+            tracing::warn!(
+                "inspecting pid {} ({}) in net:[{}] took more than {:?}: abandoned, not asked again (a file in its pod that blocks reads?)",
+                r.pid,
+                sanitize(comm.trim(), 16),
+                r.ino,
+                inspector::DEADLINE
+            );
+            self.stalled.insert((r.pid, r.ino));
+            self.dirty = true;
+        }
     }
 
     /// Logs what reconcile passes registered or removed, as it happens.
@@ -689,6 +798,7 @@ impl Agent {
                 Err(why) => format!("unavailable ({why}): /proc scanned every second"),
             },
             resync_interval_secs: self.settings.resync_interval.as_secs(),
+            inspector: self.inspector.summary(),
             namespaces: d
                 .served
                 .iter()
@@ -714,7 +824,8 @@ impl Agent {
         }
     }
 
-    fn write_state(&self) -> Result<()> {
+    fn write_state(&mut self) -> Result<()> {
+        self.published_inspector = self.inspector.summary();
         let path = &self.settings.state_file;
         let tmp = path.with_extension("json.tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(&self.state())?)
@@ -757,10 +868,10 @@ pub fn attachments(datapath: &Datapath) -> Result<Attachments> {
 }
 
 /// Forwards `redir_listen`'s events to the agent loop, a batch per wakeup.
-pub fn spawn_listen_events(
-    map: MapData,
-    tx: mpsc::UnboundedSender<Vec<ListenEvent>>,
-) -> Result<()> {
+/// The channel is bounded: while the loop is behind, the reader waits and the
+/// kernel's ring fills, whose overflow the kernel counts
+/// (`listen_events_dropped`); the resync finds what was dropped.
+pub fn spawn_listen_events(map: MapData, tx: mpsc::Sender<Vec<ListenEvent>>) -> Result<()> {
     let ring = RingBuf::try_from(Map::RingBuf(map)).context("LISTEN_EVENTS ring buffer")?;
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, until
     // the AsyncFd (which owns the RingBuf) is dropped.
@@ -770,15 +881,21 @@ pub fn spawn_listen_events(
         while let Ok(mut guard) = fd.readable_mut().await {
             let ring = guard.get_inner_mut();
             let mut batch = Vec::new();
+            let mut seen = HashSet::new();
             while let Some(item) = ring.next() {
                 if item.len() >= std::mem::size_of::<ListenEvent>() {
                     // SAFETY: the kernel wrote a ListenEvent (repr(C), plain
                     // integers) here; read unaligned from the ring's bytes.
-                    batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+                    let e: ListenEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                    // A bind()/close() storm repeats the same socket owner:
+                    // one event per (namespace, process, port) is enough.
+                    if seen.insert((e.netns_cookie, e.tgid, e.port)) {
+                        batch.push(e);
+                    }
                 }
             }
             guard.clear_ready();
-            if !batch.is_empty() && tx.send(batch).is_err() {
+            if !batch.is_empty() && tx.send(batch).await.is_err() {
                 break;
             }
         }

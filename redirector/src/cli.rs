@@ -268,8 +268,9 @@ pub struct RunArgs {
     #[arg(long, env = "REDIRECTOR_FLOW_LOG", value_name = "PATH")]
     pub flow_log: Option<PathBuf>,
 
-    /// Prometheus /metrics, /healthz and /readyz [default: 127.0.0.1:9464]. Port 0
-    /// picks a free port (printed).
+    /// Prometheus /metrics, /healthz and /readyz [default: 127.0.0.1:9464]. `[::]:PORT`
+    /// is every IPv6 and IPv4 address (0.0.0.0 on a node without IPv6). Port 0 picks
+    /// a free port (printed).
     #[arg(long, env = "REDIRECTOR_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
 

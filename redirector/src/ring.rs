@@ -172,6 +172,9 @@ pub fn fetch(url: &RingUrl) -> std::result::Result<RingPage, String> {
         .timeout_global(Some(REQUEST_TIMEOUT))
         // Status codes are read below, with a message for each.
         .http_status_as_error(false)
+        // A ring page is served where it is asked for; a redirect is reported
+        // as such, not followed to wherever it points.
+        .max_redirects(0)
         .user_agent(concat!("redirector/", env!("CARGO_PKG_VERSION")))
         .build()
         .into();

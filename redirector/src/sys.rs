@@ -37,14 +37,16 @@ pub fn in_netns<T: Send>(
     f: impl FnOnce() -> io::Result<T> + Send,
 ) -> io::Result<T> {
     std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
+        // Builder, not `scope.spawn`: a node out of threads is an error for
+        // this namespace, not a panic of the agent.
+        std::thread::Builder::new()
+            .spawn_scoped(scope, || {
                 // SAFETY: setns on this thread only; the fd is a valid borrowed netns fd.
                 if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(io::Error::last_os_error());
                 }
                 f()
-            })
+            })?
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("network namespace worker thread panicked")))
     })
@@ -100,6 +102,36 @@ pub fn copy_fd_from(pid: i32, fd: i32) -> io::Result<OwnedFd> {
     }
     // SAFETY: copy was just returned by pidfd_getfd(2) and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(copy as i32) })
+}
+
+/// Opens `path` as an `O_PATH` descriptor, resolved with `dir` as the root
+/// (`openat2` with RESOLVE_IN_ROOT and RESOLVE_NO_MAGICLINKS, Linux 5.6): `..`
+/// and absolute symlinks stay under `dir`, and /proc magic links are refused,
+/// so a path a pod controls never leads out of the pod's filesystem. `O_PATH`
+/// opens nothing: no FIFO, device or lock can block or react to it.
+pub fn open_path_in_root(dir: BorrowedFd<'_>, path: &Path) -> io::Result<OwnedFd> {
+    let c_path =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    // SAFETY: all-zero is a valid open_how (libc marks it non-exhaustive).
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: openat2(2) with a NUL-terminated path and an open_how of the
+    // size passed; the result is checked and owned at once.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            c_path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by openat2(2) and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Whether `path` is on a bpffs mount.

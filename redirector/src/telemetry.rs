@@ -1,31 +1,60 @@
-//! The agent's HTTP endpoint: Prometheus metrics read from the kernel's own
-//! counters at scrape time, `/healthz` (the process serves) and `/readyz`
-//! (every program is still attached where it should be).
+//! The agent's HTTP endpoint: `/metrics` (Prometheus), `/healthz` (the
+//! process serves) and `/readyz` (every program the agent attached is still
+//! attached).
+//!
+//! Every pod on the node can reach this endpoint and none is trusted, so what
+//! one client can make the agent spend is bounded: a request reads the
+//! kernel's counters and what [`Telemetry::refresh`] stored (never a walk of
+//! kernel maps), connections are capped, a request's headers must arrive
+//! within seconds and fit in a few KiB, and `/readyz` names no other pod's
+//! namespace, cgroup, process or address.
 
 use std::{
+    convert::Infallible,
+    fmt,
     fs::File,
-    net::SocketAddr,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsFd,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, PoisonError,
+    },
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
 use axum::{
     extract::State,
     http::{
-        header::{ACCEPT, CONTENT_TYPE},
-        HeaderMap, StatusCode,
+        header::{ACCEPT, CONNECTION, CONTENT_TYPE},
+        HeaderMap, Request, StatusCode,
     },
+    response::{IntoResponse, Response},
     routing::get,
     Router,
 };
 use aya::maps::{MapData, PerCpuArray};
+use hyper::{
+    body::{Body as _, Incoming},
+    server::conn::http1,
+    service::{service_fn, Service as _},
+};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter as PromCounter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use redirector_common::{Counter, ListenerKey};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 
 use crate::{
     bpf::registry::{Reason, Unservable},
@@ -39,28 +68,206 @@ pub struct Attachments {
     pub namespaces: Vec<(String, File, u32)>,
 }
 
+/// The kinds of program the agent attaches: `/readyz` counts missing ones by
+/// kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachmentKind {
+    SockOps,
+    SkLookup,
+}
+
+impl AttachmentKind {
+    const ALL: [AttachmentKind; 2] = [AttachmentKind::SockOps, AttachmentKind::SkLookup];
+
+    fn label(self) -> &'static str {
+        match self {
+            AttachmentKind::SockOps => "sock_ops",
+            AttachmentKind::SkLookup => "sk_lookup",
+        }
+    }
+}
+
+/// A program no longer attached where the agent attached it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Missing {
+    pub kind: AttachmentKind,
+    /// The cgroup or namespace path: for the agent's own log, never for
+    /// `/readyz`, which anyone on the node may read.
+    pub place: String,
+}
+
+impl fmt::Display for Missing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            AttachmentKind::SockOps => write!(f, "sock_ops on cgroup {}", self.place),
+            AttachmentKind::SkLookup => write!(f, "sk_lookup in {}", self.place),
+        }
+    }
+}
+
 impl Attachments {
-    /// Namespaces (or the cgroup) whose program is no longer attached.
-    pub fn missing(&self) -> Vec<String> {
-        let mut missing = Vec::new();
+    /// Programs no longer attached where the agent attached them (one
+    /// `BPF_PROG_QUERY` each).
+    pub fn missing(&self) -> Vec<Missing> {
         let attached = |fd: &File, kind, id| {
             sys::prog_query(fd.as_fd(), kind)
                 .map(|ids| ids.contains(&id))
                 .unwrap_or(false)
         };
-        for (name, fd, id) in &self.cgroups {
-            if !attached(fd, sys::BPF_CGROUP_SOCK_OPS, *id) {
-                missing.push(format!("sock_ops on cgroup {name}"));
-            }
-        }
-        for (name, fd, id) in &self.namespaces {
-            if !attached(fd, sys::BPF_SK_LOOKUP, *id) {
-                missing.push(format!("sk_lookup in {name}"));
-            }
-        }
-        missing
+        let cgroups = self
+            .cgroups
+            .iter()
+            .filter(|(_, fd, id)| !attached(fd, sys::BPF_CGROUP_SOCK_OPS, *id))
+            .map(|(name, _, _)| Missing {
+                kind: AttachmentKind::SockOps,
+                place: name.clone(),
+            });
+        let namespaces = self
+            .namespaces
+            .iter()
+            .filter(|(_, fd, id)| !attached(fd, sys::BPF_SK_LOOKUP, *id))
+            .map(|(name, _, _)| Missing {
+                kind: AttachmentKind::SkLookup,
+                place: name.clone(),
+            });
+        cgroups.chain(namespaces).collect()
+    }
+
+    fn len(&self) -> usize {
+        self.cgroups.len() + self.namespaces.len()
     }
 }
+
+/// What the last [`Telemetry::refresh`] found. Requests read only this, so
+/// what one costs does not grow with the served set.
+#[derive(Clone, Debug, Default)]
+struct Checked {
+    /// Entries of the LISTENERS map.
+    listeners: usize,
+    /// Programs the agent attached: sock_ops per cgroup, sk_lookup per namespace.
+    expected: usize,
+    missing: Vec<Missing>,
+}
+
+/// Why the endpoint closed a connection before serving it to the end: the
+/// `reason` label of `redirector_http_connections_rejected_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// Over the connection cap: closed as soon as it was accepted.
+    Limit,
+    /// No complete request header within the header timeout of connecting
+    /// (half a header, or nothing at all).
+    HeaderTimeout,
+    /// Request headers over the size limit (answered 431), or a request with
+    /// a body (413).
+    TooLarge,
+    /// Still open past the whole-connection bound, after a grace period to
+    /// finish its answer: a client that does not read it.
+    Lifetime,
+}
+
+impl Rejection {
+    const ALL: [Rejection; 4] = [
+        Rejection::Limit,
+        Rejection::HeaderTimeout,
+        Rejection::TooLarge,
+        Rejection::Lifetime,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Rejection::Limit => "limit",
+            Rejection::HeaderTimeout => "header_timeout",
+            Rejection::TooLarge => "too_large",
+            Rejection::Lifetime => "lifetime",
+        }
+    }
+}
+
+/// Connections the endpoint closed, by [`Rejection`].
+#[derive(Clone, Default)]
+pub struct Rejections(Family<Vec<(String, String)>, PromCounter>);
+
+impl Rejections {
+    /// `http_connections_rejected{reason}` in `registry`, every reason at 0
+    /// from the start (rate() and alerts need the series before the first
+    /// rejection), described with the `limits` the endpoint enforces.
+    fn register(registry: &mut Registry, limits: Limits) -> Self {
+        let rejections = Self::default();
+        for r in Rejection::ALL {
+            rejections.counter(r);
+        }
+        registry.register(
+            "http_connections_rejected",
+            format!(
+                "Connections to this HTTP endpoint (/metrics, /healthz, /readyz) the agent closed before serving them to the end, by reason: \
+                 limit ({} connections served at once: closed at accept), \
+                 header_timeout (no complete request within {} s of connecting), \
+                 too_large (request line and headers over {} bytes, or a request body), \
+                 lifetime (open over {} s and not done within {} s more: a client that does not read its answer)",
+                limits.max_connections,
+                limits.header_read_timeout.as_secs(),
+                limits.max_request_bytes,
+                limits.max_connection_age.as_secs(),
+                limits.header_read_timeout.as_secs(),
+            ),
+            rejections.0.clone(),
+        );
+        rejections
+    }
+
+    fn counter(&self, r: Rejection) -> PromCounter {
+        self.0
+            .get_or_create(&vec![("reason".to_owned(), r.label().to_owned())])
+            .clone()
+    }
+
+    fn count(&self, r: Rejection) {
+        self.counter(r).inc();
+    }
+
+    pub fn get(&self, r: Rejection) -> u64 {
+        self.counter(r).get()
+    }
+}
+
+/// What the endpoint's clients can hold, together (connections) and each.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections served at once; one more is closed as soon as it is
+    /// accepted.
+    pub max_connections: usize,
+    /// For a request's headers to arrive, and for a kept-alive connection's
+    /// next request to start.
+    pub header_read_timeout: Duration,
+    /// For a connection as a whole, whatever it does; then it may finish the
+    /// answer it is being sent within one more `header_read_timeout`.
+    pub max_connection_age: Duration,
+    /// Request line and headers, in bytes.
+    pub max_request_bytes: usize,
+}
+
+impl Limits {
+    /// Prometheus and the kubelet send one small GET at a time, on a
+    /// connection or two each: far more than they need, far less than would
+    /// cost the agent anything.
+    pub const AGENT: Limits = Limits {
+        // 500 slow clients (each held at most the header timeout) leave room
+        // for the kubelet's probes and Prometheus.
+        max_connections: 1024,
+        header_read_timeout: Duration::from_secs(5),
+        max_connection_age: Duration::from_secs(30),
+        max_request_bytes: 8 * 1024,
+    };
+}
+
+/// hyper refuses a smaller read buffer (it panics).
+const HYPER_MIN_BUF_SIZE: usize = 8192;
+
+/// Pause after a failed accept(): out of file descriptors, most often, which
+/// connections being served give back as they end. Retrying at once would
+/// spin on the same error.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// Metric families mirror kernel counters: on each scrape the counters advance
 /// by what the kernel counted since the previous scrape.
@@ -80,10 +287,14 @@ pub struct Telemetry {
     counters: PerCpuArray<MapData, u64>,
     listeners: MapData,
     attachments: Mutex<Attachments>,
+    /// `None` until the first [`Telemetry::refresh`]: not checked yet, so
+    /// not ready.
+    checked: Mutex<Option<Checked>>,
     /// Live-store listeners of served namespaces that are not registered, by
     /// namespace name (from the last reconcile pass).
     unservable: Mutex<Vec<(String, Unservable)>>,
     metrics: Mutex<Metrics>,
+    http_rejected: Rejections,
     /// Records `redirector flows` subscribers missed by reading too slowly.
     pub flow_subscriber_lost: PromCounter,
     /// `redirector flows` subscribers connected now.
@@ -108,19 +319,19 @@ impl Telemetry {
         let listeners_gauge = Gauge::default();
         registry.register(
             "listeners_registered",
-            "Live-store listening sockets registered now",
+            "Live-store listening sockets registered (as of the agent's last check, every second)",
             listeners_gauge.clone(),
         );
         let unservable = Family::<Vec<(String, String)>, Gauge>::default();
         registry.register(
             "listeners_unservable",
-            "Live-store listeners in served namespaces that are not registered, by reason (mptcp, no_owner, copy_denied, register_failed)",
+            "Live-store listeners in served namespaces that are not registered, by reason (mptcp, no_owner, copy_denied, register_failed); the live-store's problem, so not part of ready",
             unservable.clone(),
         );
         let programs = Gauge::default();
         registry.register(
             "programs_attached",
-            "redirector programs attached (sock_ops per served pod cgroup + one sk_lookup per namespace)",
+            "redirector programs attached (sock_ops per served pod cgroup + one sk_lookup per namespace), as of the agent's last check",
             programs.clone(),
         );
         let flow_subscriber_lost = PromCounter::default();
@@ -146,14 +357,16 @@ impl Telemetry {
         let ready = Gauge::default();
         registry.register(
             "ready",
-            "1 when /readyz answers 200 (every program attached, every live-store listener registered), else 0",
+            "1 when /readyz answers 200: every program the agent attached is still attached (checked every second); 0 while starting or when one was detached. Unservable live-store listeners do not count (see listeners_unservable)",
             ready.clone(),
         );
-        Ok(Self {
+        let http_rejected = Rejections::register(&mut registry, Limits::AGENT);
+        let telemetry = Self {
             counters: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(counters))
                 .context("COUNTERS map")?,
             listeners,
             attachments: Mutex::new(attachments),
+            checked: Mutex::new(None),
             unservable: Mutex::new(Vec::new()),
             metrics: Mutex::new(Metrics {
                 registry,
@@ -166,9 +379,12 @@ impl Telemetry {
                 expected,
                 ready,
             }),
+            http_rejected,
             flow_subscriber_lost,
             flow_subscribers,
-        })
+        };
+        telemetry.refresh();
+        Ok(telemetry)
     }
 
     /// Adds metric families that another part of the agent keeps up to date
@@ -179,7 +395,7 @@ impl Telemetry {
         }
     }
 
-    /// Replaces what readiness checks (the served set changed).
+    /// Replaces what readiness checks (the served set changed), and checks it.
     pub fn set_attachments(
         &self,
         cgroups: Vec<(String, File, u32)>,
@@ -189,6 +405,51 @@ impl Telemetry {
             a.cgroups = cgroups;
             a.namespaces = namespaces;
         }
+        self.refresh();
+    }
+
+    /// Stores what scrapes and `/readyz` report: the number of registered
+    /// listeners (a walk of the LISTENERS map) and whether each program the
+    /// agent attached is still attached (a `BPF_PROG_QUERY` each). The agent
+    /// calls it once a second; requests only read what it stored, so however
+    /// many arrive they never cost a walk. A program found missing is named
+    /// in the agent's log, once: `/readyz` only counts them.
+    pub fn refresh(&self) {
+        let listeners = sys::map_keys::<ListenerKey>(self.listeners.fd().as_fd()).map(|k| k.len());
+        let (expected, missing) = {
+            let a = self
+                .attachments
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            (a.len(), a.missing())
+        };
+        let mut checked = self.checked.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = checked.take().unwrap_or_default();
+        for m in missing.iter().filter(|m| !before.missing.contains(m)) {
+            tracing::warn!(
+                "{m} is no longer attached: something detached it behind the agent's back; restart the agent to attach it again"
+            );
+        }
+        let listeners = match listeners {
+            Ok(n) => n,
+            // A failed walk says nothing about the listeners: keep the last count.
+            Err(e) => {
+                tracing::debug!("counting registered listeners: {e}");
+                before.listeners
+            }
+        };
+        *checked = Some(Checked {
+            listeners,
+            expected,
+            missing,
+        });
+    }
+
+    fn checked(&self) -> Option<Checked> {
+        self.checked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Replaces the listeners reported unservable (each reconcile pass).
@@ -203,14 +464,6 @@ impl Telemetry {
             .lock()
             .map(|u| u.clone())
             .unwrap_or_default()
-    }
-
-    /// (programs that should be attached, what is missing).
-    fn attachment_state(&self) -> (usize, Vec<String>) {
-        match self.attachments.lock() {
-            Ok(a) => (a.cgroups.len() + a.namespaces.len(), a.missing()),
-            Err(_) => (0, vec!["attachment state (lock poisoned)".to_owned()]),
-        }
     }
 
     pub fn kernel_counter(&self, c: Counter) -> u64 {
@@ -235,10 +488,6 @@ impl Telemetry {
         let closed =
             self.kernel_counter(Counter::FlowsClosed) + self.kernel_counter(Counter::FlowTableFull);
         m.active.set(opened.saturating_sub(closed) as i64);
-        let registered = sys::map_keys::<ListenerKey>(self.listeners.fd().as_fd())
-            .map(|k| k.len())
-            .unwrap_or(0);
-        m.listeners.set(registered as i64);
         let unservable = self.unservable();
         for reason in Reason::ALL {
             let n = unservable
@@ -249,13 +498,15 @@ impl Telemetry {
                 .get_or_create(&vec![("reason".to_owned(), reason.label().to_owned())])
                 .set(n as i64);
         }
-        let (total, missing) = self.attachment_state();
-        m.programs.set(total.saturating_sub(missing.len()) as i64);
-        m.expected.set(total as i64);
+        let checked = self.checked();
+        let c = checked.clone().unwrap_or_default();
+        m.listeners.set(c.listeners as i64);
+        m.programs
+            .set(c.expected.saturating_sub(c.missing.len()) as i64);
+        m.expected.set(c.expected as i64);
         // From the same state the gauges above report, through the same
         // function as /readyz, so the two never disagree.
-        m.ready
-            .set(i64::from(problems(missing, unservable).is_empty()));
+        m.ready.set(i64::from(readiness(checked.as_ref()).is_ok()));
         let mut out = String::new();
         encode(&mut out, &m.registry)?;
         Ok(out)
@@ -324,55 +575,552 @@ fn classic(openmetrics: &str) -> String {
     out
 }
 
-/// What keeps the agent from being ready, one line each: programs no longer
-/// attached, then unregistered listeners.
-fn problems(missing: Vec<String>, unservable: Vec<(String, Unservable)>) -> Vec<String> {
-    missing
+/// `/readyz`'s verdict on what the last refresh found. Anyone on the node
+/// can read it, so it counts missing programs by kind and names no namespace,
+/// cgroup, process or address: the agent's log and `redirector status` on the
+/// node have those. Unservable listeners are the live-store's problem, not the
+/// agent's: they are reported apart (`listeners_unservable`, `status`).
+fn readiness(checked: Option<&Checked>) -> Result<(), String> {
+    let Some(checked) = checked else {
+        return Err("starting: the agent has not checked its programs yet\n".to_owned());
+    };
+    let lines: Vec<String> = AttachmentKind::ALL
         .into_iter()
-        .map(|m| format!("not attached: {m}"))
-        .chain(
-            unservable
-                .into_iter()
-                .map(|(netns, u)| format!("netns {netns}: {u}")),
-        )
-        .collect()
-}
-
-/// Ready when every program is attached and every live-store listener of a
-/// served namespace is registered; otherwise 503 with one line per problem.
-async fn ready(State(t): State<Arc<Telemetry>>) -> (StatusCode, String) {
-    let (_, missing) = t.attachment_state();
-    let problems = problems(missing, t.unservable());
-    if problems.is_empty() {
-        (StatusCode::OK, "ready\n".to_owned())
+        .filter_map(|kind| {
+            let n = checked.missing.iter().filter(|m| m.kind == kind).count();
+            (n > 0).then(|| {
+                format!(
+                    "not ready: {n} {} attachment(s) missing; see the agent's log or `redirector status` on the node\n",
+                    kind.label()
+                )
+            })
+        })
+        .collect();
+    if lines.is_empty() {
+        Ok(())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n")
+        Err(lines.concat())
     }
 }
 
-/// Binds `addr` and serves until the runtime stops. Returns the bound address
-/// (port 0 picks a free one).
+async fn ready(State(t): State<Arc<Telemetry>>) -> (StatusCode, String) {
+    match readiness(t.checked().as_ref()) {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
+
+/// Binds `addr` and serves until the runtime stops, within [`Limits::AGENT`].
+/// Returns the bound address (port 0 picks a free one).
 pub async fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the metrics endpoint on {addr}"))?;
+    let listener =
+        bind(addr, listen).with_context(|| format!("binding the metrics endpoint on {addr}"))?;
     let bound = listener.local_addr()?;
+    let rejected = telemetry.http_rejected.clone();
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(telemetry);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("metrics endpoint stopped: {e}");
-        }
-    });
+    tokio::spawn(accept_loop(listener, app, Limits::AGENT, rejected));
     Ok(bound)
+}
+
+/// `listen(addr)`, and for `[::]` (every address) on a node without IPv6,
+/// `0.0.0.0` instead. Any other address fails as it is.
+fn bind<L>(addr: SocketAddr, listen: impl Fn(SocketAddr) -> io::Result<L>) -> io::Result<L> {
+    match listen(addr) {
+        Err(e)
+            if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                && matches!(
+                    e.raw_os_error(),
+                    Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+                ) =>
+        {
+            let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port()));
+            tracing::info!("no IPv6 on this node ({e}): the metrics endpoint listens on {v4}");
+            listen(v4)
+        }
+        other => other,
+    }
+}
+
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        // `[::]` takes IPv4 scrapers and probes too, whatever
+        // net.ipv6.bindv6only says.
+        socket.set_only_v6(false)?;
+    }
+    // As std's bind: a restarted agent binds again while the last one's
+    // connections linger in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Serves `app` on `listener` until the runtime stops, each connection in a
+/// task of its own (one slow client never holds up another) and within
+/// `limits`; counts the connections it closes in `rejected`.
+async fn accept_loop(listener: TcpListener, app: Router, limits: Limits, rejected: Rejections) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_header_size(limits.max_request_bytes)
+        .max_buf_size(limits.max_request_bytes.max(HYPER_MIN_BUF_SIZE));
+    let mut failing = false;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                failing = false;
+                stream
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(
+                        "metrics endpoint: accepting a connection failed: {e}; retrying every {ACCEPT_RETRY:?}"
+                    );
+                    failing = true;
+                }
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Closed before a byte is read: a client over the cap costs an
+            // accept and a close, and never waits for a slot.
+            drop(stream);
+            rejected.count(Rejection::Limit);
+            continue;
+        };
+        tokio::spawn(serve_connection(
+            stream,
+            http.clone(),
+            app.clone(),
+            limits,
+            rejected.clone(),
+            slot,
+        ));
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    http: http1::Builder,
+    app: Router,
+    limits: Limits,
+    rejected: Rejections,
+    _slot: OwnedSemaphorePermit,
+) {
+    let requested = Arc::new(AtomicBool::new(false));
+    let service = {
+        let routes = TowerToHyperService::new(app);
+        let (requested, rejected) = (requested.clone(), rejected.clone());
+        service_fn(move |req: Request<Incoming>| {
+            requested.store(true, Ordering::Relaxed);
+            // Every route is a GET: a body would only be read to be thrown
+            // away, so it is refused unread and the connection closed.
+            let has_body = !req.body().is_end_stream();
+            if has_body {
+                rejected.count(Rejection::TooLarge);
+            }
+            let routes = routes.clone();
+            async move {
+                if has_body {
+                    return Ok::<Response, Infallible>(
+                        (
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            [(CONNECTION, "close")],
+                            "requests to this endpoint carry no body\n",
+                        )
+                            .into_response(),
+                    );
+                }
+                routes.call(req).await
+            }
+        })
+    };
+    let mut conn = std::pin::pin!(http.serve_connection(TokioIo::new(stream), service));
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = tokio::time::sleep(limits.max_connection_age) => {
+            // Lets an answer being written finish, then closes.
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(limits.header_read_timeout, conn.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    rejected.count(Rejection::Lifetime);
+                    return;
+                }
+            }
+        }
+    };
+    match result {
+        // The same timer closes a kept-alive connection that waits for its
+        // next request: a scraper between scrapes, not a rejection.
+        Err(e) if e.is_timeout() => {
+            if !requested.load(Ordering::Relaxed) {
+                rejected.count(Rejection::HeaderTimeout);
+            }
+        }
+        Err(e) if e.is_parse_too_large() => rejected.count(Rejection::TooLarge),
+        Err(e) => tracing::debug!("metrics endpoint connection: {e}"),
+        Ok(()) => {}
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Generous everywhere but where a test narrows one limit.
+    const LOOSE: Limits = Limits {
+        max_connections: 16,
+        header_read_timeout: Duration::from_secs(20),
+        max_connection_age: Duration::from_secs(60),
+        max_request_bytes: 8 * 1024,
+    };
+
+    /// `app` served by the accept loop on a free loopback port.
+    fn start_with(app: Router, limits: Limits) -> (SocketAddr, Rejections) {
+        let listener = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).expect("listen");
+        let addr = listener.local_addr().expect("bound address");
+        let rejected = Rejections::default();
+        tokio::spawn(accept_loop(listener, app, limits, rejected.clone()));
+        (addr, rejected)
+    }
+
+    fn start(limits: Limits) -> (SocketAddr, Rejections) {
+        start_with(
+            Router::new().route("/healthz", get(|| async { "ok\n" })),
+            limits,
+        )
+    }
+
+    /// Sends `request` and reads until the server closes the connection
+    /// (`Err` for a reset), giving up after `limit`.
+    async fn exchange(
+        addr: SocketAddr,
+        request: &[u8],
+        limit: Duration,
+    ) -> Result<io::Result<String>, tokio::time::error::Elapsed> {
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        c.write_all(request).await.expect("send");
+        read_until_closed(&mut c, limit).await
+    }
+
+    async fn read_until_closed(
+        c: &mut TcpStream,
+        limit: Duration,
+    ) -> Result<io::Result<String>, tokio::time::error::Elapsed> {
+        let mut answer = Vec::new();
+        tokio::time::timeout(limit, c.read_to_end(&mut answer))
+            .await
+            .map(|r| r.map(|_| String::from_utf8_lossy(&answer).into_owned()))
+    }
+
+    const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+    async fn healthz(addr: SocketAddr) -> String {
+        exchange(addr, HEALTHZ, Duration::from_secs(5))
+            .await
+            .expect("answered in time")
+            .expect("answered")
+    }
+
+    async fn counted(rejected: &Rejections, r: Rejection, n: u64) {
+        for _ in 0..200 {
+            if rejected.get(r) >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(rejected.get(r), n, "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_half_sent_header_is_dropped_after_the_header_timeout() {
+        let timeout = Duration::from_millis(200);
+        let (addr, rejected) = start(Limits {
+            header_read_timeout: timeout,
+            ..LOOSE
+        });
+        let started = Instant::now();
+        let answer = exchange(
+            addr,
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n",
+            Duration::from_secs(3),
+        )
+        .await
+        .expect("the server closed the half-sent request");
+        assert!(started.elapsed() >= timeout, "{:?}", started.elapsed());
+        // Closed (end of stream or reset) and never answered as if complete.
+        assert!(
+            answer.as_ref().map_or(true, |a| !a.contains("200 OK")),
+            "{answer:?}"
+        );
+        counted(&rejected, Rejection::HeaderTimeout, 1).await;
+        // A connection that says nothing at all is closed and counted too.
+        let mut silent = TcpStream::connect(addr).await.expect("connect");
+        read_until_closed(&mut silent, Duration::from_secs(3))
+            .await
+            .expect("the server closed the silent connection")
+            .ok();
+        counted(&rejected, Rejection::HeaderTimeout, 2).await;
+        assert!(healthz(addr).await.starts_with("HTTP/1.1 200 OK"));
+    }
+
+    #[tokio::test]
+    async fn an_idle_kept_alive_connection_is_closed_but_not_counted() {
+        let (addr, rejected) = start(Limits {
+            header_read_timeout: Duration::from_millis(200),
+            ..LOOSE
+        });
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("send");
+        let answer = read_until_closed(&mut c, Duration::from_secs(3))
+            .await
+            .expect("the idle connection was closed")
+            .expect("read");
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        // Only rejections are counted: a scraper's kept-alive connection,
+        // closed between scrapes, is not one.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(rejected.get(Rejection::HeaderTimeout), 0);
+    }
+
+    #[tokio::test]
+    async fn a_slow_client_never_holds_up_another() {
+        let (addr, _) = start(LOOSE);
+        let mut slow = TcpStream::connect(addr).await.expect("connect");
+        slow.write_all(b"GET /healthz HTTP/1.1\r\nHo")
+            .await
+            .expect("send");
+        let started = Instant::now();
+        assert!(healthz(addr).await.starts_with("HTTP/1.1 200 OK"));
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_closed_at_once_and_counted() {
+        let (addr, rejected) = start(Limits {
+            max_connections: 2,
+            ..LOOSE
+        });
+        let held = TcpStream::connect(addr).await.expect("connect");
+        let _held = TcpStream::connect(addr).await.expect("connect");
+        // Accepted after the two above (the backlog is first in, first out),
+        // so no slot is left for it.
+        let over = exchange(addr, HEALTHZ, Duration::from_secs(2))
+            .await
+            .expect("closed at once, not left waiting for a slot");
+        assert!(
+            over.as_ref().map_or(true, |a| a.is_empty()),
+            "closed without an answer: {over:?}"
+        );
+        counted(&rejected, Rejection::Limit, 1).await;
+        // A slot is free again as soon as a client leaves.
+        drop(held);
+        let mut served = false;
+        for _ in 0..100 {
+            if let Ok(Ok(a)) = exchange(addr, HEALTHZ, Duration::from_secs(2)).await {
+                if a.starts_with("HTTP/1.1 200 OK") {
+                    served = true;
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(served, "never served after a slot was freed");
+    }
+
+    #[tokio::test]
+    async fn oversized_headers_and_bodies_are_refused_and_counted() {
+        let (addr, rejected) = start(LOOSE);
+        let big = format!(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(LOOSE.max_request_bytes)
+        );
+        let answer = exchange(addr, big.as_bytes(), Duration::from_secs(3))
+            .await
+            .expect("answered in time");
+        // hyper may reset the connection before the client reads the 431.
+        if let Ok(a) = &answer {
+            assert!(a.is_empty() || a.starts_with("HTTP/1.1 431"), "{a}");
+        }
+        counted(&rejected, Rejection::TooLarge, 1).await;
+
+        let answer = exchange(
+            addr,
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+            Duration::from_secs(3),
+        )
+        .await
+        .expect("answered in time")
+        .expect("answered");
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        counted(&rejected, Rejection::TooLarge, 2).await;
+        assert!(healthz(addr).await.starts_with("HTTP/1.1 200 OK"));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_its_answer_is_cut_off() {
+        // Far more than loopback's socket buffers hold: the server's write
+        // blocks until the client reads.
+        let big = Router::new().route("/big", get(|| async { vec![b'x'; 64 << 20] }));
+        let (addr, rejected) = start_with(
+            big,
+            Limits {
+                max_connection_age: Duration::from_millis(300),
+                header_read_timeout: Duration::from_millis(200),
+                ..LOOSE
+            },
+        );
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        c.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("send");
+        counted(&rejected, Rejection::Lifetime, 1).await;
+    }
+
+    #[test]
+    fn every_address_falls_back_to_ipv4_on_a_node_without_ipv6() {
+        const EVERY_ADDRESS: SocketAddr = SocketAddr::V6(std::net::SocketAddrV6::new(
+            Ipv6Addr::UNSPECIFIED,
+            9464,
+            0,
+            0,
+        ));
+        let no_ipv6 = |errno| {
+            move |a: SocketAddr| {
+                if a.is_ipv6() {
+                    Err(io::Error::from_raw_os_error(errno))
+                } else {
+                    Ok(a)
+                }
+            }
+        };
+        for errno in [libc::EAFNOSUPPORT, libc::EADDRNOTAVAIL] {
+            assert_eq!(
+                bind(EVERY_ADDRESS, no_ipv6(errno)).expect("fell back"),
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, 9464))
+            );
+        }
+        // What the operator chose fails as it is.
+        let chosen = SocketAddr::from((Ipv6Addr::LOCALHOST, 9465));
+        assert!(bind(chosen, no_ipv6(libc::EAFNOSUPPORT)).is_err());
+        // Any other error (the port is taken) is not hidden by a fallback.
+        let e = bind(EVERY_ADDRESS, no_ipv6(libc::EADDRINUSE)).expect_err("in use");
+        assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE));
+    }
+
+    #[test]
+    fn run_serves_this_node_only_by_default() {
+        use clap::Parser as _;
+        let cli = crate::cli::Cli::try_parse_from(["redirector", "run"]).expect("parses");
+        let crate::cli::Command::Run(args) = cli.command else {
+            panic!("not run: {:?}", cli.command);
+        };
+        let settings = crate::config::settings::resolve(args).expect("resolves");
+        assert_eq!(
+            settings.metrics_addr,
+            SocketAddr::from(([127, 0, 0, 1], 9464))
+        );
+    }
+
+    #[tokio::test]
+    async fn the_ipv6_wildcard_takes_ipv4_clients_too() {
+        let listener = match listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))) {
+            Ok(l) => l,
+            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => return,
+            Err(e) => panic!("listen on [::]: {e}"),
+        };
+        let port = listener.local_addr().expect("bound").port();
+        let client = TcpStream::connect((Ipv4Addr::LOCALHOST, port));
+        let (accepted, connected) = tokio::join!(listener.accept(), client);
+        connected.expect("an IPv4 client connects to [::]");
+        accepted.expect("accepted");
+    }
+
+    #[test]
+    fn rejections_are_exported_by_reason_from_the_start() {
+        let mut registry = Registry::with_prefix("redirector");
+        let rejected = Rejections::register(&mut registry, Limits::AGENT);
+        rejected.count(Rejection::Limit);
+        let mut om = String::new();
+        encode(&mut om, &registry).expect("encodes");
+        let text = classic(&om);
+        assert!(
+            text.contains("# TYPE redirector_http_connections_rejected_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("64 connections served at once"), "{text}");
+        for (reason, n) in [
+            ("limit", 1),
+            ("header_timeout", 0),
+            ("too_large", 0),
+            ("lifetime", 0),
+        ] {
+            let sample =
+                format!("redirector_http_connections_rejected_total{{reason=\"{reason}\"}} {n}\n");
+            assert!(text.contains(&sample), "{sample} in {text}");
+        }
+    }
+
+    fn missing(kind: AttachmentKind, place: &str) -> Missing {
+        Missing {
+            kind,
+            place: place.to_owned(),
+        }
+    }
+
+    #[test]
+    fn readiness_counts_missing_programs_and_names_no_namespace_or_cgroup() {
+        assert!(readiness(None)
+            .expect_err("not checked yet")
+            .starts_with("starting"));
+        let healthy = Checked {
+            listeners: 3,
+            expected: 3,
+            missing: Vec::new(),
+        };
+        assert_eq!(readiness(Some(&healthy)), Ok(()));
+        let places = [
+            "/proc/4242/ns/net",
+            "/var/run/netns/tenant-a",
+            "/sys/fs/cgroup/kubepods.slice/kubepods-pod0f1e.slice",
+        ];
+        let detached = Checked {
+            listeners: 3,
+            expected: 4,
+            missing: vec![
+                missing(AttachmentKind::SkLookup, places[0]),
+                missing(AttachmentKind::SkLookup, places[1]),
+                missing(AttachmentKind::SockOps, places[2]),
+            ],
+        };
+        let why = readiness(Some(&detached)).expect_err("not ready");
+        assert_eq!(
+            why,
+            "not ready: 1 sock_ops attachment(s) missing; see the agent's log or `redirector status` on the node\n\
+             not ready: 2 sk_lookup attachment(s) missing; see the agent's log or `redirector status` on the node\n"
+        );
+        for secret in ["/proc", "4242", "tenant-a", "kubepods", "netns", "cgroup"] {
+            assert!(!why.contains(secret), "{secret} in {why}");
+        }
+        // The agent's own log still names each one.
+        assert_eq!(
+            missing(AttachmentKind::SkLookup, places[0]).to_string(),
+            "sk_lookup in /proc/4242/ns/net"
+        );
+    }
 
     #[test]
     fn classic_names_counter_families_by_their_samples() {

@@ -576,8 +576,25 @@ fn detach_stops_a_running_pinned_agents_redirects_at_once() {
     );
     let refused = request(&l, "127.0.0.1:12345", b"x").expect_err("no redirect after detach");
     assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
-    let (status, body) = http_get(&agent.metrics_url("/readyz"));
+    // Seen at the agent's next check (every second).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let (status, body) = loop {
+        let (status, body) = http_get(&agent.metrics_url("/readyz"));
+        if status != 200 || Instant::now() >= deadline {
+            break (status, body);
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(status, 503, "{body}");
+    assert!(body.contains("attachment(s) missing"), "{body}");
+    // Anyone on the node can read /readyz: no namespace, cgroup or process.
+    for private in [
+        l.path().to_str().expect("utf-8"),
+        "/proc/",
+        "/sys/fs/cgroup",
+    ] {
+        assert!(!body.contains(private), "{private} in {body}");
+    }
     assert!(agent.stop().expect("agent stops").status.success());
 }
 
@@ -606,6 +623,16 @@ fn status_says_which_listener_is_not_registered_and_why() {
     let unservable = &v["namespaces"][0]["unservable"][0];
     assert_eq!(unservable["reason"], "mptcp", "{json}");
     assert_eq!(unservable["port"], 9095);
+    // The live-store's problem, not the agent's: reported, and still ready.
+    let (_, metrics) = http_get(&agent.metrics_url("/metrics"));
+    assert_eq!(
+        metric(
+            &metrics,
+            "redirector_listeners_unservable{reason=\"mptcp\"}"
+        ),
+        1
+    );
+    assert_eq!(http_get(&agent.metrics_url("/readyz")).0, 200);
     agent.stop().expect("agent stops");
 }
 

@@ -284,8 +284,9 @@ impl Harness {
     }
 
     /// The agent's view when a connection was not redirected: /readyz and the
-    /// metrics about attachments and registrations (another test that
-    /// detaches every redirector link on the machine shows up here).
+    /// metrics about attachments, registrations and unservable listeners
+    /// (another test that detaches every redirector link on the machine shows
+    /// up here).
     fn diagnose(&self) -> String {
         let readyz = self.metrics.replace("/metrics", "/readyz");
         let (status, body) = http_get(&readyz);
@@ -294,9 +295,15 @@ impl Harness {
             .lines()
             .filter(|l| {
                 !l.starts_with('#')
-                    && ["attached", "registered", "refused", "redirected"]
-                        .iter()
-                        .any(|k| l.contains(k))
+                    && [
+                        "attached",
+                        "registered",
+                        "unservable",
+                        "refused",
+                        "redirected",
+                    ]
+                    .iter()
+                    .any(|k| l.contains(k))
             })
             .collect();
         format!("agent /readyz {status}: {body}\n{}", interesting.join("\n"))

@@ -183,11 +183,25 @@ fn metrics_match_the_traffic_and_readyz_flips_when_detached() {
     assert_eq!(metric(&body, "redirector_programs_attached"), 2);
     assert_eq!(metric(&body, "redirector_flow_records_dropped_total"), 0);
 
-    // Someone detaches our sk_lookup link behind the agent's back.
+    // Someone detaches our sk_lookup link behind the agent's back: seen at
+    // the agent's next check (every second).
     detach_sk_lookup_of(&s.l);
-    let (status, body) = http_get(&url("/readyz"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let (status, body) = loop {
+        let (status, body) = http_get(&url("/readyz"));
+        if status != 200 || std::time::Instant::now() >= deadline {
+            break (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(status, 503, "{body}");
-    assert!(body.contains("sk_lookup"), "{body}");
+    assert!(body.contains("1 sk_lookup attachment(s) missing"), "{body}");
+    // Anyone on the node can read /readyz: it names no namespace.
+    let netns = s.l.path();
+    assert!(
+        !body.contains(netns.to_str().expect("utf-8")) && !body.contains("/proc/"),
+        "{body}"
+    );
     let (_, body) = http_get(&url("/metrics"));
     assert_eq!(metric(&body, "redirector_programs_attached"), 1);
     drop(agent);

@@ -131,7 +131,13 @@ fn apt_install(packages: &[&str]) -> Result<()> {
     // --reinstall: a package dpkg lists whose files are gone (deleted, or hidden
     // as in the bootstrap check) is installed again rather than skipped.
     cmd(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends", "--reinstall"])
+        .args([
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "--reinstall",
+        ])
         .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }

@@ -26,9 +26,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use redirector_common::{
-    NsPort, RedirectTarget, GLOBAL_LOG_LEVEL, GLOBAL_NETNS_COOKIE, MAP_COUNTERS, MAP_FLOW_EVENTS,
-    MAP_LISTENERS, MAP_LISTEN_EVENTS, MAP_LISTEN_PORTS, MAP_REDIRECTS, MAP_WATCH_PORTS, PROG_BIND4,
-    PROG_BIND6, PROG_SK_LOOKUP, PROG_SOCK_OPS, SHARED_MAPS,
+    NsPort, NsQuota, RedirectTarget, GLOBAL_LOG_LEVEL, GLOBAL_NETNS_COOKIE, MAP_COUNTERS,
+    MAP_FLOW_EVENTS, MAP_LISTENERS, MAP_LISTEN_EVENTS, MAP_LISTEN_PORTS, MAP_NS_QUOTAS,
+    MAP_REDIRECTS, MAP_WATCH_PORTS, PROG_BIND4, PROG_BIND6, PROG_SK_LOOKUP, PROG_SOCK_OPS,
+    SHARED_MAPS,
 };
 
 use crate::{
@@ -573,6 +574,16 @@ impl Datapath {
         for key in stale(MAP_LISTEN_PORTS, m.keys().filter_map(Result::ok).collect()) {
             let _ = m.remove(&key);
         }
+        let mut m: HashMap<_, u64, NsQuota> = self
+            .main
+            .map_mut(MAP_NS_QUOTAS)
+            .context("NS_QUOTAS map")?
+            .try_into()?;
+        let keys: Vec<u64> = m.keys().filter_map(Result::ok).collect();
+        for cookie in keys.into_iter().filter(|c| !served.contains(c)) {
+            let _ = m.remove(&cookie);
+            removed.push(format!("{MAP_NS_QUOTAS} entry for netns cookie {cookie}"));
+        }
         // Every pin left is this agent's own from here on.
         self.pin_watch.arm(&layout);
         Ok(removed)
@@ -591,9 +602,19 @@ impl Datapath {
     }
 
     fn set_redirects(&mut self, cookie: u64, redirects: &[Redirect]) -> Result<()> {
-        let [redirect_map, listen_map] = self
-            .main
-            .maps_disjoint_mut([MAP_REDIRECTS, MAP_LISTEN_PORTS]);
+        let [redirect_map, listen_map, quota_map] =
+            self.main
+                .maps_disjoint_mut([MAP_REDIRECTS, MAP_LISTEN_PORTS, MAP_NS_QUOTAS]);
+        let mut quota_map: HashMap<_, u64, NsQuota> =
+            quota_map.context("NS_QUOTAS map")?.try_into()?;
+        // Before the listen ports: sock_ops registers nothing in a namespace
+        // without one. A previous agent's (pinned) count is kept: those
+        // listeners still hold their units.
+        if quota_map.get(&cookie, 0).is_err() {
+            quota_map
+                .insert(cookie, NsQuota::default(), 0)
+                .context("adding to the NS_QUOTAS map")?;
+        }
         let mut redirect_map: HashMap<_, NsPort, RedirectTarget> =
             redirect_map.context("REDIRECTS map")?.try_into()?;
         let mut listen_map: HashMap<_, NsPort, u16> =
@@ -639,6 +660,20 @@ impl Datapath {
                 let _ = m.remove(&NsPort::new(cookie, r.listen_port));
             }
         }
+        if let Some(Ok(mut m)) = self
+            .main
+            .map_mut(MAP_NS_QUOTAS)
+            .map(HashMap::<_, u64, NsQuota>::try_from)
+        {
+            let _ = m.remove(&cookie);
+        }
+    }
+
+    /// Listeners `sock_ops` registered in the namespace with `cookie` that
+    /// still listen (its quota is `LISTENERS_PER_NETNS`).
+    pub fn quota(&self, cookie: u64) -> Option<NsQuota> {
+        let m: HashMap<_, u64, NsQuota> = self.main.map(MAP_NS_QUOTAS)?.try_into().ok()?;
+        m.get(&cookie, 0).ok()
     }
 
     /// Loads one `sk_lookup` instance per namespace (its cookie baked in) and
@@ -662,20 +697,22 @@ impl Datapath {
                     .chunks(chunk)
                     .map(|part| {
                         let (paths, pins) = (&paths, pins.as_ref());
-                        (
-                            part.len(),
-                            scope.spawn(move || load_instances(part, paths, pins)),
-                        )
+                        // A node out of threads: this part loads here instead.
+                        let handle = std::thread::Builder::new()
+                            .spawn_scoped(scope, move || load_instances(part, paths, pins))
+                            .map_err(|_| load_instances(part, paths, pins));
+                        (part.len(), handle)
                     })
                     .collect();
                 parts
                     .into_iter()
-                    .flat_map(|(n, handle)| {
-                        handle.join().unwrap_or_else(|_| {
+                    .flat_map(|(n, handle)| match handle {
+                        Ok(handle) => handle.join().unwrap_or_else(|_| {
                             (0..n)
                                 .map(|_| Err(anyhow!("the sk_lookup loading thread panicked")))
                                 .collect()
-                        })
+                        }),
+                        Err(loaded_here) => loaded_here,
                     })
                     .collect()
             }))

@@ -21,7 +21,9 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use redirector_common::{Bind, ListenerKey, NsPort, RedirectTarget, LISTENER_SLOTS};
+use redirector_common::{
+    Bind, ListenerKey, NsPort, RedirectTarget, LISTENERS_PER_NETNS, LISTENER_SLOTS,
+};
 use serde::Serialize;
 
 use crate::{
@@ -44,15 +46,18 @@ pub enum Reason {
     /// Registrable, but nothing registered it: no agent is running (seen by
     /// `redirector status`), or the agent's next pass will.
     NotRegistered,
+    /// Its namespace already holds `LISTENERS_PER_NETNS` registrations.
+    Quota,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 5] = [
+    pub const ALL: [Reason; 6] = [
         Reason::Mptcp,
         Reason::NoOwner,
         Reason::CopyDenied,
         Reason::RegisterFailed,
         Reason::NotRegistered,
+        Reason::Quota,
     ];
 
     pub fn label(self) -> &'static str {
@@ -62,6 +67,7 @@ impl Reason {
             Reason::CopyDenied => "copy_denied",
             Reason::RegisterFailed => "register_failed",
             Reason::NotRegistered => "not_registered",
+            Reason::Quota => "quota",
         }
     }
 
@@ -87,6 +93,10 @@ impl Reason {
             }
             Reason::NotRegistered => {
                 "start the agent (redirector run --pin ...), which registers it within a second"
+            }
+            Reason::Quota => {
+                "its namespace already has the most listeners one namespace may register \
+                 (a live-store needs a few): close the others, or serve fewer addresses"
             }
         }
     }
@@ -281,6 +291,26 @@ impl Registry {
         let cookie = netns.cookie;
         self.permanent
             .retain(|(c, inode), _| *c != cookie || found.iter().any(|l| l.inode == *inode));
+        // A namespace's share of the node-wide map: what sock_ops enforces in
+        // the kernel, the same here. Over it, one report stands for all.
+        let room = (LISTENERS_PER_NETNS as usize).saturating_sub(taken.len());
+        let missing = if repair && missing.len() > room {
+            let over = &missing[room];
+            report.unservable.push(Unservable {
+                port: over.port,
+                address: over.addr,
+                inode: over.inode,
+                pid: None,
+                reason: Reason::Quota,
+                detail: format!(
+                    "{} listeners over the quota of {LISTENERS_PER_NETNS}",
+                    missing.len() - room
+                ),
+            });
+            missing[..room].to_vec()
+        } else {
+            missing
+        };
         if !missing.is_empty() {
             let owners = listeners::socket_owners(
                 missing
@@ -416,6 +446,8 @@ impl Registry {
     /// Removes every registration of a namespace that is no longer served.
     pub fn forget(&mut self, netns_cookie: u64) {
         self.last.remove(&netns_cookie);
+        self.permanent
+            .retain(|(cookie, _), _| *cookie != netns_cookie);
         let fd = self.listeners.fd().as_fd();
         for key in sys::map_keys::<ListenerKey>(fd).unwrap_or_default() {
             if key.netns_cookie == netns_cookie {

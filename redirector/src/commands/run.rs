@@ -26,7 +26,10 @@ use crate::{
     bpf::pins::{PinLayout, PIN_ROOT},
     cli::RunArgs,
     config::settings::{self, usage},
-    discovery::netns::Netns,
+    discovery::{
+        inspector::{Inspector, Policy},
+        netns::Netns,
+    },
     error::Fatal,
     flows::log::Recorder,
     flows::reader,
@@ -38,6 +41,10 @@ use crate::{
 /// The tick of explicit-path checks, grace periods, the resync slice and the
 /// pin watch.
 const TICK: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long startup waits for the first scan's verdicts before `ready`.
+const STARTUP_SCAN: std::time::Duration = std::time::Duration::from_secs(3);
+/// Bind-event batches queued for the loop.
+const LISTEN_BATCHES: usize = 64;
 
 pub async fn run(args: RunArgs) -> Result<()> {
     let dry_run = args.dry_run;
@@ -119,7 +126,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         clock_offset_ns: sys::monotonic_to_unix_offset_ns(),
     };
     spawn_kernel_logs(datapath.sock_ops.prog_id);
-    let (listen_tx, mut listen_rx) = mpsc::unbounded_channel();
+    // Batches of bind events (see `spawn_listen_events`).
+    let (listen_tx, mut listen_rx) = mpsc::channel(LISTEN_BATCHES);
     if datapath.listen_events.is_ok() {
         agent::spawn_listen_events(handles.listen_events, listen_tx)?;
     }
@@ -154,12 +162,26 @@ pub async fn run(args: RunArgs) -> Result<()> {
         hub,
     ));
 
-    let mut agent = Agent::new(datapath, s, telemetry.clone(), names, exit_tx);
+    let (inspector, mut verdicts) = Inspector::start(Policy {
+        cgroup_pattern: s.cgroup_pattern.clone(),
+        targets: s.serve_targets.clone(),
+    });
+    telemetry.register(|r| inspector.metrics.register(r));
+    let mut agent = Agent::new(datapath, s, telemetry.clone(), names, exit_tx, inspector);
     for netns in namespaces {
         agent.serve_explicit(netns)?;
     }
     if agent.settings.discover {
+        // What already runs is served before `ready`, within a bound: a
+        // process whose files block is left to the inspector's deadline.
         agent.scan();
+        let deadline = tokio::time::Instant::now() + STARTUP_SCAN;
+        while agent.inspecting() {
+            tokio::select! {
+                Some(batch) = recv_batch(&mut verdicts) => agent.on_verdicts(batch),
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
     }
     agent.tick()?;
     // Everything this agent serves is adopted or attached by now: what else a
@@ -220,6 +242,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 agent.on_pending();
                 publish(&mut agent);
             }
+            Some(batch) = recv_batch(&mut verdicts) => {
+                agent.on_verdicts(batch);
+                agent.on_pending();
+                publish(&mut agent);
+            }
             Some(cookie) = exit_rx.recv() => {
                 agent.on_exit(cookie);
                 publish(&mut agent);
@@ -228,6 +255,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 if let Err(e) = agent.tick() {
                     tracing::error!("updating served namespaces: {e:#}");
                 }
+                // What scrapes and /readyz read, off their path.
+                telemetry.refresh();
                 if let Some(ring) = &ring {
                     ring.update(crate::ring::AgentView::of(
                         &agent.datapath,
@@ -309,6 +338,14 @@ fn spawn_kernel_logs(prog_id: u32) {
             guard.clear_ready();
         }
     });
+}
+
+/// Every verdict waiting, so namespaces found together load together.
+async fn recv_batch(
+    rx: &mut mpsc::UnboundedReceiver<crate::discovery::inspector::Verdict>,
+) -> Option<Vec<crate::discovery::inspector::Verdict>> {
+    let mut batch = Vec::new();
+    (rx.recv_many(&mut batch, 4096).await > 0).then_some(batch)
 }
 
 /// Sleeps until `at`, or forever.

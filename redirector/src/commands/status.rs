@@ -206,6 +206,13 @@ fn write_agent(out: &mut String, status: &Status) -> Result<()> {
     }
     writeln!(out, "  new listeners: {}", a.listen_events)?;
     writeln!(out, "  resync every {}s", a.resync_interval_secs)?;
+    let i = &a.inspector;
+    writeln!(
+        out,
+        "  pod inspector: {} thread(s); {} inspection(s) stalled and abandoned, {} dropped (queue full); \
+         config files refused: {} not regular (FIFO, device), {} too large, {} unreadable",
+        i.workers, i.stalled, i.dropped, i.files_not_regular, i.files_too_large, i.files_unreadable
+    )?;
     writeln!(out, "  serves {} namespace(s):", a.namespaces.len())?;
     for ns in &a.namespaces {
         writeln!(out, "    {}: {}", ns.netns, ns.why)?;

@@ -16,6 +16,9 @@ use crate::{
     flows::log::FlowFormat,
 };
 
+/// This node only: a command run by hand opens nothing to the network. The
+/// DaemonSet asks for `[::]:9464` (every address, dual-stack; `0.0.0.0` on a
+/// node without IPv6, see `telemetry::serve`).
 const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 const DEFAULT_LISTENER_GRACE_SECS: u64 = 60;
 const DEFAULT_RESYNC_SECS: u64 = 30;

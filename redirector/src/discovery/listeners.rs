@@ -17,10 +17,11 @@ pub struct Owner {
 pub fn owner(inodes: &[u64], hint: &[i32]) -> Option<Owner> {
     let owners = socket_owners(inodes.to_vec(), hint);
     let (pid, _) = inodes.iter().find_map(|i| owners.get(i))?;
-    let comm = fs::read_to_string(format!("/proc/{pid}/comm"))
-        .ok()?
-        .trim()
-        .to_owned();
+    // The process names itself (prctl): escaped before any log or terminal.
+    let comm = super::podfs::sanitize(
+        fs::read_to_string(format!("/proc/{pid}/comm")).ok()?.trim(),
+        16,
+    );
     Some(Owner { pid: *pid, comm })
 }
 

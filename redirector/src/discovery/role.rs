@@ -6,7 +6,12 @@
 //! in the file of `-config.file`, else runs `all`. The file is read through
 //! /proc/PID/root, so a path inside the container's filesystem works.
 
-use std::{fmt, path::Path};
+use std::fmt;
+
+use super::podfs::{self, sanitize, PodFileError};
+
+/// The most of a pod-controlled string (target, path) shown in logs and status.
+const MAX_SHOWN: usize = 128;
 
 /// Tempo's own default when neither flag nor file names a target.
 const TEMPO_DEFAULT_TARGET: &str = "all";
@@ -33,29 +38,31 @@ pub enum Source {
 
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Both strings come from the process: escaped and capped for logs and
+        // terminals.
+        let target = sanitize(&self.target, MAX_SHOWN);
         match &self.source {
-            Source::CommandLine => write!(f, "-target={} on its command line", self.target),
-            Source::ConfigFile(p) => write!(f, "target: {} in {p}", self.target),
-            Source::TempoDefault => write!(f, "Tempo's default target {}", self.target),
+            Source::CommandLine => write!(f, "-target={target} on its command line"),
+            Source::ConfigFile(p) => {
+                write!(f, "target: {target} in {}", sanitize(p, MAX_SHOWN))
+            }
+            Source::TempoDefault => write!(f, "Tempo's default target {target}"),
         }
     }
 }
 
 /// The Tempo role of process `pid`, `None` if it is not a Tempo process we
-/// can read (exited, or no target flag, config file or `tempo` binary).
-pub fn of_pid(pid: i32) -> Option<Role> {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let args: Vec<String> = cmdline
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    of_args(&args, |path| {
-        let inside = Path::new("/proc")
-            .join(pid.to_string())
-            .join("root")
-            .join(path.trim_start_matches('/'));
-        crate::config::read(&inside).ok()
+/// can read (exited, or no target flag, config file or `tempo` binary). Reads
+/// what the process controls (see `podfs`): run it off the agent's loop.
+/// `refused` learns why a config file named on the command line was not read.
+pub fn of_pid(pid: i32, refused: &dyn Fn(&str, PodFileError)) -> Option<Role> {
+    let args = podfs::cmdline(pid).ok()?;
+    of_args(&args, |path| match podfs::read(pid, path) {
+        Ok(text) => Some(text),
+        Err(e) => {
+            refused(path, e);
+            None
+        }
     })
 }
 
@@ -102,13 +109,35 @@ fn flag(args: &[String], name: &str) -> Option<String> {
     found
 }
 
-/// The top-level `target:` of a Tempo config file.
+/// The top-level `target:` of a Tempo config file, by a line scan: only this
+/// one key is needed, and a YAML parser would hold every event of a hostile
+/// file in memory (a 256 KiB flow sequence is millions of them). A top-level
+/// key starts at column 0; nested keys and block scalars are indented.
 fn target_in(text: &str) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Root {
-        target: Option<String>,
+    for line in text.lines() {
+        let Some(rest) = ["target:", "\"target\":", "'target':"]
+            .iter()
+            .find_map(|key| line.strip_prefix(key))
+        else {
+            continue;
+        };
+        // `target:x` is not the key `target`.
+        if !(rest.is_empty() || rest.starts_with([' ', '\t'])) {
+            continue;
+        }
+        let value = match rest.find(" #") {
+            Some(comment) => &rest[..comment],
+            None => rest,
+        }
+        .trim();
+        let unquoted = ['"', '\'']
+            .iter()
+            .find_map(|q| value.strip_prefix(*q)?.strip_suffix(*q))
+            .unwrap_or(value);
+        // YAML forbids a key twice (Tempo refuses such a file): the first wins.
+        return (!unquoted.is_empty()).then(|| unquoted.to_owned());
     }
-    serde_yaml::from_str::<Root>(text).ok()?.target
+    None
 }
 
 /// Whether `role` is one `--serve-target` asks for (`any` matches every
@@ -177,6 +206,33 @@ mod tests {
             ("all", Source::TempoDefault)
         );
         assert_eq!(of_args(&args("/usr/sbin/nginx -g daemon"), no_file), None);
+    }
+
+    #[test]
+    fn target_from_a_top_level_key_only() {
+        let t = |text: &str| target_in(text);
+        assert_eq!(t("target: live-store\n").as_deref(), Some("live-store"));
+        assert_eq!(
+            t("a: 1\ntarget: 'live-store' # pod\n").as_deref(),
+            Some("live-store")
+        );
+        assert_eq!(t("\"target\": \"querier\"").as_deref(), Some("querier"));
+        assert_eq!(t("server:\n  target: live-store\n"), None);
+        assert_eq!(t("targets: live-store\n"), None);
+        assert_eq!(t("target:\n"), None);
+        assert_eq!(t("target: a\ntarget: b\n").as_deref(), Some("a"));
+    }
+
+    /// A flow sequence of a million elements at the file cap: a YAML parser
+    /// would need hundreds of MiB for its events; the scan needs nothing.
+    #[test]
+    fn target_scan_of_an_event_bomb() {
+        let mut text = String::from("x: [");
+        while text.len() < podfs::FILE_CAP as usize - 64 {
+            text.push_str("1,");
+        }
+        text.push_str("1]\ntarget: live-store\n");
+        assert_eq!(target_in(&text).as_deref(), Some("live-store"));
     }
 
     #[test]

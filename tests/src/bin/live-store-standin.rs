@@ -1,6 +1,6 @@
 //! A live-store stand-in for tests that need a real process: it lives in a
 //! network namespace (`ip netns exec NS live-store-standin ADDR NAME [--mptcp]
-//! [--reuseport] [-target=NAME]`) and answers like the tests' `Server`, until
+//! [--reuseport] [-target=NAME] [-config.file=PATH]`) and answers like the tests' `Server`, until
 //! killed. `-target=live-store` is what Tempo's own command line carries, and
 //! what the agent's discovery looks for; the stand-in itself ignores it.
 
@@ -17,7 +17,8 @@ fn main() {
         match flag.as_str() {
             "--mptcp" => opts.mptcp = true,
             "--reuseport" => opts.reuseport = true,
-            t if t.starts_with("-target=") => {}
+            // What Tempo reads; discovery reads them too, the stand-in not.
+            t if t.starts_with("-target=") || t.starts_with("-config.file=") => {}
             other => {
                 eprintln!("live-store-standin: unknown flag {other}");
                 std::process::exit(2);

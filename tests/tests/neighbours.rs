@@ -1,0 +1,357 @@
+//! Untrusted neighbours: what another pod on the node does must not stall,
+//! fool or starve the agent. Each test runs one attack beside a discovering
+//! agent, then checks what the issue asks of every attack: a live-store pod
+//! started during the attack is served within 1 s, `/healthz` answers within
+//! 100 ms, the agent's peak RSS stays under 128 MiB, SIGTERM ends it within
+//! 2 s, and the attack shows by name in the metrics and `redirector status`.
+
+use std::{
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use redirector_tests::{
+    enter_test_cgroup, http_get, redirector, request, Agent, Cgroup, Netns, Process,
+};
+
+/// Ports of their own, so nothing else on the machine is discovered.
+const LISTEN: &str = "19295";
+const ADVERTISE: &str = "22545";
+
+/// A pod: its cgroup tree (kubelet's naming), container cgroup and network
+/// namespace, all removed on drop.
+struct Pod {
+    ns: Netns,
+    ctr: PathBuf,
+    _tree: Cgroup,
+}
+
+fn pod(tag: &str) -> Pod {
+    let uid = format!("5e1f0000-0000-4000-8000-{:012x}", std::process::id());
+    let tree = Cgroup::new(&format!("redirector-test-nb-{tag}")).expect("cgroup tree");
+    let ctr = tree.path.join(format!("pod{uid}")).join("ctr");
+    std::fs::create_dir_all(&ctr).expect("pod and container cgroups");
+    Pod {
+        ns: Netns::new(&format!("nb-{tag}")).expect("netns"),
+        ctr,
+        _tree: tree,
+    }
+}
+
+fn standin() -> &'static str {
+    env!("CARGO_BIN_EXE_live-store-standin")
+}
+
+/// A process in `pod` listening on the listen port: `args` after the address
+/// and name (e.g. `-target=live-store`).
+fn start(pod: &Pod, name: &str, args: &[&str]) -> Process {
+    let addr = format!("[::]:{LISTEN}");
+    let mut all = vec![addr.as_str(), name];
+    all.extend_from_slice(args);
+    Process::start_in(&pod.ns, Some(&pod.ctr), standin(), &all, &[]).expect("process starts")
+}
+
+fn discovering() -> Agent {
+    Agent::start(&[
+        "--discover",
+        "--listen-port",
+        LISTEN,
+        "--advertise-port",
+        ADVERTISE,
+    ])
+    .expect("agent with discovery")
+}
+
+/// Which server answers on the advertised port inside `ns`, if any.
+fn served(ns: &Netns) -> Option<String> {
+    request(ns, &format!("127.0.0.1:{ADVERTISE}"), b"x")
+        .ok()
+        .map(|r| r.server)
+}
+
+fn metrics(agent: &Agent) -> String {
+    http_get(&agent.metrics_url("/metrics")).1
+}
+
+/// The value of a sample, labels included in `name`; 0 if absent.
+fn sample(body: &str, name: &str) -> u64 {
+    body.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}
+
+/// `redirector status` of the running agent (its state file).
+fn status(agent: &Agent) -> String {
+    let _ = agent;
+    let (code, out, err) = redirector(&["status"]);
+    assert_eq!(code, 0, "status: {err}");
+    out
+}
+
+/// Peak resident memory of process `pid`, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM");
+    kib * 1024
+}
+
+/// What every attack must leave intact; consumes the agent (SIGTERM).
+fn assert_unharmed(agent: Agent, tag: &str) {
+    // /healthz from a fresh connection, three times.
+    for _ in 0..3 {
+        let t = Instant::now();
+        let (code, _) = http_get(&agent.metrics_url("/healthz"));
+        let took = t.elapsed();
+        assert_eq!(code, 200);
+        assert!(took < Duration::from_millis(100), "/healthz took {took:?}");
+    }
+    // A live-store pod started now is served within a second of listening.
+    let live = pod(&format!("{tag}-ls"));
+    let _live_store = start(&live, "live-store", &["-target=live-store"]);
+    let listening = Instant::now();
+    let ok = wait_until(Duration::from_secs(1), || {
+        served(&live.ns).as_deref() == Some("live-store")
+    });
+    assert!(
+        ok,
+        "live-store not served within 1 s of listening ({:?}); agent: {:?}",
+        listening.elapsed(),
+        agent.status()
+    );
+    let rss = peak_rss(agent.pid());
+    assert!(rss < 128 << 20, "agent peak RSS {} MiB", rss >> 20);
+    let t = Instant::now();
+    let stopped = agent.stop().expect("agent stops");
+    assert!(stopped.status.success(), "{:?}", stopped.stderr);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "SIGTERM took {:?}",
+        t.elapsed()
+    );
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: mkfifo(3) with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+/// A scratch directory, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("rdt-nb-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Self(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A process whose `-config.file` is a FIFO, there before the agent starts
+/// (its startup scan) and another after (a bind): opening a FIFO for reading
+/// blocks until a writer comes, which never does.
+#[test]
+fn a_fifo_for_a_config_file_stalls_nothing() {
+    enter_test_cgroup();
+    let dir = Scratch::new("fifo");
+    let fifo = dir.0.join("tempo.yaml");
+    mkfifo(&fifo);
+    let flag = format!("-config.file={}", fifo.display());
+    let before = pod("fifo-a");
+    let _early = start(&before, "neighbour", &[&flag]);
+    let agent = discovering();
+    let after = pod("fifo-b");
+    let _late = start(&after, "neighbour", &[&flag]);
+    let refused = r#"redirector_pod_files_refused_total{reason="not_regular"}"#;
+    assert!(
+        wait_until(Duration::from_secs(5), || sample(&metrics(&agent), refused)
+            >= 2),
+        "{}",
+        metrics(&agent)
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || status(&agent)
+            .contains("2 not regular (FIFO, device)")),
+        "{}",
+        status(&agent)
+    );
+    assert_eq!(served(&before.ns), None, "not a live-store: not served");
+    assert_unharmed(agent, "fifo");
+}
+
+/// A chrooted process whose config file is an absolute symlink to a path
+/// that exists on the host (saying `target: live-store`) but not in its root:
+/// resolved in its root, the link leads nowhere, and the pod is not served.
+#[test]
+fn a_symlink_never_leads_out_of_the_pod_root() {
+    enter_test_cgroup();
+    let dir = Scratch::new("symlink");
+    let host_only = dir.0.join("host-only.yaml");
+    std::fs::write(&host_only, "target: live-store\n").expect("host file");
+    let root = dir.0.join("root");
+    std::fs::create_dir_all(root.join("usr")).expect("root");
+    for (link, to) in [
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+        ("bin", "usr/bin"),
+    ] {
+        std::os::unix::fs::symlink(to, root.join(link)).expect("merged-usr link");
+    }
+    std::fs::write(root.join("standin"), b"").expect("mount point");
+    std::os::unix::fs::symlink(&host_only, root.join("conf.yaml")).expect("the escape");
+
+    let agent = discovering();
+    let neighbour = pod("symlink");
+    // `ip netns exec` gives the shell a mount namespace of its own: the bind
+    // mounts go with it.
+    let script = format!(
+        "mount --bind /usr {r}/usr && mount --bind {bin} {r}/standin && \
+         exec chroot {r} /standin [::]:{LISTEN} neighbour -config.file=/conf.yaml",
+        r = root.display(),
+        bin = standin(),
+    );
+    let _chrooted = Process::start_in(
+        &neighbour.ns,
+        Some(&neighbour.ctr),
+        "sh",
+        &["-c", &script],
+        &[],
+    )
+    .expect("chrooted neighbour starts");
+    let unreadable = r#"redirector_pod_files_refused_total{reason="unreadable"}"#;
+    assert!(
+        wait_until(Duration::from_secs(5), || sample(
+            &metrics(&agent),
+            unreadable
+        ) >= 1),
+        "the agent never looked at /conf.yaml in the pod's root: {}",
+        metrics(&agent)
+    );
+    assert_eq!(
+        served(&neighbour.ns),
+        None,
+        "served on the host file's word"
+    );
+    assert!(
+        !agent.status().iter().any(|l| l.contains("conf.yaml")),
+        "{:?}",
+        agent.status()
+    );
+    assert_unharmed(agent, "symlink");
+}
+
+/// Config files built to exhaust a YAML parser's memory: a flow sequence of
+/// two million elements (4 MiB, refused by size) and one just under the cap
+/// with `target: live-store` after it (found by the line scan, served).
+#[test]
+fn a_yaml_event_bomb_costs_no_memory() {
+    enter_test_cgroup();
+    let dir = Scratch::new("yaml");
+    let bomb = |path: &Path, bytes: usize| {
+        let mut text = String::with_capacity(bytes + 32);
+        text.push_str("x: [");
+        while text.len() < bytes {
+            text.push_str("1,");
+        }
+        text.push_str("1]\ntarget: live-store\n");
+        std::fs::write(path, text).expect("write");
+    };
+    let (big, at_cap) = (dir.0.join("big.yaml"), dir.0.join("cap.yaml"));
+    bomb(&big, 4 << 20);
+    bomb(&at_cap, 250 << 10);
+    let agent = discovering();
+    let too_large = pod("yaml-big");
+    let _big = start(
+        &too_large,
+        "neighbour",
+        &[&format!("-config.file={}", big.display())],
+    );
+    let refused = r#"redirector_pod_files_refused_total{reason="too_large"}"#;
+    assert!(
+        wait_until(Duration::from_secs(5), || sample(&metrics(&agent), refused)
+            >= 1),
+        "{}",
+        metrics(&agent)
+    );
+    assert_eq!(served(&too_large.ns), None);
+    let capped = pod("yaml-cap");
+    let _capped = start(
+        &capped,
+        "capped",
+        &[&format!("-config.file={}", at_cap.display())],
+    );
+    assert!(
+        wait_until(Duration::from_secs(1), || served(&capped.ns).as_deref()
+            == Some("capped")),
+        "{:?}",
+        agent.status()
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || status(&agent)
+            .contains("1 too large")),
+        "{}",
+        status(&agent)
+    );
+    assert_unharmed(agent, "yaml");
+}
+
+/// A wrapper (`sh -c '...; exec tempo -target=live-store'`) that the agent's
+/// startup scan saw as a shell: once it has exec'd the live-store, its bind
+/// is looked at afresh and it is served.
+#[test]
+fn a_wrapper_is_served_once_it_execs_the_live_store() {
+    enter_test_cgroup();
+    let dir = Scratch::new("wrapper");
+    let go = dir.0.join("go");
+    let wrapped = pod("wrapper");
+    let script = format!(
+        "while [ ! -e {go} ]; do sleep 0.02; done; exec {} [::]:{LISTEN} wrapped -target=live-store",
+        standin(),
+        go = go.display(),
+    );
+    thread::scope(|scope| {
+        // Process::start_in returns once the wrapped live-store listens.
+        let wrapper = scope.spawn(|| {
+            Process::start_in(&wrapped.ns, Some(&wrapped.ctr), "sh", &["-c", &script], &[])
+                .expect("wrapper starts")
+        });
+        thread::sleep(Duration::from_millis(100));
+        // Its startup scan sees a shell in the pod.
+        let agent = discovering();
+        std::fs::write(&go, b"").expect("let the wrapper exec");
+        let _process = wrapper.join().expect("wrapper thread");
+        assert!(
+            wait_until(Duration::from_secs(1), || served(&wrapped.ns).as_deref()
+                == Some("wrapped")),
+            "the exec'd live-store was not served: {:?}",
+            agent.status()
+        );
+        assert_unharmed(agent, "wrapper");
+    });
+}
