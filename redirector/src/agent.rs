@@ -123,6 +123,9 @@ pub struct Agent {
     stalled: HashSet<(i32, u64)>,
     /// The inspector's figures in the state file last written.
     published_inspector: inspector::Summary,
+    /// `listener_quota_exceeded` when the state file was last written: a
+    /// namespace at its quota is shown by `status` once it moves.
+    published_quota_exceeded: u64,
     witnesses: HashMap<u64, Witness>,
     exits: mpsc::UnboundedSender<u64>,
     /// Per namespace: the listening socket inodes last seen and their owner.
@@ -164,6 +167,10 @@ pub struct NsState {
     pub sock_ops_cgroups: Vec<String>,
     /// Listeners whose connections get no flow records, and why.
     pub sock_ops_problems: Vec<String>,
+    /// Listeners `sock_ops` registered here that still listen (its quota is
+    /// `LISTENERS_PER_NETNS`).
+    #[serde(default)]
+    pub listeners_held: i64,
 }
 
 impl Agent {
@@ -185,6 +192,7 @@ impl Agent {
             verdicts: HashMap::new(),
             stalled: HashSet::new(),
             published_inspector: inspector::Summary::default(),
+            published_quota_exceeded: 0,
             witnesses: HashMap::new(),
             exits,
             owners: HashMap::new(),
@@ -335,6 +343,17 @@ impl Agent {
         let now = Instant::now();
         for e in events {
             let pid = e.tgid as i32;
+            // sock_ops on its pod registers what listens there, in the
+            // kernel: no reconcile needed (and a pod that binds in a loop
+            // costs this loop nothing).
+            let covered = self.datapath.served.iter().any(|s| {
+                s.netns.cookie == e.netns_cookie
+                    && (self.datapath.sock_ops.scope == Scope::Root
+                        || !s.sock_ops.cgroups.is_empty())
+            });
+            if covered {
+                continue;
+            }
             // Bound again (a live-store restarting in place): look from now.
             if let Some(p) = self
                 .pending
@@ -577,7 +596,13 @@ impl Agent {
             }
         }
         self.check_inspections();
-        if self.inspector.summary() != self.published_inspector {
+        let quota_exceeded = self
+            .telemetry
+            .kernel_counter(redirector_common::Counter::ListenerQuotaExceeded);
+        if self.inspector.summary() != self.published_inspector
+            || quota_exceeded != self.published_quota_exceeded
+        {
+            self.published_quota_exceeded = quota_exceeded;
             self.dirty = true;
         }
         self.resync_slice();
@@ -819,6 +844,7 @@ impl Agent {
                         .map(|p| p.display().to_string())
                         .collect(),
                     sock_ops_problems: s.sock_ops.problems.clone(),
+                    listeners_held: d.quota(s.netns.cookie).map_or(0, |q| q.listeners as i64),
                 })
                 .collect(),
         }

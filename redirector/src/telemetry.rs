@@ -1061,7 +1061,7 @@ mod tests {
             text.contains("# TYPE redirector_http_connections_rejected_total counter\n"),
             "{text}"
         );
-        assert!(text.contains("64 connections served at once"), "{text}");
+        assert!(text.contains("1024 connections served at once"), "{text}");
         for (reason, n) in [
             ("limit", 1),
             ("header_timeout", 0),

@@ -46,8 +46,11 @@ fn standin() -> &'static str {
 /// A process in `pod` listening on the listen port: `args` after the address
 /// and name (e.g. `-target=live-store`).
 fn start(pod: &Pod, name: &str, args: &[&str]) -> Process {
-    let addr = format!("[::]:{LISTEN}");
-    let mut all = vec![addr.as_str(), name];
+    start_at(pod, &format!("[::]:{LISTEN}"), name, args)
+}
+
+fn start_at(pod: &Pod, addr: &str, name: &str, args: &[&str]) -> Process {
+    let mut all = vec![addr, name];
     all.extend_from_slice(args);
     Process::start_in(&pod.ns, Some(&pod.ctr), standin(), &all, &[]).expect("process starts")
 }
@@ -354,4 +357,110 @@ fn a_wrapper_is_served_once_it_execs_the_live_store() {
         );
         assert_unharmed(agent, "wrapper");
     });
+}
+
+/// A pod that claims to be a live-store (`-target=live-store`) and binds the
+/// listen port on 20,000 loopback addresses (two processes of 10,000: a
+/// process may hold 20,000 files here): the kernel registers
+/// `LISTENERS_PER_NETNS` of them and refuses the rest, each counted, so the
+/// node-wide listener map keeps room for every other namespace.
+#[test]
+fn a_claimed_live_store_binding_20000_addresses_gets_its_quota_only() {
+    enter_test_cgroup();
+    const HALF: u64 = 10_000;
+    let quota = redirector_common::LISTENERS_PER_NETNS;
+    let agent = discovering();
+    let hostile = pod("quota");
+    let bind = |addr: &str, from: u64| {
+        start_at(
+            &hostile,
+            &format!("{addr}:{LISTEN}"),
+            "hostile",
+            &[
+                "-target=live-store",
+                &format!("--bind-many={HALF}"),
+                &format!("--bind-from={from}"),
+            ],
+        )
+    };
+    let exceeded = "redirector_listener_quota_exceeded_total";
+    // The first process's first listener is registered by the agent, from
+    // its bind event (before sock_ops is on the pod); every other one of the
+    // 20,001 meets the kernel's quota.
+    let _first = bind("127.0.0.1", 0);
+    assert!(
+        wait_until(Duration::from_secs(10), || sample(
+            &metrics(&agent),
+            exceeded
+        ) >= HALF - quota),
+        "{}",
+        metrics(&agent)
+    );
+    let _second = bind("127.0.0.2", HALF);
+    let refused = 2 * HALF + 1 - quota;
+    assert!(
+        wait_until(Duration::from_secs(10), || sample(
+            &metrics(&agent),
+            exceeded
+        ) >= refused),
+        "{}",
+        metrics(&agent)
+    );
+    let body = metrics(&agent);
+    assert_eq!(sample(&body, exceeded), refused, "{body}");
+    assert!(
+        wait_until(Duration::from_secs(3), || sample(
+            &metrics(&agent),
+            "redirector_listeners_registered"
+        ) == quota + 1),
+        "{}",
+        metrics(&agent)
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || status(&agent)
+            .contains(&format!("listener quota reached: {quota} of {quota}"))),
+        "{}",
+        status(&agent)
+    );
+    assert_unharmed(agent, "quota");
+}
+
+/// 500 clients that send half a request header and wait: each is dropped
+/// at the header timeout, and meanwhile the kubelet's probes are answered.
+#[test]
+fn five_hundred_slow_http_clients_do_not_starve_the_probes() {
+    enter_test_cgroup();
+    let agent = discovering();
+    let url = agent.metrics_url("/healthz");
+    let addr = url.split('/').next().expect("address").to_owned();
+    let slow: Vec<std::net::TcpStream> = (0..500)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(&addr).expect("connect");
+            std::io::Write::write_all(&mut c, b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                .expect("half a header");
+            c
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(200));
+    let body = metrics(&agent);
+    assert_eq!(
+        sample(
+            &body,
+            r#"redirector_http_connections_rejected_total{reason="limit"}"#
+        ),
+        0,
+        "{body}"
+    );
+    // The header timeout ends them all.
+    let timeouts = r#"redirector_http_connections_rejected_total{reason="header_timeout"}"#;
+    assert!(
+        wait_until(Duration::from_secs(8), || sample(
+            &metrics(&agent),
+            timeouts
+        ) >= 500),
+        "{}",
+        metrics(&agent)
+    );
+    drop(slow);
+    assert_unharmed(agent, "slow-http");
 }

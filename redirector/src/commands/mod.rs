@@ -33,7 +33,11 @@ pub fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    // Two workers: the agent's loop (`run`) may spend milliseconds in the
+    // kernel (a program load, a sock_diag dump of a pod's listeners) while
+    // /healthz, scrapes and flow delivery go on on the other.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
     {

@@ -216,6 +216,15 @@ fn write_agent(out: &mut String, status: &Status) -> Result<()> {
     writeln!(out, "  serves {} namespace(s):", a.namespaces.len())?;
     for ns in &a.namespaces {
         writeln!(out, "    {}: {}", ns.netns, ns.why)?;
+        if ns.listeners_held >= redirector_common::LISTENERS_PER_NETNS as i64 {
+            writeln!(
+                out,
+                "      listener quota reached: {} of {} registered by sock_ops; more are refused \
+                 (listener_quota_exceeded)",
+                ns.listeners_held,
+                redirector_common::LISTENERS_PER_NETNS
+            )?;
+        }
         for p in &ns.sock_ops_problems {
             writeln!(out, "      no flow records: {p}")?;
         }

@@ -13,8 +13,24 @@ fn main() {
         std::process::exit(2);
     };
     let mut opts = ListenOpts::default();
+    let mut bind_many = 0u32;
+    let mut bind_from = 0u32;
     for flag in args {
         match flag.as_str() {
+            // A hostile pod: after listening, N more listeners on the same
+            // port, one per loopback address from 127.1.0.0 + K up.
+            n if n.starts_with("--bind-from=") => {
+                bind_from = n["--bind-from=".len()..].parse().unwrap_or_else(|_| {
+                    eprintln!("live-store-standin: --bind-from=K");
+                    std::process::exit(2);
+                });
+            }
+            n if n.starts_with("--bind-many=") => {
+                bind_many = n["--bind-many=".len()..].parse().unwrap_or_else(|_| {
+                    eprintln!("live-store-standin: --bind-many=N");
+                    std::process::exit(2);
+                });
+            }
             "--mptcp" => opts.mptcp = true,
             "--reuseport" => opts.reuseport = true,
             // What Tempo reads; discovery reads them too, the stand-in not.
@@ -40,7 +56,31 @@ fn main() {
         "listening on {addr} with {}",
         if mptcp { "mptcp" } else { "tcp" }
     );
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     let _server = redirector_tests::Server::serve(listener, &name);
+    let mut held = Vec::new();
+    if bind_many > 0 {
+        let files = libc::rlimit {
+            rlim_cur: u64::from(bind_many) + 1024,
+            rlim_max: u64::from(bind_many) + 1024,
+        };
+        // SAFETY: setrlimit(2) with a valid rlimit.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &files) };
+        // Let the agent serve this namespace (its bind hook) first, so the
+        // kernel's own quota meets every one of these.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        for i in bind_from..bind_from + bind_many {
+            let ip = std::net::Ipv4Addr::from(0x7f01_0000 + i);
+            match std::net::TcpListener::bind((ip, port)) {
+                Ok(l) => held.push(l),
+                Err(e) => {
+                    eprintln!("live-store-standin: bind {ip}:{port}: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        eprintln!("bound {bind_many} more");
+    }
     loop {
         std::thread::park();
     }
