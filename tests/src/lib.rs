@@ -39,6 +39,19 @@ pub use netns::Netns;
 
 /// Joins a querier namespace and a live-store namespace with a veth pair that
 /// carries both IPv4 and IPv6 (DAD off so v6 addresses are usable at once).
+/// Set in the kernel matrix's QEMU guests, which run under software emulation.
+pub const EMULATED_ENV: &str = "REDIRECTOR_TEST_EMULATED";
+
+/// A latency bound measured on a real machine, stretched tenfold under
+/// emulation (still far below a stall, which is what such bounds catch).
+pub fn latency_bound(on_hardware: std::time::Duration) -> std::time::Duration {
+    if std::env::var_os(EMULATED_ENV).is_some() {
+        on_hardware * 10
+    } else {
+        on_hardware
+    }
+}
+
 /// The cgroup the test processes run in (under the cgroup v2 mount).
 pub const TEST_CGROUP: &str = "redirector-tests";
 

@@ -12,7 +12,7 @@ use std::{
 };
 
 use redirector_tests::{
-    enter_test_cgroup, http_get, redirector, request, Agent, Cgroup, Netns, Process,
+    enter_test_cgroup, http_get, latency_bound, redirector, request, Agent, Cgroup, Netns, Process,
 };
 
 /// Ports of their own, so nothing else on the machine is discovered.
@@ -125,13 +125,16 @@ fn assert_unharmed(agent: Agent, tag: &str) {
         let (code, _) = http_get(&agent.metrics_url("/healthz"));
         let took = t.elapsed();
         assert_eq!(code, 200);
-        assert!(took < Duration::from_millis(100), "/healthz took {took:?}");
+        assert!(
+            took < latency_bound(Duration::from_millis(100)),
+            "/healthz took {took:?}"
+        );
     }
     // A live-store pod started now is served within a second of listening.
     let live = pod(&format!("{tag}-ls"));
     let _live_store = start(&live, "live-store", &["-target=live-store"]);
     let listening = Instant::now();
-    let ok = wait_until(Duration::from_secs(1), || {
+    let ok = wait_until(latency_bound(Duration::from_secs(1)), || {
         served(&live.ns).as_deref() == Some("live-store")
     });
     assert!(
@@ -146,7 +149,7 @@ fn assert_unharmed(agent: Agent, tag: &str) {
     let stopped = agent.stop().expect("agent stops");
     assert!(stopped.status.success(), "{:?}", stopped.stderr);
     assert!(
-        t.elapsed() < Duration::from_secs(2),
+        t.elapsed() < latency_bound(Duration::from_secs(2)),
         "SIGTERM took {:?}",
         t.elapsed()
     );
@@ -218,35 +221,19 @@ fn a_symlink_never_leads_out_of_the_pod_root() {
     let host_only = dir.0.join("host-only.yaml");
     std::fs::write(&host_only, "target: live-store\n").expect("host file");
     let root = dir.0.join("root");
-    std::fs::create_dir_all(root.join("usr")).expect("root");
-    for (link, to) in [
-        ("lib", "usr/lib"),
-        ("lib64", "usr/lib64"),
-        ("bin", "usr/bin"),
-    ] {
-        std::os::unix::fs::symlink(to, root.join(link)).expect("merged-usr link");
-    }
-    std::fs::write(root.join("standin"), b"").expect("mount point");
+    std::fs::create_dir_all(&root).expect("root");
     std::os::unix::fs::symlink(&host_only, root.join("conf.yaml")).expect("the escape");
 
     let agent = discovering();
     let neighbour = pod("symlink");
-    // `ip netns exec` gives the shell a mount namespace of its own: the bind
-    // mounts go with it.
-    let script = format!(
-        "mount --bind /usr {r}/usr && mount --bind {bin} {r}/standin && \
-         exec chroot {r} /standin [::]:{LISTEN} neighbour -config.file=/conf.yaml",
-        r = root.display(),
-        bin = standin(),
+    let _chrooted = start(
+        &neighbour,
+        "neighbour",
+        &[
+            &format!("--chroot={}", root.display()),
+            "-config.file=/conf.yaml",
+        ],
     );
-    let _chrooted = Process::start_in(
-        &neighbour.ns,
-        Some(&neighbour.ctr),
-        "sh",
-        &["-c", &script],
-        &[],
-    )
-    .expect("chrooted neighbour starts");
     let unreadable = r#"redirector_pod_files_refused_total{reason="unreadable"}"#;
     assert!(
         wait_until(Duration::from_secs(5), || sample(

@@ -15,10 +15,14 @@ fn main() {
     let mut opts = ListenOpts::default();
     let mut bind_many = 0u32;
     let mut bind_from = 0u32;
+    let mut chroot = None;
     for flag in args {
         match flag.as_str() {
             // A hostile pod: after listening, N more listeners on the same
             // port, one per loopback address from 127.1.0.0 + K up.
+            // Runs with DIR as its root (after loading everything it needs),
+            // as a container's process does.
+            n if n.starts_with("--chroot=") => chroot = Some(n["--chroot=".len()..].to_owned()),
             n if n.starts_with("--bind-from=") => {
                 bind_from = n["--bind-from=".len()..].parse().unwrap_or_else(|_| {
                     eprintln!("live-store-standin: --bind-from=K");
@@ -39,6 +43,18 @@ fn main() {
                 eprintln!("live-store-standin: unknown flag {other}");
                 std::process::exit(2);
             }
+        }
+    }
+    if let Some(dir) = &chroot {
+        let c = std::ffi::CString::new(dir.as_str()).unwrap_or_default();
+        // SAFETY: chroot(2) and chdir(2) with NUL-terminated paths.
+        let failed = unsafe { libc::chroot(c.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 };
+        if failed {
+            eprintln!(
+                "live-store-standin: chroot {dir}: {}",
+                std::io::Error::last_os_error()
+            );
+            std::process::exit(1);
         }
     }
     let bound = addr
