@@ -54,6 +54,8 @@ enum Origin {
         ino: u64,
         why: String,
         without_listener_since: Option<Instant>,
+        /// The Kubernetes pod (its pod cgroup) the live-store runs in.
+        pod: Option<String>,
     },
 }
 
@@ -64,6 +66,20 @@ impl Origin {
         }
     }
 }
+
+/// A namespace discovery found: its inode, a process in it that qualifies,
+/// why, and the pod it runs in.
+struct Found {
+    ino: u64,
+    pid: i32,
+    why: String,
+    pod: Option<String>,
+}
+
+/// Network namespaces served per Kubernetes pod: a pod has one (its
+/// sandbox's); more are namespaces a pod made itself (`unshare -n`), each of
+/// which would cost a program load and redirect-table entries.
+pub const NAMESPACES_PER_POD: usize = 2;
 
 /// A socket bound to a listen port whose listener the agent looks for.
 struct Pending {
@@ -121,6 +137,8 @@ pub struct Agent {
     verdicts: HashMap<(i32, u64), (bool, Instant, Option<PathBuf>)>,
     /// Processes whose inspection stalled: not asked about again.
     stalled: HashSet<(i32, u64)>,
+    /// Namespaces refused because their pod has enough served.
+    refused_per_pod: HashSet<u64>,
     /// The inspector's figures in the state file last written.
     published_inspector: inspector::Summary,
     /// `listener_quota_exceeded` when the state file was last written: a
@@ -191,6 +209,7 @@ impl Agent {
             inspector,
             verdicts: HashMap::new(),
             stalled: HashSet::new(),
+            refused_per_pod: HashSet::new(),
             published_inspector: inspector::Summary::default(),
             published_quota_exceeded: 0,
             witnesses: HashMap::new(),
@@ -265,23 +284,23 @@ impl Agent {
     /// Serves the namespace with `cookie` of a bind event: `pid`'s, unless
     /// the bind came from a thread of it in another namespace (left to the
     /// resync's /proc scan, which finds namespaces by their processes).
-    fn serve_discovered(&mut self, ino: u64, pid: i32, why: String, cookie: u64) {
-        self.serve_discovered_many(vec![(ino, pid, why)], Some(cookie));
+    fn serve_discovered(&mut self, found: Found, cookie: u64) {
+        self.serve_discovered_many(vec![found], Some(cookie));
     }
 
     /// Serves namespaces discovery found, (inode, a process in it, why), in
     /// one batch.
-    fn serve_discovered_many(&mut self, found: Vec<(u64, i32, String)>, cookie: Option<u64>) {
+    fn serve_discovered_many(&mut self, found: Vec<Found>, cookie: Option<u64>) {
         let mut batch = Vec::new();
         let mut meta = HashMap::new();
-        for (ino, pid, why) in found {
+        for Found { ino, pid, why, pod } in found {
             let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
             // The process may have exited since: the next event or resync retries.
             let netns = match Netns::open(&path) {
                 Ok(n) if n.inode() == ino && cookie.is_none_or(|c| c == n.cookie) => n,
                 Ok(_) | Err(_) => continue,
             };
-            meta.insert(netns.cookie, (ino, pid, why));
+            meta.insert(netns.cookie, (ino, pid, why, pod));
             batch.push((netns, vec![pid]));
         }
         if batch.is_empty() {
@@ -289,7 +308,7 @@ impl Agent {
         }
         let redirects = self.settings.redirects.clone();
         for (cookie, name, result) in self.datapath.serve_many(batch, &redirects) {
-            let Some((ino, pid, why)) = meta.remove(&cookie) else {
+            let Some((ino, pid, why, pod)) = meta.remove(&cookie) else {
                 continue;
             };
             match result {
@@ -302,6 +321,7 @@ impl Agent {
                             ino,
                             why,
                             without_listener_since: None,
+                            pod,
                         },
                     );
                     self.watch(cookie, pid);
@@ -422,12 +442,35 @@ impl Agent {
                 tracing::debug!("pid {pid} in net:[{ino}]: not a process to serve");
                 continue;
             };
-            if self.origins.values().any(|o| o.ino() == ino) {
+            if self.origins.values().any(|o| o.ino() == ino)
+                || scanned.iter().any(|f: &Found| f.ino == ino)
+            {
                 continue;
             }
+            if let Some(pod) = &v.pod {
+                let held = self
+                    .origins
+                    .values()
+                    .filter(|o| matches!(o, Origin::Discovered { pod: Some(p), .. } if p == pod))
+                    .count()
+                    + scanned
+                        .iter()
+                        .filter(|f| f.pod.as_ref() == Some(pod))
+                        .count();
+                if held >= NAMESPACES_PER_POD {
+                    self.refuse_per_pod(pid, ino, pod);
+                    continue;
+                }
+            }
+            let found = Found {
+                ino,
+                pid,
+                why,
+                pod: v.pod,
+            };
             match origin {
                 Asked::Bind { cookie } => {
-                    self.serve_discovered(ino, pid, why, cookie);
+                    self.serve_discovered(found, cookie);
                     let served = self
                         .datapath
                         .served
@@ -445,15 +488,27 @@ impl Agent {
                     }
                 }
                 Asked::Scan => {
-                    let seen = scanned.iter().any(|(i, _, _)| *i == ino);
-                    if !seen && discovery::listens(pid, &ports) {
-                        scanned.push((ino, pid, why));
+                    if discovery::listens(pid, &ports) {
+                        scanned.push(found);
                     }
                 }
             }
         }
         if !scanned.is_empty() {
             self.serve_discovered_many(scanned, None);
+        }
+    }
+
+    /// A namespace not served because its pod has [`NAMESPACES_PER_POD`]
+    /// served already: counted, logged once per namespace.
+    fn refuse_per_pod(&mut self, pid: i32, ino: u64, pod: &str) {
+        if self.refused_per_pod.insert(ino) {
+            self.inspector.metrics.refused_per_pod();
+            tracing::warn!(
+                "net:[{ino}] of pid {pid} not served: its pod {} has {NAMESPACES_PER_POD} served network namespaces already (a pod has one; more are its own unshare(CLONE_NEWNET))",
+                sanitize(pod, 256)
+            );
+            self.dirty = true;
         }
     }
 
@@ -679,6 +734,8 @@ impl Agent {
         let alive: HashSet<(i32, u64)> = processes.iter().copied().collect();
         self.verdicts.retain(|k, _| alive.contains(k));
         self.stalled.retain(|k| alive.contains(k));
+        let inos: HashSet<u64> = alive.iter().map(|(_, ino)| *ino).collect();
+        self.refused_per_pod.retain(|ino| inos.contains(ino));
         for (pid, ino) in processes {
             if !served.contains(&ino) {
                 self.ask(pid, ino, Asked::Scan, RECHECK_SCANNED);

@@ -451,3 +451,59 @@ fn five_hundred_slow_http_clients_do_not_starve_the_probes() {
     drop(slow);
     assert_unharmed(agent, "slow-http");
 }
+
+/// A pod that makes network namespaces of its own (`unshare -n`, as any pod
+/// may where user namespaces are allowed) and claims a live-store in each:
+/// its first `NAMESPACES_PER_POD` are served, the rest are refused, counted,
+/// and cost no program load.
+#[test]
+fn a_pod_with_many_namespaces_gets_its_share_only() {
+    enter_test_cgroup();
+    const MADE: usize = 5;
+    let per_pod = redirector::agent::NAMESPACES_PER_POD;
+    let agent = discovering();
+    let hostile = pod("many-ns");
+    let extra: Vec<Netns> = (1..MADE)
+        .map(|i| Netns::new(&format!("nb-many-{i}")).expect("netns"))
+        .collect();
+    let namespaces: Vec<&Netns> = std::iter::once(&hostile.ns).chain(extra.iter()).collect();
+    let _claims: Vec<Process> = namespaces
+        .iter()
+        .map(|ns| {
+            Process::start_in(
+                ns,
+                Some(&hostile.ctr),
+                standin(),
+                &[&format!("[::]:{LISTEN}"), "claim", "-target=live-store"],
+                &[],
+            )
+            .expect("claim starts")
+        })
+        .collect();
+    let refused = "redirector_namespaces_refused_per_pod_total";
+    let expected = (MADE - per_pod) as u64;
+    assert!(
+        wait_until(Duration::from_secs(5), || sample(&metrics(&agent), refused)
+            >= expected),
+        "{}",
+        metrics(&agent)
+    );
+    // Exactly: the rest were served.
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(sample(&metrics(&agent), refused), expected);
+    let served_now = namespaces
+        .iter()
+        .filter(|ns| served(ns).as_deref() == Some("claim"))
+        .count();
+    assert_eq!(served_now, per_pod, "{:?}", agent.status());
+    assert!(
+        wait_until(Duration::from_secs(3), || status(&agent).contains(
+            &format!(
+            "{expected} network namespace(s) not served: their pod has {per_pod} served already"
+        )
+        )),
+        "{}",
+        status(&agent)
+    );
+    assert_unharmed(agent, "many-ns");
+}

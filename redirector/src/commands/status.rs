@@ -213,6 +213,14 @@ fn write_agent(out: &mut String, status: &Status) -> Result<()> {
          config files refused: {} not regular (FIFO, device), {} too large, {} unreadable",
         i.workers, i.stalled, i.dropped, i.files_not_regular, i.files_too_large, i.files_unreadable
     )?;
+    if i.namespaces_refused_per_pod > 0 {
+        writeln!(
+            out,
+            "  {} network namespace(s) not served: their pod has {} served already",
+            i.namespaces_refused_per_pod,
+            crate::agent::NAMESPACES_PER_POD
+        )?;
+    }
     writeln!(out, "  serves {} namespace(s):", a.namespaces.len())?;
     for ns in &a.namespaces {
         writeln!(out, "    {}: {}", ns.netns, ns.why)?;

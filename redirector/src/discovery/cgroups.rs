@@ -124,6 +124,21 @@ impl CgroupIndex {
     }
 }
 
+/// The Kubernetes pod a cgroup v2 path (as in /proc/PID/cgroup) belongs to:
+/// the path of its pod cgroup, `None` outside any pod.
+pub fn pod_of(path: &str) -> Option<&str> {
+    let mut end = None;
+    let mut at = 0;
+    for part in path.split('/') {
+        at += part.len();
+        if is_pod_cgroup(part) {
+            end = Some(at);
+        }
+        at += 1;
+    }
+    end.map(|e| &path[..e])
+}
+
 /// Kubelet names a pod's cgroup after the pod UID: `pod<uid>` with the
 /// cgroupfs driver, `kubepods-<qos>-pod<uid_with_underscores>.slice` with the
 /// systemd driver.
@@ -146,6 +161,18 @@ pub fn is_pod_cgroup(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_of_a_container_cgroup() {
+        let uid = "pod0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+        let path = format!("/kubepods/burstable/{uid}/ctr");
+        assert_eq!(
+            pod_of(&path),
+            Some(format!("/kubepods/burstable/{uid}").as_str())
+        );
+        assert_eq!(pod_of("/system.slice/ssh.service"), None);
+        assert_eq!(pod_of("/"), None);
+    }
 
     #[test]
     fn recognises_pod_cgroups_of_both_kubelet_drivers() {

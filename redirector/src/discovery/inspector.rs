@@ -29,6 +29,7 @@ use prometheus_client::{
 use tokio::sync::mpsc;
 
 use super::{
+    cgroups::pod_of,
     podfs::{sanitize, PodFileError},
     role,
 };
@@ -61,11 +62,13 @@ pub struct Request {
     pub origin: Origin,
 }
 
-/// What the inspector found: why the process is one to serve, or `None`.
+/// What the inspector found: why the process is one to serve, or `None`,
+/// and the Kubernetes pod it runs in (its pod cgroup's path), if any.
 #[derive(Debug)]
 pub struct Verdict {
     pub request: Request,
     pub why: Option<String>,
+    pub pod: Option<String>,
 }
 
 /// What qualifies a process: its cgroup (`--cgroup-pattern`, set by the node,
@@ -79,19 +82,29 @@ pub struct Policy {
 impl Policy {
     /// Why process `pid` is one to serve, or `None`. Reads what the process
     /// controls: on an inspector thread only.
-    fn inspect(&self, pid: i32, metrics: &Metrics) -> Option<String> {
+    fn inspect(&self, pid: i32, metrics: &Metrics) -> (Option<String>, Option<String>) {
+        // Written by the kernel, not the pod.
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        // Lines are `id:controllers:path`; the v2 line is `0::path`.
+        let pod = cgroups
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .and_then(|p| pod_of(p.trim()))
+            .map(str::to_owned);
         if let Some(pattern) = &self.cgroup_pattern {
-            // Written by the kernel, not the pod.
-            let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-            // Lines are `id:controllers:path`; the v2 line is `0::path`.
             if !cgroups
                 .lines()
                 .filter_map(|l| l.splitn(3, ':').nth(2))
                 .any(|p| cgroup_pattern_matches(pattern, p))
             {
-                return None;
+                return (None, pod);
             }
         }
+        (self.qualifies(pid, metrics), pod)
+    }
+
+    /// [`Policy::inspect`] past the cgroup check.
+    fn qualifies(&self, pid: i32, metrics: &Metrics) -> Option<String> {
         if self.targets.iter().any(|t| t == role::ANY) {
             return Some(format!("pid {pid} listens (--serve-target any)"));
         }
@@ -119,12 +132,18 @@ pub struct Metrics {
     dropped: Counter,
     refused: Family<Vec<(String, String)>, Counter>,
     workers: Gauge,
+    namespaces_refused: Counter,
     refused_not_regular: AtomicU64,
     refused_too_large: AtomicU64,
     refused_other: AtomicU64,
 }
 
 impl Metrics {
+    /// A namespace not served: its pod has enough served already.
+    pub fn refused_per_pod(&self) {
+        self.namespaces_refused.inc();
+    }
+
     fn refused(&self, e: &PodFileError) {
         let (label, n) = match e {
             PodFileError::NotRegular(_) => ("not_regular", &self.refused_not_regular),
@@ -156,6 +175,11 @@ impl Metrics {
             self.refused.clone(),
         );
         registry.register(
+            "namespaces_refused_per_pod",
+            "Network namespaces with a live-store not served because their Kubernetes pod already has as many served as a pod may (namespaces a pod made itself)",
+            self.namespaces_refused.clone(),
+        );
+        registry.register(
             "pod_inspector_workers",
             "Inspector threads able to take work (abandoned ones excluded)",
             self.workers.clone(),
@@ -172,6 +196,8 @@ pub struct Summary {
     pub files_not_regular: u64,
     pub files_too_large: u64,
     pub files_unreadable: u64,
+    #[serde(default)]
+    pub namespaces_refused_per_pod: u64,
 }
 
 struct Worker {
@@ -241,13 +267,13 @@ impl Inspector {
                 if let Ok(mut busy) = me.busy.lock() {
                     *busy = Some((Instant::now(), request));
                 }
-                let why = policy.inspect(request.pid, &metrics);
+                let (why, pod) = policy.inspect(request.pid, &metrics);
                 if let Ok(mut busy) = me.busy.lock() {
                     *busy = None;
                 }
                 // A late verdict is still true; the thread that was replaced
                 // ends after giving it.
-                if verdicts.send(Verdict { request, why }).is_err()
+                if verdicts.send(Verdict { request, why, pod }).is_err()
                     || me.abandoned.load(Ordering::Acquire)
                 {
                     return;
@@ -342,6 +368,7 @@ impl Inspector {
             files_not_regular: m.refused_not_regular.load(Ordering::Relaxed),
             files_too_large: m.refused_too_large.load(Ordering::Relaxed),
             files_unreadable: m.refused_other.load(Ordering::Relaxed),
+            namespaces_refused_per_pod: m.namespaces_refused.get(),
         }
     }
 }
