@@ -34,13 +34,14 @@ pub const MAP_REFUSED_BUDGET: &str = "REFUSED_BUDGET";
 pub const MAP_WATCH_PORTS: &str = "WATCH_PORTS";
 pub const MAP_LISTEN_EVENTS: &str = "LISTEN_EVENTS";
 pub const MAP_NS_QUOTAS: &str = "NS_QUOTAS";
+pub const MAP_FLOW_SHARE: &str = "FLOW_SHARE";
 /// aya-log's record ring: shared too, so one reader serves every instance.
 pub const MAP_AYA_LOGS: &str = "AYA_LOGS";
 /// aya-log's load-time level (0 = off, 4 = debug): set from RUST_LOG.
 pub const GLOBAL_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
 /// Every map that all program instances must share (the per-namespace
 /// `sk_lookup` instances and the one `sock_ops` instance).
-pub const SHARED_MAPS: [&str; 12] = [
+pub const SHARED_MAPS: [&str; 13] = [
     MAP_LISTENERS,
     MAP_REDIRECTS,
     MAP_LISTEN_PORTS,
@@ -53,6 +54,7 @@ pub const SHARED_MAPS: [&str; 12] = [
     MAP_WATCH_PORTS,
     MAP_LISTEN_EVENTS,
     MAP_NS_QUOTAS,
+    MAP_FLOW_SHARE,
 ];
 
 /// Load-time constant of each `sk_lookup` instance: the cookie of the network
@@ -79,6 +81,13 @@ pub const MAX_PENDING: u32 = 16384;
 /// Redirected connections open at once; beyond this a flow is counted in
 /// `FlowTableFull` and gets no close record.
 pub const MAX_FLOWS: u32 = 65536;
+/// Flows one served namespace may hold in `FLOWS` when `served` namespaces
+/// are: an equal share, so no pod's held connections leave others untracked
+/// (at most 4096: a live-store's queriers hold a few connections each).
+pub const fn flow_share(served: usize) -> u64 {
+    let ways = if served < 16 { 16 } else { served as u64 };
+    MAX_FLOWS as u64 / ways
+}
 /// Bind events waiting for the agent: thousands, far more than the bind()
 /// calls on watched ports a node makes between two agent wakeups.
 pub const LISTEN_EVENTS_BYTES: u32 = 16 * 4096;
@@ -256,8 +265,11 @@ pub struct NsQuota {
     /// registration, taken away when they stop listening). Read as signed:
     /// a close counted twice under a race leaves it at -1, not at 2^64 - 1.
     pub listeners: u64,
+    /// Redirected flows tracked in `FLOWS` that are open (added at the
+    /// handshake, taken away at the close record); at most `FLOW_SHARE`.
+    pub flows: u64,
 }
-const _: () = assert!(core::mem::size_of::<NsQuota>() == 8);
+const _: () = assert!(core::mem::size_of::<NsQuota>() == 16);
 
 /// Indices into the per-CPU `COUNTERS` array. Userspace sums the CPUs.
 #[repr(u32)]
@@ -304,9 +316,12 @@ pub enum Counter {
     /// A listener was not registered because its namespace already has
     /// `LISTENERS_PER_NETNS` registered.
     ListenerQuotaExceeded = 15,
+    /// A redirected connection was not tracked to its close because its
+    /// namespace holds its share of `FLOWS` (open record only).
+    FlowQuotaExceeded = 16,
 }
 
-pub const COUNTER_COUNT: u32 = 16;
+pub const COUNTER_COUNT: u32 = 17;
 
 /// One counter: its slot (the enum), its name in the exit summary and
 /// `status`, and the Prometheus metric (with `_total`) and help it is exported
@@ -366,6 +381,8 @@ pub const COUNTER_TABLE: [CounterInfo; COUNTER_COUNT as usize] = [
         "bind() calls to a watched port not reported to the agent (event ring full): served at the next resync instead"),
     row(Counter::ListenerQuotaExceeded, "listener_quota_exceeded", "listener_quota_exceeded",
         "Listeners not registered because their namespace already had its quota of registered listeners (a pod binding many addresses)"),
+    row(Counter::FlowQuotaExceeded, "flow_quota_exceeded", "flow_quota_exceeded",
+        "Redirected connections not tracked to their close because their namespace held its share of the flow table (an open record only)"),
 ];
 
 impl Counter {

@@ -17,7 +17,7 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{SkLookupContext, SockOpsContext},
     EbpfContext,
 };
@@ -28,9 +28,9 @@ use redirector_common::{
 };
 
 use crate::{
-    add, count,
+    add, atomic_add, count,
     ctx::{ctx_ip6, ctx_u32},
-    REDIRECTS,
+    NS_QUOTAS, REDIRECTS,
 };
 
 /// Redirected connections whose handshake has not completed. LRU: a SYN flood
@@ -43,6 +43,11 @@ static PENDING: LruHashMap<PendingKey, u16> = LruHashMap::with_max_entries(MAX_P
 /// Open redirected flows by socket cookie.
 #[map]
 static FLOWS: HashMap<u64, FlowState> = HashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// [0]: flows one namespace may hold in `FLOWS` (`flow_share`), set by the
+/// agent as the served set changes.
+#[map]
+static FLOW_SHARE: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Open, close and refused records for the agent. The loader may resize it.
 #[map]
@@ -288,7 +293,24 @@ fn opened(ctx: &SockOpsContext) {
         flags: 0,
         fin_end: 0,
     };
-    if FLOWS.insert(&socket_cookie, &state, BPF_ANY as u64).is_ok() {
+    let quota = NS_QUOTAS.get_ptr_mut(&netns_cookie);
+    // Checked, then added after the insert: a few CPUs at once may pass the
+    // share by one each.
+    let over = match (quota, FLOW_SHARE.get(0)) {
+        // 0: not set yet (an agent starting): no limit.
+        (Some(q), Some(&share)) if share > 0 => {
+            // SAFETY: map value pointer, valid for this program run.
+            unsafe { core::ptr::read_volatile(&(*q).flows) as i64 >= share as i64 }
+        }
+        _ => false,
+    };
+    if over {
+        count(Counter::FlowQuotaExceeded);
+    } else if FLOWS.insert(&socket_cookie, &state, BPF_ANY as u64).is_ok() {
+        if let Some(q) = quota {
+            // SAFETY: map value pointer, valid for this program run.
+            atomic_add(unsafe { &mut (*q).flows }, 1);
+        }
         // Only this socket pays for state callbacks.
         add_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG);
     } else {
@@ -424,7 +446,12 @@ fn state_changed(ctx: &SockOpsContext) {
     // SAFETY: helper reading the context's socket namespace.
     event.netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     event.socket_cookie = socket_cookie;
-    let _ = FLOWS.remove(&socket_cookie);
+    if FLOWS.remove(&socket_cookie).is_ok() {
+        if let Some(q) = NS_QUOTAS.get_ptr_mut(&event.netns_cookie) {
+            // SAFETY: map value pointer, valid for this program run.
+            atomic_add(unsafe { &mut (*q).flows }, u64::MAX);
+        }
+    }
     count(Counter::FlowsClosed);
     add(Counter::BytesReceived, event.bytes_received);
     add(Counter::BytesSent, event.bytes_sent);

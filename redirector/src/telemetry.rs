@@ -485,8 +485,9 @@ impl Telemetry {
             m.last[i] = now;
         }
         let opened = self.kernel_counter(Counter::FlowsOpened);
-        let closed =
-            self.kernel_counter(Counter::FlowsClosed) + self.kernel_counter(Counter::FlowTableFull);
+        let closed = self.kernel_counter(Counter::FlowsClosed)
+            + self.kernel_counter(Counter::FlowTableFull)
+            + self.kernel_counter(Counter::FlowQuotaExceeded);
         m.active.set(opened.saturating_sub(closed) as i64);
         let unservable = self.unservable();
         for reason in Reason::ALL {

@@ -507,3 +507,75 @@ fn a_pod_with_many_namespaces_gets_its_share_only() {
     );
     assert_unharmed(agent, "many-ns");
 }
+
+/// A served pod whose clients hold more connections than its share of the
+/// node's flow table: the ones over the share are still redirected but
+/// tracked no further (counted, an open record only), so another pod's
+/// flows keep their open and close records.
+#[test]
+fn held_connections_fill_only_their_share_of_the_flow_table() {
+    enter_test_cgroup();
+    let share = redirector_common::flow_share(2);
+    const OVER: u64 = 4;
+    let agent = discovering();
+    let hostile = pod("flows");
+    let _claim = start(&hostile, "claim", &["-target=live-store"]);
+    assert!(
+        wait_until(Duration::from_secs(3), || served(&hostile.ns).as_deref()
+            == Some("claim")),
+        "{:?}",
+        agent.status()
+    );
+    let before = metrics(&agent);
+    let held: Vec<std::net::TcpStream> = hostile.ns.run(|| {
+        (0..share + OVER)
+            .map(|_| {
+                std::net::TcpStream::connect(format!("127.0.0.1:{ADVERTISE}"))
+                    .expect("held connection")
+            })
+            .collect()
+    });
+    let exceeded = "redirector_flow_quota_exceeded_total";
+    assert!(
+        wait_until(Duration::from_secs(5), || sample(
+            &metrics(&agent),
+            exceeded
+        ) >= sample(&before, exceeded)
+            + OVER),
+        "{}",
+        metrics(&agent)
+    );
+    let during = metrics(&agent);
+    assert_eq!(
+        sample(&during, exceeded) - sample(&before, exceeded),
+        OVER,
+        "{during}"
+    );
+    assert_eq!(sample(&during, "redirector_flow_table_full_total"), 0);
+    // Another pod's flow, meanwhile: an open and a close record.
+    let other = pod("flows-other");
+    let _live_store = start(&other, "live-store", &["-target=live-store"]);
+    assert!(
+        wait_until(Duration::from_secs(3), || served(&other.ns).as_deref()
+            == Some("live-store")),
+        "{:?}",
+        agent.status()
+    );
+    // The requests above have closed and been recorded by now.
+    thread::sleep(Duration::from_millis(500));
+    let closed = "redirector_flows_closed_total";
+    let closed_before = sample(&metrics(&agent), closed);
+    assert_eq!(served(&other.ns).as_deref(), Some("live-store"));
+    assert!(
+        wait_until(Duration::from_secs(3), || sample(&metrics(&agent), closed)
+            == closed_before + 1),
+        "{}",
+        metrics(&agent)
+    );
+    assert_eq!(
+        sample(&metrics(&agent), exceeded),
+        sample(&during, exceeded)
+    );
+    drop(held);
+    assert_unharmed(agent, "flows");
+}

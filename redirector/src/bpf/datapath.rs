@@ -26,10 +26,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use redirector_common::{
-    NsPort, NsQuota, RedirectTarget, GLOBAL_LOG_LEVEL, GLOBAL_NETNS_COOKIE, MAP_COUNTERS,
-    MAP_FLOW_EVENTS, MAP_LISTENERS, MAP_LISTEN_EVENTS, MAP_LISTEN_PORTS, MAP_NS_QUOTAS,
-    MAP_REDIRECTS, MAP_WATCH_PORTS, PROG_BIND4, PROG_BIND6, PROG_SK_LOOKUP, PROG_SOCK_OPS,
-    SHARED_MAPS,
+    flow_share, NsPort, NsQuota, RedirectTarget, GLOBAL_LOG_LEVEL, GLOBAL_NETNS_COOKIE,
+    MAP_COUNTERS, MAP_FLOW_EVENTS, MAP_FLOW_SHARE, MAP_LISTENERS, MAP_LISTEN_EVENTS,
+    MAP_LISTEN_PORTS, MAP_NS_QUOTAS, MAP_REDIRECTS, MAP_WATCH_PORTS, PROG_BIND4, PROG_BIND6,
+    PROG_SK_LOOKUP, PROG_SOCK_OPS, SHARED_MAPS,
 };
 
 use crate::{
@@ -362,6 +362,7 @@ impl Datapath {
                 }
             }
         }
+        self.share_flows();
         out
     }
 
@@ -509,6 +510,7 @@ impl Datapath {
             eprintln!("detached sock_ops from cgroup {}", gone.display());
         }
         served.link.remove();
+        self.share_flows();
         Some(served.netns)
     }
 
@@ -666,6 +668,22 @@ impl Datapath {
             .map(HashMap::<_, u64, NsQuota>::try_from)
         {
             let _ = m.remove(&cookie);
+        }
+    }
+
+    /// Gives every served namespace its equal share of `FLOWS` (after the
+    /// served set changed).
+    fn share_flows(&mut self) {
+        let share = flow_share(self.served.len());
+        let Some(Ok(mut m)) = self
+            .main
+            .map_mut(MAP_FLOW_SHARE)
+            .map(aya::maps::Array::<_, u64>::try_from)
+        else {
+            return;
+        };
+        if let Err(e) = m.set(0, share, 0) {
+            tracing::warn!("setting the flow table share ({share}): {e}");
         }
     }
 
