@@ -14,9 +14,11 @@ hide_dir() { if [ -d "$1" ]; then mount -t tmpfs -o ro,size=4k none "$1"; echo "
 hide_file() { if [ -e "$1" ]; then mount --bind /dev/null "$1"; echo "hidden: $1"; fi; }
 hide_dir /usr/lib/rustlib                    # Debian's core for bpfel-unknown-none
 hide_file /usr/bin/rustc                     # Debian's rustc-web
-for linker in $(type -ap bpf-linker || true); do hide_file "$linker"; done
+for linker in $(type -ap bpf-linker | sort -u || true); do hide_file "$linker"; done
 for toolchain in "${RUSTUP_HOME:-$HOME/.rustup}"/toolchains/nightly*; do hide_dir "$toolchain"; done
-if command -v bpf-linker >/dev/null || [ -e /usr/lib/rustlib/bpfel-unknown-none ] \
+# What setup and build.rs look for must be gone (`command -v` still lists a
+# path with /dev/null on it for root, so run it).
+if bpf-linker --version >/dev/null 2>&1 || [ -e /usr/lib/rustlib/bpfel-unknown-none ] \
     || rustup run nightly rustc --version >/dev/null 2>&1; then
     echo "bootstrap check: could not hide the eBPF toolchain" >&2
     exit 1
