@@ -35,13 +35,14 @@ pub const MAP_WATCH_PORTS: &str = "WATCH_PORTS";
 pub const MAP_LISTEN_EVENTS: &str = "LISTEN_EVENTS";
 pub const MAP_NS_QUOTAS: &str = "NS_QUOTAS";
 pub const MAP_FLOW_SHARE: &str = "FLOW_SHARE";
+pub const MAP_BIND_BUDGET: &str = "BIND_BUDGET";
 /// aya-log's record ring: shared too, so one reader serves every instance.
 pub const MAP_AYA_LOGS: &str = "AYA_LOGS";
 /// aya-log's load-time level (0 = off, 4 = debug): set from RUST_LOG.
 pub const GLOBAL_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
 /// Every map that all program instances must share (the per-namespace
 /// `sk_lookup` instances and the one `sock_ops` instance).
-pub const SHARED_MAPS: [&str; 13] = [
+pub const SHARED_MAPS: [&str; 14] = [
     MAP_LISTENERS,
     MAP_REDIRECTS,
     MAP_LISTEN_PORTS,
@@ -55,6 +56,7 @@ pub const SHARED_MAPS: [&str; 13] = [
     MAP_LISTEN_EVENTS,
     MAP_NS_QUOTAS,
     MAP_FLOW_SHARE,
+    MAP_BIND_BUDGET,
 ];
 
 /// Load-time constant of each `sk_lookup` instance: the cookie of the network
@@ -91,6 +93,10 @@ pub const fn flow_share(served: usize) -> u64 {
 /// Bind events waiting for the agent: thousands, far more than the bind()
 /// calls on watched ports a node makes between two agent wakeups.
 pub const LISTEN_EVENTS_BYTES: u32 = 16 * 4096;
+/// Bind events one network namespace may report per second: a live-store
+/// binds a few times when it starts; a pod binding in a loop is cut off at the
+/// source, so the event ring keeps room for every other namespace.
+pub const BIND_EVENTS_PER_SEC: u64 = 64;
 /// Default flow ring buffer size (bytes, a power-of-two number of pages).
 pub const DEFAULT_FLOW_RING_BYTES: u32 = 1 << 20;
 /// Refused-connection records each CPU may emit per second; all are counted.
@@ -319,9 +325,12 @@ pub enum Counter {
     /// A redirected connection was not tracked to its close because its
     /// namespace holds its share of `FLOWS` (open record only).
     FlowQuotaExceeded = 16,
+    /// A bind() to a watched port was not reported because its namespace had
+    /// reported `BIND_EVENTS_PER_SEC` this second.
+    ListenEventsLimited = 17,
 }
 
-pub const COUNTER_COUNT: u32 = 17;
+pub const COUNTER_COUNT: u32 = 18;
 
 /// One counter: its slot (the enum), its name in the exit summary and
 /// `status`, and the Prometheus metric (with `_total`) and help it is exported
@@ -383,6 +392,8 @@ pub const COUNTER_TABLE: [CounterInfo; COUNTER_COUNT as usize] = [
         "Listeners not registered because their namespace already had its quota of registered listeners (a pod binding many addresses)"),
     row(Counter::FlowQuotaExceeded, "flow_quota_exceeded", "flow_quota_exceeded",
         "Redirected connections not tracked to their close because their namespace held its share of the flow table (an open record only)"),
+    row(Counter::ListenEventsLimited, "listen_events_limited", "listen_events_limited",
+        "bind() calls to a watched port not reported because their namespace had reported its limit per second (a pod binding in a loop)"),
 ];
 
 impl Counter {

@@ -11,13 +11,18 @@
 //! sandboxes refuse; this hook works from Linux 5.10 wherever cgroup BPF does.)
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_netns_cookie},
+    bindings::BPF_NOEXIST,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_ktime_get_ns,
+    },
     macros::{cgroup_sock, map},
-    maps::{HashMap, RingBuf},
+    maps::{HashMap, LruHashMap, RingBuf},
     programs::SockContext,
     EbpfContext,
 };
-use redirector_common::{Counter, ListenEvent, IPPROTO_TCP, LISTEN_EVENTS_BYTES, MAX_REDIRECTS};
+use redirector_common::{
+    Counter, ListenEvent, BIND_EVENTS_PER_SEC, IPPROTO_TCP, LISTEN_EVENTS_BYTES, MAX_REDIRECTS,
+};
 
 use crate::count;
 
@@ -28,6 +33,39 @@ static WATCH_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_REDIRECTS, 
 
 #[map]
 static LISTEN_EVENTS: RingBuf = RingBuf::with_byte_size(LISTEN_EVENTS_BYTES, 0);
+
+/// Per network namespace: [the second, events reported in it]. LRU: a pod
+/// that makes namespaces to evict others' entries only hands them a fresh
+/// budget.
+#[map]
+static BIND_BUDGET: LruHashMap<u64, [u64; 2]> = LruHashMap::with_max_entries(MAX_REDIRECTS, 0);
+
+/// Whether namespace `netns_cookie` may report one more bind this second.
+/// Not atomic: binds on several CPUs at once may pass the limit by a few.
+#[inline(always)]
+fn within_budget(netns_cookie: u64) -> bool {
+    // SAFETY: helper without arguments.
+    let second = unsafe { bpf_ktime_get_ns() } / 1_000_000_000;
+    match BIND_BUDGET.get_ptr_mut(&netns_cookie) {
+        Some(budget) => {
+            // SAFETY: map value pointer, valid for this program run.
+            let budget = unsafe { &mut *budget };
+            if budget[0] != second {
+                *budget = [second, 1];
+                true
+            } else if budget[1] < BIND_EVENTS_PER_SEC {
+                budget[1] += 1;
+                true
+            } else {
+                false
+            }
+        }
+        None => {
+            let _ = BIND_BUDGET.insert(&netns_cookie, &[second, 1], BPF_NOEXIST as u64);
+            true
+        }
+    }
+}
 
 #[cgroup_sock(post_bind4)]
 pub fn redir_bind4(ctx: SockContext) -> i32 {
@@ -58,9 +96,14 @@ fn bound(ctx: &SockContext) {
     if unsafe { WATCH_PORTS.get(&port) }.is_none() {
         return;
     }
+    // SAFETY: the helper only reads the namespace of the context's socket.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if !within_budget(netns_cookie) {
+        count(Counter::ListenEventsLimited);
+        return;
+    }
     let event = ListenEvent {
-        // SAFETY: the helper only reads the namespace of the context's socket.
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        netns_cookie,
         // SAFETY: helper without arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,

@@ -579,3 +579,30 @@ fn held_connections_fill_only_their_share_of_the_flow_table() {
     drop(held);
     assert_unharmed(agent, "flows");
 }
+
+/// A pod (not a live-store) that binds and closes the listen port in a loop:
+/// its bind events are cut off at the source once it has reported its share
+/// for the second, so the event ring keeps room and a live-store that
+/// starts meanwhile is served from its own bind at once.
+#[test]
+fn a_bind_close_storm_leaves_room_for_other_pods_events() {
+    enter_test_cgroup();
+    let agent = discovering();
+    let stormy = pod("storm");
+    let _storm = start_at(
+        &stormy,
+        "127.0.0.1:1",
+        "storm",
+        &["-target=querier", &format!("--bind-storm={LISTEN}")],
+    );
+    let limited = "redirector_listen_events_limited_total";
+    assert!(
+        wait_until(Duration::from_secs(3), || sample(&metrics(&agent), limited)
+            >= 10_000),
+        "{}",
+        metrics(&agent)
+    );
+    assert_eq!(served(&stormy.ns), None);
+    // The storm goes on while the live-store starts.
+    assert_unharmed(agent, "storm");
+}

@@ -6,6 +6,7 @@ mod bench;
 mod bootstrap;
 mod fuzz;
 mod golang;
+mod kube;
 mod setup;
 mod toolchain;
 mod vm;
@@ -78,6 +79,9 @@ enum Cmd {
     /// Benchmark redirector against direct, nftables and sidecar proxies, in
     /// namespaces on this machine: `--quick` (< 1 min) or full (minutes).
     Bench(bench::BenchArgs),
+    /// Build (once) and start a real Kubernetes API server (1.20, from Debian's
+    /// source) with etcd on loopback, with RBAC; prints a kubeconfig; until Ctrl-C.
+    KubeApi,
     /// A pod of `bench --scale` (started by the bench itself): listens,
     /// says so, answers every connection with its name.
     #[command(name = bench::scale::POD_COMMAND, hide = true)]
@@ -192,6 +196,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::BootstrapCheck { rev } => bootstrap::check(&root, rev.as_deref()),
         Cmd::Bench(args) => bench::main(&root, args),
+        Cmd::KubeApi => kube::kube_api(&root),
         Cmd::ScalePod { args } => bench::scale::pod_main(&args),
     }
 }

@@ -16,6 +16,7 @@ fn main() {
     let mut bind_many = 0u32;
     let mut bind_from = 0u32;
     let mut chroot = None;
+    let mut storm: Option<u16> = None;
     for flag in args {
         match flag.as_str() {
             // A hostile pod: after listening, N more listeners on the same
@@ -23,6 +24,14 @@ fn main() {
             // Runs with DIR as its root (after loading everything it needs),
             // as a container's process does.
             n if n.starts_with("--chroot=") => chroot = Some(n["--chroot=".len()..].to_owned()),
+            // A hostile pod: bind() and close() PORT in a loop, forever.
+            n if n.starts_with("--bind-storm=") => {
+                storm = n["--bind-storm=".len()..].parse().ok();
+                if storm.is_none() {
+                    eprintln!("live-store-standin: --bind-storm=PORT");
+                    std::process::exit(2);
+                }
+            }
             n if n.starts_with("--bind-from=") => {
                 bind_from = n["--bind-from=".len()..].parse().unwrap_or_else(|_| {
                     eprintln!("live-store-standin: --bind-from=K");
@@ -74,6 +83,11 @@ fn main() {
     );
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     let _server = redirector_tests::Server::serve(listener, &name);
+    if let Some(port) = storm {
+        std::thread::spawn(move || loop {
+            drop(std::net::TcpListener::bind(("127.0.0.1", port)));
+        });
+    }
     let mut held = Vec::new();
     if bind_many > 0 {
         let files = libc::rlimit {

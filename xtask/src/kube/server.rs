@@ -186,9 +186,15 @@ impl ApiServer {
     /// An error if etcd or the API server has exited (they should not before
     /// Drop), quoting the log of the one that did.
     pub fn check_running(&mut self) -> Result<()> {
-        for (child, name) in [(&mut self.etcd, "etcd"), (&mut self.apiserver, "kube-apiserver")] {
+        for (child, name) in [
+            (&mut self.etcd, "etcd"),
+            (&mut self.apiserver, "kube-apiserver"),
+        ] {
             if let Some(c) = child {
-                if let Some(status) = c.try_wait().with_context(|| format!("waiting for {name}"))? {
+                if let Some(status) = c
+                    .try_wait()
+                    .with_context(|| format!("waiting for {name}"))?
+                {
                     bail!(
                         "{name} exited ({status}); its log:\n{}",
                         log_tail(&self.work_dir.join(format!("{name}.log")))
@@ -220,7 +226,7 @@ impl ApiServer {
                 .arg(format!("--initial-cluster=redirector-test={peer_url}"))
                 .args(["--logger=zap", "--log-outputs=stderr", "--log-level=warn"]);
             self.etcd = Some(spawn(&mut cmd, &log, "etcd")?);
-            let ready = self.wait_ready("etcd", ETCD_READY_TIMEOUT, |_| {
+            let ready = self.wait_ready("etcd", ETCD_READY_TIMEOUT, || {
                 curl(&["--max-time", "1", &format!("{client_url}/health")])
                     .is_some_and(|body| body.contains(r#""health":"true""#))
             });
@@ -240,24 +246,36 @@ impl ApiServer {
     }
 
     fn start_apiserver(&mut self, apiserver: &Path) -> Result<()> {
-        let dir = &self.work_dir;
+        let dir = self.work_dir.clone();
         let log = dir.join("kube-apiserver.log");
         for attempt in 1..=PORT_ATTEMPTS {
             let port = free_port()?;
             let url = format!("https://127.0.0.1:{port}");
             let mut cmd = Command::new(apiserver);
-            cmd.current_dir(dir)
+            cmd.current_dir(&dir)
                 .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
                 .arg(format!("--secure-port={port}"))
                 // 1.20 still has the unauthenticated HTTP port; keep it shut.
                 .arg("--insecure-port=0")
                 // Otherwise it writes self-signed certs to /var/run/kubernetes.
-                .arg(format!("--cert-dir={}", dir.join("apiserver-certs").display()))
-                .arg(format!("--tls-cert-file={}", dir.join("server.crt").display()))
-                .arg(format!("--tls-private-key-file={}", dir.join("server.key").display()))
+                .arg(format!(
+                    "--cert-dir={}",
+                    dir.join("apiserver-certs").display()
+                ))
+                .arg(format!(
+                    "--tls-cert-file={}",
+                    dir.join("server.crt").display()
+                ))
+                .arg(format!(
+                    "--tls-private-key-file={}",
+                    dir.join("server.key").display()
+                ))
                 .arg(format!("--etcd-servers={}", self.etcd_url))
                 .arg("--authorization-mode=RBAC")
-                .arg(format!("--token-auth-file={}", dir.join("tokens.csv").display()))
+                .arg(format!(
+                    "--token-auth-file={}",
+                    dir.join("tokens.csv").display()
+                ))
                 // The ServiceAccount admission plugin insists on a `default`
                 // ServiceAccount in a Pod's namespace, which only the
                 // controller manager (not run here) creates.
@@ -266,14 +284,20 @@ impl ApiServer {
                 // needs an issuer and a signing key.
                 .arg(format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"))
                 .arg(format!("--api-audiences={SERVICE_ACCOUNT_ISSUER}"))
-                .arg(format!("--service-account-signing-key-file={}", dir.join("sa.key").display()))
-                .arg(format!("--service-account-key-file={}", dir.join("sa.pub").display()))
+                .arg(format!(
+                    "--service-account-signing-key-file={}",
+                    dir.join("sa.key").display()
+                ))
+                .arg(format!(
+                    "--service-account-key-file={}",
+                    dir.join("sa.pub").display()
+                ))
                 // Needed for the `kubernetes` Service; nothing routes to it.
                 .arg("--service-cluster-ip-range=10.0.0.0/24")
                 .arg("--profiling=false");
             self.apiserver = Some(spawn(&mut cmd, &log, "kube-apiserver")?);
             let (ca, header) = (self.ca.clone(), dir.join("admin-auth-header"));
-            let ready = self.wait_ready("kube-apiserver", APISERVER_READY_TIMEOUT, |_| {
+            let ready = self.wait_ready("kube-apiserver", APISERVER_READY_TIMEOUT, || {
                 // With the admin token, so that readiness also proves the
                 // TLS chain (SAN 127.0.0.1) and the token file work.
                 curl(&[
@@ -303,14 +327,23 @@ impl ApiServer {
     }
 
     /// Polls `ready` until it says yes, the process exits, or `timeout`.
-    fn wait_ready(&mut self, name: &str, timeout: Duration, ready: impl Fn(&Self) -> bool) -> Result<()> {
+    fn wait_ready(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+        ready: impl Fn() -> bool,
+    ) -> Result<()> {
         let start = Instant::now();
         let log = self.work_dir.join(format!("{name}.log"));
         loop {
-            if ready(self) {
+            if ready() {
                 return Ok(());
             }
-            let child = if name == "etcd" { &mut self.etcd } else { &mut self.apiserver };
+            let child = if name == "etcd" {
+                &mut self.etcd
+            } else {
+                &mut self.apiserver
+            };
             if let Some(status) = child
                 .as_mut()
                 .map(Child::try_wait)
@@ -318,7 +351,10 @@ impl ApiServer {
                 .with_context(|| format!("waiting for {name}"))?
                 .flatten()
             {
-                bail!("{name} exited ({status}) before it was ready; its log:\n{}", log_tail(&log));
+                bail!(
+                    "{name} exited ({status}) before it was ready; its log:\n{}",
+                    log_tail(&log)
+                );
             }
             if start.elapsed() > timeout {
                 bail!(
@@ -353,7 +389,9 @@ fn stop(child: &mut Option<Child>, name: &str) {
     if let Ok(Some(_)) = c.try_wait() {
         return;
     }
-    let Ok(pid) = libc::pid_t::try_from(c.id()) else { return };
+    let Ok(pid) = libc::pid_t::try_from(c.id()) else {
+        return;
+    };
     // SAFETY: kill(2) has no memory effects; pid is our unreaped child.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let start = Instant::now();
@@ -363,15 +401,23 @@ fn stop(child: &mut Option<Child>, name: &str) {
         }
         thread::sleep(Duration::from_millis(50));
     }
-    eprintln!("xtask: {name} (pid {pid}) ignored SIGTERM for {} s: SIGKILL", STOP_TIMEOUT.as_secs());
+    eprintln!(
+        "xtask: {name} (pid {pid}) ignored SIGTERM for {} s: SIGKILL",
+        STOP_TIMEOUT.as_secs()
+    );
     let _ = c.kill();
     let _ = c.wait();
 }
 
 fn spawn(cmd: &mut Command, log: &Path, name: &str) -> Result<Child> {
     let out = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    let err = out.try_clone().with_context(|| format!("opening {}", log.display()))?;
-    cmd.stdin(Stdio::null()).stdout(out).stderr(err).process_group(0);
+    let err = out
+        .try_clone()
+        .with_context(|| format!("opening {}", log.display()))?;
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0);
     // SAFETY: only prctl(2), async-signal-safe, between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -381,7 +427,8 @@ fn spawn(cmd: &mut Command, log: &Path, name: &str) -> Result<Child> {
             Ok(())
         });
     }
-    cmd.spawn().with_context(|| format!("starting {name} ({cmd:?})"))
+    cmd.spawn()
+        .with_context(|| format!("starting {name} ({cmd:?})"))
 }
 
 fn prepare_work_dir(dir: &Path) -> Result<()> {
@@ -399,6 +446,7 @@ fn prepare_work_dir(dir: &Path) -> Result<()> {
 /// A CA, a server certificate it signs for 127.0.0.1, and the ServiceAccount
 /// token signing key pair. ECDSA for TLS (instant to generate); RSA for the
 /// ServiceAccount tokens, RS256 being what every JWT consumer expects.
+#[rustfmt::skip]
 fn make_certificates(dir: &Path) -> Result<()> {
     let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
     openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", &p("ca.key")])?;
@@ -453,12 +501,18 @@ fn curl(args: &[&str]) -> Option<String> {
         .stdin(Stdio::null())
         .output()
         .ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding a free port on 127.0.0.1")?;
-    Ok(listener.local_addr().context("reading a bound port")?.port())
+    let listener =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding a free port on 127.0.0.1")?;
+    Ok(listener
+        .local_addr()
+        .context("reading a bound port")?
+        .port())
 }
 
 fn port_taken(log: &Path) -> bool {
@@ -500,7 +554,10 @@ fn write_private(path: &Path, contents: &str) -> Result<()> {
         .mode(0o600)
         .open(path)
         .and_then(|mut f| f.write_all(contents.as_bytes()))
-        .with_context(|| format!("writing {}", path.display()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    // `mode` applies only to a new file: an existing one keeps its mode.
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} private", path.display()))
 }
 
 /// A double-quoted YAML scalar (the JSON escapes are valid YAML).

@@ -28,7 +28,8 @@ mount -t proc proc /proc || die "mount proc"
 mount -t sysfs sysfs /sys || die "mount sysfs"
 mount -t devtmpfs devtmpfs /dev || die "mount devtmpfs"
 mount -t tmpfs tmpfs /run || die "mount /run"
-mount -t tmpfs tmpfs /tmp || die "mount /tmp"
+# /tmp stays the initramfs's own (writable) directory: a tmpfs there would
+# hide a payload from a work tree under /tmp.
 mkdir -p /run/netns
 mount -t cgroup2 cgroup2 /sys/fs/cgroup || die "mount cgroup2"
 mount -t bpf bpf /sys/fs/bpf || die "mount bpffs"
