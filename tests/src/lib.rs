@@ -39,6 +39,31 @@ pub use netns::Netns;
 
 /// Joins a querier namespace and a live-store namespace with a veth pair that
 /// carries both IPv4 and IPv6 (DAD off so v6 addresses are usable at once).
+/// Lets this process hold `n` more files than usual (tests that hold
+/// thousands of connections; a VM guest starts with 1024). Root may raise the
+/// hard limit; elsewhere the soft one goes as far as the hard one allows.
+pub fn raise_open_files(n: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2)/setrlimit(2) with a valid rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        let want = limit.rlim_cur.saturating_add(n);
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: limit.rlim_max.max(want),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 /// Set in the kernel matrix's QEMU guests, which run under software emulation.
 pub const EMULATED_ENV: &str = "REDIRECTOR_TEST_EMULATED";
 

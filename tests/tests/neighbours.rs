@@ -527,6 +527,7 @@ fn held_connections_fill_only_their_share_of_the_flow_table() {
         agent.status()
     );
     let before = metrics(&agent);
+    redirector_tests::raise_open_files(share + OVER + 256);
     let held: Vec<std::net::TcpStream> = hostile.ns.run(|| {
         (0..share + OVER)
             .map(|_| {

@@ -12,6 +12,8 @@ fn main() {
         eprintln!("usage: live-store-standin ADDR NAME [--mptcp] [--reuseport] [-target=NAME]");
         std::process::exit(2);
     };
+    // Tests hold thousands of connections to it.
+    redirector_tests::raise_open_files(8192);
     let mut opts = ListenOpts::default();
     let mut bind_many = 0u32;
     let mut bind_from = 0u32;
@@ -90,12 +92,7 @@ fn main() {
     }
     let mut held = Vec::new();
     if bind_many > 0 {
-        let files = libc::rlimit {
-            rlim_cur: u64::from(bind_many) + 1024,
-            rlim_max: u64::from(bind_many) + 1024,
-        };
-        // SAFETY: setrlimit(2) with a valid rlimit.
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &files) };
+        redirector_tests::raise_open_files(u64::from(bind_many));
         // Let the agent serve this namespace (its bind hook) first, so the
         // kernel's own quota meets every one of these.
         std::thread::sleep(std::time::Duration::from_millis(500));
