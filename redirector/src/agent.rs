@@ -37,7 +37,7 @@ use crate::{
         listeners,
         listeners::Owner,
         netns::Netns,
-        podfs::sanitize,
+        podfs::{self, sanitize},
     },
     flows::log::NsInfo,
     sys,
@@ -363,32 +363,13 @@ impl Agent {
         let now = Instant::now();
         for e in events {
             let pid = e.tgid as i32;
-            // sock_ops on its pod registers what listens there, in the
-            // kernel: no reconcile needed (and a pod that binds in a loop
-            // costs this loop nothing).
-            let covered = self.datapath.served.iter().any(|s| {
-                s.netns.cookie == e.netns_cookie
-                    && (self.datapath.sock_ops.scope == Scope::Root
-                        || !s.sock_ops.cgroups.is_empty())
-            });
-            if covered {
-                continue;
-            }
-            // Bound again (a live-store restarting in place): look from now.
-            if let Some(p) = self
-                .pending
-                .iter_mut()
-                .find(|p| p.cookie == e.netns_cookie && p.pid == pid)
-            {
-                (p.since, p.next, p.tries) = (now, now, 0);
-                continue;
-            }
-            let served = self
+            let root_scope = self.datapath.sock_ops.scope == Scope::Root;
+            let Some(served) = self
                 .datapath
                 .served
                 .iter()
-                .any(|s| s.netns.cookie == e.netns_cookie);
-            if !served {
+                .find(|s| s.netns.cookie == e.netns_cookie)
+            else {
                 if self.settings.discover {
                     if let Some(ino) = discovery::netns_inode(pid) {
                         let origin = Asked::Bind {
@@ -398,6 +379,21 @@ impl Agent {
                     }
                 }
                 // Looked for once the inspector says it qualifies.
+                continue;
+            };
+            // sock_ops on its pod registers what listens there, in the
+            // kernel: no reconcile needed (and a pod that binds in a loop
+            // costs this loop nothing).
+            if root_scope || !served.sock_ops.cgroups.is_empty() {
+                continue;
+            }
+            // Bound again (a live-store restarting in place): look from now.
+            if let Some(p) = self
+                .pending
+                .iter_mut()
+                .find(|p| p.cookie == e.netns_cookie && p.pid == pid)
+            {
+                (p.since, p.next, p.tries) = (now, now, 0);
                 continue;
             }
             self.pending.push(Pending {
@@ -747,11 +743,10 @@ impl Agent {
     /// asked about again, and the rest of discovery goes on.
     fn check_inspections(&mut self) {
         for r in self.inspector.check_stalls() {
-            let comm = std::fs::read_to_string(format!("/proc/{}/comm", r.pid)).unwrap_or_default();
             tracing::warn!(
                 "inspecting pid {} ({}) in net:[{}] took more than {:?}: abandoned, not asked again (a file in its pod that blocks reads?)",
                 r.pid,
-                sanitize(comm.trim(), 16),
+                podfs::comm(r.pid).unwrap_or_default(),
                 r.ino,
                 inspector::DEADLINE
             );

@@ -20,7 +20,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex, PoisonError,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -138,8 +138,11 @@ impl Attachments {
     }
 }
 
-/// What the last [`Telemetry::refresh`] found. Requests read only this, so
-/// what one costs does not grow with the served set.
+/// How old a check may be when a request reads it.
+const FRESH: Duration = Duration::from_secs(1);
+
+/// What the last [`Telemetry::refresh`] found: requests read this, checked
+/// again at most once per [`FRESH`].
 #[derive(Clone, Debug, Default)]
 struct Checked {
     /// Entries of the LISTENERS map.
@@ -288,8 +291,8 @@ pub struct Telemetry {
     listeners: MapData,
     attachments: Mutex<Attachments>,
     /// `None` until the first [`Telemetry::refresh`]: not checked yet, so
-    /// not ready.
-    checked: Mutex<Option<Checked>>,
+    /// not ready. With when it was checked.
+    checked: Mutex<Option<(Instant, Checked)>>,
     /// Live-store listeners of served namespaces that are not registered, by
     /// namespace name (from the last reconcile pass).
     unservable: Mutex<Vec<(String, Unservable)>>,
@@ -319,7 +322,7 @@ impl Telemetry {
         let listeners_gauge = Gauge::default();
         registry.register(
             "listeners_registered",
-            "Live-store listening sockets registered (as of the agent's last check, every second)",
+            "Live-store listening sockets registered (checked at most once a second)",
             listeners_gauge.clone(),
         );
         let unservable = Family::<Vec<(String, String)>, Gauge>::default();
@@ -357,7 +360,7 @@ impl Telemetry {
         let ready = Gauge::default();
         registry.register(
             "ready",
-            "1 when /readyz answers 200: every program the agent attached is still attached (checked every second); 0 while starting or when one was detached. Unservable live-store listeners do not count (see listeners_unservable)",
+            "1 when /readyz answers 200: every program the agent attached is still attached (checked at most once a second); 0 while starting or when one was detached. Unservable live-store listeners do not count (see listeners_unservable)",
             ready.clone(),
         );
         let http_rejected = Rejections::register(&mut registry, Limits::AGENT);
@@ -410,10 +413,12 @@ impl Telemetry {
 
     /// Stores what scrapes and `/readyz` report: the number of registered
     /// listeners (a walk of the LISTENERS map) and whether each program the
-    /// agent attached is still attached (a `BPF_PROG_QUERY` each). The agent
-    /// calls it once a second; requests only read what it stored, so however
-    /// many arrive they never cost a walk. A program found missing is named
-    /// in the agent's log, once: `/readyz` only counts them.
+    /// agent attached is still attached (a `BPF_PROG_QUERY` each). Run when
+    /// the served set changes and, on a request, when the last check is
+    /// older than [`FRESH`]: however many requests arrive, they cost at most
+    /// one walk a second, and an agent nobody asks costs none. A program
+    /// found missing is named in the agent's log, once: `/readyz` only
+    /// counts them.
     pub fn refresh(&self) {
         let listeners = sys::map_keys::<ListenerKey>(self.listeners.fd().as_fd()).map(|k| k.len());
         let (expected, missing) = {
@@ -424,7 +429,7 @@ impl Telemetry {
             (a.len(), a.missing())
         };
         let mut checked = self.checked.lock().unwrap_or_else(PoisonError::into_inner);
-        let before = checked.take().unwrap_or_default();
+        let before = checked.take().map(|(_, c)| c).unwrap_or_default();
         for m in missing.iter().filter(|m| !before.missing.contains(m)) {
             tracing::warn!(
                 "{m} is no longer attached: something detached it behind the agent's back; restart the agent to attach it again"
@@ -438,18 +443,32 @@ impl Telemetry {
                 before.listeners
             }
         };
-        *checked = Some(Checked {
-            listeners,
-            expected,
-            missing,
-        });
+        *checked = Some((
+            Instant::now(),
+            Checked {
+                listeners,
+                expected,
+                missing,
+            },
+        ));
     }
 
+    /// The last check, made again first if it is older than [`FRESH`].
     fn checked(&self) -> Option<Checked> {
+        let stale = self
+            .checked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= FRESH);
+        if stale {
+            self.refresh();
+        }
         self.checked
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .as_ref()
+            .map(|(_, c)| c.clone())
     }
 
     /// Replaces the listeners reported unservable (each reconcile pass).
@@ -776,7 +795,6 @@ async fn serve_connection(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Generous everywhere but where a test narrows one limit.

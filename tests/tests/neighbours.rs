@@ -97,6 +97,25 @@ fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
+/// Waits up to `within` for sample `name` to reach `at_least`; fails with the
+/// metrics the agent serves then.
+fn await_sample(agent: &Agent, name: &str, at_least: u64, within: Duration) {
+    assert!(
+        wait_until(within, || sample(&metrics(agent), name) >= at_least),
+        "{name} below {at_least} after {within:?}:\n{}",
+        metrics(agent)
+    );
+}
+
+/// Waits up to `within` for `redirector status` to say `text`.
+fn await_status(agent: &Agent, text: &str, within: Duration) {
+    assert!(
+        wait_until(within, || status(agent).contains(text)),
+        "status does not say {text:?} after {within:?}:\n{}",
+        status(agent)
+    );
+}
+
 /// `redirector status` of the running agent (its state file).
 fn status(agent: &Agent) -> String {
     let _ = agent;
@@ -195,17 +214,11 @@ fn a_fifo_for_a_config_file_stalls_nothing() {
     let after = pod("fifo-b");
     let _late = start(&after, "neighbour", &[&flag]);
     let refused = r#"redirector_pod_files_refused_total{reason="not_regular"}"#;
-    assert!(
-        wait_until(Duration::from_secs(5), || sample(&metrics(&agent), refused)
-            >= 2),
-        "{}",
-        metrics(&agent)
-    );
-    assert!(
-        wait_until(Duration::from_secs(3), || status(&agent)
-            .contains("2 not regular (FIFO, device)")),
-        "{}",
-        status(&agent)
+    await_sample(&agent, refused, 2, Duration::from_secs(5));
+    await_status(
+        &agent,
+        "2 not regular (FIFO, device)",
+        Duration::from_secs(3),
     );
     assert_eq!(served(&before.ns), None, "not a live-store: not served");
     assert_unharmed(agent, "fifo");
@@ -234,15 +247,9 @@ fn a_symlink_never_leads_out_of_the_pod_root() {
             "-config.file=/conf.yaml",
         ],
     );
+    // The agent looked at /conf.yaml in the pod's root, and found nothing there.
     let unreadable = r#"redirector_pod_files_refused_total{reason="unreadable"}"#;
-    assert!(
-        wait_until(Duration::from_secs(5), || sample(
-            &metrics(&agent),
-            unreadable
-        ) >= 1),
-        "the agent never looked at /conf.yaml in the pod's root: {}",
-        metrics(&agent)
-    );
+    await_sample(&agent, unreadable, 1, Duration::from_secs(5));
     assert_eq!(
         served(&neighbour.ns),
         None,
@@ -283,12 +290,7 @@ fn a_yaml_event_bomb_costs_no_memory() {
         &[&format!("-config.file={}", big.display())],
     );
     let refused = r#"redirector_pod_files_refused_total{reason="too_large"}"#;
-    assert!(
-        wait_until(Duration::from_secs(5), || sample(&metrics(&agent), refused)
-            >= 1),
-        "{}",
-        metrics(&agent)
-    );
+    await_sample(&agent, refused, 1, Duration::from_secs(5));
     assert_eq!(served(&too_large.ns), None);
     let capped = pod("yaml-cap");
     let _capped = start(
@@ -302,12 +304,7 @@ fn a_yaml_event_bomb_costs_no_memory() {
         "{:?}",
         agent.status()
     );
-    assert!(
-        wait_until(Duration::from_secs(3), || status(&agent)
-            .contains("1 too large")),
-        "{}",
-        status(&agent)
-    );
+    await_status(&agent, "1 too large", Duration::from_secs(3));
     assert_unharmed(agent, "yaml");
 }
 
@@ -375,24 +372,10 @@ fn a_claimed_live_store_binding_20000_addresses_gets_its_quota_only() {
     // its bind event (before sock_ops is on the pod); every other one of the
     // 20,001 meets the kernel's quota.
     let _first = bind("127.0.0.1", 0);
-    assert!(
-        wait_until(Duration::from_secs(10), || sample(
-            &metrics(&agent),
-            exceeded
-        ) >= HALF - quota),
-        "{}",
-        metrics(&agent)
-    );
+    await_sample(&agent, exceeded, HALF - quota, Duration::from_secs(10));
     let _second = bind("127.0.0.2", HALF);
     let refused = 2 * HALF + 1 - quota;
-    assert!(
-        wait_until(Duration::from_secs(10), || sample(
-            &metrics(&agent),
-            exceeded
-        ) >= refused),
-        "{}",
-        metrics(&agent)
-    );
+    await_sample(&agent, exceeded, refused, Duration::from_secs(10));
     let body = metrics(&agent);
     assert_eq!(sample(&body, exceeded), refused, "{body}");
     assert!(
@@ -403,11 +386,10 @@ fn a_claimed_live_store_binding_20000_addresses_gets_its_quota_only() {
         "{}",
         metrics(&agent)
     );
-    assert!(
-        wait_until(Duration::from_secs(3), || status(&agent)
-            .contains(&format!("listener quota reached: {quota} of {quota}"))),
-        "{}",
-        status(&agent)
+    await_status(
+        &agent,
+        &format!("listener quota reached: {quota} of {quota}"),
+        Duration::from_secs(3),
     );
     assert_unharmed(agent, "quota");
 }
@@ -440,14 +422,7 @@ fn five_hundred_slow_http_clients_do_not_starve_the_probes() {
     );
     // The header timeout ends them all.
     let timeouts = r#"redirector_http_connections_rejected_total{reason="header_timeout"}"#;
-    assert!(
-        wait_until(Duration::from_secs(8), || sample(
-            &metrics(&agent),
-            timeouts
-        ) >= 500),
-        "{}",
-        metrics(&agent)
-    );
+    await_sample(&agent, timeouts, 500, Duration::from_secs(8));
     drop(slow);
     assert_unharmed(agent, "slow-http");
 }
@@ -482,12 +457,7 @@ fn a_pod_with_many_namespaces_gets_its_share_only() {
         .collect();
     let refused = "redirector_namespaces_refused_per_pod_total";
     let expected = (MADE - per_pod) as u64;
-    assert!(
-        wait_until(Duration::from_secs(5), || sample(&metrics(&agent), refused)
-            >= expected),
-        "{}",
-        metrics(&agent)
-    );
+    await_sample(&agent, refused, expected, Duration::from_secs(5));
     // Exactly: the rest were served.
     thread::sleep(Duration::from_millis(200));
     assert_eq!(sample(&metrics(&agent), refused), expected);
@@ -496,14 +466,12 @@ fn a_pod_with_many_namespaces_gets_its_share_only() {
         .filter(|ns| served(ns).as_deref() == Some("claim"))
         .count();
     assert_eq!(served_now, per_pod, "{:?}", agent.status());
-    assert!(
-        wait_until(Duration::from_secs(3), || status(&agent).contains(
-            &format!(
+    await_status(
+        &agent,
+        &format!(
             "{expected} network namespace(s) not served: their pod has {per_pod} served already"
-        )
-        )),
-        "{}",
-        status(&agent)
+        ),
+        Duration::from_secs(3),
     );
     assert_unharmed(agent, "many-ns");
 }
@@ -537,14 +505,11 @@ fn held_connections_fill_only_their_share_of_the_flow_table() {
             .collect()
     });
     let exceeded = "redirector_flow_quota_exceeded_total";
-    assert!(
-        wait_until(Duration::from_secs(5), || sample(
-            &metrics(&agent),
-            exceeded
-        ) >= sample(&before, exceeded)
-            + OVER),
-        "{}",
-        metrics(&agent)
+    await_sample(
+        &agent,
+        exceeded,
+        sample(&before, exceeded) + OVER,
+        Duration::from_secs(5),
     );
     let during = metrics(&agent);
     assert_eq!(
@@ -597,12 +562,7 @@ fn a_bind_close_storm_leaves_room_for_other_pods_events() {
         &["-target=querier", &format!("--bind-storm={LISTEN}")],
     );
     let limited = "redirector_listen_events_limited_total";
-    assert!(
-        wait_until(Duration::from_secs(3), || sample(&metrics(&agent), limited)
-            >= 10_000),
-        "{}",
-        metrics(&agent)
-    );
+    await_sample(&agent, limited, 10_000, Duration::from_secs(3));
     assert_eq!(served(&stormy.ns), None);
     // The storm goes on while the live-store starts.
     assert_unharmed(agent, "storm");

@@ -255,8 +255,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 if let Err(e) = agent.tick() {
                     tracing::error!("updating served namespaces: {e:#}");
                 }
-                // What scrapes and /readyz read, off their path.
-                telemetry.refresh();
                 if let Some(ring) = &ring {
                     ring.update(crate::ring::AgentView::of(
                         &agent.datapath,

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 
 use super::{
     cgroups::pod_of,
-    podfs::{sanitize, PodFileError},
+    podfs::{self, sanitize, PodFileError},
     role,
 };
 use crate::config::cgroup_pattern_matches;
@@ -113,10 +113,9 @@ impl Policy {
             tracing::debug!("pid {pid}: config file {} {e}", sanitize(path, 128));
         });
         role::matches(&self.targets, role.as_ref()).then(|| {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             format!(
                 "pid {pid} ({}) is a Tempo {}: {}",
-                sanitize(comm.trim(), 16),
+                podfs::comm(pid).unwrap_or_default(),
                 role.as_ref()
                     .map_or(String::new(), |r| sanitize(&r.target, 64)),
                 role.as_ref().map(|r| r.to_string()).unwrap_or_default()

@@ -17,11 +17,7 @@ pub struct Owner {
 pub fn owner(inodes: &[u64], hint: &[i32]) -> Option<Owner> {
     let owners = socket_owners(inodes.to_vec(), hint);
     let (pid, _) = inodes.iter().find_map(|i| owners.get(i))?;
-    // The process names itself (prctl): escaped before any log or terminal.
-    let comm = super::podfs::sanitize(
-        fs::read_to_string(format!("/proc/{pid}/comm")).ok()?.trim(),
-        16,
-    );
+    let comm = super::podfs::comm(*pid)?;
     Some(Owner { pid: *pid, comm })
 }
 

@@ -135,6 +135,13 @@ fn cwd_in_root(proc: &Path) -> Result<PathBuf, PodFileError> {
     Ok(Path::new("/").join(inside))
 }
 
+/// The name process `pid` gives itself (`prctl(PR_SET_NAME)`), escaped for
+/// logs and terminals; `None` once it has exited.
+pub fn comm(pid: i32) -> Option<String> {
+    let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(sanitize(name.trim(), 16))
+}
+
 /// A string a pod controls, made safe to log or print: control characters
 /// (ESC, newlines) escaped, at most `max` characters kept.
 pub fn sanitize(s: &str, max: usize) -> String {
