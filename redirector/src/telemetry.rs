@@ -334,7 +334,7 @@ impl Telemetry {
         let programs = Gauge::default();
         registry.register(
             "programs_attached",
-            "redirector programs attached (sock_ops per served pod cgroup + one sk_lookup per namespace), as of the agent's last check",
+            "redirector programs attached (sock_ops per served pod cgroup + one sk_lookup per namespace), checked at most once a second",
             programs.clone(),
         );
         let flow_subscriber_lost = PromCounter::default();
