@@ -8,12 +8,16 @@
 //! host tools, the needed modules and the binaries (`cpio`, `modules`,
 //! `guest`, `payload`), and QEMU boots it; the guest's init (`init.sh`) runs
 //! the tests and reports on the serial console (`qemu`). Kernels below the
-//! minimum run a refusal check instead of the tests.
+//! minimum run a refusal check instead of the tests. QEMU itself is a pinned
+//! backport unpacked beside the kernels (`emulator`: the host's 7.2 crashes
+//! guests that patch their own text).
 //!
 //! Nothing here loads a BPF program on the host: everything privileged runs
 //! inside the guest.
 
 mod cpio;
+mod debs;
+mod emulator;
 mod guest;
 mod kernels;
 mod modules;
@@ -54,11 +58,12 @@ pub fn run_matrix(
     let target = target_dir(root)?;
     let cache = target.join("kernels");
     let work = target.join("vm");
+    let emulator = emulator::fetch(&cache)?;
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
 
     let mut outcomes = Vec::new();
     for kernel in selected {
-        let outcome = run_one(kernel, root, &payload, &cache, &work, filter)
+        let outcome = run_one(kernel, root, &payload, &emulator, &cache, &work, filter)
             .unwrap_or_else(|e| Outcome::broken(kernel, format!("{e:#}")));
         println!("{}", outcome.summary);
         outcomes.push(outcome);
@@ -112,6 +117,7 @@ fn run_one(
     kernel: &'static Kernel,
     root: &Path,
     payload: &payload::Payload,
+    emulator: &emulator::Emulator,
     cache: &Path,
     work: &Path,
     filter: Option<&str>,
@@ -133,12 +139,13 @@ fn run_one(
     eprintln!(
         "xtask: booting {} ({}={}) under QEMU TCG; console in {}",
         kernel.release(),
-        kernel.package,
-        kernel.version,
+        kernel.deb.package,
+        kernel.deb.version,
         log.display()
     );
     let label = format!("[{}]", kernel.series);
     let report = qemu::run(&qemu::Boot {
+        emulator,
         vmlinuz: &unpacked.vmlinuz,
         initramfs: &initramfs,
         log: &log,

@@ -15,10 +15,13 @@ use std::{
 
 use anyhow::{Context, Result};
 
+use super::emulator::Emulator;
+
 /// Prefix of the lines the guest's init writes for the host (see init.sh).
 const MARK: &str = "@@redirector-vm@@ ";
 
 pub struct Boot<'a> {
+    pub emulator: &'a Emulator,
     pub vmlinuz: &'a Path,
     pub initramfs: &'a Path,
     pub log: &'a Path,
@@ -29,7 +32,11 @@ pub struct Boot<'a> {
 
 /// Runs the guest to its end (or the deadline) and returns what it reported.
 pub fn run(boot: &Boot) -> Result<Report> {
-    let mut child = Command::new("qemu-system-x86_64")
+    let mut cmd = Command::new(&boot.emulator.binary);
+    for dir in &boot.emulator.data_dirs {
+        cmd.arg("-L").arg(dir);
+    }
+    let mut child = cmd
         .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2048"])
         // No default devices (VGA, NIC and its option ROM): a faster boot,
         // and the serial port is the only console.
@@ -50,7 +57,7 @@ pub fn run(boot: &Boot) -> Result<Report> {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .context("starting qemu-system-x86_64 (cargo xtask setup installs it)")?;
+        .with_context(|| format!("starting {}", boot.emulator.binary.display()))?;
     let stdout = child.stdout.take().context("qemu stdout")?;
     let (tx, rx) = mpsc::channel::<String>();
     let reader = thread::spawn(move || {
