@@ -105,6 +105,12 @@ fn build() -> Result<()> {
             cmd.args(["+nightly", "build", "-Z", "build-std=core"]);
         }
     }
+    // BTF in the object: the kernel takes socket storage maps (LISTEN_MARKS)
+    // only in the BTF form, and bpf-linker writes BTF only when asked.
+    cmd.env(
+        "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
+        "-C link-arg=--btf",
+    );
     cmd.current_dir(&root)
         .args([
             "--release",
@@ -120,7 +126,53 @@ fn build() -> Result<()> {
         bail!("building redirector-ebpf failed ({status}); `cargo xtask setup` installs the toolchain");
     }
     let object = target_dir.join(TARGET).join("release/redirector-ebpf");
-    std::fs::copy(&object, &out)
-        .with_context(|| format!("copying {} to {}", object.display(), out.display()))?;
+    let linked = std::fs::read(&object).with_context(|| format!("reading {}", object.display()))?;
+    std::fs::write(&out, strip(&linked)?).with_context(|| format!("writing {}", out.display()))?;
     Ok(())
+}
+
+/// The object as the kernel needs it: BTF (the map definitions in `.maps`
+/// refer to it) without `.BTF.ext` and DWARF. `.BTF.ext` gives each function
+/// its BTF, and the prebuilt core's memset/memcpy (subprograms the programs
+/// call) have none, so the verifier would refuse the programs ("number of
+/// funcs in func_info doesn't match number of subprogs"); DWARF is 90% of the
+/// object and no loader reads it.
+fn strip(linked: &[u8]) -> Result<Vec<u8>> {
+    let mut elf = object::build::elf::Builder::read(linked)
+        .map_err(|e| anyhow::anyhow!("reading the linked eBPF object: {e}"))?;
+    let mut dropped = Vec::new();
+    for section in elf.sections.iter_mut() {
+        let name: &[u8] = &section.name;
+        if name == b".BTF.ext" || name.starts_with(b".debug") {
+            section.delete = true;
+            dropped.push(section.id());
+        }
+    }
+    // And their relocations.
+    for section in elf.sections.iter_mut() {
+        if section
+            .sh_info_section
+            .is_some_and(|s| dropped.contains(&s))
+        {
+            section.delete = true;
+        }
+    }
+    // bpf-linker names sections from the symbol string table; a rewritten
+    // object needs a table of its own for them.
+    if !elf
+        .sections
+        .iter()
+        .any(|s| matches!(s.data, object::build::elf::SectionData::SectionString))
+    {
+        let names = elf.sections.add();
+        names.name = b".shstrtab"[..].into();
+        names.sh_type = object::elf::SHT_STRTAB;
+        names.sh_addralign = 1;
+        names.data = object::build::elf::SectionData::SectionString;
+    }
+    // Symbols in them go with them (write() deletes orphans).
+    let mut out = Vec::new();
+    elf.write(&mut out)
+        .map_err(|e| anyhow::anyhow!("writing the stripped eBPF object: {e}"))?;
+    Ok(out)
 }

@@ -27,7 +27,6 @@ pub const MAP_LISTENERS: &str = "LISTENERS";
 pub const MAP_REDIRECTS: &str = "REDIRECTS";
 pub const MAP_LISTEN_PORTS: &str = "LISTEN_PORTS";
 pub const MAP_COUNTERS: &str = "COUNTERS";
-pub const MAP_PENDING: &str = "PENDING";
 pub const MAP_FLOWS: &str = "FLOWS";
 pub const MAP_FLOW_EVENTS: &str = "FLOW_EVENTS";
 pub const MAP_REFUSED_BUDGET: &str = "REFUSED_BUDGET";
@@ -36,6 +35,9 @@ pub const MAP_LISTEN_EVENTS: &str = "LISTEN_EVENTS";
 pub const MAP_NS_QUOTAS: &str = "NS_QUOTAS";
 pub const MAP_FLOW_SHARE: &str = "FLOW_SHARE";
 pub const MAP_BIND_BUDGET: &str = "BIND_BUDGET";
+/// Socket storage on every listener of a served listen port: its port. Cloned
+/// into each accepted socket (`BPF_F_CLONE`), where `sock_ops` reads it.
+pub const MAP_LISTEN_MARKS: &str = "LISTEN_MARKS";
 /// aya-log's record ring: shared too, so one reader serves every instance.
 pub const MAP_AYA_LOGS: &str = "AYA_LOGS";
 /// aya-log's load-time level (0 = off, 4 = debug): set from RUST_LOG.
@@ -47,7 +49,7 @@ pub const SHARED_MAPS: [&str; 14] = [
     MAP_REDIRECTS,
     MAP_LISTEN_PORTS,
     MAP_COUNTERS,
-    MAP_PENDING,
+    MAP_LISTEN_MARKS,
     MAP_FLOWS,
     MAP_FLOW_EVENTS,
     MAP_REFUSED_BUDGET,
@@ -76,10 +78,6 @@ pub const LISTENERS_PER_NETNS: u64 = 32;
 /// entries are allocated as they are used: the capacity costs nothing).
 pub const MAX_LISTENERS: u32 = LISTENERS_PER_NETNS as u32 * MAX_REDIRECTS;
 
-/// Connections between redirect and handshake completion, shared by all CPUs
-/// (one common LRU: a burst on one CPU may use all of it; SYN floods evict
-/// the oldest).
-pub const MAX_PENDING: u32 = 16384;
 /// Redirected connections open at once; beyond this a flow is counted in
 /// `FlowTableFull` and gets no close record.
 pub const MAX_FLOWS: u32 = 65536;
@@ -281,7 +279,9 @@ const _: () = assert!(core::mem::size_of::<NsQuota>() == 16);
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// A new connection to an advertised port was given to the live-store.
+    /// A lookup for an advertised port (a segment that found no established
+    /// socket: a SYN, or a stray segment) was given to the live-store's
+    /// listener. Only completed handshakes leave state (`FlowsOpened`).
     Redirected = 0,
     /// A new connection to an advertised port found no live-store listener and
     /// was passed on (to whatever else listens there, or refused).
@@ -312,9 +312,9 @@ pub enum Counter {
     /// was taken (more SO_REUSEPORT members than `LISTENER_SLOTS`): still
     /// reached through the group while one registered member listens.
     ListenerSlotsFull = 12,
-    /// A connection to an advertised port completed its handshake without a
-    /// pending redirect: evicted from `PENDING` (a SYN burst), or accepted by
-    /// another listener on the advertised port (an old sidecar). No records.
+    /// A connection to an advertised port completed its handshake on a
+    /// listener redirector does not know (an old sidecar listening on the
+    /// advertised port itself). No records.
     FlowsUntracked = 13,
     /// A bind() to a watched port could not be reported to the agent (its
     /// ring was full): found by the agent's periodic resync instead.
@@ -359,7 +359,7 @@ const fn row(
 /// In slot order.
 pub const COUNTER_TABLE: [CounterInfo; COUNTER_COUNT as usize] = [
     row(Counter::Redirected, "redirected", "lookups_redirected",
-        "New connections to an advertised port handed to the live-store's listener (counted at the first segment of each client address and port; retransmitted SYNs do not count again)"),
+        "Lookups for an advertised port handed to the live-store's listener: each new connection's SYN (retransmits again), and stray segments, which the listener answers with a reset and which leave no state; connections_redirected counts completed handshakes"),
     row(Counter::NoListener, "no_listener", "connections_refused",
         "New connections to an advertised port that found no live-store listener"),
     row(Counter::AssignError, "assign_error", "assign_errors",
@@ -385,7 +385,7 @@ pub const COUNTER_TABLE: [CounterInfo; COUNTER_COUNT as usize] = [
     row(Counter::ListenerSlotsFull, "listener_slots_full", "listener_slots_full",
         "Listeners not registered because every slot for their address was taken (reached through their SO_REUSEPORT group)"),
     row(Counter::FlowsUntracked, "flows_untracked", "flows_untracked",
-        "Connections to an advertised port accepted without a pending redirect (evicted under a SYN burst, or taken by an old sidecar): no flow records"),
+        "Connections to an advertised port accepted by a listener redirector does not serve (an old sidecar listening on that port): no flow records"),
     row(Counter::ListenEventsDropped, "listen_events_dropped", "listen_events_dropped",
         "bind() calls to a watched port not reported to the agent (event ring full): served at the next resync instead"),
     row(Counter::ListenerQuotaExceeded, "listener_quota_exceeded", "listener_quota_exceeded",
@@ -426,39 +426,6 @@ const _: () = {
         i += 1;
     }
 };
-
-/// A connection seen by `sk_lookup` and not yet by `sock_ops`: the 4-tuple
-/// half that both see, in the namespace. Addresses in network byte order, an
-/// IPv4 address in `remote_ip[0]`; ports in host byte order.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct PendingKey {
-    pub netns_cookie: u64,
-    pub remote_ip: [u32; 4],
-    pub remote_port: u16,
-    pub local_port: u16,
-    pub family: u16,
-    pub _pad: u16,
-}
-
-impl PendingKey {
-    pub const fn new(
-        netns_cookie: u64,
-        family: u16,
-        remote_ip: [u32; 4],
-        remote_port: u16,
-        local_port: u16,
-    ) -> Self {
-        Self {
-            netns_cookie,
-            remote_ip,
-            remote_port,
-            local_port,
-            family,
-            _pad: 0,
-        }
-    }
-}
 
 /// Per-flow state kept between the open and the close record.
 #[repr(C)]
@@ -536,14 +503,12 @@ pub struct FlowEvent {
     pub local_ip: [u32; 4],
 }
 
-const _: () = assert!(core::mem::size_of::<PendingKey>() == 32);
 const _: () = assert!(core::mem::size_of::<FlowState>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 104);
 
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: as below.
-    unsafe impl aya::Pod for super::PendingKey {}
     // SAFETY: as below.
     unsafe impl aya::Pod for super::FlowState {}
     // SAFETY: as below.

@@ -1,12 +1,14 @@
 //! Flow records for redirected connections, written in the kernel.
 //!
-//! `sk_lookup` sees the SYN, `sock_ops` sees the accepted socket: a redirect
-//! leaves the connection's (namespace, remote address, ports) in `PENDING`, and
-//! the handshake's completion (`PASSIVE_ESTABLISHED_CB`) claims it, writes the
-//! open record and turns on state callbacks for that one socket. The close
-//! record is written on its transition to `TCP_CLOSE`. Connections that never
-//! went through a redirect (direct to 9095, an old sidecar on 12345) are not in
-//! `PENDING` and cost one failed lookup.
+//! A connection is known to be redirected where the kernel knows its handshake
+//! completed (`PASSIVE_ESTABLISHED_CB`), from the accepted socket alone: its
+//! listener carries a mark (`LISTEN_MARKS`, the listen port) that the kernel
+//! cloned into it, and its local port is not that listen port, so it arrived
+//! on an advertised port through `sk_lookup`. Nothing is stored before that:
+//! SYNs and stray segments (bare ACKs, resets) leave no state behind. The
+//! open record is written then, with state callbacks turned on for that one
+//! socket; the close record on its transition to `TCP_CLOSE`. A direct
+//! connection to the listen port costs one storage lookup.
 
 use aya_ebpf::{
     bindings::{
@@ -17,28 +19,22 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{SkLookupContext, SockOpsContext},
     EbpfContext,
 };
 use redirector_common::{
-    Counter, FlowEvent, FlowState, NsPort, PendingKey, AF_INET, AF_INET6, DEFAULT_FLOW_RING_BYTES,
-    END_ABORTED, END_FIN, END_RST, EVENT_CLOSE, EVENT_OPEN, EVENT_REFUSED, FLOW_FIN_ACKED,
-    FLOW_FIN_SEEN, FLOW_PEER_FIN, FLOW_RTO, MAX_FLOWS, MAX_PENDING, REFUSED_RECORDS_PER_SEC,
+    Counter, FlowEvent, FlowState, NsPort, AF_INET, AF_INET6, DEFAULT_FLOW_RING_BYTES, END_ABORTED,
+    END_FIN, END_RST, EVENT_CLOSE, EVENT_OPEN, EVENT_REFUSED, FLOW_FIN_ACKED, FLOW_FIN_SEEN,
+    FLOW_PEER_FIN, FLOW_RTO, MAX_FLOWS, REFUSED_RECORDS_PER_SEC,
 };
 
 use crate::{
     add, atomic_add, count,
     ctx::{ctx_ip6, ctx_u32},
+    listeners::{full_sock, LISTEN_MARKS},
     NS_QUOTAS, REDIRECTS,
 };
-
-/// Redirected connections whose handshake has not completed. LRU: a SYN flood
-/// evicts old entries instead of failing inserts. One common LRU, not per-CPU
-/// lists (BPF_F_NO_COMMON_LRU would split the capacity by the number of
-/// possible CPUs: 128 entries each on a 128-CPU node).
-#[map]
-static PENDING: LruHashMap<PendingKey, u16> = LruHashMap::with_max_entries(MAX_PENDING, 0);
 
 /// Open redirected flows by socket cookie.
 #[map]
@@ -157,31 +153,6 @@ pub fn lookup_tuple(ctx: &SkLookupContext) -> Tuple {
     }
 }
 
-/// Called by `sk_lookup` after assigning a connection to the live-store.
-///
-/// `sk_lookup` runs for any segment that finds no established socket, not only
-/// for SYNs, and its context carries no TCP flags. So the pending entry is
-/// only created, never refreshed: a retransmitted SYN (or a stray segment for
-/// a tuple already pending) neither counts again nor resets its age.
-#[inline(always)]
-pub fn redirected(tuple: &Tuple, netns_cookie: u64, listen_port: u16) {
-    let key = PendingKey::new(
-        netns_cookie,
-        tuple.family,
-        tuple.remote_ip,
-        tuple.remote_port,
-        tuple.local_port,
-    );
-    // A failed insert other than "exists" only loses the flow record (the LRU
-    // map makes room, so it does not fail for lack of space).
-    if PENDING
-        .insert(&key, &listen_port, BPF_NOEXIST as u64)
-        .is_ok()
-    {
-        count(Counter::Redirected);
-    }
-}
-
 /// Called by `sk_lookup` when no live-store listener was registered. Always
 /// counted (by the caller); recorded at most `REFUSED_RECORDS_PER_SEC` per CPU.
 #[inline(always)]
@@ -274,16 +245,17 @@ fn opened(ctx: &SockOpsContext) {
     // `remote_port` sits in the upper half of a u32, in network byte order.
     let remote_port = u32::from_be(ctx.remote_port()) as u16;
     let local_port = ctx.local_port() as u16;
-    let key = PendingKey::new(netns_cookie, family, remote_ip, remote_port, local_port);
-    // SAFETY: plain hash lookup; the value is copied out at once.
-    let Some(&listen_port) = (unsafe { PENDING.get(&key) }) else {
+    let Some(listen_port) = full_sock(ctx).and_then(|sk| LISTEN_MARKS.of(sk)) else {
         // SAFETY: plain hash lookup, presence only.
         if unsafe { REDIRECTS.get(&NsPort::new(netns_cookie, local_port)) }.is_some() {
             count(Counter::FlowsUntracked);
         }
         return;
     };
-    let _ = PENDING.remove(&key);
+    // Accepted on the listen port itself: a direct connection, not ours.
+    if listen_port == local_port {
+        return;
+    }
     // SAFETY: helper reading the context's socket.
     let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let mut event = empty_event(EVENT_OPEN);

@@ -9,14 +9,16 @@ use core::{cell::UnsafeCell, ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
     bindings::{
-        bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKHASH, bpf_sock_ops, BPF_NOEXIST,
-        BPF_SOCK_OPS_STATE_CB_FLAG,
+        bpf_map_def,
+        bpf_map_type::{BPF_MAP_TYPE_SK_STORAGE, BPF_MAP_TYPE_SOCKHASH},
+        bpf_sock, bpf_sock_ops, BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_NOEXIST,
+        BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::{
         bpf_get_netns_cookie, bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release,
-        bpf_sock_hash_update,
+        bpf_sk_storage_get, bpf_sock_hash_update,
     },
-    macros::map,
+    macros::{btf_map, map},
     programs::{SkLookupContext, SockOpsContext},
     EbpfContext,
 };
@@ -100,6 +102,76 @@ impl CookieSockHash {
 #[map]
 static LISTENERS: CookieSockHash = CookieSockHash::with_max_entries(MAX_LISTENERS);
 
+/// `BPF_MAP_TYPE_SK_STORAGE` definition in the BTF form (`.maps` section),
+/// the only form the kernel takes for socket storage (it needs the key and
+/// value types). Written out because aya-ebpf's `SkStorage` cannot ask for
+/// `BPF_F_CLONE`, and works on `sock_addr` contexts only.
+#[repr(C)]
+pub struct ListenMarks {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const u32,
+    max_entries: *const [i32; 0],
+    // BPF_F_CLONE: a listener's storage is copied into every socket it
+    // accepts (sk_clone_lock), where `sock_ops` finds it at
+    // PASSIVE_ESTABLISHED. Socket storage must not be preallocated.
+    map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
+}
+
+// SAFETY: placeholders the loader reads from BTF; never dereferenced.
+unsafe impl Sync for ListenMarks {}
+
+impl ListenMarks {
+    fn as_ptr(&self) -> *mut c_void {
+        (self as *const Self).cast_mut().cast()
+    }
+
+    /// Marks listener `sk` as a listener on `port` of a served namespace.
+    #[inline(always)]
+    fn mark(&self, sk: *mut bpf_sock, port: u16) {
+        // SAFETY: `sk` is the context's full socket, checked non-null.
+        let v = unsafe {
+            bpf_sk_storage_get(
+                self.as_ptr(),
+                sk.cast(),
+                core::ptr::null_mut(),
+                BPF_SK_STORAGE_GET_F_CREATE as u64,
+            )
+        } as *mut u32;
+        if !v.is_null() {
+            // SAFETY: storage value pointer, valid for this program run.
+            unsafe { core::ptr::write_volatile(v, port as u32) };
+        }
+    }
+
+    /// The listen port an accepted socket's listener was marked with.
+    #[inline(always)]
+    pub fn of(&self, sk: *mut bpf_sock) -> Option<u16> {
+        // SAFETY: as above; no F_CREATE: a lookup only.
+        let v = unsafe { bpf_sk_storage_get(self.as_ptr(), sk.cast(), core::ptr::null_mut(), 0) }
+            as *const u32;
+        // SAFETY: storage value pointer, valid for this program run.
+        (!v.is_null()).then(|| unsafe { core::ptr::read_volatile(v) } as u16)
+    }
+}
+
+#[btf_map]
+pub(crate) static LISTEN_MARKS: ListenMarks = ListenMarks {
+    r#type: core::ptr::null(),
+    key: core::ptr::null(),
+    value: core::ptr::null(),
+    max_entries: core::ptr::null(),
+    map_flags: core::ptr::null(),
+};
+
+/// The context's full socket (listener or accepted socket), if it has one.
+#[inline(always)]
+pub fn full_sock(ctx: &SockOpsContext) -> Option<*mut bpf_sock> {
+    // SAFETY: a context field load the verifier rewrites (PTR_TO_SOCKET_OR_NULL).
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    (!sk.is_null()).then_some(sk)
+}
+
 /// What `sk_lookup` found for a connection to an advertised port.
 pub enum Lookup {
     Assigned,
@@ -168,13 +240,19 @@ pub fn assign(
 }
 
 /// Called at `TCP_LISTEN_CB` for a socket that starts listening on a served
-/// listen port: registers it in a free slot for its bound address and marks
-/// that kind of bind in the redirect, so `sk_lookup` looks for it.
+/// listen port: marks it (every one, registered or not: a SO_REUSEPORT member
+/// beyond the slots still accepts redirected connections through its group),
+/// registers it in a free slot for its bound address and marks that kind of
+/// bind in the redirect, so `sk_lookup` looks for it.
 #[inline(always)]
 pub fn register(ctx: &SockOpsContext, netns_cookie: u64, port: u16, target: *mut RedirectTarget) {
     let family = ctx.family() as u16;
     if family != AF_INET && family != AF_INET6 {
         return;
+    }
+    // Before the insert: its first accepted socket already carries the mark.
+    if let Some(sk) = full_sock(ctx) {
+        LISTEN_MARKS.mark(sk, port);
     }
     let Some(quota) = NS_QUOTAS.get_ptr_mut(&netns_cookie) else {
         return;

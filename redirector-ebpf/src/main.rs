@@ -123,7 +123,9 @@ fn redirect(ctx: &SkLookupContext) {
     };
     let tuple = flows::lookup_tuple(ctx);
     match listeners::assign(ctx, netns_cookie, &target, tuple.family, tuple.local_ip) {
-        Lookup::Assigned => flows::redirected(&tuple, netns_cookie, target.listen_port),
+        // Counted only: whether a handshake follows is decided at
+        // PASSIVE_ESTABLISHED (flows.rs), so stray segments leave nothing.
+        Lookup::Assigned => count(Counter::Redirected),
         Lookup::NoListener => {
             count(Counter::NoListener);
             debug!(

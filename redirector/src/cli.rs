@@ -31,7 +31,7 @@ pub enum Command {
         redirector run --advertise-port 12345 --listen-port 9095 --netns /var/run/netns/live-store-0\n  \
         redirector run --tempo-config /etc/tempo/tempo.yaml --discover --pin\n  \
         redirector run --config /etc/redirector/redirector.yaml")]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show what is served: namespaces, ports, whether a live-store listener is
     /// registered, counters. Reads the pinned state, so it works while an agent
     /// runs with --pin and after it stopped. Changes nothing.
@@ -125,6 +125,16 @@ pub struct FlowsArgs {
     #[arg(long, value_name = "SUBSTRING")]
     pub netns: Vec<String>,
 
+    /// Only records of this live-store pod (`--kube`): its name, or
+    /// namespace/name. Repeat for any of several.
+    #[arg(long, value_name = "POD")]
+    pub pod: Vec<String>,
+
+    /// Only records of live-store pods in this Kubernetes namespace (`--kube`).
+    /// Repeat for any of several.
+    #[arg(long, value_name = "NAMESPACE")]
+    pub namespace: Vec<String>,
+
     /// Only records of this querier address or network, e.g. 10.42.3.7,
     /// 10.42.0.0/16, fd00::/64. Repeat for any of several.
     #[arg(long, value_name = "IP[/PREFIX]", value_parser = crate::commands::flows::parse_client)]
@@ -207,6 +217,42 @@ pub struct RunArgs {
     /// live-store stays down.
     #[arg(long, env = "REDIRECTOR_DISCOVER")]
     pub discover: bool,
+
+    /// Serve the live-store pods of this node that the Kubernetes API selects
+    /// (label selector --kube-labels, on node $NODE_NAME), from their sandbox's
+    /// start, before the live-store's first socket: the DaemonSet's mode.
+    /// Needs get/list/watch on pods (the ClusterRole in deploy/daemonset.yaml).
+    #[arg(long, env = "REDIRECTOR_KUBE", conflicts_with = "discover")]
+    pub kube: bool,
+
+    /// With --kube, the label selector of live-store pods [default: the
+    /// tempo-distributed chart's live-store labels].
+    #[arg(long, env = "REDIRECTOR_KUBE_LABELS", value_name = "SELECTOR")]
+    pub kube_labels: Option<String>,
+
+    /// With --kube, only pods in these Kubernetes namespaces [default: all].
+    #[arg(
+        long,
+        env = "REDIRECTOR_KUBE_NAMESPACES",
+        value_name = "NAMESPACE",
+        value_delimiter = ','
+    )]
+    pub kube_namespaces: Vec<String>,
+
+    /// With --kube, this node's name (the DaemonSet sets NODE_NAME from the
+    /// downward API, fieldRef spec.nodeName): only its pods are watched.
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+
+    /// With --kube, the cgroup holding kubelet's pod cgroups (kubepods.slice
+    /// or kubepods), absolute or under the cgroup v2 mount [default: found
+    /// under the mount].
+    #[arg(long, env = "REDIRECTOR_KUBE_CGROUP_ROOT", value_name = "PATH")]
+    pub kube_cgroup_root: Option<PathBuf>,
+
+    /// With --kube, a kubeconfig file instead of the pod's ServiceAccount.
+    #[arg(long, env = "REDIRECTOR_KUBECONFIG", value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
 
     /// With --discover, the Tempo targets served: a process counts when its
     /// `-target=` flag (or `target:` in its -config.file) names one of these.

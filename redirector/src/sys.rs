@@ -347,15 +347,16 @@ const BPF_MAP_DELETE_ELEM: libc::c_long = cmd(bpf_cmd::BPF_MAP_DELETE_ELEM);
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = cmd(bpf_cmd::BPF_MAP_GET_NEXT_KEY);
 /// `BPF_NOEXIST`: an update that never replaces an existing entry.
 pub const BPF_NOEXIST: u64 = aya_obj::generated::BPF_NOEXIST as u64;
+pub const BPF_ANY: u64 = aya_obj::generated::BPF_ANY as u64;
 
 /// Map element operations by raw pointer: for the socket hash with 8-byte
 /// values (fd in, socket cookie out), which aya 0.14's `SockHash` refuses (it
-/// only accepts 4-byte values).
-pub fn map_update<K>(map: BorrowedFd<'_>, key: &K, value: &u64, flags: u64) -> io::Result<()> {
+/// only accepts 4-byte values), and socket storage keyed by fd.
+pub fn map_update<K, V>(map: BorrowedFd<'_>, key: &K, value: &V, flags: u64) -> io::Result<()> {
     let mut attr = [0u64; 16];
     attr[0] = map.as_raw_fd() as u32 as u64;
     attr[1] = key as *const K as u64;
-    attr[2] = value as *const u64 as u64;
+    attr[2] = value as *const V as u64;
     attr[3] = flags;
     bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
 }

@@ -1047,7 +1047,7 @@ mod tests {
         let crate::cli::Command::Run(args) = cli.command else {
             panic!("not run: {:?}", cli.command);
         };
-        let settings = crate::config::settings::resolve(args).expect("resolves");
+        let settings = crate::config::settings::resolve(*args).expect("resolves");
         assert_eq!(
             settings.metrics_addr,
             SocketAddr::from(([127, 0, 0, 1], 9464))

@@ -33,6 +33,7 @@ pub const LIVE_STORE_V4: &str = "198.18.0.2";
 pub const QUERIER_V6: &str = "fd00:5eed::1";
 pub const LIVE_STORE_V6: &str = "fd00:5eed::2";
 
+pub mod kube_api;
 pub mod netns;
 
 pub use netns::Netns;

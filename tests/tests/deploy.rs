@@ -127,13 +127,24 @@ fn every_manifest_parses() {
         .iter()
         .map(|d| str_of(d, "kind").to_owned())
         .collect();
-    for kind in ["Namespace", "ServiceAccount", "ConfigMap", "DaemonSet"] {
+    for kind in [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "DaemonSet",
+    ] {
         assert!(kinds.contains(kind), "daemonset.yaml lacks a {kind}");
     }
-    // Everything lands in the one namespace the file creates.
+    // Everything namespaced lands in the one namespace the file creates.
     let docs = manifests();
     let ns = str_of(by_kind(&docs, "Namespace"), "metadata.name");
-    for d in docs.iter().filter(|d| str_of(d, "kind") != "Namespace") {
+    let cluster_wide = ["Namespace", "ClusterRole", "ClusterRoleBinding"];
+    for d in docs
+        .iter()
+        .filter(|d| !cluster_wide.contains(&str_of(d, "kind")))
+    {
         assert_eq!(str_of(d, "metadata.namespace"), ns, "{d:?}");
     }
 }
@@ -161,10 +172,10 @@ fn image_matches_the_dockerfile_and_crate_version() {
 }
 
 #[test]
-fn args_run_the_agent_with_config_discovery_and_pinning() {
+fn args_run_the_agent_with_config_kubernetes_discovery_and_pinning() {
     let args = args();
     assert_eq!(args.first().map(String::as_str), Some("run"), "{args:?}");
-    for flag in ["--pin", "--discover", "--config", "--metrics-addr"] {
+    for flag in ["--pin", "--kube", "--config", "--metrics-addr"] {
         assert!(
             args.iter()
                 .any(|a| a == flag || a.starts_with(&format!("{flag}="))),
@@ -396,7 +407,14 @@ fn manifests_validate_against_the_kubernetes_1_31_schemas() {
     let report =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{report}");
-    for resource in ["namespace/", "serviceaccount/", "configmap/", "daemonset/"] {
+    for resource in [
+        "namespace/",
+        "serviceaccount/",
+        "clusterrole/",
+        "clusterrolebinding/",
+        "configmap/",
+        "daemonset/",
+    ] {
         assert!(
             report.contains(&format!("passed for resource {resource}")),
             "{resource} not validated: {report}"
@@ -408,7 +426,12 @@ fn manifests_validate_against_the_kubernetes_1_31_schemas() {
 fn configmap_holds_a_valid_redirector_yaml_where_config_points() {
     let cfg = embedded_config();
     assert!(!redirects(&cfg).is_empty(), "no redirects configured");
-    assert_eq!(cfg["discover"], true, "{cfg}");
+    assert_eq!(cfg["discover"], false, "{cfg}");
+    assert_eq!(
+        cfg["kube"]["labels"],
+        "app.kubernetes.io/name=tempo,app.kubernetes.io/component=live-store",
+        "{cfg}"
+    );
     assert_eq!(cfg["pin"], true, "{cfg}");
 
     // --config names the ConfigMap's key inside the ConfigMap's volume.
@@ -529,5 +552,56 @@ fn dockerfile_is_multi_stage_and_ships_only_the_binary() {
         last.iter()
             .any(|l| keyword(l) == "ENTRYPOINT" && l.contains("/usr/local/bin/redirector")),
         "the entrypoint is the agent"
+    );
+}
+
+/// --kube reads pods and nothing else: the ClusterRole grants get/list/watch
+/// on pods only, bound to the DaemonSet's ServiceAccount, whose token is
+/// mounted; the node comes from the downward API.
+#[test]
+fn the_agent_may_read_pods_and_nothing_else() {
+    let docs = manifests();
+    let role = by_kind(&docs, "ClusterRole");
+    let rules = seq(role, "rules");
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    let rule = &rules[0];
+    let strs = |key: &str| -> Vec<String> {
+        seq(rule, key)
+            .iter()
+            .map(|v| v.as_str().expect("a string").to_owned())
+            .collect()
+    };
+    assert_eq!(strs("apiGroups"), [""]);
+    assert_eq!(strs("resources"), ["pods"]);
+    assert_eq!(strs("verbs"), ["get", "list", "watch"]);
+
+    let binding = by_kind(&docs, "ClusterRoleBinding");
+    assert_eq!(
+        str_of(binding, "roleRef.name"),
+        str_of(role, "metadata.name")
+    );
+    let sa = by_kind(&docs, "ServiceAccount");
+    let subject = &seq(binding, "subjects")[0];
+    assert_eq!(str_of(subject, "kind"), "ServiceAccount");
+    assert_eq!(str_of(subject, "name"), str_of(sa, "metadata.name"));
+    assert_eq!(
+        str_of(subject, "namespace"),
+        str_of(sa, "metadata.namespace")
+    );
+
+    let pod = daemonset_pod();
+    assert_eq!(
+        str_of(&pod, "serviceAccountName"),
+        str_of(sa, "metadata.name")
+    );
+    assert_eq!(pod["automountServiceAccountToken"], true);
+    let c = container();
+    let node = seq(&c, "env")
+        .iter()
+        .find(|e| e["name"] == "NODE_NAME")
+        .expect("NODE_NAME in the container's env");
+    assert_eq!(
+        str_of(node, "valueFrom.fieldRef.fieldPath"),
+        "spec.nodeName"
     );
 }

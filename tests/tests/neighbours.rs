@@ -567,3 +567,136 @@ fn a_bind_close_storm_leaves_room_for_other_pods_events() {
     // The storm goes on while the live-store starts.
     assert_unharmed(agent, "storm");
 }
+
+/// Entries in the node's maps that hold per-connection or per-namespace
+/// state (`PENDING` is the pending-handshake table older builds had).
+fn state_entries() -> usize {
+    const STATEFUL: [&str; 5] = ["PENDING", "FLOWS", "REDIRECTS", "NS_QUOTAS", "LISTEN_PORTS"];
+    aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .filter(|m| m.name_as_str().is_some_and(|n| STATEFUL.contains(&n)))
+        .map(|m| {
+            let map = aya::maps::MapData::from_id(m.id()).expect("open map by id");
+            // A key buffer larger than any of these keys: the kernel reads
+            // and writes key_size bytes of it.
+            redirector::sys::map_keys::<[u64; 8]>(std::os::fd::AsFd::as_fd(map.fd()))
+                .expect("map keys")
+                .len()
+        })
+        .sum()
+}
+
+/// Bare ACKs from `count` client ports at `port` on 127.0.0.1, as fast as
+/// a raw socket sends them: what a scanner, or a client whose connection the
+/// server forgot, sends. Returns how many were sent.
+fn stray_acks(port: u16, count: u32) -> u32 {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP)).expect("raw socket");
+    let to = SockAddr::from(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let mut sent = 0;
+    for i in 0..count {
+        let sport = 20_000 + (i % 40_000) as u16;
+        let mut seg = [0u8; 20];
+        seg[0..2].copy_from_slice(&sport.to_be_bytes());
+        seg[2..4].copy_from_slice(&port.to_be_bytes());
+        seg[4..8].copy_from_slice(&i.wrapping_mul(2_654_435_761).to_be_bytes());
+        seg[8..12].copy_from_slice(&(!i).to_be_bytes());
+        seg[12] = 5 << 4; // data offset: 5 words, no options
+        seg[13] = 0x10; // ACK
+        seg[14..16].copy_from_slice(&1024u16.to_be_bytes());
+        let sum = tcp_checksum([127, 0, 0, 1], [127, 0, 0, 1], &seg);
+        seg[16..18].copy_from_slice(&sum.to_be_bytes());
+        if socket.send_to(&seg, &to).is_ok() {
+            sent += 1;
+        }
+    }
+    sent
+}
+
+/// The TCP checksum over the IPv4 pseudo-header and `segment`.
+fn tcp_checksum(src: [u8; 4], dst: [u8; 4], segment: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut add = |bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            let hi = u32::from(pair[0]) << 8;
+            sum += hi | pair.get(1).copied().map_or(0, u32::from);
+        }
+    };
+    add(&src);
+    add(&dst);
+    add(&[0, 6]);
+    add(&(segment.len() as u16).to_be_bytes());
+    add(segment);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A stray-segment flood at a served live-store's advertised port (bare ACKs
+/// from 40,000 client ports; `sk_lookup` runs for every segment that finds
+/// no established socket, and its context has no TCP flags): the listener
+/// answers each with a reset, and nothing is stored for any of them, so
+/// another pod's connections keep exact records and no map grows. The flood
+/// shows as lookups far above handshakes.
+#[test]
+fn a_stray_ack_flood_leaves_no_state_behind() {
+    enter_test_cgroup();
+    let agent = discovering();
+    let target = pod("strays");
+    let _target = start(&target, "live-store", &["-target=live-store"]);
+    let other = pod("strays-other");
+    let _other = start(&other, "live-store-2", &["-target=live-store"]);
+    for (p, name) in [(&target, "live-store"), (&other, "live-store-2")] {
+        assert!(
+            wait_until(Duration::from_secs(3), || served(&p.ns).as_deref()
+                == Some(name)),
+            "{:?}",
+            agent.status()
+        );
+    }
+    // The requests above have closed and been recorded by now.
+    thread::sleep(Duration::from_millis(500));
+    let before = metrics(&agent);
+    let entries_before = state_entries();
+    let port: u16 = ADVERTISE.parse().expect("port");
+    const STRAYS: u32 = 100_000;
+    const REAL: u64 = 20;
+    let sent = thread::scope(|s| {
+        let flood = s.spawn(|| target.ns.run(|| stray_acks(port, STRAYS)));
+        for _ in 0..REAL {
+            assert_eq!(served(&other.ns).as_deref(), Some("live-store-2"));
+        }
+        flood.join().expect("flood thread")
+    });
+    assert!(sent > STRAYS / 2, "only {sent} stray ACKs sent");
+    let closed = "redirector_flows_closed_total";
+    await_sample(
+        &agent,
+        closed,
+        sample(&before, closed) + REAL,
+        Duration::from_secs(3),
+    );
+    let after = metrics(&agent);
+    let delta = |name: &str| sample(&after, name) - sample(&before, name);
+    // Only the real connections completed handshakes, each with its records.
+    assert_eq!(
+        delta("redirector_connections_redirected_total"),
+        REAL,
+        "{after}"
+    );
+    assert_eq!(delta(closed), REAL, "{after}");
+    assert_eq!(delta("redirector_flows_untracked_total"), 0, "{after}");
+    // The flood, by name: lookups handed to the listener without a handshake.
+    let lookups = delta("redirector_lookups_redirected_total");
+    assert!(
+        lookups >= 10_000,
+        "{lookups} lookups for {sent} stray ACKs:\n{after}"
+    );
+    assert_eq!(
+        state_entries(),
+        entries_before,
+        "stray segments left entries in the node's maps"
+    );
+    assert_unharmed(agent, "strays");
+}

@@ -158,6 +158,9 @@ fn run(cli: Cli) -> Result<()> {
                 "xtask",
             ]))?;
             let go_live_store = golang::build_live_store(&root)?;
+            // `run --kube` is tested against a real etcd + kube-apiserver
+            // (tests/tests/kube*.rs): built once into target/kube (~5 min).
+            kube::ensure_binaries(&root)?;
             let mut integration = cargo(&root);
             integration
                 .args(["test", "--release", "-p", "redirector-tests", "--"])

@@ -28,8 +28,8 @@ use aya::{
 use redirector_common::{
     flow_share, NsPort, NsQuota, RedirectTarget, GLOBAL_LOG_LEVEL, GLOBAL_NETNS_COOKIE,
     MAP_COUNTERS, MAP_FLOW_EVENTS, MAP_FLOW_SHARE, MAP_LISTENERS, MAP_LISTEN_EVENTS,
-    MAP_LISTEN_PORTS, MAP_NS_QUOTAS, MAP_REDIRECTS, MAP_WATCH_PORTS, PROG_BIND4, PROG_BIND6,
-    PROG_SK_LOOKUP, PROG_SOCK_OPS, SHARED_MAPS,
+    MAP_LISTEN_MARKS, MAP_LISTEN_PORTS, MAP_NS_QUOTAS, MAP_REDIRECTS, MAP_WATCH_PORTS, PROG_BIND4,
+    PROG_BIND6, PROG_SK_LOOKUP, PROG_SOCK_OPS, SHARED_MAPS,
 };
 
 use crate::{
@@ -201,7 +201,8 @@ impl Datapath {
             let open = |name: &str| {
                 MapData::from_pin(path(name)).with_context(|| format!("reopening map {name}"))
             };
-            Registry::new(open(MAP_LISTENERS)?, open(MAP_REDIRECTS)?)
+            Ok(Registry::new(open(MAP_LISTENERS)?, open(MAP_REDIRECTS)?)?
+                .with_marks(open(MAP_LISTEN_MARKS)?))
         })?;
         Ok(Self {
             main,
@@ -402,6 +403,32 @@ impl Datapath {
             placement,
             adopted,
         })
+    }
+
+    /// Runs `sock_ops` in `cgroup` for namespace `cookie` (a pod's cgroup,
+    /// before any of its listeners exists, and before the namespace is
+    /// served: its first listen() is then registered in the kernel). A no-op
+    /// in root scope. [`Datapath::unserve`] (or `release_sock_ops`) undoes it.
+    pub fn attach_sock_ops(&mut self, cgroup: &Path, cookie: u64) -> Result<()> {
+        if let Some(a) = self.sock_ops.ensure(cgroup, cookie, self.pins.as_ref())? {
+            eprintln!(
+                "{} sock_ops on cgroup {}",
+                if a.adopted { "adopted" } else { "attached" },
+                cgroup.display()
+            );
+        }
+        if self.sock_ops.scope == Scope::Pod {
+            if let Some(served) = self.served.iter_mut().find(|s| s.netns.cookie == cookie) {
+                served.sock_ops.cgroups.insert(cgroup.to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches `sock_ops` from the cgroups only namespace `cookie` used
+    /// (one that was never served after all).
+    pub fn release_sock_ops(&mut self, cookie: u64) {
+        self.sock_ops.release(cookie);
     }
 
     /// One reconcile pass over the served namespace with `cookie` (see

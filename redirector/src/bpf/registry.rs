@@ -175,6 +175,8 @@ impl Snapshot {
 
 pub struct Registry {
     listeners: MapData,
+    /// `LISTEN_MARKS`, for a registry that registers (not `status`'s).
+    marks: Option<MapData>,
     redirects: BpfHashMap<MapData, NsPort, RedirectTarget>,
     /// Listeners that cannot be registered for a reason that lasts as long as
     /// the socket, by (netns cookie, inode): not looked at again every pass.
@@ -189,11 +191,18 @@ impl Registry {
     pub fn new(listeners: MapData, redirects: MapData) -> Result<Self> {
         Ok(Self {
             listeners,
+            marks: None,
             redirects: BpfHashMap::try_from(aya::maps::Map::HashMap(redirects))
                 .context("REDIRECTS map")?,
             permanent: HashMap::new(),
             last: HashMap::new(),
         })
+    }
+
+    /// Marks every listener it copies in `LISTEN_MARKS` (see `register`).
+    pub fn with_marks(mut self, marks: MapData) -> Self {
+        self.marks = Some(marks);
+        self
     }
 
     /// Reads every entry of `LISTENERS` once (`redirector status`).
@@ -411,6 +420,15 @@ impl Registry {
         }
         if !write {
             return Ok(Outcome::WouldRegister);
+        }
+        // As sock_ops does at listen(): the sockets this listener accepts
+        // carry the mark, so their flows are recorded, whichever member of
+        // its SO_REUSEPORT group is registered.
+        if let Some(marks) = &self.marks {
+            let key = copy.as_raw_fd();
+            let port = u32::from(l.port);
+            sys::map_update(marks.fd().as_fd(), &key, &port, sys::BPF_ANY)
+                .map_err(|e| (Reason::RegisterFailed, format!("marking the listener: {e}")))?;
         }
         let bind = bind_of(l.addr);
         // The 8-byte value a socket hash with 8-byte values takes: the fd.

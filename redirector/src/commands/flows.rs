@@ -107,11 +107,14 @@ impl ClientNet {
     }
 }
 
-/// What `--netns`, `--client` and `--event` keep; each empty list keeps all,
-/// and repeating a flag keeps records that match any of its values.
+/// What `--netns`, `--pod`, `--namespace`, `--client` and `--event` keep;
+/// each empty list keeps all, and repeating a flag keeps records that match
+/// any of its values.
 #[derive(Debug, Default)]
 pub struct Filter {
     pub netns: Vec<String>,
+    pub pods: Vec<String>,
+    pub namespaces: Vec<String>,
     pub clients: Vec<ClientNet>,
     pub events: Vec<EventKind>,
 }
@@ -121,12 +124,28 @@ impl Filter {
         let netns =
             self.netns.is_empty() || self.netns.iter().any(|n| r.netns.contains(n.as_str()));
         let event = self.events.is_empty() || self.events.iter().any(|e| e.name() == r.event);
+        // `namespace/name`: a pod by name, or every pod of a namespace.
+        let (namespace, name) = r
+            .pod
+            .as_deref()
+            .and_then(|p| p.split_once('/'))
+            .unwrap_or(("", ""));
+        let pod = self.pods.is_empty()
+            || self
+                .pods
+                .iter()
+                .any(|p| !name.is_empty() && (p == name || Some(p.as_str()) == r.pod.as_deref()));
+        let k8s_namespace = self.namespaces.is_empty()
+            || self
+                .namespaces
+                .iter()
+                .any(|n| !namespace.is_empty() && n == namespace);
         let client = self.clients.is_empty()
             || r.client_addr
                 .parse::<IpAddr>()
                 .map(|ip| self.clients.iter().any(|c| c.contains(ip)))
                 .unwrap_or(false);
-        netns && event && client
+        netns && event && client && pod && k8s_namespace
     }
 }
 
@@ -137,11 +156,13 @@ struct WireRecord {
     time: String,
     netns: String,
     netns_cookie: u64,
+    pod: Option<String>,
     client_addr: String,
     client_port: u16,
     local_addr: String,
     advertise_port: u16,
     listen_port: u16,
+    flow_id: Option<u64>,
     listener_pid: Option<i32>,
     listener_comm: Option<String>,
     duration_ms: Option<f64>,
@@ -173,11 +194,13 @@ impl WireRecord {
             time: self.time,
             netns: self.netns,
             netns_cookie: self.netns_cookie,
+            pod: self.pod,
             client_addr: self.client_addr,
             client_port: self.client_port,
             local_addr: self.local_addr,
             advertise_port: self.advertise_port,
             listen_port: self.listen_port,
+            flow_id: self.flow_id,
             listener_pid: self.listener_pid,
             listener_comm: self.listener_comm,
             duration_ms: self.duration_ms,
@@ -232,6 +255,8 @@ pub async fn follow(args: FlowsArgs) -> Result<()> {
     let path = args.flows_socket.as_path();
     let filter = Filter {
         netns: args.netns,
+        pods: args.pod,
+        namespaces: args.namespace,
         clients: args.client,
         events: args.event,
     };
@@ -379,6 +404,7 @@ mod tests {
             netns: vec!["live-store".into()],
             clients: vec![parse_client("198.18.0.1").expect("ip")],
             events: vec![EventKind::Close, EventKind::Refused],
+            ..Filter::default()
         };
         assert!(f.matches(&wire("close", "/var/run/netns/live-store-0", "198.18.0.1")));
         assert!(f.matches(&wire(
@@ -461,5 +487,39 @@ mod tests {
     #[test]
     fn lost_records_are_counted_in_words() {
         assert!(lost_message(12).starts_with("redirector: missed 12 flow record(s)"));
+    }
+
+    #[test]
+    fn pods_are_matched_by_name_or_namespace_slash_name_and_by_namespace() {
+        let with_pod = |pod: &str| -> WireRecord {
+            let line = format!(
+                r#"{{"event":"open","time":"2026-01-01T00:00:00.000000Z","netns":"/proc/1/ns/net","netns_cookie":7,"pod":"{pod}","client_addr":"198.18.0.1","client_port":4000,"local_addr":"198.18.0.2","advertise_port":12345,"listen_port":9095,"flow_id":42}}"#
+            );
+            serde_json::from_str(&line).expect("record")
+        };
+        let by_name = Filter {
+            pods: vec!["live-store-0".into()],
+            ..Filter::default()
+        };
+        assert!(by_name.matches(&with_pod("tempo/live-store-0")));
+        assert!(!by_name.matches(&with_pod("tempo/live-store-1")));
+        assert!(!by_name.matches(&wire("open", "/var/run/netns/ls", "198.18.0.1")));
+        let qualified = Filter {
+            pods: vec!["tempo/live-store-0".into()],
+            ..Filter::default()
+        };
+        assert!(qualified.matches(&with_pod("tempo/live-store-0")));
+        assert!(!qualified.matches(&with_pod("other/live-store-0")));
+        let namespace = Filter {
+            namespaces: vec!["tempo".into()],
+            ..Filter::default()
+        };
+        assert!(namespace.matches(&with_pod("tempo/live-store-1")));
+        assert!(!namespace.matches(&with_pod("tempo-dev/live-store-1")));
+        assert!(!namespace.matches(&wire("open", "/var/run/netns/ls", "198.18.0.1")));
+        // The flow id and pod survive the trip back into a record.
+        let r = with_pod("tempo/live-store-0").into_record();
+        assert_eq!(r.flow_id, Some(42));
+        assert_eq!(r.pod.as_deref(), Some("tempo/live-store-0"));
     }
 }

@@ -49,7 +49,7 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            crate::cli::Command::Run(args) => run::run(args).await,
+            crate::cli::Command::Run(args) => run::run(*args).await,
             crate::cli::Command::Status { output, state_file } => {
                 let layout = crate::bpf::pins::PinLayout::default();
                 let mut report = status::collect(&layout)?;

@@ -28,6 +28,7 @@ use crate::{
     config::settings::{self, usage},
     discovery::{
         inspector::{Inspector, Policy},
+        kube,
         netns::Netns,
     },
     error::Fatal,
@@ -45,6 +46,8 @@ const TICK: std::time::Duration = std::time::Duration::from_secs(1);
 const STARTUP_SCAN: std::time::Duration = std::time::Duration::from_secs(3);
 /// Bind-event batches queued for the loop.
 const LISTEN_BATCHES: usize = 64;
+/// Pod events queued for the loop (the watch waits when it is full).
+const POD_EVENTS: usize = 256;
 
 pub async fn run(args: RunArgs) -> Result<()> {
     let dry_run = args.dry_run;
@@ -167,6 +170,43 @@ pub async fn run(args: RunArgs) -> Result<()> {
         targets: s.serve_targets.clone(),
     });
     telemetry.register(|r| inspector.metrics.register(r));
+    // --kube: the watch runs as a task of its own and the locator's inotify
+    // is polled by this loop; both are set up before anything is served, so
+    // a missing ServiceAccount or cgroup2 stops the start with one line.
+    let (mut pods, mut locator) = match &s.kube {
+        Some(k) => {
+            let (tx, rx) = mpsc::channel(POD_EVENTS);
+            let selector = kube::watch::Selector {
+                node: k.node.clone().ok_or_else(|| {
+                    Fatal::Environment(
+                        "--kube needs this node's name: NODE_NAME is unset (the DaemonSet sets it from the downward API, fieldRef spec.nodeName), or give --node-name"
+                            .to_owned(),
+                    )
+                })?,
+                labels: k.labels.clone(),
+                namespaces: k.namespaces.clone(),
+            };
+            let client = kube::watch::client(k.kubeconfig.as_deref())
+                .await
+                .map_err(|e| Fatal::Environment(format!("{e:#}")))?;
+            eprintln!(
+                "watching pods on node {} with labels {:?}{}",
+                selector.node,
+                selector.labels,
+                if selector.namespaces.is_empty() {
+                    String::new()
+                } else {
+                    format!(" in namespaces {}", selector.namespaces.join(","))
+                }
+            );
+            tokio::spawn(kube::watch::run(client, selector, tx));
+            let locator =
+                kube::sandbox::Locator::new(&datapath.cgroup, k.cgroup_root.as_deref())
+                    .map_err(|e| Fatal::Environment(format!("watching pod cgroups: {e:#}")))?;
+            (Some(rx), Some(locator))
+        }
+        None => (None, None),
+    };
     let mut agent = Agent::new(datapath, s, telemetry.clone(), names, exit_tx, inspector);
     for netns in namespaces {
         agent.serve_explicit(netns)?;
@@ -223,6 +263,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         agent.datapath.served.len(),
         if agent.settings.discover {
             ", discovering more"
+        } else if agent.settings.kube.is_some() {
+            ", serving the pods the Kubernetes API selects"
         } else {
             ""
         }
@@ -245,6 +287,26 @@ pub async fn run(args: RunArgs) -> Result<()> {
             Some(batch) = recv_batch(&mut verdicts) => {
                 agent.on_verdicts(batch);
                 agent.on_pending();
+                publish(&mut agent);
+            }
+            Some(event) = next_pod(&mut pods) => {
+                let looks = agent.on_pod_event(event);
+                if let Some(locator) = &mut locator {
+                    for look in looks {
+                        match look {
+                            agent::Look::For(uid) => {
+                                if let Err(e) = locator.want(&uid) {
+                                    tracing::warn!("pod uid {uid}: {e:#}");
+                                }
+                            }
+                            agent::Look::Stop(uid) => locator.forget(&uid),
+                        }
+                    }
+                }
+                publish(&mut agent);
+            }
+            event = next_sandbox(&mut locator) => {
+                agent.on_sandbox(event);
                 publish(&mut agent);
             }
             Some(cookie) = exit_rx.recv() => {
@@ -344,6 +406,22 @@ async fn recv_batch(
 ) -> Option<Vec<crate::discovery::inspector::Verdict>> {
     let mut batch = Vec::new();
     (rx.recv_many(&mut batch, 4096).await > 0).then_some(batch)
+}
+
+async fn next_pod(
+    rx: &mut Option<mpsc::Receiver<kube::watch::PodEvent>>,
+) -> Option<kube::watch::PodEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_sandbox(locator: &mut Option<kube::sandbox::Locator>) -> kube::sandbox::LocatorEvent {
+    match locator {
+        Some(l) => l.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Sleeps until `at`, or forever.

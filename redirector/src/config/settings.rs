@@ -23,11 +23,26 @@ const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 const DEFAULT_LISTENER_GRACE_SECS: u64 = 60;
 const DEFAULT_RESYNC_SECS: u64 = 30;
 
+/// Where `--kube` finds its pods.
+#[derive(Clone, Debug)]
+pub struct KubeSettings {
+    pub labels: String,
+    pub namespaces: Vec<String>,
+    /// None: the pod's ServiceAccount (in-cluster).
+    pub kubeconfig: Option<PathBuf>,
+    /// This node (`NODE_NAME`); checked when the agent starts.
+    pub node: Option<String>,
+    /// Where kubelet's pod cgroups are; None: looked for.
+    pub cgroup_root: Option<PathBuf>,
+}
+
 /// Everything `run` needs, after flags, the config file and defaults are merged.
 pub struct Settings {
     pub redirects: Vec<Redirect>,
     pub netns: Vec<PathBuf>,
     pub discover: bool,
+    /// `--kube`: pods selected by the Kubernetes API.
+    pub kube: Option<KubeSettings>,
     pub cgroup_pattern: Option<String>,
     /// Tempo targets discovery serves (`any`: every listener).
     pub serve_targets: Vec<String>,
@@ -60,6 +75,13 @@ impl Settings {
             })).collect::<Vec<_>>(),
             "netns": self.netns,
             "discover": self.discover,
+            "kube": self.kube.as_ref().map(|k| serde_json::json!({
+                "labels": k.labels,
+                "namespaces": k.namespaces,
+                "kubeconfig": k.kubeconfig,
+                "node": k.node,
+                "cgroup_root": k.cgroup_root,
+            })),
             "cgroup_pattern": self.cgroup_pattern,
             "serve_targets": self.serve_targets,
             "sock_ops_cgroup": self.sock_ops_cgroup,
@@ -128,6 +150,33 @@ pub fn resolve(args: RunArgs) -> Result<Settings> {
         }
     };
     let discover = args.discover || file.discover.unwrap_or(false);
+    if !args.kube
+        && (args.kube_labels.is_some()
+            || !args.kube_namespaces.is_empty()
+            || args.kubeconfig.is_some()
+            || args.kube_cgroup_root.is_some())
+    {
+        return Err(usage(
+            "--kube-labels, --kube-namespaces, --kube-cgroup-root and --kubeconfig only apply with --kube"
+                .to_owned(),
+        ));
+    }
+    if args.kube && discover {
+        return Err(usage(
+            "--kube and --discover (discover: true) exclude each other: the API selects the pods, or their processes do"
+                .to_owned(),
+        ));
+    }
+    let kube = args.kube.then(|| KubeSettings {
+        labels: args
+            .kube_labels
+            .clone()
+            .unwrap_or_else(|| crate::discovery::kube::watch::DEFAULT_LABELS.to_owned()),
+        namespaces: args.kube_namespaces.clone(),
+        kubeconfig: args.kubeconfig.clone(),
+        node: args.node_name.clone().filter(|n| !n.trim().is_empty()),
+        cgroup_root: args.kube_cgroup_root.clone(),
+    });
     let cgroup_pattern = args.cgroup_pattern.or(file.cgroup_pattern);
     // Checked on the merged settings, not with clap's `requires`: `discover`
     // may come from the config file while the pattern comes from a flag.
@@ -172,7 +221,7 @@ pub fn resolve(args: RunArgs) -> Result<Settings> {
     } else {
         args.netns
     };
-    if netns.is_empty() && !discover {
+    if netns.is_empty() && !discover && kube.is_none() {
         netns.push(PathBuf::from(SELF_NETNS));
     }
     let flows_socket = args
@@ -189,6 +238,7 @@ pub fn resolve(args: RunArgs) -> Result<Settings> {
         redirects,
         netns,
         discover,
+        kube,
         cgroup_pattern,
         serve_targets,
         sock_ops_cgroup: args.sock_ops_cgroup.unwrap_or_default(),

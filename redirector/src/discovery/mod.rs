@@ -6,6 +6,7 @@
 
 pub mod cgroups;
 pub mod inspector;
+pub mod kube;
 pub mod listeners;
 pub mod netns;
 pub mod podfs;

@@ -34,11 +34,18 @@ pub struct FlowRecord {
     pub time: String,
     pub netns: String,
     pub netns_cookie: u64,
+    /// `namespace/name` of the live-store's pod, where known (`--kube`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
     pub client_addr: String,
     pub client_port: u16,
     pub local_addr: String,
     pub advertise_port: u16,
     pub listen_port: u16,
+    /// The accepted socket's cookie: the same in a flow's open and close
+    /// records (none for a refused connection).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flow_id: Option<u64>,
     /// The live-store process holding the listener, where known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listener_pid: Option<i32>,
@@ -76,6 +83,8 @@ fn ip(family: u16, words: [u32; 4]) -> IpAddr {
 pub struct NsInfo {
     pub name: String,
     pub listener: Option<Owner>,
+    /// `namespace/name` of the Kubernetes pod it belongs to (`--kube`).
+    pub pod: Option<String>,
 }
 
 /// Builds records: knows the namespaces and the clock offset.
@@ -103,18 +112,20 @@ impl Recorder {
             .and_then(|n| n.get(&e.netns_cookie).cloned())
             .unwrap_or_else(|| NsInfo {
                 name: format!("cookie:{}", e.netns_cookie),
-                listener: None,
+                ..NsInfo::default()
             });
         Some(FlowRecord {
             event,
             time: humantime::format_rfc3339_micros(time).to_string(),
             netns: info.name,
             netns_cookie: e.netns_cookie,
+            pod: info.pod,
             client_addr: ip(e.family, e.remote_ip).to_string(),
             client_port: e.remote_port,
             local_addr: ip(e.family, e.local_ip).to_string(),
             advertise_port: e.local_port,
             listen_port: e.listen_port,
+            flow_id: flow_id(e),
             // A refused connection found no listener.
             listener_pid: info
                 .listener
@@ -140,6 +151,11 @@ impl Recorder {
     }
 }
 
+/// A flow's id: its accepted socket's cookie (a refused connection has none).
+fn flow_id(e: &FlowEvent) -> Option<u64> {
+    (e.kind != EVENT_REFUSED && e.socket_cookie != 0).then_some(e.socket_cookie)
+}
+
 /// What records say about a namespace, looked at once per run of records
 /// from it: names so rarely need JSON escapes that checking them for every
 /// record would cost more than writing them.
@@ -148,6 +164,7 @@ pub struct Ns<'a> {
     info: &'a NsInfo,
     name_plain: bool,
     comm_plain: bool,
+    pod_plain: bool,
 }
 
 impl<'a> Ns<'a> {
@@ -156,6 +173,7 @@ impl<'a> Ns<'a> {
             info,
             name_plain: json_plain(&info.name),
             comm_plain: info.listener.as_ref().is_none_or(|o| json_plain(&o.comm)),
+            pod_plain: info.pod.as_deref().is_none_or(json_plain),
         }
     }
 }
@@ -340,6 +358,12 @@ fn end_name(end: u8) -> &'static str {
 }
 
 impl Fields<'_> {
+    /// The pod's `namespace/name` and whether it needs no JSON escapes.
+    fn pod(&self) -> Option<(&str, bool)> {
+        let ns = self.ns?;
+        Some((ns.info.pod.as_deref()?, ns.pod_plain))
+    }
+
     /// The namespace's name, or `cookie:N` when the agent does not know it;
     /// `name` writes a known name (escaped as the format wants).
     fn put_netns(&self, out: &mut Vec<u8>, name: fn(&mut Vec<u8>, Ns), quote: bool) {
@@ -372,6 +396,10 @@ impl Fields<'_> {
         );
         out.extend_from_slice(b",\"netns_cookie\":");
         put_u64(out, e.netns_cookie);
+        if let Some((pod, plain)) = self.pod() {
+            out.extend_from_slice(b",\"pod\":");
+            put_json_str(out, pod, plain);
+        }
         out.extend_from_slice(b",\"client_addr\":\"");
         put_ip(out, e.family, e.remote_ip);
         out.extend_from_slice(b"\",\"client_port\":");
@@ -382,6 +410,10 @@ impl Fields<'_> {
         put_u16(out, e.local_port);
         out.extend_from_slice(b",\"listen_port\":");
         put_u16(out, e.listen_port);
+        if let Some(id) = flow_id(e) {
+            out.extend_from_slice(b",\"flow_id\":");
+            put_u64(out, id);
+        }
         if let Some(o) = self.owner {
             out.extend_from_slice(b",\"listener_pid\":");
             let _ = CompactFormatter.write_i32(out, o.pid);
@@ -418,7 +450,9 @@ impl Fields<'_> {
         out.push(b' ');
         self.put_netns(
             out,
-            |out, ns| out.extend_from_slice(ns.info.name.as_bytes()),
+            |out, ns| {
+                out.extend_from_slice(ns.info.pod.as_deref().unwrap_or(&ns.info.name).as_bytes())
+            },
             false,
         );
         out.push(b' ');
@@ -465,6 +499,10 @@ impl Fields<'_> {
         self.put_netns(out, |out, ns| put_logfmt_str(out, &ns.info.name), false);
         out.extend_from_slice(b" netns_cookie=");
         put_u64(out, e.netns_cookie);
+        if let Some((pod, _)) = self.pod() {
+            out.extend_from_slice(b" pod=");
+            put_logfmt_str(out, pod);
+        }
         out.extend_from_slice(b" client_addr=");
         put_ip(out, e.family, e.remote_ip);
         out.extend_from_slice(b" client_port=");
@@ -475,6 +513,10 @@ impl Fields<'_> {
         put_u16(out, e.local_port);
         out.extend_from_slice(b" listen_port=");
         put_u16(out, e.listen_port);
+        if let Some(id) = flow_id(e) {
+            out.extend_from_slice(b" flow_id=");
+            put_u64(out, id);
+        }
         if let Some(o) = self.owner {
             out.extend_from_slice(b" listener_pid=");
             let _ = CompactFormatter.write_i32(out, o.pid);
@@ -553,7 +595,11 @@ fn text(r: &FlowRecord) -> String {
     };
     let mut line = format!(
         "{} {:<7} {} {client} -> :{} => :{}",
-        r.time, r.event, r.netns, r.advertise_port, r.listen_port
+        r.time,
+        r.event,
+        r.pod.as_deref().unwrap_or(&r.netns),
+        r.advertise_port,
+        r.listen_port
     );
     if let (Some(ms), Some(rx), Some(tx), Some(end)) =
         (r.duration_ms, r.bytes_received, r.bytes_sent, r.end)
@@ -605,6 +651,7 @@ mod tests {
                         pid: 42,
                         comm: "tempo".to_owned(),
                     }),
+                    pod: None,
                 },
             )]))),
             clock_offset_ns: 0,
@@ -672,6 +719,8 @@ mod tests {
                 NsInfo {
                     name: name.to_string(),
                     listener,
+                    // Pods too, their names escaped as the namespace's.
+                    pod: (i % 2 == 1).then(|| format!("tempo/{name}")),
                 },
             );
         }
@@ -727,6 +776,7 @@ mod tests {
                 };
                 e.bytes_received = next();
                 e.bytes_sent = next() % 4096;
+                e.socket_cookie = if i % 4 == 0 { 0 } else { next() };
                 let mut words = || -> [u32; 4] { std::array::from_fn(|_| next() as u32) };
                 e.remote_ip = if i % 9 == 0 { [0; 4] } else { words() };
                 e.local_ip = if i % 5 == 0 {

@@ -313,6 +313,7 @@ mod tests {
                         pid: 4242,
                         comm: "tempo".to_owned(),
                     }),
+                    pod: None,
                 },
             )]))),
             clock_offset_ns: 1_700_000_000_000_000_000,

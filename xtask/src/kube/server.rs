@@ -59,7 +59,10 @@ pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster
 
 /// A running etcd + kube-apiserver pair on 127.0.0.1, with RBAC on and an
 /// admin token (group system:masters). Dropping it stops both processes and
-/// removes its work directory (certificates, etcd data, logs).
+/// removes its work directory (certificates, etcd data, logs). The API server
+/// alone can be stopped and started again on its port, etcd and its data
+/// staying (`stop_apiserver`, `restart_apiserver`): what a client sees when
+/// the control plane restarts.
 ///
 /// The processes are in process groups of their own (a Ctrl-C in the terminal
 /// reaches only us, so we stop them in order: API server, then etcd) and get
@@ -77,6 +80,10 @@ pub struct ApiServer {
     // up by the same Drop as a running one.
     etcd: Option<Child>,
     apiserver: Option<Child>,
+    // What `restart_apiserver` needs to start the same server again.
+    apiserver_bin: PathBuf,
+    apiserver_args: Vec<String>,
+    port: u16,
 }
 
 impl ApiServer {
@@ -84,20 +91,15 @@ impl ApiServer {
     /// built under `root`, with certificates, keys and data in `work_dir`
     /// (created; must not exist or be empty, since Drop removes it).
     pub fn start(root: &Path, work_dir: &Path) -> Result<Self> {
-        let bins = KubeBinaries::cached(root);
-        for bin in [&bins.kube_apiserver, &bins.etcd] {
-            if !bin.is_file() {
-                bail!(
-                    "{} is missing: `cargo xtask kube-api` builds it (once, ~5 min)",
-                    bin.display()
-                );
-            }
-        }
-        Self::start_with(&bins, work_dir)
+        Self::start_with(&built_binaries(root)?, work_dir)
     }
 
     /// Like `start`, with binaries from elsewhere.
     pub fn start_with(bins: &KubeBinaries, work_dir: &Path) -> Result<Self> {
+        Self::launch(bins, work_dir, &[])
+    }
+
+    fn launch(bins: &KubeBinaries, work_dir: &Path, apiserver_args: &[&str]) -> Result<Self> {
         prepare_work_dir(work_dir)?;
         let mut server = Self {
             work_dir: work_dir.to_path_buf(),
@@ -107,6 +109,9 @@ impl ApiServer {
             admin_token: random_hex(16)?,
             etcd: None,
             apiserver: None,
+            apiserver_bin: bins.kube_apiserver.clone(),
+            apiserver_args: apiserver_args.iter().map(|a| a.to_string()).collect(),
+            port: 0,
         };
         // From here on, an error drops `server`: whatever started is stopped
         // and work_dir removed, the logs being quoted in the error first.
@@ -124,7 +129,7 @@ impl ApiServer {
             &format!("Authorization: Bearer {}\n", server.admin_token),
         )?;
         server.start_etcd(&bins.etcd)?;
-        server.start_apiserver(&bins.kube_apiserver)?;
+        server.start_apiserver()?;
         Ok(server)
     }
 
@@ -245,75 +250,14 @@ impl ApiServer {
         unreachable!("the last attempt returns")
     }
 
-    fn start_apiserver(&mut self, apiserver: &Path) -> Result<()> {
-        let dir = self.work_dir.clone();
-        let log = dir.join("kube-apiserver.log");
+    fn start_apiserver(&mut self) -> Result<()> {
+        let log = self.work_dir.join("kube-apiserver.log");
         for attempt in 1..=PORT_ATTEMPTS {
             let port = free_port()?;
-            let url = format!("https://127.0.0.1:{port}");
-            let mut cmd = Command::new(apiserver);
-            cmd.current_dir(&dir)
-                .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
-                .arg(format!("--secure-port={port}"))
-                // 1.20 still has the unauthenticated HTTP port; keep it shut.
-                .arg("--insecure-port=0")
-                // Otherwise it writes self-signed certs to /var/run/kubernetes.
-                .arg(format!(
-                    "--cert-dir={}",
-                    dir.join("apiserver-certs").display()
-                ))
-                .arg(format!(
-                    "--tls-cert-file={}",
-                    dir.join("server.crt").display()
-                ))
-                .arg(format!(
-                    "--tls-private-key-file={}",
-                    dir.join("server.key").display()
-                ))
-                .arg(format!("--etcd-servers={}", self.etcd_url))
-                .arg("--authorization-mode=RBAC")
-                .arg(format!(
-                    "--token-auth-file={}",
-                    dir.join("tokens.csv").display()
-                ))
-                // The ServiceAccount admission plugin insists on a `default`
-                // ServiceAccount in a Pod's namespace, which only the
-                // controller manager (not run here) creates.
-                .arg("--disable-admission-plugins=ServiceAccount")
-                // TokenRequest (what a projected ServiceAccount token is)
-                // needs an issuer and a signing key.
-                .arg(format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"))
-                .arg(format!("--api-audiences={SERVICE_ACCOUNT_ISSUER}"))
-                .arg(format!(
-                    "--service-account-signing-key-file={}",
-                    dir.join("sa.key").display()
-                ))
-                .arg(format!(
-                    "--service-account-key-file={}",
-                    dir.join("sa.pub").display()
-                ))
-                // Needed for the `kubernetes` Service; nothing routes to it.
-                .arg("--service-cluster-ip-range=10.0.0.0/24")
-                .arg("--profiling=false");
-            self.apiserver = Some(spawn(&mut cmd, &log, "kube-apiserver")?);
-            let (ca, header) = (self.ca.clone(), dir.join("admin-auth-header"));
-            let ready = self.wait_ready("kube-apiserver", APISERVER_READY_TIMEOUT, || {
-                // With the admin token, so that readiness also proves the
-                // TLS chain (SAN 127.0.0.1) and the token file work.
-                curl(&[
-                    "--max-time",
-                    "2",
-                    "--cacert",
-                    &ca.to_string_lossy(),
-                    "-H",
-                    &format!("@{}", header.display()),
-                    &format!("{url}/readyz"),
-                ])
-                .is_some_and(|body| body.trim() == "ok")
-            });
-            match ready {
+            self.spawn_apiserver(port)?;
+            match self.wait_apiserver_ready(port) {
                 Ok(()) => {
-                    self.url = url;
+                    self.port = port;
                     return Ok(());
                 }
                 Err(e) if attempt < PORT_ATTEMPTS && port_taken(&log) => {
@@ -324,6 +268,79 @@ impl ApiServer {
             }
         }
         unreachable!("the last attempt returns")
+    }
+
+    fn spawn_apiserver(&mut self, port: u16) -> Result<()> {
+        let dir = self.work_dir.clone();
+        let log = dir.join("kube-apiserver.log");
+        let mut cmd = Command::new(&self.apiserver_bin);
+        cmd.current_dir(&dir)
+            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+            .arg(format!("--secure-port={port}"))
+            // 1.20 still has the unauthenticated HTTP port; keep it shut.
+            .arg("--insecure-port=0")
+            // Otherwise it writes self-signed certs to /var/run/kubernetes.
+            .arg(format!(
+                "--cert-dir={}",
+                dir.join("apiserver-certs").display()
+            ))
+            .arg(format!(
+                "--tls-cert-file={}",
+                dir.join("server.crt").display()
+            ))
+            .arg(format!(
+                "--tls-private-key-file={}",
+                dir.join("server.key").display()
+            ))
+            .arg(format!("--etcd-servers={}", self.etcd_url))
+            .arg("--authorization-mode=RBAC")
+            .arg(format!(
+                "--token-auth-file={}",
+                dir.join("tokens.csv").display()
+            ))
+            // The ServiceAccount admission plugin insists on a `default`
+            // ServiceAccount in a Pod's namespace, which only the
+            // controller manager (not run here) creates.
+            .arg("--disable-admission-plugins=ServiceAccount")
+            // TokenRequest (what a projected ServiceAccount token is)
+            // needs an issuer and a signing key.
+            .arg(format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"))
+            .arg(format!("--api-audiences={SERVICE_ACCOUNT_ISSUER}"))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                dir.join("sa.key").display()
+            ))
+            .arg(format!(
+                "--service-account-key-file={}",
+                dir.join("sa.pub").display()
+            ))
+            // Needed for the `kubernetes` Service; nothing routes to it.
+            .arg("--service-cluster-ip-range=10.0.0.0/24")
+            .arg("--profiling=false")
+            .args(&self.apiserver_args);
+        self.apiserver = Some(spawn(&mut cmd, &log, "kube-apiserver")?);
+        Ok(())
+    }
+
+    fn wait_apiserver_ready(&mut self, port: u16) -> Result<()> {
+        let url = format!("https://127.0.0.1:{port}");
+        let (ca, header) = (self.ca.clone(), self.work_dir.join("admin-auth-header"));
+        self.wait_ready("kube-apiserver", APISERVER_READY_TIMEOUT, || {
+            // With the admin token, so that readiness also proves the
+            // TLS chain (SAN 127.0.0.1) and the token file work.
+            curl(&[
+                "--max-time",
+                "2",
+                "--cacert",
+                &ca.to_string_lossy(),
+                "-H",
+                &format!("@{}", header.display()),
+                &format!("{url}/readyz"),
+            ])
+            .is_some_and(|body| body.trim() == "ok")
+        })?;
+        self.url = url;
+        Ok(())
     }
 
     /// Polls `ready` until it says yes, the process exits, or `timeout`.
@@ -368,6 +385,42 @@ impl ApiServer {
     }
 }
 
+/// What only the tests use (tests/src/kube_api.rs): xtask starts a server
+/// and stops it, nothing in between.
+#[allow(dead_code)]
+impl ApiServer {
+    /// Like `start`, with more kube-apiserver flags after ours (for a flag
+    /// given twice, the last one counts), e.g. `--watch-cache-sizes=pods#0`
+    /// for watches served by etcd itself.
+    pub fn start_with_args(root: &Path, work_dir: &Path, apiserver_args: &[&str]) -> Result<Self> {
+        Self::launch(&built_binaries(root)?, work_dir, apiserver_args)
+    }
+
+    /// Stops the API server (SIGTERM, then SIGKILL after STOP_TIMEOUT);
+    /// etcd and its data stay. Clients see their connections closed, then
+    /// refused.
+    pub fn stop_apiserver(&mut self) {
+        stop(&mut self.apiserver, "kube-apiserver");
+    }
+
+    /// Starts the API server again, stopping it first if it runs, on the
+    /// same port with the same flags and the same etcd: the URL, the CA and
+    /// every token stay valid. Returns once it is ready. Its previous log is
+    /// kept as `kube-apiserver.log.1`.
+    pub fn restart_apiserver(&mut self) -> Result<()> {
+        self.stop_apiserver();
+        let log = self.work_dir.join("kube-apiserver.log");
+        let previous = self.work_dir.join("kube-apiserver.log.1");
+        fs::rename(&log, &previous)
+            .with_context(|| format!("keeping {} as {}", log.display(), previous.display()))?;
+        // One attempt: a port taken meanwhile is an error here, since the
+        // clients know this one. Go's listener sets SO_REUSEADDR, so the old
+        // connections in TIME_WAIT do not hold it.
+        self.spawn_apiserver(self.port)?;
+        self.wait_apiserver_ready(self.port)
+    }
+}
+
 impl Drop for ApiServer {
     fn drop(&mut self) {
         // The API server first: it would only log errors about a gone etcd.
@@ -379,6 +432,20 @@ impl Drop for ApiServer {
             }
         }
     }
+}
+
+/// The binaries `ensure_binaries` built under `root`, or which is missing.
+fn built_binaries(root: &Path) -> Result<KubeBinaries> {
+    let bins = KubeBinaries::cached(root);
+    for bin in [&bins.kube_apiserver, &bins.etcd] {
+        if !bin.is_file() {
+            bail!(
+                "{} is missing: `cargo xtask kube-api` builds it (once, ~5 min)",
+                bin.display()
+            );
+        }
+    }
+    Ok(bins)
 }
 
 /// SIGTERM, up to STOP_TIMEOUT for a clean exit, then SIGKILL; always reaped.

@@ -28,6 +28,10 @@ use redirector_common::ListenEvent;
 use serde::Serialize;
 use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 
+mod pods;
+
+pub use pods::Look;
+
 use crate::{
     bpf::{datapath::Datapath, registry::Reason, sockops::Scope},
     config::{settings::Settings, Redirect},
@@ -57,12 +61,22 @@ enum Origin {
         /// The Kubernetes pod (its pod cgroup) the live-store runs in.
         pod: Option<String>,
     },
+    /// A pod the Kubernetes API selected (`--kube`): served while the API
+    /// lists it and its sandbox lives.
+    Pod {
+        ino: u64,
+        uid: String,
+        /// `namespace/name`, escaped.
+        label: String,
+    },
 }
 
 impl Origin {
     fn ino(&self) -> u64 {
         match self {
-            Origin::Explicit { ino, .. } | Origin::Discovered { ino, .. } => *ino,
+            Origin::Explicit { ino, .. }
+            | Origin::Discovered { ino, .. }
+            | Origin::Pod { ino, .. } => *ino,
         }
     }
 }
@@ -157,6 +171,8 @@ pub struct Agent {
     pending: Vec<Pending>,
     /// The served set or what it reports changed: publish at the next tick.
     dirty: bool,
+    /// With `--kube`: the pods the API selected.
+    pods: pods::Pods,
 }
 
 /// The served namespaces, as `redirector status` reads them from the state
@@ -220,6 +236,7 @@ impl Agent {
             last_scan: None,
             pending: Vec::new(),
             dirty: true,
+            pods: pods::Pods::default(),
         }
     }
 
@@ -559,10 +576,20 @@ impl Agent {
 
     /// The witness of namespace `cookie` exited.
     pub fn on_exit(&mut self, cookie: u64) {
-        let Some(Origin::Discovered { ino, .. }) = self.origins.get(&cookie) else {
-            return;
+        let ino = match self.origins.get(&cookie) {
+            Some(Origin::Discovered { ino, .. }) => *ino,
+            // A pod's sandbox holds its namespace: another process there
+            // (a container) keeps it alive for a while, none means it went.
+            Some(Origin::Pod { ino, .. }) => {
+                let ino = *ino;
+                match discovery::pids_in(ino).first() {
+                    Some(&pid) => self.watch(cookie, pid),
+                    None => self.drop_namespace(cookie, "its pod's sandbox exited"),
+                }
+                return;
+            }
+            _ => return,
         };
-        let ino = *ino;
         let pids = discovery::pids_in(ino);
         let Some(&first) = pids.first() else {
             self.drop_namespace(cookie, "no process is left in the namespace");
@@ -578,7 +605,11 @@ impl Agent {
     }
 
     fn drop_namespace(&mut self, cookie: u64, why: &str) {
-        self.origins.remove(&cookie);
+        if let Some(Origin::Pod { uid, .. }) = self.origins.remove(&cookie) {
+            if let Some(pod) = self.pods.by_uid.get_mut(&uid) {
+                pod.cookie = None;
+            }
+        }
         self.witnesses.remove(&cookie);
         if let Some(netns) = self.datapath.unserve(cookie) {
             eprintln!("detached sk_lookup from netns {netns}: {why}");
@@ -626,7 +657,7 @@ impl Agent {
                     without_listener_since: Some(_),
                     ..
                 } => in_grace.push(*cookie),
-                Origin::Discovered { .. } => {}
+                Origin::Discovered { .. } | Origin::Pod { .. } => {}
             }
         }
         for (cookie, why) in gone {
@@ -834,6 +865,10 @@ impl Agent {
                 NsInfo {
                     name: s.netns.path.display().to_string(),
                     listener: owner,
+                    pod: match self.origins.get(&s.netns.cookie) {
+                        Some(Origin::Pod { label, .. }) => Some(label.clone()),
+                        _ => None,
+                    },
                 },
             );
         }
@@ -887,6 +922,9 @@ impl Agent {
                             format!("listed by the operator ({})", path.display())
                         }
                         Some(Origin::Discovered { why, .. }) => format!("discovered: {why}"),
+                        Some(Origin::Pod { label, uid, .. }) => {
+                            format!("pod {label} (uid {uid}), selected by the Kubernetes API")
+                        }
                         None => String::new(),
                     },
                     sock_ops_cgroups: s
