@@ -51,8 +51,15 @@ pub enum Command {
     },
     /// Remove everything a --pin agent left attached and pinned under
     /// /sys/fs/bpf/redirector, and say what was removed.
-    #[command(after_help = "Examples:\n  redirector detach")]
-    Detach,
+    #[command(
+        after_help = "Examples:\n  redirector detach\n  redirector detach --wait   # deploy/uninstall.yaml: every node, then stay up"
+    )]
+    Detach {
+        /// After removing, stay running until SIGTERM: the uninstall
+        /// DaemonSet's pods (deploy/uninstall.yaml) must not exit.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Probe what this node needs (privileges, kernel, BTF, sk_lookup, sock_ops,
     /// cgroup v2, bpffs) and print PASS/FAIL with a fix for each. Changes nothing.
     /// Exit code 0 when everything passes, 3 otherwise.

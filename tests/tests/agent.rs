@@ -651,3 +651,62 @@ fn a_realistic_tempo_config_gives_the_ring_port_and_the_grpc_port() {
         serde_json::json!([{"advertise_port": 12345, "listen_port": 9095}])
     );
 }
+
+/// The uninstall step (deploy/uninstall.yaml runs `redirector detach --wait`
+/// on every node): a pinned agent's programs, links and maps are gone, the
+/// redirect with them, and the command stays up until SIGTERM, as a
+/// DaemonSet's pod must.
+#[test]
+fn detach_wait_removes_a_pinned_agent_and_stays_up_until_sigterm() {
+    let (_cleanup, q, l, _live_store) = pinned_setup();
+    let l_path = l.path().display().to_string();
+    let before = redirector_program_ids();
+    let agent = Agent::start(&["--pin", "--netns", l_path.as_str()]).expect("agent");
+    agent.wait_registered(1);
+    let target = format!("{LIVE_STORE_V4}:{ADVERTISE}");
+    agent.stop().expect("agent stops");
+    // The DaemonSet deleted: still redirecting, from the pins.
+    assert_eq!(
+        request(&q, &target, b"x").expect("pinned redirect").server,
+        "live-store"
+    );
+
+    let mut detach = std::process::Command::new(agent_bin())
+        .args(["detach", "--wait"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("detach --wait");
+    let stdout = detach.stdout.take().expect("stdout");
+    let lines: Vec<String> = io::BufRead::lines(io::BufReader::new(stdout))
+        .map_while(Result::ok)
+        .take_while(|l| !l.starts_with("detached; waiting"))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.starts_with("removed link")),
+        "{lines:?}"
+    );
+    assert!(!std::path::Path::new(PIN_ROOT).exists());
+    assert!(sk_lookup_programs(&l).is_empty(), "sk_lookup left on L");
+    let left = wait_unloaded(
+        &redirector_program_ids()
+            .difference(&before)
+            .copied()
+            .collect(),
+    );
+    assert!(left.is_empty(), "programs left: {left:?}");
+    assert_eq!(
+        request(&q, &target, b"x")
+            .expect_err("no redirect after detach")
+            .kind(),
+        io::ErrorKind::ConnectionRefused
+    );
+    // Still up, as a DaemonSet's container must be; SIGTERM ends it cleanly.
+    thread::sleep(Duration::from_millis(200));
+    assert!(detach.try_wait().expect("try_wait").is_none(), "exited");
+    // SAFETY: kill(2) on the pid of our own child.
+    unsafe { libc::kill(detach.id() as i32, libc::SIGTERM) };
+    let t = std::time::Instant::now();
+    let status = detach.wait().expect("wait");
+    assert!(status.success(), "{status}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}

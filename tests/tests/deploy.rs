@@ -605,3 +605,52 @@ fn the_agent_may_read_pods_and_nothing_else() {
         "spec.nodeName"
     );
 }
+
+/// The uninstall step runs the agent's own image with `detach --wait`, where
+/// the agent pins (bpffs), with no more privilege than the agent has, and no
+/// API access; and it validates as the agent's manifests do.
+#[test]
+fn uninstall_detaches_on_every_node_with_the_agents_image_and_privileges() {
+    let docs = documents("uninstall.yaml");
+    assert_eq!(docs.len(), 1, "one DaemonSet");
+    let ds = &docs[0];
+    assert_eq!(str_of(ds, "kind"), "DaemonSet");
+    let pod = get(ds, "spec.template.spec");
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert_eq!(str_of(&seq(pod, "tolerations")[0], "operator"), "Exists");
+    let c = &seq(pod, "containers")[0];
+    let args: Vec<&str> = seq(c, "args")
+        .iter()
+        .map(|a| a.as_str().expect("string arg"))
+        .collect();
+    assert_eq!(args, ["detach", "--wait"]);
+    let agent = container();
+    assert_eq!(str_of(c, "image"), str_of(&agent, "image"));
+    let caps = |c: &Value| -> BTreeSet<String> {
+        seq(c, "securityContext.capabilities.add")
+            .iter()
+            .map(|v| v.as_str().expect("capability").to_owned())
+            .collect()
+    };
+    assert!(caps(c).is_subset(&caps(&agent)), "{:?}", caps(c));
+    let bpffs = seq(c, "volumeMounts")
+        .iter()
+        .find(|m| m["name"] == "bpffs")
+        .expect("bpffs mount");
+    assert_eq!(str_of(bpffs, "mountPath"), "/sys/fs/bpf");
+
+    let validator = std::env::var_os("REDIRECTOR_TEST_KUBERNETES_VALIDATE")
+        .expect("run through `cargo xtask test`, which installs kubernetes-validate");
+    let out = std::process::Command::new(validator)
+        .args(["--strict", "--kubernetes-version", "1.31.0"])
+        .arg(deploy_dir().join("uninstall.yaml"))
+        .output()
+        .expect("run kubernetes-validate");
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{report}");
+    assert!(
+        report.contains("passed for resource daemonset/"),
+        "{report}"
+    );
+}

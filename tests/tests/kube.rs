@@ -296,6 +296,16 @@ fn await_served(agent: &Agent, label: &str, pod: &FakePod) {
     );
 }
 
+/// The agent's flow records (JSON on its stdout) of pod tempo/live-store-1.
+fn pod_records(agent: &Agent) -> Vec<serde_json::Value> {
+    agent
+        .stdout()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["pod"] == "tempo/live-store-1")
+        .collect()
+}
+
 /// One connection attempt every millisecond from `client` to the advertised
 /// port until stopped: (when, whether it was answered by the live-store).
 fn load(client: &Netns, stop: &AtomicBool) -> Vec<(Instant, bool)> {
@@ -432,6 +442,47 @@ fn only_selected_pods_are_served_through_restarts_until_deleted() {
     let _second = pod.go_live_store("live-store-1b");
     assert_eq!(served_from(&client).as_deref(), Some("live-store-1b"));
 
+    // (6) Records name the pod and carry one flow id from open to close;
+    // `redirector flows --pod` keeps that pod's.
+    assert!(
+        wait_until(Duration::from_secs(3), || {
+            pod_records(&agent)
+                .iter()
+                .filter(|r| r["event"] == "close")
+                .count()
+                >= 2
+        }),
+        "{:?}",
+        agent.stdout()
+    );
+    let records = pod_records(&agent);
+    for close in records.iter().filter(|r| r["event"] == "close") {
+        let id = close["flow_id"].as_u64().expect("flow_id");
+        assert!(
+            records
+                .iter()
+                .any(|r| r["event"] == "open" && r["flow_id"].as_u64() == Some(id)),
+            "no open record with flow_id {id}: {records:?}"
+        );
+    }
+    for (filter, want) in [
+        (["--pod", "live-store-1"], records.len()),
+        (["--pod", "tempo/live-store-1"], records.len()),
+        (["--namespace", "tempo"], records.len()),
+        (["--pod", "querier-0"], 0),
+    ] {
+        let mut args = vec!["flows", "--last", "100", "--output", "json"];
+        args.extend(filter);
+        let (code, out, err) = redirector_tests::redirector(&args);
+        assert_eq!(code, 0, "{err}");
+        let lines: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON record"))
+            .collect();
+        assert_eq!(lines.len(), want, "{filter:?}: {out}");
+        assert!(lines.iter().all(|r| r["pod"] == "tempo/live-store-1"));
+    }
+
     // Deleted: the redirect, sk_lookup and the MPTCP setting go.
     cluster.delete_pod("live-store-1");
     assert!(
@@ -502,6 +553,65 @@ fn an_unreachable_api_changes_nothing_served() {
         restored.elapsed()
     );
     assert_eq!(served_from(&client).as_deref(), Some("live-store-2"));
+    let stopped = agent.stop().expect("agent stops");
+    assert!(stopped.status.success(), "{:?}", stopped.stderr);
+}
+
+/// CPU time (user + system) process `pid` has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // The fields after the command name, which is in parentheses.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime: fields 14 and 15 of stat(5), 12 and 13 here.
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// (5) 200 live-store pods on the node: every one served from its sandbox,
+/// and the agent idle afterwards (no polling: < 0.5% of a core).
+#[test]
+fn two_hundred_pods_are_all_served_and_the_agent_idles() {
+    enter_test_cgroup();
+    const PODS: usize = 200;
+    let cluster = Cluster::start("many", false);
+    let agent = cluster.agent();
+    let started = Instant::now();
+    let pods: Vec<FakePod> = (0..PODS)
+        .map(|i| {
+            let uid = cluster.create_pod(&format!("live-store-{i}"), &LABELS, None);
+            FakePod::start(&cluster, &uid, &format!("k-m{i}"))
+        })
+        .collect();
+    let all_served = wait_until(Duration::from_secs(60), || {
+        pods.iter().all(|p| p.mptcp_enabled() == "0")
+    });
+    let unserved = pods.iter().filter(|p| p.mptcp_enabled() != "0").count();
+    assert!(
+        all_served,
+        "{unserved} of {PODS} pods not served 60 s after the last was created; agent: {:?}",
+        agent.status()
+    );
+    eprintln!("{PODS} pods created and served in {:?}", started.elapsed());
+    // MPTCP is turned off just before sk_lookup is attached and the state
+    // file written: status follows within moments.
+    assert!(
+        wait_until(Duration::from_secs(3), || status(&agent)
+            .matches("selected by the Kubernetes API")
+            .count()
+            == PODS),
+        "{}",
+        status(&agent)
+    );
+    // Idle: nothing changes on the node for 10 s.
+    thread::sleep(Duration::from_secs(2));
+    let ticks_per_sec = 100.0; // USER_HZ on Linux
+    let before = cpu_ticks(agent.pid());
+    let window = Duration::from_secs(10);
+    thread::sleep(window);
+    let used = (cpu_ticks(agent.pid()) - before) as f64 / ticks_per_sec;
+    let share = used / window.as_secs_f64() * 100.0;
+    eprintln!("agent CPU while idle with {PODS} pods served: {share:.2}% of a core");
+    assert!(share < 0.5, "agent idle CPU {share:.2}% of a core");
     let stopped = agent.stop().expect("agent stops");
     assert!(stopped.status.success(), "{:?}", stopped.stderr);
 }

@@ -542,8 +542,9 @@ fn held_connections_fill_only_their_share_of_the_flow_table() {
         sample(&metrics(&agent), exceeded),
         sample(&during, exceeded)
     );
-    drop(held);
+    // While the connections are held: the attack is still on.
     assert_unharmed(agent, "flows");
+    drop(held);
 }
 
 /// A pod (not a live-store) that binds and closes the listen port in a loop:
@@ -699,4 +700,61 @@ fn a_stray_ack_flood_leaves_no_state_behind() {
         "stray segments left entries in the node's maps"
     );
     assert_unharmed(agent, "strays");
+}
+
+/// A pod that makes 5,000 user+network namespaces in a loop (children, 32
+/// at a time, each listening on the listen port for 50 ms with the pod's
+/// claim on its command line): its pod gets `NAMESPACES_PER_POD` served and
+/// no more, the rest cost no program load (most are gone before anything
+/// reads them; those judged are refused for their pod), and a live-store in
+/// another pod is served meanwhile.
+#[test]
+fn five_thousand_namespaces_made_in_a_loop_cost_only_their_pod() {
+    enter_test_cgroup();
+    const MADE: u32 = 5000;
+    let agent = discovering();
+    let hostile = pod("ns-loop");
+    let made_file = std::env::temp_dir().join(format!("nb-made-{}", std::process::id()));
+    let _ = std::fs::remove_file(&made_file);
+    let mut args = vec![format!("[::]:{LISTEN}"), "claim".to_owned()];
+    args.push("-target=live-store".to_owned());
+    args.push(format!("--unshare-loop={MADE}"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let _loop = Process::start_in(
+        &hostile.ns,
+        Some(&hostile.ctr),
+        standin(),
+        &args,
+        &[("STANDIN_MADE_FILE", made_file.to_str().expect("utf-8"))],
+    )
+    .expect("the loop starts");
+    let refused = "redirector_namespaces_refused_per_pod_total";
+    let mut most_programs = 0;
+    let done = wait_until(latency_bound(Duration::from_secs(120)), || {
+        most_programs = most_programs.max(sample(&metrics(&agent), "redirector_programs_attached"));
+        made_file.exists()
+    });
+    let made: u32 = std::fs::read_to_string(&made_file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    let _ = std::fs::remove_file(&made_file);
+    assert!(done, "the loop did not finish in time");
+    assert_eq!(made, MADE, "namespaces made");
+    let body = metrics(&agent);
+    eprintln!(
+        "{made} namespaces in {:?}: {} refused for their pod, {} inspections dropped, at most {most_programs} programs attached",
+        started.elapsed(),
+        sample(&body, refused),
+        sample(&body, "redirector_pod_inspections_dropped_total"),
+    );
+    // The pod's own namespace and at most one more: an sk_lookup instance
+    // each, and sock_ops on its pod cgroup.
+    assert!(
+        most_programs <= redirector::agent::NAMESPACES_PER_POD as u64 + 1,
+        "{most_programs} programs attached:\n{body}"
+    );
+    assert!(sample(&body, refused) > 0, "{body}");
+    assert_unharmed(agent, "ns-loop");
 }

@@ -57,12 +57,23 @@ pub fn main() -> ExitCode {
                 print!("{}", status::render(&report, output)?);
                 Ok(())
             }
-            crate::cli::Command::Detach => {
+            crate::cli::Command::Detach { wait } => {
                 run::check_privileges()?;
                 print!(
                     "{}",
                     status::detach(&crate::bpf::pins::PinLayout::default())?
                 );
+                if wait {
+                    use std::io::Write as _;
+                    println!("detached; waiting for SIGTERM");
+                    let _ = std::io::stdout().flush();
+                    let mut term =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                }
                 Ok(())
             }
             crate::cli::Command::Flows(args) => flows::follow(args).await,

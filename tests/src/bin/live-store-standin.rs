@@ -19,6 +19,7 @@ fn main() {
     let mut bind_from = 0u32;
     let mut chroot = None;
     let mut storm: Option<u16> = None;
+    let mut unshare_loop = 0u32;
     for flag in args {
         match flag.as_str() {
             // A hostile pod: after listening, N more listeners on the same
@@ -33,6 +34,15 @@ fn main() {
                     eprintln!("live-store-standin: --bind-storm=PORT");
                     std::process::exit(2);
                 }
+            }
+            // A hostile pod: N children, 32 at a time, each in new user and
+            // network namespaces where it listens on the port for 50 ms, then
+            // exits. The count made goes to the file $STANDIN_MADE_FILE.
+            n if n.starts_with("--unshare-loop=") => {
+                unshare_loop = n["--unshare-loop=".len()..].parse().unwrap_or_else(|_| {
+                    eprintln!("live-store-standin: --unshare-loop=N");
+                    std::process::exit(2);
+                });
             }
             n if n.starts_with("--bind-from=") => {
                 bind_from = n["--bind-from=".len()..].parse().unwrap_or_else(|_| {
@@ -90,6 +100,18 @@ fn main() {
             drop(std::net::TcpListener::bind(("127.0.0.1", port)));
         });
     }
+    if unshare_loop > 0 {
+        std::thread::spawn(move || {
+            let mut made = 0;
+            for start in (0..unshare_loop).step_by(32) {
+                let batch = (unshare_loop - start).min(32);
+                made += namespaces_with_listeners(port, batch);
+            }
+            if let Some(path) = std::env::var_os("STANDIN_MADE_FILE") {
+                let _ = std::fs::write(path, made.to_string());
+            }
+        });
+    }
     let mut held = Vec::new();
     if bind_many > 0 {
         redirector_tests::raise_open_files(u64::from(bind_many));
@@ -111,4 +133,46 @@ fn main() {
     loop {
         std::thread::park();
     }
+}
+
+/// Forks `n` children that each enter new user and network namespaces and
+/// listen on `port` there for 50 ms, then exit; waits for them. Returns how
+/// many listened.
+fn namespaces_with_listeners(port: u16, n: u32) -> u32 {
+    let mut children = Vec::new();
+    for _ in 0..n {
+        // SAFETY: the child only makes async-signal-safe system calls before
+        // _exit (the parent has other threads).
+        match unsafe { libc::fork() } {
+            0 => unsafe {
+                let ok = libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) == 0 && {
+                    let fd = libc::socket(libc::AF_INET6, libc::SOCK_STREAM, 0);
+                    let mut addr: libc::sockaddr_in6 = std::mem::zeroed();
+                    addr.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                    addr.sin6_port = port.to_be();
+                    fd >= 0
+                        && libc::bind(
+                            fd,
+                            (&addr as *const libc::sockaddr_in6).cast(),
+                            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                        ) == 0
+                        && libc::listen(fd, 16) == 0
+                };
+                libc::usleep(50_000);
+                libc::_exit(if ok { 0 } else { 1 });
+            },
+            pid if pid > 0 => children.push(pid),
+            _ => {}
+        }
+    }
+    let mut listened = 0;
+    for pid in children {
+        let mut status = 0;
+        // SAFETY: waitpid(2) on our own child.
+        let waited = unsafe { libc::waitpid(pid, &mut status, 0) } == pid;
+        if waited && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+            listened += 1;
+        }
+    }
+    listened
 }
