@@ -248,7 +248,7 @@ pub struct RunArgs {
 
     /// With --kube, this node's name (the DaemonSet sets NODE_NAME from the
     /// downward API, fieldRef spec.nodeName): only its pods are watched.
-    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    #[arg(long, env = crate::discovery::kube::watch::NODE_NAME_ENV, value_name = "NAME")]
     pub node_name: Option<String>,
 
     /// With --kube, the cgroup holding kubelet's pod cgroups (kubepods.slice

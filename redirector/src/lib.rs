@@ -4,11 +4,12 @@
 //! - `cli`, `commands/`: the command line and one file per subcommand
 //!   (`run` sets the agent up and tears it down).
 //! - `agent`: the served set, kept current from listen events, process exits
-//!   and the resync.
+//!   and the resync; with `--kube`, from the pods the Kubernetes API selects.
 //! - `config/`: redirector.yaml, Tempo's config file, and the settings `run`
 //!   resolves from flags, files and defaults.
 //! - `discovery/`: network namespaces, their listening sockets (sock_diag) and
-//!   the processes that own them; which namespaces have a live-store.
+//!   the processes that own them; which namespaces have a live-store (from
+//!   processes, or from the Kubernetes API and pod cgroups: `discovery/kube/`).
 //! - `bpf/`: the kernel object (build id), loading and attaching it, the
 //!   listener registry, pinned state, cgroup lookup and feature probes.
 //! - `flows/`: flow records from the kernel ring to the log and subscribers.

@@ -281,6 +281,7 @@ struct Metrics {
     active: Gauge,
     listeners: Gauge,
     unservable: Family<Vec<(String, String)>, Gauge>,
+    pods: Family<Vec<(String, String)>, Gauge>,
     programs: Gauge,
     expected: Gauge,
     ready: Gauge,
@@ -296,6 +297,8 @@ pub struct Telemetry {
     /// Live-store listeners of served namespaces that are not registered, by
     /// namespace name (from the last reconcile pass).
     unservable: Mutex<Vec<(String, Unservable)>>,
+    /// `--kube`: (namespace, pod, node) of each pod served.
+    served_pods: Mutex<Vec<[String; 3]>>,
     metrics: Mutex<Metrics>,
     http_rejected: Rejections,
     /// Records `redirector flows` subscribers missed by reading too slowly.
@@ -330,6 +333,12 @@ impl Telemetry {
             "listeners_unservable",
             "Live-store listeners in served namespaces that are not registered, by reason (mptcp, no_owner, copy_denied, register_failed); the live-store's problem, so not part of ready",
             unservable.clone(),
+        );
+        let pods = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "pod_served",
+            "1 for each Kubernetes pod whose live-store the agent serves (--kube), by namespace, pod and node: one series per selected pod of this node",
+            pods.clone(),
         );
         let programs = Gauge::default();
         registry.register(
@@ -371,6 +380,7 @@ impl Telemetry {
             attachments: Mutex::new(attachments),
             checked: Mutex::new(None),
             unservable: Mutex::new(Vec::new()),
+            served_pods: Mutex::new(Vec::new()),
             metrics: Mutex::new(Metrics {
                 registry,
                 last: vec![0; kernel.len()],
@@ -378,6 +388,7 @@ impl Telemetry {
                 active,
                 listeners: listeners_gauge,
                 unservable,
+                pods,
                 programs,
                 expected,
                 ready,
@@ -478,6 +489,13 @@ impl Telemetry {
         }
     }
 
+    /// Replaces the pods served (`--kube`): (namespace, pod, node).
+    pub fn set_served_pods(&self, pods: Vec<[String; 3]>) {
+        if let Ok(mut p) = self.served_pods.lock() {
+            *p = pods;
+        }
+    }
+
     fn unservable(&self) -> Vec<(String, Unservable)> {
         self.unservable
             .lock()
@@ -517,6 +535,19 @@ impl Telemetry {
             m.unservable
                 .get_or_create(&vec![("reason".to_owned(), reason.label().to_owned())])
                 .set(n as i64);
+        }
+        // A deleted pod's series goes with it.
+        m.pods.clear();
+        if let Ok(pods) = self.served_pods.lock() {
+            for [namespace, pod, node] in pods.iter() {
+                m.pods
+                    .get_or_create(&vec![
+                        ("namespace".to_owned(), namespace.clone()),
+                        ("pod".to_owned(), pod.clone()),
+                        ("node".to_owned(), node.clone()),
+                    ])
+                    .set(1);
+            }
         }
         let checked = self.checked();
         let c = checked.clone().unwrap_or_default();

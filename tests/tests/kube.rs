@@ -429,6 +429,13 @@ fn only_selected_pods_are_served_through_restarts_until_deleted() {
     assert_eq!(served_from(&client).as_deref(), Some("live-store-1"));
     let text = status(&agent);
     assert!(text.contains("tempo/live-store-1"), "{text}");
+    let series = format!(
+        "redirector_pod_served{{namespace=\"tempo\",pod=\"live-store-1\",node=\"{}\"}} 1",
+        cluster.node
+    );
+    let body = http_get(&agent.metrics_url("/metrics")).1;
+    assert!(body.contains(&series), "{series} not in:\n{body}");
+    assert_eq!(body.matches("redirector_pod_served{").count(), 1, "{body}");
     assert!(!text.contains("querier-0"), "{text}");
     assert!(!text.contains("live-store-9"), "{text}");
     assert_eq!(
@@ -493,6 +500,8 @@ fn only_selected_pods_are_served_through_restarts_until_deleted() {
     assert_eq!(served_from(&client), None);
     let text = status(&agent);
     assert!(!text.contains("live-store-1"), "{text}");
+    let body = http_get(&agent.metrics_url("/metrics")).1;
+    assert!(!body.contains("redirector_pod_served{"), "{body}");
     // sk_lookup and the pod's sock_ops detached (the gauge is read at most
     // once a second).
     assert!(

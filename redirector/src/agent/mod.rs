@@ -873,6 +873,20 @@ impl Agent {
             );
         }
         self.owners.retain(|cookie, _| infos.contains_key(cookie));
+        self.telemetry.set_served_pods(
+            self.pods
+                .by_uid
+                .values()
+                .filter(|p| p.cookie.is_some())
+                .map(|p| {
+                    [
+                        p.info.namespace.clone(),
+                        p.info.name.clone(),
+                        p.info.node.clone(),
+                    ]
+                })
+                .collect(),
+        );
         if let Ok(mut names) = self.names.lock() {
             *names = infos;
         }

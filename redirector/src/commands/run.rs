@@ -177,12 +177,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         Some(k) => {
             let (tx, rx) = mpsc::channel(POD_EVENTS);
             let selector = kube::watch::Selector {
-                node: k.node.clone().ok_or_else(|| {
-                    Fatal::Environment(
-                        "--kube needs this node's name: NODE_NAME is unset (the DaemonSet sets it from the downward API, fieldRef spec.nodeName), or give --node-name"
-                            .to_owned(),
-                    )
-                })?,
+                node: kube::watch::node(k.node.as_deref())
+                    .map_err(|e| Fatal::Environment(format!("--kube: {e:#}")))?,
                 labels: k.labels.clone(),
                 namespaces: k.namespaces.clone(),
             };

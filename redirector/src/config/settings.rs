@@ -174,7 +174,7 @@ pub fn resolve(args: RunArgs) -> Result<Settings> {
             .unwrap_or_else(|| crate::discovery::kube::watch::DEFAULT_LABELS.to_owned()),
         namespaces: args.kube_namespaces.clone(),
         kubeconfig: args.kubeconfig.clone(),
-        node: args.node_name.clone().filter(|n| !n.trim().is_empty()),
+        node: args.node_name.clone(),
         cgroup_root: args.kube_cgroup_root.clone(),
     });
     let cgroup_pattern = args.cgroup_pattern.or(file.cgroup_pattern);

@@ -14,7 +14,7 @@
 
 use std::{
     collections::HashMap,
-    env::{self, VarError},
+    env,
     path::Path,
     time::{Duration, Instant},
 };
@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 pub const DEFAULT_LABELS: &str =
     "app.kubernetes.io/name=tempo,app.kubernetes.io/component=live-store";
 
-/// What `node_from_env` reads: the downward API puts the node's name there.
+/// Where `--node-name` comes from: the downward API puts the node's name there.
 pub const NODE_NAME_ENV: &str = "NODE_NAME";
 
 /// Kubernetes' own limit for names (DNS subdomains). Anything a pod's author
@@ -201,20 +201,15 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
     Client::try_from(config).context("creating the Kubernetes API client")
 }
 
-/// This node's name from `NODE_NAME`, which the DaemonSet sets from the pod's
-/// `spec.nodeName` (downward API).
-pub fn node_from_env() -> Result<String> {
-    node_from(env::var(NODE_NAME_ENV))
-}
-
-fn node_from(value: Result<String, VarError>) -> Result<String> {
+/// This node's name (`--node-name`, or `NODE_NAME`, which the DaemonSet sets
+/// from the pod's `spec.nodeName` through the downward API).
+pub fn node(given: Option<&str>) -> Result<String> {
     const HOW: &str = "set it in the DaemonSet from the pod's spec.nodeName: \
-        env: [{name: NODE_NAME, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}]";
-    match value {
-        Ok(node) if !node.trim().is_empty() => Ok(node),
-        Ok(_) => bail!("{NODE_NAME_ENV} is empty: {HOW}"),
-        Err(VarError::NotPresent) => bail!("{NODE_NAME_ENV} is unset: {HOW}"),
-        Err(VarError::NotUnicode(_)) => bail!("{NODE_NAME_ENV} is not UTF-8: {HOW}"),
+        env: [{name: NODE_NAME, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}], or give --node-name";
+    match given {
+        Some(node) if !node.trim().is_empty() => Ok(node.to_owned()),
+        Some(_) => bail!("{NODE_NAME_ENV} is empty: {HOW}"),
+        None => bail!("{NODE_NAME_ENV} is unset: {HOW}"),
     }
 }
 
@@ -1007,13 +1002,9 @@ mod tests {
 
     #[test]
     fn node_name_comes_from_the_downward_api() {
-        assert_eq!(node_from(Ok("node-a".into())).unwrap(), "node-a");
-        for value in [
-            Ok(String::new()),
-            Ok("  ".into()),
-            Err(VarError::NotPresent),
-        ] {
-            let e = node_from(value).unwrap_err().to_string();
+        assert_eq!(node(Some("node-a")).unwrap(), "node-a");
+        for value in [Some(""), Some("  "), None] {
+            let e = node(value).unwrap_err().to_string();
             assert!(
                 e.contains("NODE_NAME") && e.contains("spec.nodeName") && e.contains("fieldRef"),
                 "{e}"
