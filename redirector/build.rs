@@ -107,9 +107,12 @@ fn build() -> Result<()> {
     }
     // BTF in the object: the kernel takes socket storage maps (LISTEN_MARKS)
     // only in the BTF form, and bpf-linker writes BTF only when asked.
+    // BPF CPU v3, pinned: v4 instructions (bswap, sign-extending loads, ...)
+    // need Linux 6.6, and the 6.1 verifier refuses them; the LLVM default may
+    // move (a test checks the object: datapath.rs `object_tests`).
     cmd.env(
         "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
-        "-C link-arg=--btf",
+        "-C link-arg=--btf -C target-cpu=v3",
     );
     cmd.current_dir(&root)
         .args([

@@ -1008,3 +1008,59 @@ impl Drop for PinWindow {
         }
     }
 }
+
+#[cfg(all(test, feature = "bpf-object"))]
+mod object_tests {
+    use aya_obj::generated::bpf_insn;
+
+    /// BPF instruction classes and operations (the kernel's
+    /// Documentation/bpf/standardization/instruction-set.rst).
+    const CLASS_LDX: u8 = 0x01;
+    const CLASS_ALU: u8 = 0x04;
+    const CLASS_JMP32: u8 = 0x06;
+    const CLASS_ALU64: u8 = 0x07;
+    const MODE_MEMSX: u8 = 0x80;
+    const OP_DIV: u8 = 0x30;
+    const OP_MOD: u8 = 0x90;
+    const OP_MOV: u8 = 0xb0;
+    const OP_END: u8 = 0xd0;
+    const OP_JA: u8 = 0x00;
+
+    /// What an instruction needs of the CPU version: the ones added in v4
+    /// (Linux 6.6) are refused by the 6.1 verifier.
+    fn v4_only(i: &bpf_insn) -> Option<&'static str> {
+        let (class, op) = (i.code & 0x07, i.code & 0xf0);
+        match class {
+            CLASS_LDX if i.code & 0xe0 == MODE_MEMSX => Some("sign-extending load"),
+            CLASS_ALU | CLASS_ALU64 if op == OP_MOV && i.off != 0 => Some("movsx"),
+            CLASS_ALU | CLASS_ALU64 if (op == OP_DIV || op == OP_MOD) && i.off == 1 => {
+                Some("signed division")
+            }
+            CLASS_ALU64 if op == OP_END => Some("bswap"),
+            CLASS_JMP32 if op == OP_JA => Some("gotol"),
+            _ => None,
+        }
+    }
+
+    /// The embedded object is built for BPF CPU v3 (build.rs asks bpf-linker
+    /// for it): nothing in it needs v4, which the oldest kernel we support
+    /// (6.1) does not have, whatever the LLVM default becomes.
+    #[test]
+    fn the_kernel_object_uses_no_bpf_v4_instruction() {
+        let object = aya_obj::Object::parse(super::object().expect("embedded object"))
+            .expect("the embedded object parses");
+        let mut checked = 0;
+        for ((section, _), f) in &object.functions {
+            for (n, insn) in f.instructions.iter().enumerate() {
+                checked += 1;
+                if let Some(what) = v4_only(insn) {
+                    panic!(
+                        "{} (section {section}) instruction {n}: {what} (code {:#04x}, off {}), a BPF v4 instruction",
+                        f.name, insn.code, insn.off
+                    );
+                }
+            }
+        }
+        assert!(checked > 1000, "only {checked} instructions found");
+    }
+}
