@@ -222,14 +222,14 @@ pub struct RunArgs {
     /// port (with hostPID: every live-store pod on the node), from the moment it
     /// calls listen(); stop serving a namespace when it disappears or its
     /// live-store stays down.
-    #[arg(long, env = "REDIRECTOR_DISCOVER")]
+    #[arg(long, env = "REDIRECTOR_DISCOVER", value_parser = env_bool())]
     pub discover: bool,
 
     /// Serve the live-store pods of this node that the Kubernetes API selects
     /// (label selector --kube-labels, on node $NODE_NAME), from their sandbox's
     /// start, before the live-store's first socket: the DaemonSet's mode.
     /// Needs get/list/watch on pods (the ClusterRole in deploy/daemonset.yaml).
-    #[arg(long, env = "REDIRECTOR_KUBE", conflicts_with = "discover")]
+    #[arg(long, env = "REDIRECTOR_KUBE", value_parser = env_bool(), conflicts_with = "discover")]
     pub kube: bool,
 
     /// With --kube, the label selector of live-store pods [default: the
@@ -301,7 +301,7 @@ pub struct RunArgs {
 
     /// Pin programs, links and maps under /sys/fs/bpf/redirector so redirects keep
     /// working while the agent restarts or is upgraded; the next agent adopts them.
-    #[arg(long, env = "REDIRECTOR_PIN")]
+    #[arg(long, env = "REDIRECTOR_PIN", value_parser = env_bool())]
     pub pin: bool,
 
     /// Leave MPTCP on in served namespaces. By default the agent sets the
@@ -309,7 +309,7 @@ pub struct RunArgs {
     /// live-store (Go >= 1.24 listens with MPTCP by default) listens with plain
     /// TCP, which the kernel can redirect; it restores the old value when it
     /// stops serving the namespace.
-    #[arg(long, env = "REDIRECTOR_KEEP_MPTCP")]
+    #[arg(long, env = "REDIRECTOR_KEEP_MPTCP", value_parser = env_bool())]
     pub keep_mptcp: bool,
 
     /// Flow record format: `text` for people, `json` or `logfmt` (one record per
@@ -366,6 +366,12 @@ pub fn parse_port(s: &str) -> Result<u16, String> {
         Ok(p) => Err(format!("port {p} is out of range: a TCP port is 1-65535")),
         Err(_) => Err(format!("`{s}` is not a port number: a TCP port is 1-65535")),
     }
+}
+
+/// Boolean flags read from the environment the way people write them:
+/// 1/0, true/false, yes/no, on/off (clap's default takes true/false only).
+fn env_bool() -> clap::builder::BoolishValueParser {
+    clap::builder::BoolishValueParser::new()
 }
 
 #[cfg(test)]

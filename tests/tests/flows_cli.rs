@@ -635,3 +635,50 @@ fn render(page: &Path) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// Boolean settings from the environment take the spellings people use
+/// (the README's `REDIRECTOR_KEEP_MPTCP=1` used to exit 2), and anything
+/// else is one clear usage error.
+#[test]
+fn boolean_environment_variables_take_the_usual_spellings() {
+    let dry_run = |var: &str, value: &str| {
+        std::process::Command::new(agent_bin())
+            .args(["run", "--dry-run"])
+            .env(var, value)
+            .output()
+            .expect("run --dry-run")
+    };
+    for (value, want) in [
+        ("1", true),
+        ("true", true),
+        ("yes", true),
+        ("on", true),
+        ("0", false),
+        ("false", false),
+        ("no", false),
+        ("off", false),
+    ] {
+        for (var, key) in [
+            ("REDIRECTOR_KEEP_MPTCP", "keep_mptcp"),
+            ("REDIRECTOR_PIN", "pin"),
+            ("REDIRECTOR_DISCOVER", "discover"),
+        ] {
+            let out = dry_run(var, value);
+            assert!(
+                out.status.success(),
+                "{var}={value}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let settings: serde_json::Value =
+                serde_json::from_slice(&out.stdout).expect("--dry-run prints JSON");
+            assert_eq!(settings[key], want, "{var}={value}");
+        }
+    }
+    let out = dry_run("REDIRECTOR_KEEP_MPTCP", "maybe");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("'maybe'") && err.contains("--keep-mptcp"),
+        "{err}"
+    );
+}
