@@ -162,9 +162,9 @@ impl Agent {
         self.dirty = true;
     }
 
-    /// Serves a selected pod's sandbox namespace: redirects, MPTCP off,
-    /// `sk_lookup`, and `sock_ops` on the pod cgroup, before its containers
-    /// start.
+    /// Serves a selected pod's sandbox namespace before its containers
+    /// start: `sock_ops` on the pod cgroup, the redirects, MPTCP off, then
+    /// `sk_lookup`.
     fn serve_sandbox(&mut self, sandbox: Sandbox) {
         let Some(pod) = self.pods.by_uid.get(&sandbox.pod_uid) else {
             return;
