@@ -36,7 +36,9 @@ struct Cluster {
     admin: kube::Client,
     kubeconfig: PathBuf,
     node: String,
-    kubepods: Cgroup,
+    /// kubelet's root of pod cgroups, inside `_tree` (the test's own).
+    kubepods: PathBuf,
+    _tree: Cgroup,
     proxy: Option<kube_api::Proxy>,
     // Last: stopped after everything that talks to it.
     api: kube_api::ApiServer,
@@ -67,24 +69,28 @@ impl Cluster {
             .expect("the agent's kubeconfig");
         rt.block_on(kube_api::create_namespace(&admin, "tempo"))
             .expect("namespace");
-        let kubepods = Cgroup::new(&format!(
-            "redirector-test-kube-{}-{tag}/kubepods.slice",
+        // The whole tree is removed on drop, the test's own top directory too.
+        let tree = Cgroup::new(&format!(
+            "redirector-test-kube-{}-{tag}",
             std::process::id()
         ))
-        .expect("kubepods root");
+        .expect("the test's cgroup tree");
+        let kubepods = tree.path.join("kubepods.slice");
+        std::fs::create_dir_all(&kubepods).expect("kubepods root");
         Cluster {
             rt,
             admin,
             kubeconfig,
             node: format!("node-{}", std::process::id()),
             kubepods,
+            _tree: tree,
             proxy,
             api,
         }
     }
 
     fn agent(&self) -> Agent {
-        let root = self.kubepods.path.display().to_string();
+        let root = self.kubepods.display().to_string();
         Agent::start(&[
             "--kube",
             "--kubeconfig",
@@ -145,7 +151,6 @@ impl FakePod {
     fn start(cluster: &Cluster, uid: &str, tag: &str) -> Self {
         let cgroup = cluster
             .kubepods
-            .path
             .join("kubepods-besteffort.slice")
             .join(format!(
                 "kubepods-besteffort-pod{}.slice",
