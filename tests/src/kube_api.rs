@@ -16,10 +16,8 @@ pub use server::*;
 
 use std::{
     collections::BTreeMap,
-    fs,
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -190,14 +188,7 @@ pub fn write_token_kubeconfig(path: &Path, server_url: &str, ca: &Path, token: &
         }],
         "current-context": "redirector-test",
     });
-    fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| f.write_all(config.to_string().as_bytes()))
-        .with_context(|| format!("writing {}", path.display()))
+    write_private(path, &config.to_string())
 }
 
 /// The agent's ServiceAccount (created here) and a kubeconfig for it in the

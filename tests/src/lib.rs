@@ -1098,3 +1098,38 @@ pub fn delete_registrations(netns_cookie: u64) -> usize {
     }
     deleted
 }
+
+/// Where `cargo xtask test` tells the tests its Go live-store is.
+pub const GO_LIVE_STORE_ENV: &str = "REDIRECTOR_TEST_GO_LIVE_STORE";
+
+/// The real Go live-store `cargo xtask test` builds (tests/go/live-store.go):
+/// from `GO_LIVE_STORE_ENV`, else target/go.
+pub fn go_live_store_bin() -> PathBuf {
+    let bin = std::env::var_os(GO_LIVE_STORE_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/go/live-store"
+            ))
+        });
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo xtask test` builds the Go live-store",
+        bin.display()
+    );
+    bin
+}
+
+/// Polls `f` every 10 ms until it holds or `within` has passed; whether it
+/// held (asked once more at the deadline).
+pub fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}

@@ -243,21 +243,7 @@ fn a_pinned_agent_restarts_under_load_without_a_failed_connection() {
         out.contains("removed link") && out.contains("sock_ops") && out.contains("sk_lookup-"),
         "{out}"
     );
-    assert!(!std::path::Path::new(PIN_ROOT).exists());
-    assert!(
-        sk_lookup_programs(&l).is_empty(),
-        "nothing attached to L after detach"
-    );
-    let left = wait_unloaded(
-        &redirector_program_ids()
-            .difference(&before)
-            .copied()
-            .collect(),
-    );
-    assert!(left.is_empty(), "programs left: {left:?}");
-    let refused = request(&q, &format!("{LIVE_STORE_V4}:{ADVERTISE}"), b"x")
-        .expect_err("no redirect after detach");
-    assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+    assert_all_detached(&l, &q, &format!("{LIVE_STORE_V4}:{ADVERTISE}"), &before);
     let (_, out, _) = redirector(&["status"]);
     assert!(out.contains("no pinned state"), "{out}");
 }
@@ -685,21 +671,7 @@ fn detach_wait_removes_a_pinned_agent_and_stays_up_until_sigterm() {
         lines.iter().any(|l| l.starts_with("removed link")),
         "{lines:?}"
     );
-    assert!(!std::path::Path::new(PIN_ROOT).exists());
-    assert!(sk_lookup_programs(&l).is_empty(), "sk_lookup left on L");
-    let left = wait_unloaded(
-        &redirector_program_ids()
-            .difference(&before)
-            .copied()
-            .collect(),
-    );
-    assert!(left.is_empty(), "programs left: {left:?}");
-    assert_eq!(
-        request(&q, &target, b"x")
-            .expect_err("no redirect after detach")
-            .kind(),
-        io::ErrorKind::ConnectionRefused
-    );
+    assert_all_detached(&l, &q, &target, &before);
     // Still up, as a DaemonSet's container must be; SIGTERM ends it cleanly.
     thread::sleep(Duration::from_millis(200));
     assert!(detach.try_wait().expect("try_wait").is_none(), "exited");
@@ -709,4 +681,32 @@ fn detach_wait_removes_a_pinned_agent_and_stays_up_until_sigterm() {
     let status = detach.wait().expect("wait");
     assert!(status.success(), "{status}");
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
+
+/// What `detach` must leave: no pin, no sk_lookup on `l`, no program loaded
+/// since `before`, and no redirect to `target` from `q`.
+fn assert_all_detached(
+    l: &Netns,
+    q: &Netns,
+    target: &str,
+    before: &std::collections::HashSet<u32>,
+) {
+    assert!(!std::path::Path::new(PIN_ROOT).exists());
+    assert!(
+        sk_lookup_programs(l).is_empty(),
+        "nothing attached to L after detach"
+    );
+    let left = wait_unloaded(
+        &redirector_program_ids()
+            .difference(before)
+            .copied()
+            .collect(),
+    );
+    assert!(left.is_empty(), "programs left: {left:?}");
+    assert_eq!(
+        request(q, target, b"x")
+            .expect_err("no redirect after detach")
+            .kind(),
+        io::ErrorKind::ConnectionRefused
+    );
 }

@@ -18,8 +18,8 @@ use std::{
 };
 
 use redirector_tests::{
-    enter_test_cgroup, http_get, kube_api, metric, request, veth, Agent, Cgroup, Netns, Process,
-    LIVE_STORE_V4,
+    enter_test_cgroup, go_live_store_bin, http_get, kube_api, metric, request, veth, wait_until,
+    Agent, Cgroup, Netns, Process, LIVE_STORE_V4,
 };
 
 const LISTEN: &str = "19495";
@@ -122,6 +122,16 @@ impl Cluster {
         pod.metadata.uid.expect("uid")
     }
 
+    /// A selected live-store pod on this node, its sandbox started, and a
+    /// querier namespace wired to it.
+    fn live_store_pod(&self, name: &str, tag: &str) -> (FakePod, Netns) {
+        let uid = self.create_pod(name, &LABELS, None);
+        let pod = FakePod::start(self, &uid, tag);
+        let client = Netns::new(&format!("{tag}-q")).expect("client netns");
+        veth(&client, &pod.ns).expect("veth");
+        (pod, client)
+    }
+
     fn delete_pod(&self, name: &str) {
         self.rt
             .block_on(kube_api::delete_pod(&self.admin, "tempo", name, Some(0)))
@@ -205,23 +215,6 @@ impl Drop for FakePod {
     }
 }
 
-fn go_live_store_bin() -> PathBuf {
-    let bin = std::env::var_os("REDIRECTOR_TEST_GO_LIVE_STORE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../target/go/live-store"
-            ))
-        });
-    assert!(
-        bin.exists(),
-        "{} is missing: `cargo xtask test` builds the Go live-store",
-        bin.display()
-    );
-    bin
-}
-
 /// `program args` in network namespace `ns` and cgroup `cgroup`, entered in
 /// that order before it runs, as a runtime starts a sandbox: its first moment
 /// in the pod's cgroup is already in the pod's namespace.
@@ -262,17 +255,6 @@ fn served_from(client: &Netns) -> Option<String> {
     request(client, &format!("{LIVE_STORE_V4}:{ADVERTISE}"), b"x")
         .ok()
         .map(|r| r.server)
-}
-
-fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    f()
 }
 
 fn status(agent: &Agent) -> String {
@@ -344,10 +326,7 @@ fn a_new_pod_is_served_from_its_first_connection() {
     enter_test_cgroup();
     let cluster = Cluster::start("first", false);
     let agent = cluster.agent();
-    let uid = cluster.create_pod("live-store-0", &LABELS, None);
-    let pod = FakePod::start(&cluster, &uid, "k-first");
-    let client = Netns::new("k-first-q").expect("client netns");
-    veth(&client, &pod.ns).expect("veth");
+    let (pod, client) = cluster.live_store_pod("live-store-0", "k-first");
     // Served before any container runs: MPTCP is off in the pod already.
     await_served(&agent, "tempo/live-store-0", &pod);
     let stop = Arc::new(AtomicBool::new(false));
@@ -425,10 +404,7 @@ fn only_selected_pods_are_served_through_restarts_until_deleted() {
     let elsewhere = cluster.create_pod("live-store-9", &LABELS, Some("other-node"));
     let _elsewhere = FakePod::start(&cluster, &elsewhere, "k-else");
 
-    let uid = cluster.create_pod("live-store-1", &LABELS, None);
-    let pod = FakePod::start(&cluster, &uid, "k-sel");
-    let client = Netns::new("k-sel-q").expect("client netns");
-    veth(&client, &pod.ns).expect("veth");
+    let (pod, client) = cluster.live_store_pod("live-store-1", "k-sel");
     await_served(&agent, "tempo/live-store-1", &pod);
     let first = pod.go_live_store("live-store-1");
     assert_eq!(served_from(&client).as_deref(), Some("live-store-1"));
@@ -527,10 +503,7 @@ fn an_unreachable_api_changes_nothing_served() {
     enter_test_cgroup();
     let cluster = Cluster::start("cut", true);
     let agent = cluster.agent();
-    let uid = cluster.create_pod("live-store-2", &LABELS, None);
-    let pod = FakePod::start(&cluster, &uid, "k-cut");
-    let client = Netns::new("k-cut-q").expect("client netns");
-    veth(&client, &pod.ns).expect("veth");
+    let (pod, client) = cluster.live_store_pod("live-store-2", "k-cut");
     await_served(&agent, "tempo/live-store-2", &pod);
     let _ls = pod.go_live_store("live-store-2");
     assert_eq!(

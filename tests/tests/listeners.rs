@@ -4,9 +4,7 @@
 //! processes; every assertion names the socket that answered.
 
 use std::{
-    io,
-    path::PathBuf,
-    thread,
+    io, thread,
     time::{Duration, Instant},
 };
 
@@ -32,19 +30,7 @@ fn v6(port: u16) -> String {
 
 /// The real Go live-store `cargo xtask test` builds (tests/go/live-store.go).
 fn go_live_store(ns: &Netns, name: &str) -> Process {
-    let bin = std::env::var_os("REDIRECTOR_TEST_GO_LIVE_STORE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../target/go/live-store"
-            ))
-        });
-    assert!(
-        bin.exists(),
-        "{} is missing: `cargo xtask test` builds the Go live-store",
-        bin.display()
-    );
+    let bin = go_live_store_bin();
     Process::start(
         ns,
         bin.to_str().expect("utf-8"),

@@ -12,7 +12,8 @@ use std::{
 };
 
 use redirector_tests::{
-    enter_test_cgroup, http_get, latency_bound, redirector, request, Agent, Cgroup, Netns, Process,
+    enter_test_cgroup, http_get, latency_bound, redirector, request, wait_until, Agent, Cgroup,
+    Netns, Process,
 };
 
 /// Ports of their own, so nothing else on the machine is discovered.
@@ -84,17 +85,6 @@ fn sample(body: &str, name: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<f64>().ok())
         .map_or(0, |v| v as u64)
-}
-
-fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    f()
 }
 
 /// Waits up to `within` for sample `name` to reach `at_least`; fails with the

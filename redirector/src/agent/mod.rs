@@ -401,7 +401,14 @@ impl Agent {
             // sock_ops on its pod registers what listens there, in the
             // kernel: no reconcile needed (and a pod that binds in a loop
             // costs this loop nothing).
-            if root_scope || !served.sock_ops.cgroups.is_empty() {
+            if root_scope
+                || self
+                    .datapath
+                    .sock_ops
+                    .cgroups_of(served.netns.cookie)
+                    .next()
+                    .is_some()
+            {
                 continue;
             }
             // Bound again (a live-store restarting in place): look from now.
@@ -941,10 +948,9 @@ impl Agent {
                         }
                         None => String::new(),
                     },
-                    sock_ops_cgroups: s
+                    sock_ops_cgroups: d
                         .sock_ops
-                        .cgroups
-                        .iter()
+                        .cgroups_of(s.netns.cookie)
                         .map(|p| p.display().to_string())
                         .collect(),
                     sock_ops_problems: s.sock_ops.problems.clone(),

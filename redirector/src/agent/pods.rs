@@ -58,7 +58,6 @@ pub struct Pods {
     pub by_uid: HashMap<String, Pod>,
     /// The API is reachable: set by a list, cleared by a watch error.
     pub synced: bool,
-    pub api_errors: u64,
 }
 
 impl Agent {
@@ -91,7 +90,6 @@ impl Agent {
                 }
             }
             PodEvent::Error(e) => {
-                self.pods.api_errors += 1;
                 if self.pods.synced {
                     tracing::warn!(
                         "Kubernetes API: {}; {} pod(s) stay served until it answers again",
@@ -191,21 +189,16 @@ impl Agent {
         let ino = sandbox.netns_ino;
         // sock_ops first: from the moment sk_lookup redirects, a listen() in
         // the pod is registered in the kernel as it happens.
-        let sock_ops = self.datapath.attach_sock_ops(&sandbox.cgroup, cookie);
+        if let Err(e) = self.datapath.attach_sock_ops(&sandbox.cgroup, cookie) {
+            tracing::warn!(
+                "pod {label}: sock_ops on {}: {e:#} (its first listener is registered from its bind instead, milliseconds later; no flow records)",
+                sandbox.cgroup.display()
+            );
+        }
         if let Err(e) = self.serve(netns, &[sandbox.pid]) {
             tracing::warn!("serving pod {label} (net:[{ino}]): {e:#}");
             self.datapath.release_sock_ops(cookie);
             return;
-        }
-        match sock_ops {
-            // Recorded where status shows it, now that the namespace is served.
-            Ok(()) => {
-                let _ = self.datapath.attach_sock_ops(&sandbox.cgroup, cookie);
-            }
-            Err(e) => tracing::warn!(
-                "pod {label}: sock_ops on {}: {e:#} (its first listener is registered from its bind instead, milliseconds later; no flow records)",
-                sandbox.cgroup.display()
-            ),
         }
         tracing::info!(
             "serving pod {label} in net:[{ino}] (sandbox pid {})",

@@ -13,7 +13,6 @@
 //! are pinned too and outlive the process, and the next agent adopts them.
 
 use std::{
-    collections::BTreeSet,
     fs,
     os::fd::AsFd,
     path::{Path, PathBuf},
@@ -103,10 +102,10 @@ pub struct Served {
     pub sock_ops: SockOpsPlacement,
 }
 
-/// Where a namespace's listeners have `sock_ops`, for `status`.
+/// Why some of a namespace's listeners have no `sock_ops` (where it runs
+/// is `SockOps::cgroups_of`), for `status`.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct SockOpsPlacement {
-    pub cgroups: BTreeSet<PathBuf>,
     /// Listeners whose connections get no flow records, and why.
     pub problems: Vec<String>,
 }
@@ -417,11 +416,6 @@ impl Datapath {
                 cgroup.display()
             );
         }
-        if self.sock_ops.scope == Scope::Pod {
-            if let Some(served) = self.served.iter_mut().find(|s| s.netns.cookie == cookie) {
-                served.sock_ops.cgroups.insert(cgroup.to_owned());
-            }
-        }
         Ok(())
     }
 
@@ -515,10 +509,8 @@ impl Datapath {
                     Ok(None) => {}
                     Err(e) => {
                         placement.problems.push(format!("listener {addr}: {e:#}"));
-                        continue;
                     }
                 }
-                placement.cgroups.insert(scope);
             }
         }
         self.registry

@@ -171,6 +171,15 @@ impl SockOps {
         gone
     }
 
+    /// The cgroups the program runs in for namespace `user`: one source for
+    /// `status` and for "a listen() there is registered in the kernel".
+    pub fn cgroups_of(&self, user: u64) -> impl Iterator<Item = &Path> {
+        self.attached
+            .iter()
+            .filter(move |a| a.users.contains(&user))
+            .map(|a| a.path.as_path())
+    }
+
     pub fn links(&self) -> impl Iterator<Item = &Link> {
         self.attached.iter().map(|a| &a.link)
     }

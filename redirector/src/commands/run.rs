@@ -80,6 +80,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .map(|p| Netns::open(p))
         .collect::<Result<Vec<_>>>()?;
     let pins = s.pin.then(PinLayout::default);
+    // --kube: before anything is loaded, so a missing ServiceAccount, node
+    // name or pod cgroup root stops the start with one line and nothing left.
+    let (mut pods, mut locator) = match &s.kube {
+        Some(k) => {
+            let (pods, locator) = start_kube(k).await?;
+            (Some(pods), Some(locator))
+        }
+        None => (None, None),
+    };
     let datapath = Datapath::load(
         s.flow_ring_bytes,
         pins,
@@ -170,39 +179,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         targets: s.serve_targets.clone(),
     });
     telemetry.register(|r| inspector.metrics.register(r));
-    // --kube: the watch runs as a task of its own and the locator's inotify
-    // is polled by this loop; both are set up before anything is served, so
-    // a missing ServiceAccount or cgroup2 stops the start with one line.
-    let (mut pods, mut locator) = match &s.kube {
-        Some(k) => {
-            let (tx, rx) = mpsc::channel(POD_EVENTS);
-            let selector = kube::watch::Selector {
-                node: kube::watch::node(k.node.as_deref())
-                    .map_err(|e| Fatal::Environment(format!("--kube: {e:#}")))?,
-                labels: k.labels.clone(),
-                namespaces: k.namespaces.clone(),
-            };
-            let client = kube::watch::client(k.kubeconfig.as_deref())
-                .await
-                .map_err(|e| Fatal::Environment(format!("{e:#}")))?;
-            eprintln!(
-                "watching pods on node {} with labels {:?}{}",
-                selector.node,
-                selector.labels,
-                if selector.namespaces.is_empty() {
-                    String::new()
-                } else {
-                    format!(" in namespaces {}", selector.namespaces.join(","))
-                }
-            );
-            tokio::spawn(kube::watch::run(client, selector, tx));
-            let locator =
-                kube::sandbox::Locator::new(&datapath.cgroup, k.cgroup_root.as_deref())
-                    .map_err(|e| Fatal::Environment(format!("watching pod cgroups: {e:#}")))?;
-            (Some(rx), Some(locator))
-        }
-        None => (None, None),
-    };
     let mut agent = Agent::new(datapath, s, telemetry.clone(), names, exit_tx, inspector);
     for netns in namespaces {
         agent.serve_explicit(netns)?;
@@ -402,6 +378,42 @@ async fn recv_batch(
 ) -> Option<Vec<crate::discovery::inspector::Verdict>> {
     let mut batch = Vec::new();
     (rx.recv_many(&mut batch, 4096).await > 0).then_some(batch)
+}
+
+/// The Pod watch, on a task of its own (its events queue for this loop,
+/// bounded), and the sandbox locator, whose inotify this loop polls.
+async fn start_kube(
+    k: &crate::config::settings::KubeSettings,
+) -> Result<(
+    mpsc::Receiver<kube::watch::PodEvent>,
+    kube::sandbox::Locator,
+)> {
+    let selector = kube::watch::Selector {
+        node: kube::watch::node(k.node.as_deref())
+            .map_err(|e| Fatal::Environment(format!("--kube: {e:#}")))?,
+        labels: k.labels.clone(),
+        namespaces: k.namespaces.clone(),
+    };
+    let cgroup2 = crate::bpf::cgroup::cgroup2_mount()
+        .map_err(|e| Fatal::Environment(format!("--kube: {e:#}")))?;
+    let locator = kube::sandbox::Locator::new(&cgroup2, k.cgroup_root.as_deref())
+        .map_err(|e| Fatal::Environment(format!("watching pod cgroups: {e:#}")))?;
+    let client = kube::watch::client(k.kubeconfig.as_deref())
+        .await
+        .map_err(|e| Fatal::Environment(format!("{e:#}")))?;
+    eprintln!(
+        "watching pods on node {} with labels {:?}{}",
+        selector.node,
+        selector.labels,
+        if selector.namespaces.is_empty() {
+            String::new()
+        } else {
+            format!(" in namespaces {}", selector.namespaces.join(","))
+        }
+    );
+    let (tx, rx) = mpsc::channel(POD_EVENTS);
+    tokio::spawn(kube::watch::run(client, selector, tx));
+    Ok((rx, locator))
 }
 
 async fn next_pod(

@@ -612,7 +612,9 @@ fn random_hex(bytes: usize) -> Result<String> {
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn write_private(path: &Path, contents: &str) -> Result<()> {
+/// Writes `contents` to `path` readable by its owner only (0600, also when
+/// the file exists): kubeconfigs and tokens.
+pub fn write_private(path: &Path, contents: &str) -> Result<()> {
     use std::{io::Write, os::unix::fs::OpenOptionsExt};
     fs::OpenOptions::new()
         .write(true)
