@@ -10,7 +10,7 @@ use std::{
 };
 
 use serde::Deserialize;
-use serde_yaml::Value;
+use yaml_serde::Value;
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -24,7 +24,7 @@ fn read(name: &str) -> String {
 /// Every non-empty document of a multi-document YAML file.
 fn documents(name: &str) -> Vec<Value> {
     let text = read(name);
-    serde_yaml::Deserializer::from_str(&text)
+    yaml_serde::Deserializer::from_str(&text)
         .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{name}: invalid YAML: {e}")))
         .filter(|v| !v.is_null())
         .collect()

@@ -51,8 +51,8 @@ fn read(file: &str) -> String {
     fs::read_to_string(monitoring(file)).unwrap_or_else(|e| panic!("deploy/monitoring/{file}: {e}"))
 }
 
-fn yaml(file: &str) -> serde_yaml::Value {
-    serde_yaml::from_str(&read(file)).unwrap_or_else(|e| panic!("deploy/monitoring/{file}: {e}"))
+fn yaml(file: &str) -> yaml_serde::Value {
+    yaml_serde::from_str(&read(file)).unwrap_or_else(|e| panic!("deploy/monitoring/{file}: {e}"))
 }
 
 fn dashboard() -> Value {
@@ -228,10 +228,10 @@ fn rules_pass_promtool_check_and_their_unit_tests() {
 
     // The PrometheusRule carries exactly the plain file's groups.
     let rules = yaml("prometheus-rules.yaml");
-    let operator: Vec<serde_yaml::Value> =
-        serde_yaml::Deserializer::from_str(&read("prometheus-operator.yaml"))
+    let operator: Vec<yaml_serde::Value> =
+        yaml_serde::Deserializer::from_str(&read("prometheus-operator.yaml"))
             .map(|d| serde::Deserialize::deserialize(d).expect("prometheus-operator.yaml parses"))
-            .filter(|d: &serde_yaml::Value| !d.is_null())
+            .filter(|d: &yaml_serde::Value| !d.is_null())
             .collect();
     let kind = |k: &str| {
         operator

@@ -3,7 +3,7 @@
 //! silently ignored setting).
 //!
 //! Every error here is the operator's to fix, so each one is a single line that
-//! starts with `FILE:LINE:COLUMN:` where serde_yaml knows the position, and is a
+//! starts with `FILE:LINE:COLUMN:` where yaml_serde knows the position, and is a
 //! [`Fatal::Usage`] (exit code 2).
 
 mod pattern;
@@ -68,7 +68,7 @@ pub fn load(path: &Path) -> Result<FileConfig> {
 /// [`load`] on text already read; `origin` names it in errors. An empty file (or
 /// one with only comments) is the all-defaults config.
 pub fn parse(text: &str, origin: &Path) -> Result<FileConfig> {
-    let cfg: Option<FileConfig> = serde_yaml::from_str(text).map_err(|e| yaml_error(origin, &e))?;
+    let cfg: Option<FileConfig> = yaml_serde::from_str(text).map_err(|e| yaml_error(origin, &e))?;
     Ok(cfg.unwrap_or_default())
 }
 
@@ -127,10 +127,10 @@ pub(crate) fn read(path: &Path) -> Result<String> {
     Ok(text)
 }
 
-/// `FILE:LINE:COLUMN: message`, one line. serde_yaml appends ` at line L column C`
+/// `FILE:LINE:COLUMN: message`, one line. yaml_serde appends ` at line L column C`
 /// to its own message (and libyaml may add a context); the location moves to the
 /// front where editors and humans look for it.
-fn yaml_error(origin: &Path, err: &serde_yaml::Error) -> anyhow::Error {
+fn yaml_error(origin: &Path, err: &yaml_serde::Error) -> anyhow::Error {
     let mut msg = err.to_string();
     let prefix = match err.location() {
         Some(loc) => {
@@ -644,8 +644,8 @@ tempo_ring: http://tempo-distributor:3200/live-store/ring
         )
         .unwrap();
         let manifests = include_str!("../../../deploy/daemonset.yaml");
-        let embedded: Vec<String> = serde_yaml::Deserializer::from_str(manifests)
-            .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
+        let embedded: Vec<String> = yaml_serde::Deserializer::from_str(manifests)
+            .map(|doc| yaml_serde::Value::deserialize(doc).unwrap())
             .filter(|doc| doc.get("kind").and_then(|k| k.as_str()) == Some("ConfigMap"))
             .filter_map(|doc| {
                 doc.get("data")?

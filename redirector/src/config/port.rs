@@ -35,7 +35,7 @@ impl Redirect {
 }
 
 /// Reads a TCP port (1-65535) from whatever scalar YAML gives, so the error can
-/// quote what the file says. Errors are raised while serde_yaml is still on the
+/// quote what the file says. Errors are raised while yaml_serde is still on the
 /// value, which makes it prefix the full key path and point at the value.
 struct PortVisitor {
     /// `key:` with nothing after it (YAML null) means "not set" where allowed.
@@ -126,7 +126,7 @@ pub(super) fn opt_port<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D
 
 /// Reads one `{advertise_port, listen_port}` mapping. The pair checks (equal
 /// ports, an advertise port already used by an earlier entry) run inside the
-/// mapping so serde_yaml reports them at that entry, not at the list.
+/// mapping so yaml_serde reports them at that entry, not at the list.
 struct RedirectVisitor<'a> {
     seen: &'a mut HashSet<u16>,
 }
@@ -139,7 +139,7 @@ impl<'de> de::Visitor<'de> for RedirectVisitor<'_> {
     }
 
     fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Redirect, A::Error> {
-        // A derived identifier rejects unknown keys while serde_yaml is on the
+        // A derived identifier rejects unknown keys while yaml_serde is on the
         // key, so the error points at it rather than at the mapping.
         #[derive(Deserialize)]
         #[serde(field_identifier, rename_all = "snake_case")]

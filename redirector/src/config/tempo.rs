@@ -51,7 +51,7 @@ pub fn parse_tempo(text: &str, origin: &Path) -> Result<TempoPorts> {
         instance_port: Option<u16>,
     }
 
-    let root: Option<Root> = serde_yaml::from_str(text).map_err(|e| yaml_error(origin, &e))?;
+    let root: Option<Root> = yaml_serde::from_str(text).map_err(|e| yaml_error(origin, &e))?;
     let listen_port = root
         .as_ref()
         .and_then(|r| r.server.as_ref())
