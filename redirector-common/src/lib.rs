@@ -240,9 +240,11 @@ pub struct RedirectTarget {
     pub listen_port: u16,
     pub _pad: u16,
     /// Per bind kind (`BIND_*`), non-zero if a listener of that kind may be
-    /// registered: `sk_lookup` only looks up the kinds that can hit. Set by
-    /// `sock_ops` on registration (one byte store, no read-modify-write), and
-    /// recomputed by the agent's reconcile pass, which clears stale kinds.
+    /// registered: `sk_lookup` looks up these kinds first. Set by `sock_ops`
+    /// on registration and by `sk_lookup` when an unmarked kind took a
+    /// connection (one byte store each), and added by the agent's reconcile
+    /// pass, whose whole-value write can lose a concurrent byte store: a hint
+    /// that `sk_lookup` checks, never the truth.
     pub binds: [u8; 4],
 }
 
@@ -272,8 +274,12 @@ pub struct NsQuota {
     /// Redirected flows tracked in `FLOWS` that are open (added at the
     /// handshake, taken away at the close record); at most `FLOW_SHARE`.
     pub flows: u64,
+    /// Registered listeners that stopped listening (closed, or shut down),
+    /// ever: the agent's cheap resync check compares it with what it saw, so
+    /// a stop whose event was lost still gets its namespace reconciled.
+    pub stopped: u64,
 }
-const _: () = assert!(core::mem::size_of::<NsQuota>() == 16);
+const _: () = assert!(core::mem::size_of::<NsQuota>() == 24);
 
 /// Indices into the per-CPU `COUNTERS` array. Userspace sums the CPUs.
 #[repr(u32)]
@@ -463,9 +469,19 @@ pub struct ListenEvent {
     /// Host byte order.
     pub port: u16,
     pub family: u16,
+    /// `LISTEN_EVENT_BIND` or `LISTEN_EVENT_STOPPED`.
+    pub kind: u8,
+    pub _pad: [u8; 7],
 }
 
-const _: () = assert!(core::mem::size_of::<ListenEvent>() == 24);
+const _: () = assert!(core::mem::size_of::<ListenEvent>() == 32);
+
+/// A process bound a TCP socket to a watched port (`cgroup_id` and `tgid` set).
+pub const LISTEN_EVENT_BIND: u8 = 0;
+/// A registered listener stopped listening: its namespace may have members
+/// of a SO_REUSEPORT group left unregistered, or a socket shut down in place
+/// (`cgroup_id` and `tgid` are 0: sock_ops cannot read them).
+pub const LISTEN_EVENT_STOPPED: u8 = 1;
 
 /// Kinds of flow record.
 pub const EVENT_OPEN: u8 = 1;

@@ -21,7 +21,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use redirector_common::{
-    Counter, ListenEvent, BIND_EVENTS_PER_SEC, IPPROTO_TCP, LISTEN_EVENTS_BYTES, MAX_REDIRECTS,
+    Counter, ListenEvent, BIND_EVENTS_PER_SEC, IPPROTO_TCP, LISTEN_EVENTS_BYTES, LISTEN_EVENT_BIND,
+    MAX_REDIRECTS,
 };
 
 use crate::count;
@@ -98,18 +99,27 @@ fn bound(ctx: &SockContext) {
     }
     // SAFETY: the helper only reads the namespace of the context's socket.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if !within_budget(netns_cookie) {
-        count(Counter::ListenEventsLimited);
-        return;
-    }
-    let event = ListenEvent {
+    report(ListenEvent {
         netns_cookie,
         // SAFETY: helper without arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
         port,
         family: family as u16,
-    };
+        kind: LISTEN_EVENT_BIND,
+        _pad: [0; 7],
+    });
+}
+
+/// Tells the agent about a bind, or a registered listener that stopped,
+/// within its namespace's budget: a pod that binds or closes in a loop
+/// spends its own budget, not the ring.
+#[inline(always)]
+pub fn report(event: ListenEvent) {
+    if !within_budget(event.netns_cookie) {
+        count(Counter::ListenEventsLimited);
+        return;
+    }
     if LISTEN_EVENTS.output::<ListenEvent>(&event, 0).is_err() {
         count(Counter::ListenEventsDropped);
     }

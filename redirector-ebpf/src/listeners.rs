@@ -24,18 +24,22 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use redirector_common::{
-    Bind, Counter, ListenerKey, RedirectTarget, AF_INET, AF_INET6, BIND_V4_ADDR, BIND_V4_ANY,
-    BIND_V6_ADDR, BIND_V6_ANY, LISTENERS_PER_NETNS, LISTENER_SLOTS, MAX_LISTENERS,
+    Bind, Counter, ListenEvent, ListenerKey, RedirectTarget, AF_INET, AF_INET6, BIND_V4_ADDR,
+    BIND_V4_ANY, BIND_V6_ADDR, BIND_V6_ANY, LISTENERS_PER_NETNS, LISTENER_SLOTS,
+    LISTEN_EVENT_STOPPED, MAX_LISTENERS,
 };
 
 use crate::{
     atomic_add, count,
     ctx::{ctx_ip6, ctx_u32},
+    discover::report,
     NS_QUOTAS,
 };
 
 const ENOENT: i64 = 2;
 const EEXIST: i64 = 17;
+/// What `bpf_sk_assign` returns for a TCP socket that is not listening.
+const ESOCKTNOSUPPORT: i64 = 94;
 
 #[repr(transparent)]
 pub struct CookieSockHash(UnsafeCell<bpf_map_def>);
@@ -178,63 +182,99 @@ pub enum Lookup {
     /// No registered listener would have accepted the connection.
     NoListener,
     /// Listeners exist, but the kernel refused each (e.g. an IPv6-only socket
-    /// for an IPv4 connection); the last error.
+    /// for an IPv4 connection, a listener shut down in place); the last error.
     Refused(i64),
 }
 
-/// Hands a connection for `listen_port` (in the namespace with `netns_cookie`,
-/// arriving at `local_ip` of `family`) to a registered listener, preferring a
-/// socket bound to that address over a wildcard one, as the kernel's own
-/// lookup does. Only the bind kinds `target` says exist are looked up.
+/// Not a bind kind: the unused third candidate of an IPv6 connection.
+const NO_KIND: usize = 4;
+
+/// Hands a connection for the target's listen port (in the namespace with
+/// `netns_cookie`, arriving at `local_ip` of `family`) to a registered
+/// listener, preferring a socket bound to that address over a wildcard one,
+/// as the kernel's own lookup does.
+///
+/// The target's bind kinds say where to look first. They are a hint, never
+/// the truth: the agent's reconcile pass writes the whole value while
+/// `sock_ops` stores a byte into it, so a kind can be lost. A connection the
+/// marked kinds cannot take is looked for under the others, and the kind
+/// that takes it is marked again (one byte store, as `sock_ops` does).
 #[inline(always)]
 pub fn assign(
     ctx: &SkLookupContext,
     netns_cookie: u64,
-    target: &RedirectTarget,
+    target: *mut RedirectTarget,
     family: u16,
     local_ip: [u32; 4],
 ) -> Lookup {
+    // SAFETY: map value pointer, valid for this program run.
+    let (listen_port, binds) = unsafe { ((*target).listen_port, (*target).binds) };
     // An IPv4 connection can also go to a dual-stack IPv6 wildcard socket
     // (`[::]:9095`, what Go's `net.Listen("tcp", ":9095")` creates).
-    // Constant indices only: a bounds check the compiler cannot drop leaves a
-    // call to the panic handler, which the verifier rejects.
-    let b = &target.binds;
-    let candidates: [(u8, Bind); 3] = if family == AF_INET {
+    let candidates: [(usize, Bind); 3] = if family == AF_INET {
         [
-            (b[BIND_V4_ADDR], Bind::v4(local_ip[0])),
-            (b[BIND_V4_ANY], Bind::any(AF_INET)),
-            (b[BIND_V6_ANY], Bind::any(AF_INET6)),
+            (BIND_V4_ADDR, Bind::v4(local_ip[0])),
+            (BIND_V4_ANY, Bind::any(AF_INET)),
+            (BIND_V6_ANY, Bind::any(AF_INET6)),
         ]
     } else {
         [
             (
-                b[BIND_V6_ADDR],
+                BIND_V6_ADDR,
                 Bind {
                     family: AF_INET6,
                     addr: local_ip,
                 },
             ),
-            (b[BIND_V6_ANY], Bind::any(AF_INET6)),
-            (0, Bind::any(AF_INET6)),
+            (BIND_V6_ANY, Bind::any(AF_INET6)),
+            (NO_KIND, Bind::any(AF_INET6)),
         ]
     };
     let mut result = Lookup::NoListener;
-    for (present, bind) in candidates {
-        if present == 0 {
-            continue;
-        }
-        for slot in 0..LISTENER_SLOTS {
-            let key = ListenerKey::new(netns_cookie, target.listen_port, bind, slot);
-            match LISTENERS.assign(ctx, &key) {
-                Ok(()) => return Lookup::Assigned,
-                Err(e) if e == -ENOENT => {}
-                // This socket will not take the connection: try the next kind.
-                Err(e) => {
-                    result = Lookup::Refused(e);
-                    break;
+    let mut not_listening = false;
+    for marked_pass in [true, false] {
+        for (kind, bind) in candidates {
+            // `get`: no bounds-check panic path for the verifier to reject.
+            let Some(&mark) = binds.get(kind) else {
+                continue;
+            };
+            if (mark != 0) != marked_pass {
+                continue;
+            }
+            // Every slot: a member that refuses (shut down in place, IPv6-only
+            // for an IPv4 client) must not hide the members after it.
+            for slot in 0..LISTENER_SLOTS {
+                let key = ListenerKey::new(netns_cookie, listen_port, bind, slot);
+                match LISTENERS.assign(ctx, &key) {
+                    Ok(()) => {
+                        if !marked_pass {
+                            // SAFETY: map value pointer, valid for this run.
+                            if let Some(flag) = unsafe { (*target).binds.get_mut(kind) } {
+                                // SAFETY: as above; a one-byte store.
+                                unsafe { core::ptr::write_volatile(flag, 1) };
+                            }
+                        }
+                        if not_listening {
+                            stopped_seen(netns_cookie, listen_port, family);
+                        }
+                        return Lookup::Assigned;
+                    }
+                    Err(e) if e == -ENOENT => {}
+                    Err(e) => {
+                        if e == -ESOCKTNOSUPPORT {
+                            not_listening = true;
+                        }
+                        result = Lookup::Refused(e);
+                    }
                 }
             }
         }
+    }
+    if not_listening {
+        // A registered socket that no longer listens (shut down in place):
+        // the kernel keeps its entry. One registered by the agent has no
+        // state callback to say so; this tells the agent, which removes it.
+        stopped_seen(netns_cookie, listen_port, family);
     }
     result
 }
@@ -302,8 +342,11 @@ pub fn register(ctx: &SockOpsContext, netns_cookie: u64, port: u16, target: *mut
 }
 
 /// A registered listener stopped listening (closed, or shut down): its
-/// namespace's quota unit is free again. The kernel has dropped (or will drop
-/// at close) its `LISTENERS` entry itself.
+/// namespace's quota unit is free again. The kernel drops its `LISTENERS`
+/// entry at close, but a listener shut down in place (`shutdown(SHUT_RD)`,
+/// how HAProxy pauses) keeps it, refusing every connection; and members of
+/// its SO_REUSEPORT group beyond the slots are still unregistered. The agent
+/// is told at once, and the count tells its resync if the event was lost.
 #[inline(always)]
 pub fn stopped(ctx: &SockOpsContext) {
     // SAFETY: the helper only reads the namespace of the context's socket.
@@ -312,4 +355,25 @@ pub fn stopped(ctx: &SockOpsContext) {
         // SAFETY: map value pointer, valid for this program run.
         atomic_add(unsafe { &mut (*quota).listeners }, u64::MAX);
     }
+    // `local_port` is in host byte order in the sock_ops context.
+    stopped_seen(netns_cookie, ctx.local_port() as u16, ctx.family() as u16);
+}
+
+/// Counts a registered listener that stopped listening in its namespace's
+/// `NsQuota::stopped` and tells the agent (within the namespace's budget).
+#[inline(always)]
+fn stopped_seen(netns_cookie: u64, port: u16, family: u16) {
+    if let Some(quota) = NS_QUOTAS.get_ptr_mut(&netns_cookie) {
+        // SAFETY: map value pointer, valid for this program run.
+        atomic_add(unsafe { &mut (*quota).stopped }, 1);
+    }
+    report(ListenEvent {
+        netns_cookie,
+        cgroup_id: 0,
+        tgid: 0,
+        port,
+        family,
+        kind: LISTEN_EVENT_STOPPED,
+        _pad: [0; 7],
+    });
 }

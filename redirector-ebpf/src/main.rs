@@ -116,13 +116,13 @@ fn redirect(ctx: &SkLookupContext) {
     }
     let netns_cookie = NETNS_COOKIE.load();
     let advertise_port = local_port as u16;
-    // SAFETY: plain hash lookup; the value is copied out at once.
-    let Some(&target) = (unsafe { REDIRECTS.get(&NsPort::new(netns_cookie, advertise_port)) })
-    else {
+    let Some(target) = REDIRECTS.get_ptr_mut(&NsPort::new(netns_cookie, advertise_port)) else {
         return;
     };
+    // SAFETY: map value pointer, valid for this program run.
+    let listen_port = unsafe { (*target).listen_port };
     let tuple = flows::lookup_tuple(ctx);
-    match listeners::assign(ctx, netns_cookie, &target, tuple.family, tuple.local_ip) {
+    match listeners::assign(ctx, netns_cookie, target, tuple.family, tuple.local_ip) {
         // Counted only: whether a handshake follows is decided at
         // PASSIVE_ESTABLISHED (flows.rs), so stray segments leave nothing.
         Lookup::Assigned => count(Counter::Redirected),
@@ -130,11 +130,9 @@ fn redirect(ctx: &SkLookupContext) {
             count(Counter::NoListener);
             debug!(
                 ctx,
-                "port {}: no live-store listener on {}, passing on",
-                advertise_port,
-                target.listen_port
+                "port {}: no live-store listener on {}, passing on", advertise_port, listen_port
             );
-            flows::refused(&tuple, netns_cookie, target.listen_port);
+            flows::refused(&tuple, netns_cookie, listen_port);
         }
         Lookup::Refused(err) => {
             count(Counter::AssignError);

@@ -62,22 +62,27 @@ pub fn current_netns_cookie() -> io::Result<u64> {
     }
     // SAFETY: fd was just returned by socket(2) and nothing else owns it.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut cookie: u64 = 0;
+    u64_sockopt(sock.as_fd(), SO_NETNS_COOKIE)
+}
+
+/// A `SOL_SOCKET` option whose value is a u64 (`SO_COOKIE`, `SO_NETNS_COOKIE`).
+fn u64_sockopt(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: the out-pointers point to a u64 and its length.
     let rc = unsafe {
         libc::getsockopt(
-            sock.as_raw_fd(),
+            fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
+            opt,
+            (&mut value as *mut u64).cast(),
             &mut len,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }
 
 /// A pidfd for process `pid` (Linux 5.3): readable once the process exits.
@@ -410,6 +415,11 @@ pub fn map_keys<K: Copy + Default>(map: BorrowedFd<'_>) -> io::Result<Vec<K>> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SocketFacts {
     pub inode: u64,
+    /// `SO_COOKIE`: unique for the boot, unlike the inode (32 bits in
+    /// sock_diag, reused): what says it is the socket sock_diag reported.
+    pub cookie: u64,
+    /// `SO_NETNS_COOKIE`: the namespace it lives in (`bpf_sk_assign` checks none).
+    pub netns_cookie: u64,
     pub listening: bool,
     pub protocol: i32,
 }
@@ -441,6 +451,8 @@ pub fn socket_facts(fd: BorrowedFd<'_>) -> io::Result<SocketFacts> {
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m))?;
     Ok(SocketFacts {
         inode,
+        cookie: u64_sockopt(fd, libc::SO_COOKIE)?,
+        netns_cookie: u64_sockopt(fd, SO_NETNS_COOKIE)?,
         listening: int_opt(libc::SO_ACCEPTCONN)? != 0,
         protocol: int_opt(libc::SO_PROTOCOL)?,
     })

@@ -24,7 +24,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{Map, MapData, RingBuf};
-use redirector_common::ListenEvent;
+use redirector_common::{ListenEvent, LISTEN_EVENT_STOPPED};
 use serde::Serialize;
 use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 
@@ -379,6 +379,18 @@ impl Agent {
     pub fn on_listen(&mut self, events: &[ListenEvent]) {
         let now = Instant::now();
         for e in events {
+            if e.kind == LISTEN_EVENT_STOPPED {
+                // A registered listener stopped: remove its entry if it was
+                // shut down in place, and register the members of its
+                // SO_REUSEPORT group that had no slot, now rather than at
+                // the resync.
+                if self.datapath.reconcile(e.netns_cookie, &[]) {
+                    self.after_reconcile(e.netns_cookie);
+                    self.log_repairs();
+                    self.dirty = true;
+                }
+                continue;
+            }
             let pid = e.tgid as i32;
             let root_scope = self.datapath.sock_ops.scope == Scope::Root;
             let Some(served) = self

@@ -100,6 +100,8 @@ pub struct Served {
     pub report: Report,
     /// Where `sock_ops` runs for its listeners (pod scope), or why nowhere.
     pub sock_ops: SockOpsPlacement,
+    /// `NsQuota::stopped` when the last reconcile pass started.
+    pub stopped_seen: Option<u64>,
 }
 
 /// Why some of a namespace's listeners have no `sock_ops` (where it runs
@@ -350,6 +352,7 @@ impl Datapath {
                         mptcp_was: p.mptcp_was,
                         report: p.report,
                         sock_ops: p.placement,
+                        stopped_seen: None,
                     });
                     out.push((cookie, name, Ok(())));
                 }
@@ -432,7 +435,10 @@ impl Datapath {
         let Some(pos) = self.served.iter().position(|s| s.netns.cookie == cookie) else {
             return false;
         };
+        let stopped = self.stopped_listeners(cookie);
         let mut s = self.served.swap_remove(pos);
+        // Read before the pass: a stop during it is seen by the next check.
+        s.stopped_seen = stopped;
         let mut placement = SockOpsPlacement::default();
         match self.reconcile_netns(&s.netns, &s.redirects, hint, &mut placement) {
             Ok(report) => {
@@ -453,6 +459,7 @@ impl Datapath {
     /// of the node's listener table); if not, or the last pass found no
     /// listener, a full reconcile pass. True if it reconciled.
     pub fn resync(&mut self, cookie: u64) -> bool {
+        let stopped = self.stopped_listeners(cookie);
         let unchanged = self
             .served
             .iter()
@@ -460,9 +467,18 @@ impl Datapath {
             .is_some_and(|s| {
                 s.report.registered > 0
                     && s.report.unservable.is_empty()
+                    && s.stopped_seen == stopped
                     && self.registry.unchanged(cookie)
             });
         !unchanged && self.reconcile(cookie, &[])
+    }
+
+    /// `NsQuota::stopped` of namespace `cookie`: registered listeners that
+    /// stopped listening, ever. A listener shut down in place keeps its
+    /// entry (and cookie), so the entries alone cannot show it.
+    fn stopped_listeners(&self, cookie: u64) -> Option<u64> {
+        let m: HashMap<_, u64, NsQuota> = self.main.map(MAP_NS_QUOTAS)?.try_into().ok()?;
+        m.get(&cookie, 0).ok().map(|q| q.stopped)
     }
 
     /// The listeners of `netns` on the listen ports: `sock_ops` attached to

@@ -273,24 +273,18 @@ impl Registry {
         let mut registered: HashSet<u64> = HashSet::new();
         let mut taken: HashSet<ListenerKey> = HashSet::new();
         let found_cookies: HashSet<u64> = found.iter().map(|l| l.cookie).collect();
+        let mut unlisted: Vec<(ListenerKey, u64)> = Vec::new();
         for (key, cookie) in snapshot.in_netns(netns.cookie) {
             taken.insert(*key);
             if found_cookies.contains(cookie) && ports.contains(&key.port) {
                 registered.insert(*cookie);
-            } else if repair {
-                // The kernel drops a socket's entries when it closes, so this
-                // is a leftover (a listen port no longer served, say). Only if
-                // the entry still holds that socket: a new listener may have
-                // taken the slot since the snapshot.
-                let fd = self.listeners.fd().as_fd();
-                if sys::map_lookup(fd, key).ok().flatten() == Some(*cookie)
-                    && sys::map_delete(fd, key).is_ok()
-                {
-                    report.repaired.push(format!(
-                        "removed a stale registration for port {} (socket cookie {cookie})",
-                        key.port
-                    ));
-                }
+            } else {
+                unlisted.push((*key, *cookie));
+            }
+        }
+        if repair && !unlisted.is_empty() {
+            for key in self.remove_stale(netns, &ports, &unlisted, &mut report) {
+                taken.remove(&key);
             }
         }
         let missing: Vec<&sockdiag::Listening> = found
@@ -387,6 +381,48 @@ impl Registry {
         Ok(report)
     }
 
+    /// Removes the `unlisted` entries (in the map, not in `found`) whose
+    /// socket does not listen: one shut down in place, which the kernel keeps
+    /// in the map and `bpf_sk_assign` refuses, or a listen port no longer
+    /// served. `found` was listed before the map was read, so a listener that
+    /// started in between is in the map but not in `found`: sock_diag is asked
+    /// again, now, and what it lists as listening stays.
+    fn remove_stale(
+        &mut self,
+        netns: &Netns,
+        ports: &[u16],
+        unlisted: &[(ListenerKey, u64)],
+        report: &mut Report,
+    ) -> Vec<ListenerKey> {
+        let mut removed = Vec::new();
+        let listening: HashSet<u64> =
+            match sys::in_netns(netns.file.as_fd(), || sockdiag::listening(ports)) {
+                Ok(now) => now.iter().map(|l| l.cookie).collect(),
+                // Nothing is removed on a guess (a namespace going away).
+                Err(_) => return removed,
+            };
+        let fd = self.listeners.fd().as_fd();
+        for (key, cookie) in unlisted {
+            if ports.contains(&key.port) && listening.contains(cookie) {
+                continue;
+            }
+            // Only if the entry still holds that socket: the kernel drops a
+            // closed socket's entry itself, and a new listener may have taken
+            // the slot since.
+            if sys::map_lookup(fd, key).ok().flatten() == Some(*cookie)
+                && sys::map_delete(fd, key).is_ok()
+            {
+                removed.push(*key);
+                report.repaired.push(format!(
+                    "removed a registration for port {} whose socket no longer listens \
+                     (socket cookie {cookie})",
+                    key.port
+                ));
+            }
+        }
+        removed
+    }
+
     /// Read-only: the reconcile pass's checks on what sock_diag lists in
     /// `netns` now (`redirector status`, the ring check).
     pub fn inspect(&mut self, netns: &Netns, redirects: &[Redirect]) -> Result<Report> {
@@ -412,7 +448,10 @@ impl Registry {
             .map_err(|e| (Reason::CopyDenied, format!("pidfd_getfd: {e}")))?;
         let facts = sys::socket_facts(copy.as_fd())
             .map_err(|e| (Reason::RegisterFailed, format!("inspecting the copy: {e}")))?;
-        if facts.inode != l.inode || !facts.listening {
+        // The cookie, not the inode: sock_diag's inode is 32 bits and
+        // reused. And its namespace: `bpf_sk_assign` would hand a connection
+        // to a socket of any namespace.
+        if facts.cookie != l.cookie || facts.netns_cookie != netns_cookie || !facts.listening {
             return Ok(Outcome::Changed);
         }
         if facts.protocol == sys::IPPROTO_MPTCP {
@@ -475,9 +514,16 @@ impl Registry {
     }
 
     /// Makes sure `sk_lookup` looks up every kind of bind that has a
-    /// registration. Kinds are only ever added here, never cleared: a stale
-    /// kind costs a missed lookup, while clearing one could race with a
-    /// `sock_ops` registration and hide a live listener until the next pass.
+    /// registration first. Kinds are only ever added here, never cleared: a
+    /// stale kind costs a missed lookup, while clearing one could race with a
+    /// `sock_ops` registration.
+    ///
+    /// The map update writes the whole value, so a kind `sock_ops` marks
+    /// between the read and the write is lost. No connection is: `sk_lookup`
+    /// looks under unmarked kinds when the marked ones fail, and marks the
+    /// kind that took it. What a lost kind can cost is the kernel's
+    /// preference for an address-bound listener over a wildcard one of the
+    /// same namespace, until its next reconcile pass marks it here.
     fn mark_binds(
         &mut self,
         netns_cookie: u64,
