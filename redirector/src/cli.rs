@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use crate::flows::log::FlowFormat;
 use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -172,188 +173,334 @@ pub enum Output {
     Json,
 }
 
-/// Flags override the `--config` file, which overrides the defaults.
-#[derive(Args, Debug)]
-pub struct RunArgs {
-    /// redirector.yaml: redirects, namespaces, discovery, pinning, flow format,
-    /// metrics address. Unknown keys are errors.
-    #[arg(long, env = "REDIRECTOR_CONFIG", value_name = "YAML")]
-    pub config: Option<PathBuf>,
+crate::config::layers::run_settings! {
+    /// Every setting of `run`, defined once: its flag, its environment variable
+    /// and its redirector.yaml key (the flag's name with `_`) come from one
+    /// field. A flag wins over its environment variable, which wins over the
+    /// `--config` file, which wins over the default (`settings::resolve`).
+    /// The same struct reads the file, strictly: an unknown key is an error.
+    #[derive(Args, Debug, Clone, Default, PartialEq, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct RunArgs {
+        /// redirector.yaml: the settings of these flags as keys with `_`
+        /// (`flow_ring_bytes: 65536`), and `redirects`, a list of
+        /// {advertise_port, listen_port}. Flags and environment variables win
+        /// over it. Unknown keys are errors.
+        #[arg(long, env = "REDIRECTOR_CONFIG", value_name = "YAML")]
+        #[serde(skip)]
+        pub config: Option<PathBuf>,
 
-    /// Port queriers dial: Tempo's `live_store.ring.instance_port` [default: 12345].
-    #[arg(long, env = "REDIRECTOR_ADVERTISE_PORT", value_parser = parse_port)]
-    pub advertise_port: Option<u16>,
+        /// Port pairs to redirect (redirector.yaml only: a list of
+        /// {advertise_port, listen_port}); no two share an advertise port.
+        #[arg(skip)]
+        #[serde(default, deserialize_with = "crate::config::redirect_list")]
+        pub redirects: Vec<crate::config::Redirect>,
 
-    /// Port the live-store listens on: Tempo's `server.grpc_listen_port` [default: 9095].
-    #[arg(long, env = "REDIRECTOR_LISTEN_PORT", value_parser = parse_port)]
-    pub listen_port: Option<u16>,
+        /// Port queriers dial: Tempo's `live_store.ring.instance_port`. With
+        /// --listen-port, the one redirect (`redirects` and --tempo-config are
+        /// then not read).
+        #[arg(long, env = "REDIRECTOR_ADVERTISE_PORT", value_name = "PORT", value_parser = parse_port)]
+        #[serde(default, deserialize_with = "crate::config::opt_port")]
+        pub advertise_port: Option<u16>,
 
-    /// Take both ports from Tempo's own config file: `server.grpc_listen_port`
-    /// (default 9095) and `live_store.ring.instance_port` (required).
-    #[arg(
-        long,
-        env = "REDIRECTOR_TEMPO_CONFIG",
-        value_name = "TEMPO_YAML",
-        conflicts_with_all = ["advertise_port", "listen_port"]
-    )]
-    pub tempo_config: Option<PathBuf>,
+        /// Port the live-store listens on: Tempo's `server.grpc_listen_port`.
+        #[arg(long, env = "REDIRECTOR_LISTEN_PORT", value_name = "PORT", value_parser = parse_port)]
+        #[serde(default, deserialize_with = "crate::config::opt_port")]
+        pub listen_port: Option<u16>,
 
-    /// Check Tempo's live-store ring every 30 s (a thread of its own) and export
-    /// the result as redirector_ring_* metrics: the URL of any Tempo component
-    /// that serves it, e.g. http://tempo-distributor:3200/live-store/ring.
-    #[arg(long, env = "REDIRECTOR_TEMPO_RING", value_name = "URL")]
-    pub tempo_ring: Option<crate::ring::RingUrl>,
+        /// Take a redirect from Tempo's own config file: `server.grpc_listen_port`
+        /// (default 9095) and `live_store.ring.instance_port` (required), in
+        /// addition to `redirects`.
+        #[arg(
+            long,
+            env = "REDIRECTOR_TEMPO_CONFIG",
+            value_name = "TEMPO_YAML",
+            conflicts_with_all = ["advertise_port", "listen_port"]
+        )]
+        #[serde(default)]
+        pub tempo_config: Option<PathBuf>,
 
-    /// Seconds between ring checks (for tests; 30 in production).
-    #[arg(long, env = "REDIRECTOR_TEMPO_RING_INTERVAL", hide = true, value_parser = clap::value_parser!(u64).range(1..))]
-    pub tempo_ring_interval: Option<u64>,
+        /// Check Tempo's live-store ring every 30 s (a thread of its own) and
+        /// export the result as redirector_ring_* metrics: the URL of any Tempo
+        /// component that serves it, e.g. http://tempo-distributor:3200/live-store/ring.
+        #[arg(long, env = "REDIRECTOR_TEMPO_RING", value_name = "URL")]
+        #[serde(default, deserialize_with = "crate::config::layers::opt_from_str")]
+        pub tempo_ring: Option<crate::ring::RingUrl>,
 
-    /// Network namespace to serve, as a path: /proc/PID/ns/net or /var/run/netns/NAME.
-    /// Repeat for several live-stores. Default (without --discover): the agent's own.
-    #[arg(
-        long = "netns",
-        value_name = "PATH",
-        env = "REDIRECTOR_NETNS",
-        value_delimiter = ','
-    )]
-    pub netns: Vec<PathBuf>,
+        /// Seconds between ring checks (for tests).
+        #[arg(long, env = "REDIRECTOR_TEMPO_RING_INTERVAL", hide = true, value_name = "SECS", value_parser = parse_interval)]
+        #[serde(default, deserialize_with = "crate::config::layers::opt_interval")]
+        pub tempo_ring_interval: Option<u64>,
 
-    /// Serve every network namespace where a Tempo live-store listens on a listen
-    /// port (with hostPID: every live-store pod on the node), from the moment it
-    /// calls listen(); stop serving a namespace when it disappears or its
-    /// live-store stays down.
-    #[arg(long, env = "REDIRECTOR_DISCOVER", value_parser = env_bool())]
-    pub discover: bool,
+        /// Network namespace to serve, as a path: /proc/PID/ns/net or /var/run/netns/NAME.
+        /// Repeat for several live-stores. Default (without --discover or --kube):
+        /// the agent's own.
+        #[arg(
+            long = "netns",
+            value_name = "PATH",
+            env = "REDIRECTOR_NETNS",
+            value_delimiter = ','
+        )]
+        #[serde(default)]
+        pub netns: Vec<PathBuf>,
 
-    /// Serve the live-store pods of this node that the Kubernetes API selects
-    /// (label selector --kube-labels, on node $NODE_NAME), from their sandbox's
-    /// start, before the live-store's first socket: the DaemonSet's mode.
-    /// Needs get/list/watch on pods (the ClusterRole in deploy/daemonset.yaml).
-    #[arg(long, env = "REDIRECTOR_KUBE", value_parser = env_bool(), conflicts_with = "discover")]
-    pub kube: bool,
+        /// Serve every network namespace where a Tempo live-store listens on a listen
+        /// port (with hostPID: every live-store pod on the node), from the moment it
+        /// calls listen(); stop serving a namespace when it disappears or its
+        /// live-store stays down.
+        #[arg(long, env = "REDIRECTOR_DISCOVER", value_name = "BOOL", value_parser = env_bool(), num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+        #[serde(default)]
+        pub discover: Option<bool>,
 
-    /// With --kube, the label selector of live-store pods [default: the
-    /// tempo-distributed chart's live-store labels].
-    #[arg(long, env = "REDIRECTOR_KUBE_LABELS", value_name = "SELECTOR")]
-    pub kube_labels: Option<String>,
+        /// Serve the live-store pods of this node that the Kubernetes API selects
+        /// (label selector --kube-labels, on node $NODE_NAME), from their sandbox's
+        /// start, before the live-store's first socket: the DaemonSet's mode.
+        /// Needs get/list/watch on pods (the ClusterRole in deploy/daemonset.yaml).
+        /// Excludes --discover.
+        #[arg(long, env = "REDIRECTOR_KUBE", value_name = "BOOL", value_parser = env_bool(), num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+        #[serde(default)]
+        pub kube: Option<bool>,
 
-    /// With --kube, only pods in these Kubernetes namespaces [default: all].
-    #[arg(
-        long,
-        env = "REDIRECTOR_KUBE_NAMESPACES",
-        value_name = "NAMESPACE",
-        value_delimiter = ','
-    )]
-    pub kube_namespaces: Vec<String>,
+        /// With --kube, the label selector of live-store pods (the default is
+        /// the tempo-distributed chart's live-store labels).
+        #[arg(long, env = "REDIRECTOR_KUBE_LABELS", value_name = "SELECTOR")]
+        #[serde(default)]
+        pub kube_labels: Option<String>,
 
-    /// With --kube, this node's name (the DaemonSet sets NODE_NAME from the
-    /// downward API, fieldRef spec.nodeName): only its pods are watched.
-    #[arg(long, env = crate::discovery::kube::watch::NODE_NAME_ENV, value_name = "NAME")]
-    pub node_name: Option<String>,
+        /// With --kube, only pods in these Kubernetes namespaces (default: all).
+        #[arg(
+            long,
+            env = "REDIRECTOR_KUBE_NAMESPACES",
+            value_name = "NAMESPACE",
+            value_delimiter = ','
+        )]
+        #[serde(default)]
+        pub kube_namespaces: Vec<String>,
 
-    /// With --kube, the cgroup holding kubelet's pod cgroups (kubepods.slice
-    /// or kubepods), absolute or under the cgroup v2 mount [default: found
-    /// under the mount].
-    #[arg(long, env = "REDIRECTOR_KUBE_CGROUP_ROOT", value_name = "PATH")]
-    pub kube_cgroup_root: Option<PathBuf>,
+        /// With --kube, this node's name (the DaemonSet sets NODE_NAME from the
+        /// downward API, fieldRef spec.nodeName): only its pods are watched.
+        #[arg(long, env = crate::discovery::kube::watch::NODE_NAME_ENV, value_name = "NAME")]
+        #[serde(default)]
+        pub node_name: Option<String>,
 
-    /// With --kube, a kubeconfig file instead of the pod's ServiceAccount.
-    #[arg(long, env = "REDIRECTOR_KUBECONFIG", value_name = "PATH")]
-    pub kubeconfig: Option<PathBuf>,
+        /// With --kube, the cgroup holding kubelet's pod cgroups (kubepods.slice
+        /// or kubepods), absolute or under the cgroup v2 mount (default: found
+        /// under the mount).
+        #[arg(long, env = "REDIRECTOR_KUBE_CGROUP_ROOT", value_name = "PATH")]
+        #[serde(default)]
+        pub kube_cgroup_root: Option<PathBuf>,
 
-    /// With --discover, the Tempo targets served: a process counts when its
-    /// `-target=` flag (or `target:` in its -config.file) names one of these.
-    /// `live-store,all` also serves single-binary Tempo; `any` serves every
-    /// process listening on a listen port [default: live-store].
-    #[arg(
-        long,
-        value_name = "TARGET",
-        env = "REDIRECTOR_SERVE_TARGET",
-        value_delimiter = ','
-    )]
-    pub serve_target: Vec<String>,
+        /// With --kube, a kubeconfig file instead of the pod's ServiceAccount.
+        #[arg(long, env = "REDIRECTOR_KUBECONFIG", value_name = "PATH")]
+        #[serde(default)]
+        pub kubeconfig: Option<PathBuf>,
 
-    /// Where `redir_sockops` (listener registration, flow records) runs: `pod`
-    /// attaches it to each served live-store's pod cgroup, so other pods'
-    /// connections run none of redirector's programs; `root` attaches it to
-    /// the cgroup v2 root (every connection of the node pays for it), for hosts
-    /// whose live-stores do not run in a cgroup of their own [default: pod].
-    #[arg(long, env = "REDIRECTOR_SOCK_OPS_CGROUP", value_enum)]
-    pub sock_ops_cgroup: Option<crate::bpf::sockops::Scope>,
+        /// With --discover, the Tempo targets served: a process counts when its
+        /// `-target=` flag (or `target:` in its -config.file) names one of these.
+        /// `live-store,all` also serves single-binary Tempo; `any` serves every
+        /// process listening on a listen port.
+        #[arg(
+            long,
+            value_name = "TARGET",
+            env = "REDIRECTOR_SERVE_TARGET",
+            value_delimiter = ','
+        )]
+        #[serde(default)]
+        pub serve_target: Vec<String>,
 
-    /// Seconds between resyncs: every served namespace's listeners checked
-    /// against the kernel (spread over the interval), and, with --discover,
-    /// /proc scanned for live-stores the listen events missed. New listeners
-    /// are found at once by a listen() hook; this is the safety net [default: 30].
-    #[arg(long, env = "REDIRECTOR_RESYNC_INTERVAL", value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
-    pub resync_interval: Option<u64>,
+        /// Where `redir_sockops` (listener registration, flow records) runs: `pod`
+        /// attaches it to each served live-store's pod cgroup, so other pods'
+        /// connections run none of redirector's programs; `root` attaches it to
+        /// the cgroup v2 root (every connection of the node pays for it), for hosts
+        /// whose live-stores do not run in a cgroup of their own.
+        #[arg(long, env = "REDIRECTOR_SOCK_OPS_CGROUP", value_enum)]
+        #[serde(default, deserialize_with = "crate::config::layers::opt_value_enum")]
+        pub sock_ops_cgroup: Option<crate::bpf::sockops::Scope>,
 
-    /// With --discover, only namespaces of processes whose cgroup path contains
-    /// this (or matches it as a glob with `*`/`?`), e.g. `*tempo*live-store*`.
-    #[arg(long, env = "REDIRECTOR_CGROUP_PATTERN")]
-    pub cgroup_pattern: Option<String>,
+        /// Seconds between resyncs: every served namespace's listeners checked
+        /// against the kernel (spread over the interval), and, with --discover,
+        /// /proc scanned for live-stores the listen events missed. New listeners
+        /// are found at once by a listen() hook; this is the safety net.
+        #[arg(long, env = "REDIRECTOR_RESYNC_INTERVAL", value_name = "SECS", value_parser = parse_interval)]
+        #[serde(default, deserialize_with = "crate::config::layers::opt_interval")]
+        pub resync_interval: Option<u64>,
 
-    /// With --discover, seconds a served namespace may have no listener before
-    /// it is dropped (a live-store restarting in place keeps its namespace)
-    /// [default: 60].
-    #[arg(long, env = "REDIRECTOR_LISTENER_GRACE")]
-    pub listener_grace: Option<u64>,
+        /// With --discover, only namespaces of processes whose cgroup path contains
+        /// this (or matches it as a glob with `*`/`?`), e.g. `*tempo*live-store*`.
+        #[arg(long, env = "REDIRECTOR_CGROUP_PATTERN")]
+        #[serde(default, deserialize_with = "crate::config::opt_pattern")]
+        pub cgroup_pattern: Option<String>,
 
-    /// Pin programs, links and maps under /sys/fs/bpf/redirector so redirects keep
-    /// working while the agent restarts or is upgraded; the next agent adopts them.
-    #[arg(long, env = "REDIRECTOR_PIN", value_parser = env_bool())]
-    pub pin: bool,
+        /// With --discover, seconds a served namespace may have no listener before
+        /// it is dropped (a live-store restarting in place keeps its namespace).
+        #[arg(long, env = "REDIRECTOR_LISTENER_GRACE", value_name = "SECS")]
+        #[serde(default, deserialize_with = "crate::config::layers::opt_secs")]
+        pub listener_grace: Option<u64>,
 
-    /// Leave MPTCP on in served namespaces. By default the agent sets the
-    /// namespace's net.mptcp.enabled=0 when it starts serving it, so a Go
-    /// live-store (Go >= 1.24 listens with MPTCP by default) listens with plain
-    /// TCP, which the kernel can redirect; it restores the old value when it
-    /// stops serving the namespace.
-    #[arg(long, env = "REDIRECTOR_KEEP_MPTCP", value_parser = env_bool())]
-    pub keep_mptcp: bool,
+        /// Pin programs, links and maps under /sys/fs/bpf/redirector so redirects keep
+        /// working while the agent restarts or is upgraded; the next agent adopts them.
+        #[arg(long, env = "REDIRECTOR_PIN", value_name = "BOOL", value_parser = env_bool(), num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+        #[serde(default)]
+        pub pin: Option<bool>,
 
-    /// Flow record format: `text` for people, `json` or `logfmt` (one record per
-    /// line) for Loki, Vector or promtail. Default: text on a terminal, json otherwise.
-    #[arg(long, env = "REDIRECTOR_FLOW_FORMAT", value_enum)]
-    pub flow_format: Option<FlowFormat>,
+        /// Leave MPTCP on in served namespaces. By default the agent sets the
+        /// namespace's net.mptcp.enabled=0 when it starts serving it, so a Go
+        /// live-store (Go >= 1.24 listens with MPTCP by default) listens with plain
+        /// TCP, which the kernel can redirect; it restores the old value when it
+        /// stops serving the namespace.
+        #[arg(long, env = "REDIRECTOR_KEEP_MPTCP", value_name = "BOOL", value_parser = env_bool(), num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+        #[serde(default)]
+        pub keep_mptcp: Option<bool>,
 
-    /// Append flow records to this file instead of stdout.
-    #[arg(long, env = "REDIRECTOR_FLOW_LOG", value_name = "PATH")]
-    pub flow_log: Option<PathBuf>,
+        /// Flow record format: `text` for people, `json` or `logfmt` (one record per
+        /// line) for Loki, Vector or promtail. Default: text on a terminal, json otherwise.
+        #[arg(long, env = "REDIRECTOR_FLOW_FORMAT", value_enum)]
+        #[serde(default, deserialize_with = "crate::config::layers::opt_value_enum")]
+        pub flow_format: Option<FlowFormat>,
 
-    /// Prometheus /metrics, /healthz and /readyz [default: 127.0.0.1:9464]. `[::]:PORT`
-    /// is every IPv6 and IPv4 address (0.0.0.0 on a node without IPv6). Port 0 picks
-    /// a free port (printed).
-    #[arg(long, env = "REDIRECTOR_METRICS_ADDR")]
-    pub metrics_addr: Option<std::net::SocketAddr>,
+        /// Append flow records to this file instead of stdout.
+        #[arg(long, env = "REDIRECTOR_FLOW_LOG", value_name = "PATH")]
+        #[serde(default)]
+        pub flow_log: Option<PathBuf>,
 
-    /// Unix socket where `redirector flows` follows the flow records (mode 0600:
-    /// records carry queriers' addresses, so not on the metrics port)
-    /// [default: /run/redirector/flows.sock].
-    #[arg(long, env = "REDIRECTOR_FLOWS_SOCKET", value_name = "PATH")]
-    pub flows_socket: Option<PathBuf>,
+        /// Prometheus /metrics, /healthz and /readyz. `[::]:PORT` is every IPv6
+        /// and IPv4 address (0.0.0.0 on a node without IPv6). Port 0 picks a
+        /// free port (logged).
+        #[arg(long, env = "REDIRECTOR_METRICS_ADDR", value_name = "ADDR")]
+        #[serde(default)]
+        pub metrics_addr: Option<std::net::SocketAddr>,
 
-    /// Size of the kernel's flow record ring buffer in bytes: a power of two, at
-    /// least 4096. A record takes 112 bytes; a full ring drops (and counts) records.
-    #[arg(
-        long,
-        env = "REDIRECTOR_FLOW_RING_BYTES",
-        default_value_t = redirector_common::DEFAULT_FLOW_RING_BYTES,
-        value_parser = parse_ring_bytes
-    )]
-    pub flow_ring_bytes: u32,
+        /// Unix socket where `redirector flows` follows the flow records (mode 0600:
+        /// records carry queriers' addresses, so not on the metrics port).
+        #[arg(long, env = "REDIRECTOR_FLOWS_SOCKET", value_name = "PATH")]
+        #[serde(default)]
+        pub flows_socket: Option<PathBuf>,
 
-    /// Read and check the configuration (flags, --config, --tempo-config), print
-    /// what `run` would do as JSON, and exit: nothing is loaded or attached, and
-    /// no privileges are needed.
-    #[arg(long)]
-    pub dry_run: bool,
+        /// Size of the kernel's flow record ring buffer in bytes: a power of two, at
+        /// least 4096. A record takes 112 bytes; a full ring drops (and counts) records.
+        #[arg(long, env = "REDIRECTOR_FLOW_RING_BYTES", value_name = "BYTES", value_parser = parse_ring_bytes)]
+        #[serde(default, deserialize_with = "crate::config::layers::opt_ring_bytes")]
+        pub flow_ring_bytes: Option<u32>,
+
+        /// The agent's own log on stderr: `text` for people, `json` (one object
+        /// per line) for log collectors. Coloured only on a terminal. Flow records
+        /// are not log lines: see --flow-format.
+        #[arg(long, env = "REDIRECTOR_LOG_FORMAT", value_enum)]
+        #[serde(default, deserialize_with = "crate::config::layers::opt_value_enum")]
+        pub log_format: Option<crate::commands::logging::LogFormat>,
+
+        /// Read and check the configuration (flags, environment, --config,
+        /// --tempo-config), print what `run` would do as JSON, and exit: nothing
+        /// is loaded or attached, and no privileges are needed.
+        #[arg(long)]
+        #[serde(skip)]
+        pub dry_run: bool,
+    }
+}
+
+/// `run`'s defaults, stated once: [`command`] shows them in `--help`, the
+/// manual and completions, and `settings::resolve` applies the same constants
+/// where no layer sets the setting.
+pub fn run_defaults() -> Vec<(&'static str, String)> {
+    use crate::config::settings as s;
+    use redirector_common as c;
+    fn word(v: Option<clap::builder::PossibleValue>) -> String {
+        v.map(|p| p.get_name().to_owned()).unwrap_or_default()
+    }
+    vec![
+        ("advertise_port", c::DEFAULT_ADVERTISE_PORT.to_string()),
+        ("listen_port", c::DEFAULT_LISTEN_PORT.to_string()),
+        (
+            "tempo_ring_interval",
+            crate::ring::DEFAULT_INTERVAL_SECS.to_string(),
+        ),
+        (
+            "kube_labels",
+            crate::discovery::kube::watch::DEFAULT_LABELS.to_owned(),
+        ),
+        (
+            "serve_target",
+            crate::discovery::role::LIVE_STORE.to_owned(),
+        ),
+        (
+            "sock_ops_cgroup",
+            word(clap::ValueEnum::to_possible_value(
+                &crate::bpf::sockops::Scope::default(),
+            )),
+        ),
+        ("resync_interval", s::DEFAULT_RESYNC_SECS.to_string()),
+        ("listener_grace", s::DEFAULT_LISTENER_GRACE_SECS.to_string()),
+        ("metrics_addr", s::DEFAULT_METRICS_ADDR.to_owned()),
+        (
+            "flows_socket",
+            crate::flows::sub::DEFAULT_FLOWS_SOCKET.to_owned(),
+        ),
+        ("flow_ring_bytes", c::DEFAULT_FLOW_RING_BYTES.to_string()),
+        (
+            "log_format",
+            word(clap::ValueEnum::to_possible_value(
+                &crate::commands::logging::LogFormat::default(),
+            )),
+        ),
+    ]
+}
+
+/// The command line as `--help`, the manual and completions show it: [`Cli`]
+/// with `run`'s defaults. Values are taken without them ([`parse_from`]): what
+/// the command line and environment leave out falls to the `--config` file.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory as _;
+    Cli::command().mut_subcommand("run", |run| {
+        run_defaults().into_iter().fold(run, |run, (id, value)| {
+            run.mut_arg(id, |a| a.default_value(value))
+        })
+    })
+}
+
+/// Parses `argv`: help, version and errors as [`command`] renders them (with
+/// the defaults), the values without the defaults.
+pub fn parse_from<I, T>(argv: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let argv: Vec<std::ffi::OsString> = argv.into_iter().map(Into::into).collect();
+    command().try_get_matches_from(&argv)?;
+    Cli::try_parse_from(argv)
+}
+
+/// Seconds of an interval: at least 1. The flag and the redirector.yaml key
+/// both check with this.
+pub fn check_interval(secs: u64) -> Result<u64, String> {
+    if secs == 0 {
+        Err("0 is not an interval: at least 1 second".to_owned())
+    } else {
+        Ok(secs)
+    }
+}
+
+fn parse_interval(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(n) => check_interval(n),
+        Err(_) => Err(format!("`{s}` is not a whole number of seconds")),
+    }
+}
+
+/// The flow ring's size: a power of two of at least 4096 bytes. The flag and
+/// the redirector.yaml key both check with this.
+pub fn check_ring_bytes(n: u64) -> Result<u32, String> {
+    match u32::try_from(n) {
+        Ok(n) if n >= 4096 && n.is_power_of_two() => Ok(n),
+        _ => Err(format!(
+            "`{n}` is not a valid ring size: a power of two of at least 4096 bytes"
+        )),
+    }
 }
 
 fn parse_ring_bytes(s: &str) -> Result<u32, String> {
-    match s.trim().parse::<u32>() {
-        Ok(n) if n >= 4096 && n.is_power_of_two() => Ok(n),
-        _ => Err(format!(
+    match s.trim().parse::<u64>() {
+        Ok(n) => check_ring_bytes(n),
+        Err(_) => Err(format!(
             "`{s}` is not a valid ring size: a power of two of at least 4096 bytes"
         )),
     }

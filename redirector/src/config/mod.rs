@@ -6,59 +6,33 @@
 //! starts with `FILE:LINE:COLUMN:` where yaml_serde knows the position, and is a
 //! [`Fatal::Usage`] (exit code 2).
 
+pub mod layers;
 mod pattern;
 mod port;
 pub mod settings;
 mod tempo;
 
 pub use pattern::cgroup_pattern_matches;
-use port::redirect_list;
+pub(crate) use port::{opt_port, redirect_list};
 pub use port::{Redirect, SamePort};
 pub use tempo::{parse_tempo, tempo_ports, TempoPorts, TEMPO_DEFAULT_GRPC_LISTEN_PORT};
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-};
+use std::path::Path;
+#[cfg(test)]
+use std::path::PathBuf;
 
 use anyhow::Result;
 use serde::{de, Deserialize, Deserializer};
 
-use crate::{error::usage, flows::log::FlowFormat};
+use crate::error::usage;
+#[cfg(test)]
+use crate::flows::log::FlowFormat;
 
-/// redirector's own `redirector.yaml`. Every field is optional; the CLI decides
-/// what an absent one means, and a flag given on the command line wins.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    /// Port pairs to redirect; no two share an advertise port.
-    #[serde(default, deserialize_with = "redirect_list")]
-    pub redirects: Vec<Redirect>,
-    /// Network namespaces to serve: `/proc/PID/ns/net` or `/var/run/netns/NAME`.
-    #[serde(default)]
-    pub netns: Vec<PathBuf>,
-    /// Find live-store namespaces by themselves instead of listing them.
-    pub discover: Option<bool>,
-    /// Which cgroups discovery considers; see [`cgroup_pattern_matches`].
-    #[serde(default, deserialize_with = "opt_pattern")]
-    pub cgroup_pattern: Option<String>,
-    /// Pin programs and maps under bpffs so redirects outlive the agent.
-    pub pin: Option<bool>,
-    /// Leave MPTCP on in served namespaces (see `redirector run --keep-mptcp`).
-    pub keep_mptcp: Option<bool>,
-    /// How flow records are written.
-    pub flow_format: Option<FlowFormat>,
-    /// Where flow records go (a file path).
-    pub flow_log: Option<PathBuf>,
-    /// Where `/metrics`, `/healthz` and `/readyz` are served, e.g. `0.0.0.0:9464`.
-    pub metrics_addr: Option<SocketAddr>,
-    /// Unix socket for `redirector flows` subscribers (mode 0600).
-    pub flows_socket: Option<PathBuf>,
-    /// A live-store's Tempo config to take one more redirect from ([`tempo_ports`]).
-    pub tempo_config: Option<PathBuf>,
-    /// Tempo's live-store ring page to check periodically (`run --tempo-ring`).
-    pub tempo_ring: Option<String>,
-}
+/// redirector's own `redirector.yaml`: the settings of `redirector run`, one
+/// key per flag (see [`crate::cli::RunArgs`], where each is defined), and
+/// `redirects`. Every key is optional; a flag or environment variable given
+/// wins over it, and `settings::resolve` decides what an absent one means.
+pub type FileConfig = crate::cli::RunArgs;
 
 /// Reads and validates `redirector.yaml` at `path`.
 pub fn load(path: &Path) -> Result<FileConfig> {
@@ -146,7 +120,7 @@ fn yaml_error(origin: &Path, err: &yaml_serde::Error) -> anyhow::Error {
     usage(format!("{prefix}: {msg}"))
 }
 
-fn opt_pattern<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+pub(crate) fn opt_pattern<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     let s = Option::<String>::deserialize(d)?;
     match s {
         // An empty substring matches every cgroup, which is never what a pattern is for.
@@ -510,7 +484,11 @@ tempo_ring: http://tempo-distributor:3200/live-store/ring
                 metrics_addr: Some("0.0.0.0:9464".parse().unwrap()),
                 flows_socket: Some(PathBuf::from("/run/redirector/flows.sock")),
                 tempo_config: Some(PathBuf::from("/etc/tempo/tempo.yaml")),
-                tempo_ring: Some("http://tempo-distributor:3200/live-store/ring".into()),
+                tempo_ring: Some(
+                    crate::ring::RingUrl::parse("http://tempo-distributor:3200/live-store/ring")
+                        .unwrap()
+                ),
+                ..FileConfig::default()
             }
         );
         for (text, want) in [("text", FlowFormat::Text), ("json", FlowFormat::Json)] {
@@ -660,6 +638,232 @@ tempo_ring: http://tempo-distributor:3200/live-store/ring
             advertise_port: tempo.advertise_port,
             listen_port: tempo.listen_port,
         }));
+    }
+
+    /// The keys the flags had no key for until the settings were defined once,
+    /// and every other flag's: each reads as its flag does.
+    #[test]
+    fn every_setting_has_its_key() {
+        use crate::bpf::sockops::Scope;
+        use crate::commands::logging::LogFormat;
+        let cfg = parse(
+            r#"
+advertise_port: 12346
+listen_port: 9096
+tempo_ring_interval: 5
+kube: false
+kube_labels: app=live-store
+kube_namespaces: [tempo, tempo-2]
+node_name: node-1
+kube_cgroup_root: /sys/fs/cgroup/kubepods.slice
+kubeconfig: /etc/kubeconfig
+serve_target: [live-store, all]
+sock_ops_cgroup: root
+resync_interval: 10
+listener_grace: 0
+keep_mptcp: true
+flow_ring_bytes: 65536
+log_format: json
+"#,
+            origin(),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg,
+            FileConfig {
+                advertise_port: Some(12346),
+                listen_port: Some(9096),
+                tempo_ring_interval: Some(5),
+                kube: Some(false),
+                kube_labels: Some("app=live-store".into()),
+                kube_namespaces: vec!["tempo".into(), "tempo-2".into()],
+                node_name: Some("node-1".into()),
+                kube_cgroup_root: Some(PathBuf::from("/sys/fs/cgroup/kubepods.slice")),
+                kubeconfig: Some(PathBuf::from("/etc/kubeconfig")),
+                serve_target: vec!["live-store".into(), "all".into()],
+                sock_ops_cgroup: Some(Scope::Root),
+                resync_interval: Some(10),
+                listener_grace: Some(0),
+                keep_mptcp: Some(true),
+                flow_ring_bytes: Some(65536),
+                log_format: Some(LogFormat::Json),
+                ..FileConfig::default()
+            }
+        );
+    }
+
+    /// A `run` flag without a redirector.yaml key is a setting the ConfigMap
+    /// cannot hold: every flag but these is a key of the file's schema.
+    #[test]
+    fn every_run_flag_is_a_config_key() {
+        // `--config` names the file itself; `--dry-run` is an action of this
+        // invocation, not a setting of the agent. `--help` is clap's.
+        const NOT_KEYS: [&str; 3] = ["config", "dry_run", "help"];
+        let cmd = crate::cli::command();
+        let run = cmd
+            .get_subcommands()
+            .find(|c| c.get_name() == "run")
+            .expect("a run subcommand");
+        let mut checked = 0;
+        for arg in run.get_arguments() {
+            let id = arg.get_id().as_str();
+            if NOT_KEYS.contains(&id) {
+                continue;
+            }
+            // No value is "not set" for every key; an unknown key fails as such.
+            match parse(&format!("{id}:\n"), origin()) {
+                Ok(cfg) => assert_eq!(cfg, FileConfig::default(), "{id}"),
+                Err(e) => panic!("--{} has no redirector.yaml key {id}: {e}", arg.get_id()),
+            }
+            checked += 1;
+        }
+        assert!(checked >= 25, "{checked} flags");
+        for id in NOT_KEYS.iter().filter(|id| **id != "help") {
+            assert!(
+                run.get_arguments().any(|a| a.get_id() == *id),
+                "{id} is allowed as no key but is no flag"
+            );
+            let e = err(&format!("{id}:\n"));
+            assert!(e.contains(&format!("unknown field `{id}`")), "{e}");
+        }
+    }
+
+    #[test]
+    fn new_keys_are_checked_as_their_flags_are() {
+        let e = err("flow_ring_bytes: 1000\n");
+        assert!(
+            e.starts_with("redirector.yaml:1:18: flow_ring_bytes: `1000` is not a valid ring size"),
+            "{e}"
+        );
+        let e = err("resync_interval: 0\n");
+        assert!(
+            e.starts_with("redirector.yaml:1:18: resync_interval: 0 is not an interval"),
+            "{e}"
+        );
+        let e = err("listener_grace: -1\n");
+        assert!(e.contains("listener_grace: -1 is negative"), "{e}");
+        let e = err("sock_ops_cgroup: node\n");
+        assert!(
+            e.starts_with("redirector.yaml:1:18: sock_ops_cgroup: unknown variant `node`, expected one of `pod`, `root`"),
+            "{e}"
+        );
+        let e = err("log_format: logfmt\n");
+        assert!(
+            e.contains("log_format: unknown variant `logfmt`, expected one of `text`, `json`"),
+            "{e}"
+        );
+        let e = err("tempo_ring: https://tempo:3200/live-store/ring\n");
+        assert!(
+            e.starts_with("redirector.yaml:1:13: tempo_ring: `https://tempo:3200/live-store/ring`: https is not supported"),
+            "{e}"
+        );
+        let e = err("advertise_port: 0\n");
+        assert!(e.contains("advertise_port: port 0 is out of range"), "{e}");
+        let e = err("discover: yes please\n");
+        assert!(
+            e.starts_with("redirector.yaml:1:11: discover: invalid type"),
+            "{e}"
+        );
+    }
+
+    /// Command line and environment over the file over the defaults, key by
+    /// key; a list given on the command line replaces the file's.
+    #[test]
+    fn flags_win_over_the_file_key_by_key() {
+        use crate::cli::{Cli, Command};
+        let dir = std::env::temp_dir().join(format!("redirector-layers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("redirector.yaml");
+        std::fs::write(
+            &path,
+            "discover: true\nlistener_grace: 5\nresync_interval: 7\nflow_ring_bytes: 8192\n\
+             netns: [/proc/1/ns/net]\npin: true\nlog_format: json\n",
+        )
+        .unwrap();
+        let resolve = |extra: &[&str]| {
+            let mut argv = vec!["redirector", "run", "--config", path.to_str().unwrap()];
+            argv.extend_from_slice(extra);
+            let Command::Run(args) = crate::cli::parse_from(argv).unwrap().command else {
+                panic!("not run");
+            };
+            super::settings::resolve(*args).unwrap()
+        };
+        let file = resolve(&[]);
+        let flags = resolve(&[
+            "--resync-interval",
+            "9",
+            "--flow-ring-bytes",
+            "4096",
+            "--netns",
+            "/proc/2/ns/net",
+            "--pin=false",
+            "--log-format",
+            "text",
+        ]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(file.discover && file.pin);
+        assert_eq!(file.listener_grace.as_secs(), 5);
+        assert_eq!(file.resync_interval.as_secs(), 7);
+        assert_eq!(file.flow_ring_bytes, 8192);
+        assert_eq!(file.netns, [PathBuf::from("/proc/1/ns/net")]);
+        assert_eq!(file.log_format, crate::commands::logging::LogFormat::Json);
+        // What the flags leave alone stays the file's; the defaults come last.
+        assert!(flags.discover && !flags.pin);
+        assert_eq!(flags.listener_grace.as_secs(), 5);
+        assert_eq!(flags.resync_interval.as_secs(), 9);
+        assert_eq!(flags.flow_ring_bytes, 4096);
+        assert_eq!(flags.netns, [PathBuf::from("/proc/2/ns/net")]);
+        assert_eq!(flags.log_format, crate::commands::logging::LogFormat::Text);
+        assert_eq!(
+            flags.metrics_addr.to_string(),
+            super::settings::DEFAULT_METRICS_ADDR
+        );
+        // Without a file, the plain derive parse resolves to the same defaults
+        // `--help` shows.
+        let Command::Run(args) = <Cli as clap::Parser>::try_parse_from(["redirector", "run"])
+            .unwrap()
+            .command
+        else {
+            panic!("not run");
+        };
+        let defaults = super::settings::resolve(*args).unwrap();
+        let shown: std::collections::BTreeMap<&str, String> =
+            crate::cli::run_defaults().into_iter().collect();
+        assert_eq!(
+            shown["flow_ring_bytes"],
+            defaults.flow_ring_bytes.to_string()
+        );
+        assert_eq!(
+            shown["resync_interval"],
+            defaults.resync_interval.as_secs().to_string()
+        );
+        assert_eq!(shown["metrics_addr"], defaults.metrics_addr.to_string());
+        assert_eq!(shown["serve_target"], defaults.serve_targets.join(","));
+        assert_eq!(
+            shown["flows_socket"],
+            defaults.flows_socket.display().to_string()
+        );
+        assert_eq!(
+            shown["advertise_port"],
+            defaults.redirects[0].advertise_port.to_string()
+        );
+    }
+
+    /// `--help` shows each default once, from `run_defaults`.
+    #[test]
+    fn help_shows_the_defaults() {
+        let mut cmd = crate::cli::command();
+        let run = cmd.find_subcommand_mut("run").expect("a run subcommand");
+        let help = run.render_long_help().to_string();
+        for (id, value) in crate::cli::run_defaults() {
+            if id == "tempo_ring_interval" {
+                continue; // hidden
+            }
+            assert!(
+                help.contains(&format!("[default: {value}]")),
+                "{id}: [default: {value}] not in --help"
+            );
+        }
     }
 
     #[test]

@@ -120,7 +120,7 @@ impl<'de> Deserialize<'de> for Port {
     }
 }
 
-pub(super) fn opt_port<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+pub(crate) fn opt_port<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
     d.deserialize_any(PortVisitor { allow_null: true })
 }
 
@@ -222,6 +222,6 @@ impl<'de> de::Visitor<'de> for RedirectListVisitor {
     }
 }
 
-pub(super) fn redirect_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Redirect>, D::Error> {
+pub(crate) fn redirect_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Redirect>, D::Error> {
     d.deserialize_option(RedirectListVisitor)
 }

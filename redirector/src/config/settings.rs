@@ -1,5 +1,6 @@
-//! What `redirector run` does, resolved from its flags, the `--config` file
-//! and the defaults (in that order of precedence).
+//! What `redirector run` does, resolved from its flags and environment, the
+//! `--config` file and the defaults, in that order of precedence (see
+//! `config::layers`).
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -19,9 +20,9 @@ use crate::{
 /// This node only: a command run by hand opens nothing to the network. The
 /// DaemonSet asks for `[::]:9464` (every address, dual-stack; `0.0.0.0` on a
 /// node without IPv6, see `telemetry::serve`).
-const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
-const DEFAULT_LISTENER_GRACE_SECS: u64 = 60;
-const DEFAULT_RESYNC_SECS: u64 = 30;
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
+pub const DEFAULT_LISTENER_GRACE_SECS: u64 = 60;
+pub const DEFAULT_RESYNC_SECS: u64 = 30;
 
 /// Where `--kube` finds its pods.
 #[derive(Clone, Debug)]
@@ -58,6 +59,8 @@ pub struct Settings {
     pub flow_log: Option<PathBuf>,
     pub metrics_addr: SocketAddr,
     pub flow_ring_bytes: u32,
+    /// The agent's own log (stderr).
+    pub log_format: crate::commands::logging::LogFormat,
     /// Where `redirector flows` subscribers connect.
     pub flows_socket: PathBuf,
     /// What the agent serves and why, for `redirector status`: next to the
@@ -95,6 +98,7 @@ impl Settings {
             "flow_log": self.flow_log,
             "metrics_addr": self.metrics_addr.to_string(),
             "flow_ring_bytes": self.flow_ring_bytes,
+            "log_format": self.log_format,
             "flows_socket": self.flows_socket,
             "state_file": self.state_file,
         })
@@ -115,12 +119,14 @@ pub fn state_file(flows_socket: &std::path::Path) -> PathBuf {
 
 const STATE_FILE_NAME: &str = "agent.json";
 
-/// Merges flags over the `--config` file over the defaults, and validates.
+/// Merges flags and environment over the `--config` file over the defaults,
+/// and validates.
 pub fn resolve(args: RunArgs) -> Result<Settings> {
     let file = match &args.config {
         Some(path) => config::load(path)?,
         None => FileConfig::default(),
     };
+    let args = args.over(file);
     let redirects: Vec<Redirect> = if args.advertise_port.is_some() || args.listen_port.is_some() {
         let flags = Redirect::new(
             args.advertise_port.unwrap_or(DEFAULT_ADVERTISE_PORT),
@@ -128,46 +134,41 @@ pub fn resolve(args: RunArgs) -> Result<Settings> {
         )
         .map_err(|SamePort(port)| {
             usage(format!(
-                "--advertise-port and --listen-port are both {port}: the advertised port must differ from the port the live-store listens on"
+                "--advertise-port and --listen-port (advertise_port, listen_port) are both {port}: the advertised port must differ from the port the live-store listens on"
             ))
         })?;
         vec![flags]
-    } else if let Some(path) = &args.tempo_config {
-        let ports = config::tempo_ports(path)?;
-        vec![Redirect {
-            advertise_port: ports.advertise_port,
-            listen_port: ports.listen_port,
-        }]
     } else {
-        let from_file = config::resolve_redirects(&file)?;
-        if from_file.is_empty() {
+        let listed = config::resolve_redirects(&args)?;
+        if listed.is_empty() {
             vec![Redirect {
                 advertise_port: DEFAULT_ADVERTISE_PORT,
                 listen_port: DEFAULT_LISTEN_PORT,
             }]
         } else {
-            from_file
+            listed
         }
     };
-    let discover = args.discover || file.discover.unwrap_or(false);
-    if !args.kube
+    let discover = args.discover.unwrap_or(false);
+    let kube_on = args.kube.unwrap_or(false);
+    if !kube_on
         && (args.kube_labels.is_some()
             || !args.kube_namespaces.is_empty()
             || args.kubeconfig.is_some()
             || args.kube_cgroup_root.is_some())
     {
         return Err(usage(
-            "--kube-labels, --kube-namespaces, --kube-cgroup-root and --kubeconfig only apply with --kube"
+            "--kube-labels, --kube-namespaces, --kube-cgroup-root and --kubeconfig (kube_labels, kube_namespaces, kube_cgroup_root, kubeconfig) only apply with --kube (kube: true)"
                 .to_owned(),
         ));
     }
-    if args.kube && discover {
+    if kube_on && discover {
         return Err(usage(
-            "--kube and --discover (discover: true) exclude each other: the API selects the pods, or their processes do"
+            "--kube and --discover (kube: true, discover: true) exclude each other: the API selects the pods, or their processes do"
                 .to_owned(),
         ));
     }
-    let kube = args.kube.then(|| KubeSettings {
+    let kube = kube_on.then(|| KubeSettings {
         labels: args
             .kube_labels
             .clone()
@@ -177,25 +178,27 @@ pub fn resolve(args: RunArgs) -> Result<Settings> {
         node: args.node_name.clone(),
         cgroup_root: args.kube_cgroup_root.clone(),
     });
-    let cgroup_pattern = args.cgroup_pattern.or(file.cgroup_pattern);
-    // Checked on the merged settings, not with clap's `requires`: `discover`
-    // may come from the config file while the pattern comes from a flag.
+    let cgroup_pattern = args.cgroup_pattern;
     if !discover {
-        if cgroup_pattern.is_some() {
-            return Err(usage(
-                "--cgroup-pattern (cgroup_pattern) only applies with --discover (discover: true)"
-                    .to_owned(),
-            ));
-        }
-        if !args.serve_target.is_empty() {
-            return Err(usage(
-                "--serve-target only applies with --discover (discover: true)".to_owned(),
-            ));
-        }
-        if args.listener_grace.is_some() {
-            return Err(usage(
-                "--listener-grace only applies with --discover (discover: true)".to_owned(),
-            ));
+        for (set, what) in [
+            (
+                cgroup_pattern.is_some(),
+                "--cgroup-pattern (cgroup_pattern)",
+            ),
+            (
+                !args.serve_target.is_empty(),
+                "--serve-target (serve_target)",
+            ),
+            (
+                args.listener_grace.is_some(),
+                "--listener-grace (listener_grace)",
+            ),
+        ] {
+            if set {
+                return Err(usage(format!(
+                    "{what} only applies with --discover (discover: true)"
+                )));
+            }
         }
     }
     let serve_targets = if args.serve_target.is_empty() {
@@ -213,22 +216,17 @@ pub fn resolve(args: RunArgs) -> Result<Settings> {
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     }) {
         return Err(usage(format!(
-            "--serve-target {bad:?} is not a Tempo target name (e.g. live-store, all, or any)"
+            "--serve-target (serve_target) {bad:?} is not a Tempo target name (e.g. live-store, all, or any)"
         )));
     }
-    let mut netns = if args.netns.is_empty() {
-        file.netns
-    } else {
-        args.netns
-    };
+    let mut netns = args.netns;
     if netns.is_empty() && !discover && kube.is_none() {
         netns.push(PathBuf::from(SELF_NETNS));
     }
     let flows_socket = args
         .flows_socket
-        .or(file.flows_socket)
         .unwrap_or_else(|| PathBuf::from(crate::flows::sub::DEFAULT_FLOWS_SOCKET));
-    let metrics_addr = match args.metrics_addr.or(file.metrics_addr) {
+    let metrics_addr = match args.metrics_addr {
         Some(addr) => addr,
         None => DEFAULT_METRICS_ADDR
             .parse()
@@ -246,25 +244,20 @@ pub fn resolve(args: RunArgs) -> Result<Settings> {
         listener_grace: Duration::from_secs(
             args.listener_grace.unwrap_or(DEFAULT_LISTENER_GRACE_SECS),
         ),
-        pin: args.pin || file.pin.unwrap_or(false),
-        keep_mptcp: args.keep_mptcp || file.keep_mptcp.unwrap_or(false),
-        tempo_ring: match args.tempo_ring {
-            Some(url) => Some(url),
-            None => file
-                .tempo_ring
-                .as_deref()
-                .map(crate::ring::RingUrl::parse)
-                .transpose()
-                .map_err(|e| usage(format!("tempo_ring in the config file: {e}")))?,
-        },
+        pin: args.pin.unwrap_or(false),
+        keep_mptcp: args.keep_mptcp.unwrap_or(false),
+        tempo_ring: args.tempo_ring,
         tempo_ring_interval: Duration::from_secs(
             args.tempo_ring_interval
                 .unwrap_or(crate::ring::DEFAULT_INTERVAL_SECS),
         ),
-        flow_format: args.flow_format.or(file.flow_format),
-        flow_log: args.flow_log.or(file.flow_log),
+        flow_format: args.flow_format,
+        flow_log: args.flow_log,
         metrics_addr,
-        flow_ring_bytes: args.flow_ring_bytes,
+        flow_ring_bytes: args
+            .flow_ring_bytes
+            .unwrap_or(redirector_common::DEFAULT_FLOW_RING_BYTES),
+        log_format: args.log_format.unwrap_or_default(),
         state_file: state_file(&flows_socket),
         flows_socket,
     })
