@@ -1,8 +1,11 @@
-//! The few system calls std and aya 0.14 do not wrap. Each `unsafe` block is
-//! a plain syscall; command and type numbers come from aya-obj's kernel
-//! bindings. What each covers:
-//! - entering a network namespace, its cookie (`SO_NETNS_COOKIE`), copying a
-//!   socket out of another process (`pidfd_getfd`), capabilities: std has none;
+//! The few system calls std and aya 0.14 do not wrap. Where rustix wraps one
+//! (setns, pidfd_open, pidfd_getfd, openat2, statfs, fstat, clocks, the socket
+//! options it names) it is used, and there is no `unsafe` here for it; the
+//! effective capabilities come from capget(2) through `caps`. Each remaining
+//! `unsafe` block is a plain syscall rustix does not offer: getsockopt
+//! `SO_NETNS_COOKIE` (rustix has no accessor for it, nor a raw getsockopt) and
+//! bpf(2) (rustix has no wrapper); command and type numbers come from aya-obj's
+//! kernel bindings. What the bpf(2) calls cover:
 //! - BPF_LINK_CREATE for sk_lookup on a netns fd and sock_ops on a cgroup fd
 //!   as a raw link fd we pin ourselves, BPF_LINK_DETACH, BPF_LINK_GET_FD_BY_ID,
 //!   BPF_OBJ_PIN/GET and a link's netns inode (BPF_OBJ_GET_INFO_BY_FD): aya
@@ -18,6 +21,14 @@ use std::{
 };
 
 use aya_obj::generated::{bpf_attach_type, bpf_cmd, bpf_link_type};
+use caps::{CapSet, Capability, CapsHashSet};
+use rustix::{
+    fs::{Mode, OFlags, ResolveFlags},
+    net::{sockopt, AddressFamily, SocketFlags, SocketType},
+    process::{Pid, PidfdFlags, PidfdGetfdFlags},
+    thread::LinkNameSpaceType,
+    time::ClockId,
+};
 
 /// A bpf(2) command number as the syscall takes it.
 const fn cmd(c: bpf_cmd) -> libc::c_long {
@@ -26,8 +37,8 @@ const fn cmd(c: bpf_cmd) -> libc::c_long {
 
 /// `SO_NETNS_COOKIE` (Linux 5.14), not in every libc crate release.
 const SO_NETNS_COOKIE: libc::c_int = 71;
-/// bpffs' `statfs` magic.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// bpffs' `statfs` magic (a 32-bit value, as every filesystem magic is).
+const BPF_FS_MAGIC: u32 = 0xcafe_4a11;
 
 /// Runs `f` on a thread that has entered the network namespace `netns`. Sockets
 /// created there belong to that namespace for their whole life, whichever thread
@@ -41,10 +52,9 @@ pub fn in_netns<T: Send>(
         // this namespace, not a panic of the agent.
         std::thread::Builder::new()
             .spawn_scoped(scope, || {
-                // SAFETY: setns on this thread only; the fd is a valid borrowed netns fd.
-                if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(io::Error::last_os_error());
-                }
+                // setns(2) on this thread only; anything but a netns fd is EINVAL.
+                let net = Some(LinkNameSpaceType::Network);
+                rustix::thread::move_into_link_name_space(netns, net)?;
                 f()
             })?
             .join()
@@ -55,26 +65,26 @@ pub fn in_netns<T: Send>(
 /// The cookie of the network namespace the calling thread is in: the identity
 /// the kernel programs key everything by (`bpf_get_netns_cookie`).
 pub fn current_netns_cookie() -> io::Result<u64> {
-    // SAFETY: plain socket(2); the result is checked and owned at once.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just returned by socket(2) and nothing else owns it.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    u64_sockopt(sock.as_fd(), SO_NETNS_COOKIE)
+    let sock = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    netns_cookie(sock.as_fd())
 }
 
-/// A `SOL_SOCKET` option whose value is a u64 (`SO_COOKIE`, `SO_NETNS_COOKIE`).
-fn u64_sockopt(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Result<u64> {
+/// `SO_NETNS_COOKIE` of a socket: the one socket option here rustix has no
+/// accessor for (and it offers no raw getsockopt).
+fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: the out-pointers point to a u64 and its length.
+    // SAFETY: getsockopt(2) with out-pointers to a live u64 and its length.
     let rc = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            opt,
+            SO_NETNS_COOKIE,
             (&mut value as *mut u64).cast(),
             &mut len,
         )
@@ -86,27 +96,28 @@ fn u64_sockopt(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Result<u64> {
 }
 
 /// A pidfd for process `pid` (Linux 5.3): readable once the process exits.
+/// A pid of 0 or below is EINVAL, as the kernel says.
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open(2) with no flags; the result is checked and owned at once.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if pidfd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pidfd was just returned by pidfd_open(2) and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(pidfd as i32) })
+    let pid = (pid > 0)
+        .then(|| Pid::from_raw(pid))
+        .flatten()
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    Ok(rustix::process::pidfd_open(pid, PidfdFlags::empty())?)
 }
 
 /// A duplicate of file descriptor `fd` of process `pid` (`pidfd_getfd`, Linux 5.6;
 /// needs ptrace access to the process, i.e. CAP_SYS_PTRACE for other users).
+/// A negative `fd` is EBADF, as the kernel says.
 pub fn copy_fd_from(pid: i32, fd: i32) -> io::Result<OwnedFd> {
-    let pidfd = pidfd_open(pid)?;
-    // SAFETY: pidfd_getfd(2) with no flags; the result is checked and owned at once.
-    let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_fd().as_raw_fd(), fd, 0) };
-    if copy < 0 {
-        return Err(io::Error::last_os_error());
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
     }
-    // SAFETY: copy was just returned by pidfd_getfd(2) and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(copy as i32) })
+    let pidfd = pidfd_open(pid)?;
+    Ok(rustix::process::pidfd_getfd(
+        &pidfd,
+        fd,
+        PidfdGetfdFlags::empty(),
+    )?)
 }
 
 /// Opens `path` as an `O_PATH` descriptor, resolved with `dir` as the root
@@ -114,42 +125,22 @@ pub fn copy_fd_from(pid: i32, fd: i32) -> io::Result<OwnedFd> {
 /// and absolute symlinks stay under `dir`, and /proc magic links are refused,
 /// so a path a pod controls never leads out of the pod's filesystem. `O_PATH`
 /// opens nothing: no FIFO, device or lock can block or react to it.
+/// A path with a NUL byte is EINVAL.
 pub fn open_path_in_root(dir: BorrowedFd<'_>, path: &Path) -> io::Result<OwnedFd> {
-    let c_path =
-        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
-    // SAFETY: all-zero is a valid open_how (libc marks it non-exhaustive).
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: openat2(2) with a NUL-terminated path and an open_how of the
-    // size passed; the result is checked and owned at once.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dir.as_raw_fd(),
-            c_path.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just returned by openat2(2) and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    Ok(rustix::fs::openat2(
+        dir,
+        path,
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )?)
 }
 
 /// Whether `path` is on a bpffs mount.
 pub fn is_bpffs(path: &Path) -> io::Result<bool> {
-    let c_path =
-        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
-    // SAFETY: zeroed statfs is a valid out-buffer for statfs(2).
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c_path is NUL-terminated, st is a valid out-pointer.
-    if unsafe { libc::statfs(c_path.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+    let st = rustix::fs::statfs(path)?;
+    // `f_type` is a long on most targets, u32 on s390x: its low 32 bits.
+    Ok(st.f_type as u32 == BPF_FS_MAGIC)
 }
 
 /// The pids in /proc right now (processes come and go while callers look).
@@ -161,39 +152,46 @@ pub fn pids() -> impl Iterator<Item = i32> {
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
 }
 
-/// Linux capabilities the agent needs, with the reason an operator reads.
-pub const REQUIRED_CAPABILITIES: [(u32, &str, &str); 4] = [
-    (39, "CAP_BPF", "load eBPF programs and maps"),
+/// Linux capabilities the agent needs, with the name an operator reads (as
+/// `caps` and the kernel spell it) and the reason.
+pub const REQUIRED_CAPABILITIES: [(Capability, &str, &str); 4] = [
     (
-        12,
+        Capability::CAP_BPF,
+        "CAP_BPF",
+        "load eBPF programs and maps",
+    ),
+    (
+        Capability::CAP_NET_ADMIN,
         "CAP_NET_ADMIN",
         "attach sk_lookup to network namespaces and sock_ops to the cgroup",
     ),
     (
-        21,
+        Capability::CAP_SYS_ADMIN,
         "CAP_SYS_ADMIN",
         "enter other network namespaces (setns) and pin to bpffs",
     ),
     (
-        19,
+        Capability::CAP_SYS_PTRACE,
         "CAP_SYS_PTRACE",
         "copy a live-store's existing listening socket (pidfd_getfd)",
     ),
 ];
 
-/// The required capabilities missing from this process's effective set.
+/// The required capabilities missing from the calling thread's effective set
+/// (capget(2): no /proc needed).
 pub fn missing_capabilities() -> io::Result<Vec<(&'static str, &'static str)>> {
-    let status = fs::read_to_string("/proc/self/status")?;
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .ok_or_else(|| io::Error::other("no CapEff line in /proc/self/status"))?;
-    Ok(REQUIRED_CAPABILITIES
+    let effective = caps::read(None, CapSet::Effective)
+        .map_err(|e| io::Error::other(format!("reading the effective capabilities: {e}")))?;
+    Ok(missing_from(&effective))
+}
+
+/// The required capabilities not in `effective`.
+fn missing_from(effective: &CapsHashSet) -> Vec<(&'static str, &'static str)> {
+    REQUIRED_CAPABILITIES
         .iter()
-        .filter(|(bit, _, _)| eff & (1u64 << bit) == 0)
+        .filter(|(cap, _, _)| !effective.contains(cap))
         .map(|&(_, name, why)| (name, why))
-        .collect())
+        .collect()
 }
 
 /// `bpf_attach_type` values for `prog_query`.
@@ -234,16 +232,11 @@ pub fn prog_query(target: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u3
 /// Nanoseconds to add to a CLOCK_MONOTONIC time (`bpf_ktime_get_ns`) to get
 /// Unix time.
 pub fn monotonic_to_unix_offset_ns() -> i128 {
-    fn now(clock: libc::clockid_t) -> i128 {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes one timespec.
-        unsafe { libc::clock_gettime(clock, &mut ts) };
-        ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+    fn now(clock: ClockId) -> i128 {
+        let ts = rustix::time::clock_gettime(clock);
+        i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
     }
-    now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC)
+    now(ClockId::Realtime) - now(ClockId::Monotonic)
 }
 
 const BPF_OBJ_PIN: libc::c_long = cmd(bpf_cmd::BPF_OBJ_PIN);
@@ -428,33 +421,13 @@ pub struct SocketFacts {
 pub const IPPROTO_MPTCP: i32 = 262;
 
 pub fn socket_facts(fd: BorrowedFd<'_>) -> io::Result<SocketFacts> {
-    let int_opt = |opt: libc::c_int| -> io::Result<i32> {
-        let mut value: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: the out-pointers point to a c_int and its length.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&mut value as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(value)
-    };
-    let inode = fs::File::from(fd.try_clone_to_owned()?)
-        .metadata()
-        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))?;
     Ok(SocketFacts {
-        inode,
-        cookie: u64_sockopt(fd, libc::SO_COOKIE)?,
-        netns_cookie: u64_sockopt(fd, SO_NETNS_COOKIE)?,
-        listening: int_opt(libc::SO_ACCEPTCONN)? != 0,
-        protocol: int_opt(libc::SO_PROTOCOL)?,
+        inode: rustix::fs::fstat(fd)?.st_ino,
+        cookie: sockopt::socket_cookie(fd)?,
+        netns_cookie: netns_cookie(fd)?,
+        listening: sockopt::socket_acceptconn(fd)?,
+        // `SO_PROTOCOL`; rustix says None for 0 (no protocol named).
+        protocol: sockopt::socket_protocol(fd)?.map_or(0, |p| p.as_raw().get() as i32),
     })
 }
 
@@ -475,7 +448,188 @@ pub fn set_netns_sysctl(netns: BorrowedFd<'_>, path: &'static str, value: &str) 
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        fs::File,
+        net::{TcpListener, UdpSocket},
+        os::unix::fs::MetadataExt,
+    };
+
+    use procfs_core::FromRead;
+
     use super::*;
+
+    /// capget(2) through `caps` says what the kernel's own /proc/thread-self/status
+    /// says (CapEff, parsed by procfs), for the capabilities `caps` knows.
+    #[test]
+    fn effective_capabilities_match_proc_status() {
+        let status = procfs_core::process::Status::from_read(
+            File::open("/proc/thread-self/status").expect("status"),
+        )
+        .expect("parse");
+        let known = caps::all().iter().fold(0u64, |m, c| m | c.bitmask());
+        let effective = caps::read(None, CapSet::Effective).expect("capget");
+        let bits = effective.iter().fold(0u64, |m, c| m | c.bitmask());
+        assert_eq!(bits, status.capeff & known);
+        let missing = missing_capabilities().expect("capget");
+        for (cap, name, _) in REQUIRED_CAPABILITIES {
+            let has = status.capeff & (1u64 << cap.index()) != 0;
+            assert_eq!(missing.iter().any(|(n, _)| *n == name), !has, "{name}");
+        }
+    }
+
+    #[test]
+    fn missing_capabilities_are_named_in_order() {
+        let none = CapsHashSet::default();
+        let names: Vec<_> = missing_from(&none).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [
+                "CAP_BPF",
+                "CAP_NET_ADMIN",
+                "CAP_SYS_ADMIN",
+                "CAP_SYS_PTRACE"
+            ]
+        );
+        let all: CapsHashSet = REQUIRED_CAPABILITIES.iter().map(|(c, _, _)| *c).collect();
+        assert!(missing_from(&all).is_empty());
+        let some: CapsHashSet = [Capability::CAP_BPF, Capability::CAP_SYS_PTRACE].into();
+        let names: Vec<_> = missing_from(&some).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["CAP_NET_ADMIN", "CAP_SYS_ADMIN"]);
+        // The names operators read are the kernel's (and caps') own.
+        for (cap, name, _) in REQUIRED_CAPABILITIES {
+            assert_eq!(cap.to_string(), name);
+        }
+        // The bits are the uapi's (include/uapi/linux/capability.h).
+        let bits: Vec<u8> = REQUIRED_CAPABILITIES
+            .iter()
+            .map(|(c, _, _)| c.index())
+            .collect();
+        assert_eq!(bits, [39, 12, 21, 19]);
+    }
+
+    /// setns into our own namespace (as root) gives our own cookie; a file
+    /// that is not a netns is EINVAL, which `Netns::open` reports as such.
+    #[test]
+    fn in_netns_enters_a_namespace_and_refuses_other_files() {
+        let own = current_netns_cookie().expect("cookie");
+        assert_ne!(own, 0);
+        let ns = File::open("/proc/self/ns/net").expect("netns");
+        match in_netns(ns.as_fd(), current_netns_cookie) {
+            Ok(cookie) => assert_eq!(cookie, own),
+            // Not root: setns needs CAP_SYS_ADMIN.
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+            Err(e) => panic!("setns: {e}"),
+        }
+        let uts = File::open("/proc/self/ns/uts").expect("uts");
+        let e = in_netns(uts.as_fd(), current_netns_cookie).expect_err("not a netns");
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+        let plain = File::open("/proc/self/status").expect("file");
+        let e = in_netns(plain.as_fd(), current_netns_cookie).expect_err("not a netns");
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+        // The closure's own error comes back as it is.
+        let e = in_netns(ns.as_fd(), || -> io::Result<()> {
+            Err(io::Error::from_raw_os_error(libc::ENOENT))
+        })
+        .expect_err("closure error");
+        assert!(matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EPERM)));
+    }
+
+    #[test]
+    fn pidfd_open_takes_live_positive_pids() {
+        let me = std::process::id() as i32;
+        let pidfd = pidfd_open(me).expect("pidfd");
+        let link = fs::read_link(format!("/proc/self/fd/{}", pidfd.as_raw_fd())).expect("link");
+        assert_eq!(link.to_str(), Some("anon_inode:[pidfd]"));
+        for bad in [0, -1, i32::MIN] {
+            let e = pidfd_open(bad).expect_err("not a pid");
+            assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{bad}");
+        }
+        // pid_max is at most 2^22: this one does not exist.
+        let e = pidfd_open(i32::MAX).expect_err("no such process");
+        assert_eq!(e.raw_os_error(), Some(libc::ESRCH));
+    }
+
+    /// A listener copied out of a process (here ourselves) by pidfd_getfd is
+    /// the same socket: inode, cookie and namespace, listening, TCP.
+    #[test]
+    fn copied_socket_facts() {
+        let me = std::process::id() as i32;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let copy = copy_fd_from(me, listener.as_raw_fd()).expect("pidfd_getfd");
+        assert_ne!(copy.as_raw_fd(), listener.as_raw_fd());
+        let facts = socket_facts(copy.as_fd()).expect("facts");
+        let original = socket_facts(listener.as_fd()).expect("facts");
+        assert_eq!(facts, original);
+        assert_eq!(
+            facts.inode,
+            File::from(listener.as_fd().try_clone_to_owned().expect("dup"))
+                .metadata()
+                .expect("stat")
+                .ino()
+        );
+        assert_ne!(facts.cookie, 0);
+        assert_eq!(facts.netns_cookie, current_netns_cookie().expect("cookie"));
+        assert!(facts.listening);
+        assert_eq!(facts.protocol, libc::IPPROTO_TCP);
+
+        let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
+        let facts = socket_facts(udp.as_fd()).expect("facts");
+        assert!(!facts.listening);
+        assert_eq!(facts.protocol, libc::IPPROTO_UDP);
+        assert_ne!(facts.cookie, original.cookie);
+
+        for bad in [1 << 30, -1] {
+            let e = copy_fd_from(me, bad).expect_err("no such fd");
+            assert_eq!(e.raw_os_error(), Some(libc::EBADF), "{bad}");
+        }
+        let file = File::open("/proc/self/status").expect("file");
+        let e = socket_facts(file.as_fd()).expect_err("not a socket");
+        assert_eq!(e.raw_os_error(), Some(libc::ENOTSOCK));
+    }
+
+    /// RESOLVE_IN_ROOT keeps `/` at the root given; RESOLVE_NO_MAGICLINKS
+    /// refuses /proc's magic links (ELOOP); a NUL in the path is EINVAL.
+    #[test]
+    fn open_path_in_root_refuses_magic_links_and_nul() {
+        let root = File::open("/").expect("root");
+        let etc = open_path_in_root(root.as_fd(), Path::new("/etc")).expect("etc");
+        assert_eq!(
+            File::from(etc).metadata().expect("stat").ino(),
+            fs::metadata("/etc").expect("stat").ino()
+        );
+        let e = open_path_in_root(root.as_fd(), Path::new("/proc/self/exe")).expect_err("magic");
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP));
+        let e = open_path_in_root(root.as_fd(), Path::new("/etc\0x")).expect_err("nul");
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+    }
+
+    #[test]
+    fn bpffs_is_told_by_its_magic() {
+        assert!(!is_bpffs(Path::new("/proc")).expect("statfs"));
+        let e = is_bpffs(Path::new("/nonexistent/redirector")).expect_err("missing");
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        if let Ok(mounts) = fs::read_to_string("/proc/self/mounts") {
+            for line in mounts
+                .lines()
+                .filter(|l| l.split(' ').nth(2) == Some("bpf"))
+            {
+                let at = line.split(' ').nth(1).expect("mount point");
+                assert!(is_bpffs(Path::new(at)).expect("statfs"), "{at}");
+            }
+        }
+    }
+
+    /// Unix time minus the time since boot: after 2020, and the wall clock now.
+    #[test]
+    fn monotonic_offset_is_the_boot_time() {
+        let offset = monotonic_to_unix_offset_ns();
+        let unix_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_nanos() as i128;
+        assert!(offset > 1_577_836_800 * 1_000_000_000, "{offset}");
+        assert!(offset <= unix_now);
+    }
 
     /// The numbers of the kernel's uapi (include/uapi/linux/bpf.h), which
     /// never change: the bindings must give exactly these.

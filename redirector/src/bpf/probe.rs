@@ -187,23 +187,31 @@ fn map(ty: MapType) -> io::Result<bool> {
     is_map_supported(ty).map_err(io::Error::other)
 }
 
-/// `pidfd_getfd(-1, ...)`: EBADF where the system call exists, ENOSYS where not.
+/// `pidfd_getfd` of a descriptor no process has (`i32::MAX`, past any fd
+/// table) through a pidfd of this process (which it may always ptrace):
+/// EBADF where the system call exists, ENOSYS where not.
+/// No descriptor is copied. A kernel without `pidfd_open` (5.3) has no
+/// `pidfd_getfd` (5.6) either.
 fn pidfd_getfd() -> io::Result<bool> {
-    // SAFETY: pidfd_getfd(2) on an invalid pidfd: no descriptor is created.
-    let rc = unsafe { libc::syscall(libc::SYS_pidfd_getfd, -1, 0, 0) };
-    syscall_exists(rc)
+    let pidfd = match crate::sys::pidfd_open(std::process::id() as i32) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    syscall_exists(
+        rustix::process::pidfd_getfd(&pidfd, i32::MAX, rustix::process::PidfdGetfdFlags::empty())
+            .map(drop),
+    )
 }
 
-fn syscall_exists(rc: libc::c_long) -> io::Result<bool> {
-    if rc >= 0 {
-        // Cannot happen for an invalid pidfd; exists all the same.
-        return Ok(true);
-    }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::ENOSYS) => Ok(false),
-        Some(libc::EBADF) | Some(libc::EINVAL) => Ok(true),
-        _ => Err(err),
+/// Whether a system call called with an invalid argument exists.
+fn syscall_exists(result: rustix::io::Result<()>) -> io::Result<bool> {
+    match result {
+        // Cannot happen for an invalid descriptor; exists all the same.
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::NOSYS) => Ok(false),
+        Err(rustix::io::Errno::BADF | rustix::io::Errno::INVAL) => Ok(true),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -245,6 +253,25 @@ fn sockhash_with_cookie_values() -> io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// ENOSYS says the call is missing, EBADF/EINVAL that it exists, anything
+    /// else (seccomp's EPERM) is an error of the probe, not an answer.
+    #[test]
+    fn syscall_probe_reads_the_errno() {
+        use rustix::io::Errno;
+        assert!(!syscall_exists(Err(Errno::NOSYS)).expect("answer"));
+        assert!(syscall_exists(Err(Errno::BADF)).expect("answer"));
+        assert!(syscall_exists(Err(Errno::INVAL)).expect("answer"));
+        assert!(syscall_exists(Ok(())).expect("answer"));
+        let e = syscall_exists(Err(Errno::PERM)).expect_err("no answer");
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+    }
+
+    /// This machine's kernel (>= 5.6) has pidfd_getfd.
+    #[test]
+    fn pidfd_getfd_probe_finds_the_call() {
+        assert!(pidfd_getfd().expect("probe"));
+    }
 
     #[test]
     fn features_are_listed_oldest_first() {

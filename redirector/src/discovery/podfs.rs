@@ -179,10 +179,12 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("etc")).expect("dir");
         std::fs::write(dir.join("etc/conf.yaml"), "target: live-store\n").expect("write");
-        let fifo =
-            std::ffi::CString::new(dir.join("fifo").as_os_str().as_encoded_bytes()).expect("path");
-        // SAFETY: mkfifo(3) with a NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            dir.join("fifo"),
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .expect("mkfifo");
         std::os::unix::fs::symlink("/etc/hostname", dir.join("escape")).expect("symlink");
         std::os::unix::fs::symlink("../../../../etc/conf.yaml", dir.join("dotdot"))
             .expect("symlink");
