@@ -15,6 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use procfs_core::{FromRead, ProcessCGroup, ProcessCGroups};
+
 /// A walk of the whole hierarchy costs milliseconds on a node with a
 /// thousand pods: an unknown id (a cgroup removed meanwhile) may not trigger
 /// one more often than this.
@@ -55,10 +57,8 @@ impl CgroupIndex {
             None => {}
         }
         for pid in hint {
-            let Ok(text) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
-                continue;
-            };
-            let Some(rel) = text.lines().find_map(|l| l.strip_prefix("0::")) else {
+            let cgroups = of_pid(*pid);
+            let Some(rel) = unified(&cgroups) else {
                 continue;
             };
             let path = self.mount.join(rel.trim_start_matches('/'));
@@ -124,6 +124,28 @@ impl CgroupIndex {
     }
 }
 
+/// The cgroups of process `pid`, from /proc/PID/cgroup (written by the
+/// kernel, not the pod); empty once the process has exited.
+pub fn of_pid(pid: i32) -> Vec<ProcessCGroup> {
+    fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .map(|text| parse(&text))
+        .unwrap_or_default()
+}
+
+/// /proc/PID/cgroup's lines (`hierarchy:controllers:path`), parsed by
+/// procfs; nothing if the kernel wrote something else.
+fn parse(text: &str) -> Vec<ProcessCGroup> {
+    ProcessCGroups::from_read(text.as_bytes()).map_or_else(|_| Vec::new(), |c| c.0)
+}
+
+/// The cgroup v2 path among `cgroups` (the `0::PATH` line).
+pub fn unified(cgroups: &[ProcessCGroup]) -> Option<&str> {
+    cgroups
+        .iter()
+        .find(|c| c.hierarchy == 0 && c.controllers.is_empty())
+        .map(|c| c.pathname.as_str())
+}
+
 /// The Kubernetes pod a cgroup v2 path (as in /proc/PID/cgroup) belongs to:
 /// the path of its pod cgroup, `None` outside any pod.
 pub fn pod_of(path: &str) -> Option<&str> {
@@ -161,6 +183,28 @@ pub fn is_pod_cgroup(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_proc_pid_cgroup() {
+        let v1_and_v2 = "12:pids:/kubepods/pod1\n1:name=systemd:/x\n0::/a:b/c\n";
+        let cgroups = parse(v1_and_v2);
+        assert_eq!(cgroups.len(), 3);
+        assert_eq!(cgroups[0].controllers, ["pids"]);
+        assert_eq!(cgroups[1].pathname, "/x");
+        // The path is everything after the second colon.
+        assert_eq!(unified(&cgroups), Some("/a:b/c"));
+        assert_eq!(unified(&parse("3:cpu,cpuacct:/k\n")), None);
+        assert!(parse("garbage\n").is_empty());
+        assert!(parse("").is_empty());
+
+        // Ours, as the kernel writes it: the same path as the `0::` line.
+        let text = fs::read_to_string("/proc/self/cgroup").expect("cgroup");
+        let line = text.lines().find_map(|l| l.strip_prefix("0::"));
+        let me = of_pid(std::process::id() as i32);
+        assert_eq!(unified(&me), line);
+        assert_eq!(me.len(), text.lines().count());
+        assert!(of_pid(i32::MAX).is_empty(), "no such process");
+    }
 
     #[test]
     fn pod_of_a_container_cgroup() {

@@ -29,7 +29,7 @@ use prometheus_client::{
 use tokio::sync::mpsc;
 
 use super::{
-    cgroups::pod_of,
+    cgroups::{self, pod_of},
     podfs::{self, sanitize, PodFileError},
     role,
 };
@@ -84,18 +84,15 @@ impl Policy {
     /// controls: on an inspector thread only.
     fn inspect(&self, pid: i32, metrics: &Metrics) -> (Option<String>, Option<String>) {
         // Written by the kernel, not the pod.
-        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-        // Lines are `id:controllers:path`; the v2 line is `0::path`.
-        let pod = cgroups
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
+        let cgroups = cgroups::of_pid(pid);
+        let pod = cgroups::unified(&cgroups)
             .and_then(|p| pod_of(p.trim()))
             .map(str::to_owned);
         if let Some(pattern) = &self.cgroup_pattern {
+            // Any hierarchy's path (v1 and v2 lines alike).
             if !cgroups
-                .lines()
-                .filter_map(|l| l.splitn(3, ':').nth(2))
-                .any(|p| cgroup_pattern_matches(pattern, p))
+                .iter()
+                .any(|c| cgroup_pattern_matches(pattern, &c.pathname))
             {
                 return (None, pod);
             }
@@ -375,6 +372,31 @@ impl Inspector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cgroup check reads the process's cgroups (procfs parses them) and
+    /// lets only a matching one through to the target check.
+    #[test]
+    fn the_cgroup_pattern_decides_first() {
+        let me = std::process::id() as i32;
+        let own = cgroups::unified(&cgroups::of_pid(me))
+            .expect("a cgroup v2 line")
+            .to_owned();
+        let metrics = Metrics::default();
+        let why = |pattern: Option<&str>| {
+            Policy {
+                cgroup_pattern: pattern.map(str::to_owned),
+                targets: vec![role::ANY.to_owned()],
+            }
+            .inspect(me, &metrics)
+            .0
+        };
+        assert!(why(None).is_some());
+        assert!(why(Some(&own)).is_some(), "substring {own}");
+        assert!(why(Some("*")).is_some());
+        assert!(why(Some(&format!("{own}*"))).is_some());
+        assert!(why(Some("no-such-cgroup-anywhere")).is_none());
+        assert!(why(Some("?no-such-cgroup*")).is_none());
+    }
 
     /// A worker stuck on a file that never answers is abandoned after the
     /// deadline and replaced; the others go on.

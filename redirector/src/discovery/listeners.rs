@@ -1,7 +1,9 @@
 //! Which process holds a listening socket: for flow records, and for the
 //! registry, which copies listeners it must register out of their owner.
 
-use std::{collections::HashMap, fs};
+use std::{collections::HashMap, fs, path::Path};
+
+use procfs_core::process::FDTarget;
 
 use crate::sys;
 
@@ -41,12 +43,7 @@ pub fn socket_owners(mut wanted: Vec<u64>, hint: &[i32]) -> HashMap<u64, (i32, i
             let Ok(target) = fs::read_link(fd_entry.path()) else {
                 continue;
             };
-            let Some(inode) = target
-                .to_str()
-                .and_then(|t| t.strip_prefix("socket:["))
-                .and_then(|t| t.strip_suffix(']'))
-                .and_then(|t| t.parse::<u64>().ok())
-            else {
+            let Some(inode) = socket_inode(&target) else {
                 continue;
             };
             if let Some(pos) = wanted.iter().position(|w| *w == inode) {
@@ -65,4 +62,49 @@ pub fn socket_owners(mut wanted: Vec<u64>, hint: &[i32]) -> HashMap<u64, (i32, i
         }
     }
     owners
+}
+
+/// The socket inode a /proc/PID/fd link names (`socket:[INODE]`), parsed by
+/// procfs. The walk itself stays here: one readlink per descriptor, where
+/// procfs's own iterator opens and stats each one as well, on every process
+/// of the node.
+fn socket_inode(link: &Path) -> Option<u64> {
+    match link.to_str()?.parse::<FDTarget>() {
+        Ok(FDTarget::Socket(inode)) => Some(inode),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::TcpListener,
+        os::{fd::AsRawFd, unix::fs::MetadataExt},
+    };
+
+    use super::*;
+
+    #[test]
+    fn socket_links_name_their_inode() {
+        assert_eq!(socket_inode(Path::new("socket:[4242]")), Some(4242));
+        for other in [
+            "pipe:[4242]",
+            "net:[4026531840]",
+            "anon_inode:[eventpoll]",
+            "/dev/null",
+            "/tmp/socket:[1]",
+            "socket:[]",
+            "socket:[x]",
+            "",
+        ] {
+            assert_eq!(socket_inode(Path::new(other)), None, "{other}");
+        }
+        // A socket of ours, as the kernel names it.
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let link = fs::read_link(format!("/proc/self/fd/{}", listener.as_raw_fd())).expect("link");
+        let ino = fs::metadata(format!("/proc/self/fd/{}", listener.as_raw_fd()))
+            .expect("stat")
+            .ino();
+        assert_eq!(socket_inode(&link), Some(ino));
+    }
 }
