@@ -335,17 +335,63 @@ fn put_json_str(out: &mut Vec<u8>, s: &str, plain: bool) {
     }
 }
 
-/// A free-form value as `logfmt` writes it: quoted (Rust's escapes) if it is
-/// empty or has spaces, quotes, `=` or control characters.
-fn put_logfmt_str(out: &mut Vec<u8>, v: &str) {
-    let needs_quotes = v.is_empty()
-        || v.chars()
-            .any(|c| c == ' ' || c == '"' || c == '=' || c.is_control());
-    if needs_quotes {
-        let _ = write!(out, "{v:?}");
-    } else {
-        out.extend_from_slice(v.as_bytes());
+/// Whether `v` goes into a logfmt line as it is: no space, `=`, `"` or
+/// control character (an empty value too, `key=`, as go-logfmt writes it).
+fn logfmt_bare(v: &str) -> bool {
+    !v.chars()
+        .any(|c| c == ' ' || c == '=' || c == '"' || c.is_control())
+}
+
+/// `v` as a logfmt value, in pieces handed to `put`: bare if
+/// [`logfmt_bare`], otherwise double-quoted with `\"`, `\\`, `\n`, `\t` and
+/// `\r` escapes and any other control character as `\u00XX` (the escapes
+/// go-logfmt's decoder, and so Loki's `| logfmt`, reads back).
+fn logfmt_value(v: &str, mut put: impl FnMut(&str)) {
+    if logfmt_bare(v) {
+        put(v);
+        return;
     }
+    put("\"");
+    // Runs of characters that need no escape are handed over whole.
+    let mut start = 0;
+    for (i, c) in v.char_indices() {
+        let escape = match c {
+            '"' => "\\\"",
+            '\\' => "\\\\",
+            '\n' => "\\n",
+            '\t' => "\\t",
+            '\r' => "\\r",
+            c if c.is_control() => "",
+            _ => continue,
+        };
+        put(&v[start..i]);
+        if escape.is_empty() {
+            // Control characters (Unicode's Cc) are all below U+00A0: two
+            // hex digits after `\u00`.
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            let code = c as usize;
+            let buf = [
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[code >> 4 & 0xf],
+                HEX[code & 0xf],
+            ];
+            // ASCII, so always UTF-8.
+            put(std::str::from_utf8(&buf).unwrap_or_default());
+        } else {
+            put(escape);
+        }
+        start = i + c.len_utf8();
+    }
+    put(&v[start..]);
+    put("\"");
+}
+
+/// A free-form value as `logfmt` writes it ([`logfmt_value`]).
+fn put_logfmt_str(out: &mut Vec<u8>, v: &str) {
+    logfmt_value(v, |piece| out.extend_from_slice(piece.as_bytes()));
 }
 
 fn end_name(end: u8) -> &'static str {
@@ -569,21 +615,16 @@ fn fields(record: &FlowRecord) -> Vec<(String, String)> {
         .collect()
 }
 
-/// `key=value` pairs; values with spaces, quotes, `=` or nothing are quoted.
+/// `key=value` pairs, values quoted as [`logfmt_value`] says.
 fn logfmt(record: &FlowRecord) -> String {
     let mut line = String::new();
     for (k, v) in fields(record) {
         if !line.is_empty() {
             line.push(' ');
         }
-        let needs_quotes = v.is_empty()
-            || v.chars()
-                .any(|c| c == ' ' || c == '"' || c == '=' || c.is_control());
-        if needs_quotes {
-            let _ = write!(line, "{k}={v:?}");
-        } else {
-            let _ = write!(line, "{k}={v}");
-        }
+        line.push_str(&k);
+        line.push('=');
+        logfmt_value(&v, |piece| line.push_str(piece));
     }
     line
 }
@@ -798,6 +839,148 @@ mod tests {
                         String::from_utf8_lossy(&want),
                         "{format:?} {e:?}"
                     );
+                }
+            }
+        }
+    }
+
+    fn logfmt_of(v: &str) -> String {
+        let mut out = Vec::new();
+        put_logfmt_str(&mut out, v);
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    #[test]
+    fn logfmt_values_are_quoted_as_logfmt_parsers_expect() {
+        for (value, want) in [
+            // Bare: no space, `=`, `"` or control character.
+            ("tempo", "tempo"),
+            ("/var/run/netns/live-store-0", "/var/run/netns/live-store-0"),
+            (r"back\slash", r"back\slash"),
+            ("zoë/ライブ-ストア", "zoë/ライブ-ストア"),
+            // Empty: nothing after `=`, as go-logfmt writes it.
+            ("", ""),
+            // Quoted, with escapes.
+            ("live store", r#""live store""#),
+            ("a=b", r#""a=b""#),
+            (r#"say "hi""#, r#""say \"hi\"""#),
+            (r"a \ b", r#""a \\ b""#),
+            ("new\nline", r#""new\nline""#),
+            ("tab\there", r#""tab\there""#),
+            ("cr\rhere", r#""cr\rhere""#),
+            ("bell\u{7}", r#""bell\u0007""#),
+            ("\u{1}\u{1f}\u{7f}\u{85}", r#""\u0001\u001f\u007f\u0085""#),
+            ("é \u{301}\u{200b}", "\"é \u{301}\u{200b}\""),
+        ] {
+            assert_eq!(logfmt_of(value), want, "{value:?}");
+        }
+    }
+
+    /// A logfmt reader as Loki's `| logfmt` (go-logfmt) reads lines: `key=`
+    /// then a bare value up to the next space, or a double-quoted one with
+    /// backslash escapes; strict about anything else.
+    fn parse_logfmt(line: &str) -> Vec<(String, String)> {
+        let line = line.strip_suffix('\n').unwrap_or(line);
+        assert!(!line.contains('\n'), "one record per line: {line:?}");
+        let mut chars = line.chars().peekable();
+        let mut fields = Vec::new();
+        loop {
+            while chars.next_if_eq(&' ').is_some() {}
+            if chars.peek().is_none() {
+                return fields;
+            }
+            let mut key = String::new();
+            while let Some(c) = chars.next_if(|&c| c != '=' && c != ' ') {
+                assert!(c != '"' && !c.is_control(), "{c:?} in a key: {line:?}");
+                key.push(c);
+            }
+            assert!(!key.is_empty(), "empty key: {line:?}");
+            assert_eq!(chars.next(), Some('='), "{key} has no value: {line:?}");
+            let mut value = String::new();
+            if chars.next_if_eq(&'"').is_some() {
+                loop {
+                    match chars.next().expect("unterminated quoted value") {
+                        '"' => break,
+                        '\\' => value.push(match chars.next().expect("escape") {
+                            '"' => '"',
+                            '\\' => '\\',
+                            'n' => '\n',
+                            't' => '\t',
+                            'r' => '\r',
+                            'u' => {
+                                let hex: String = (0..4).filter_map(|_| chars.next()).collect();
+                                let code = u32::from_str_radix(&hex, 16).expect("\\u hex");
+                                char::from_u32(code).expect("a char")
+                            }
+                            other => panic!("unknown escape \\{other} in {line:?}"),
+                        }),
+                        c => {
+                            assert!(!c.is_control(), "raw {c:?} in quotes: {line:?}");
+                            value.push(c);
+                        }
+                    }
+                }
+                assert!(
+                    matches!(chars.peek(), None | Some(' ')),
+                    "text after a quoted value: {line:?}"
+                );
+            } else {
+                while let Some(c) = chars.next_if(|&c| c != ' ') {
+                    assert!(
+                        c != '=' && c != '"' && !c.is_control(),
+                        "{c:?} in a bare value: {line:?}"
+                    );
+                    value.push(c);
+                }
+            }
+            fields.push((key, value));
+        }
+    }
+
+    #[test]
+    fn logfmt_records_parse_back_into_their_fields() {
+        for name in [
+            "/var/run/netns/live-store-0",
+            "/var/run/netns/live store",
+            "",
+            "quo\"te\\back=eq",
+            "tab\tnew\nline\rcr\u{1}\u{7f}\u{9f}",
+            "é\u{301}\u{200b} ライブ",
+        ] {
+            let recorder = Recorder {
+                namespaces: Arc::new(Mutex::new(HashMap::from([(
+                    7,
+                    NsInfo {
+                        name: name.to_owned(),
+                        listener: Some(Owner {
+                            pid: 42,
+                            comm: format!("comm {name}"),
+                        }),
+                        pod: Some(format!("tempo/{name}")),
+                    },
+                )]))),
+                clock_offset_ns: 0,
+            };
+            let table = recorder.namespaces.lock().expect("lock").clone();
+            for kind in [EVENT_OPEN, EVENT_CLOSE, EVENT_REFUSED] {
+                let e = event(kind);
+                let record = recorder.record(&e).expect("known kind");
+                let want = fields(&record);
+                assert_eq!(want[2], ("netns".to_owned(), name.to_owned()));
+                // The reference path and the agent's hot path.
+                let mut line = Vec::new();
+                write_line(&mut line, FlowFormat::Logfmt, &record).expect("write");
+                let mut rendered = Vec::new();
+                Renderer::default().render(
+                    &mut rendered,
+                    FlowFormat::Logfmt,
+                    &e,
+                    table.get(&7).map(Ns::new),
+                    0,
+                );
+                for out in [line, rendered] {
+                    let out = String::from_utf8(out).expect("utf-8");
+                    assert_eq!(parse_logfmt(&out), want, "{out}");
                 }
             }
         }
