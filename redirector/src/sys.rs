@@ -144,6 +144,8 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
 }
 
 /// The pids in /proc right now (processes come and go while callers look).
+/// One readdir of /proc: procfs's `all_processes` would also open a
+/// /proc/PID descriptor for every process of the node, which no caller needs.
 pub fn pids() -> impl Iterator<Item = i32> {
     fs::read_dir("/proc")
         .into_iter()
@@ -617,6 +619,16 @@ mod tests {
                 assert!(is_bpffs(Path::new(at)).expect("statfs"), "{at}");
             }
         }
+    }
+
+    #[test]
+    fn pids_lists_live_processes_only() {
+        let pids: Vec<i32> = pids().collect();
+        assert!(pids.contains(&(std::process::id() as i32)));
+        assert!(
+            pids.iter().all(|p| *p > 0),
+            "self, thread-self are not pids"
+        );
     }
 
     /// Unix time minus the time since boot: after 2020, and the wall clock now.

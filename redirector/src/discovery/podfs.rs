@@ -8,6 +8,9 @@
 //!   opens nothing), non-blocking, and read up to a small cap;
 //! - callers run this on the inspector's threads (see `inspector`), never on
 //!   the agent's loop, since a FUSE or NFS file can still block a read.
+//!
+//! Not procfs's readers: its `cmdline()` reads the whole file, and it has no
+//! way to open a path inside another root non-blocking and capped.
 
 use std::{
     fmt,
