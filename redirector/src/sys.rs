@@ -214,19 +214,8 @@ pub fn prog_query(target: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u3
     attr[0] = target.as_raw_fd() as u32 as u64 | ((attach_type as u64) << 32);
     attr[2] = ids.as_mut_ptr() as u64;
     attr[3] = ids.len() as u64;
-    // SAFETY: bpf(2) with a zeroed attr of the documented layout; the kernel
-    // writes at most prog_cnt ids into `ids` and the count into attr[3].
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_QUERY,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr) as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // The kernel writes at most prog_cnt ids into `ids` and the count into attr[3].
+    bpf(BPF_PROG_QUERY, &mut attr)?;
     let count = (attr[3] as u32).min(ids.len() as u32) as usize;
     Ok(ids[..count].to_vec())
 }
@@ -619,6 +608,20 @@ mod tests {
                 assert!(is_bpffs(Path::new(at)).expect("statfs"), "{at}");
             }
         }
+    }
+
+    /// BPF_PROG_QUERY reads what is attached, loading nothing: our own
+    /// namespace's sk_lookup programs (none, or another tool's), and EPERM
+    /// without CAP_NET_ADMIN.
+    #[test]
+    fn prog_query_on_our_namespace() {
+        let ns = File::open("/proc/self/ns/net").expect("netns");
+        match prog_query(ns.as_fd(), BPF_SK_LOOKUP) {
+            Ok(ids) => assert!(ids.len() <= 64),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
+        }
+        let file = File::open("/proc/self/status").expect("file");
+        assert!(prog_query(file.as_fd(), BPF_SK_LOOKUP).is_err());
     }
 
     #[test]
