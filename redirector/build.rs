@@ -1,5 +1,6 @@
 //! Builds the kernel programs (`redirector-ebpf`) and hands the object to the
-//! agent, which embeds it: one static binary is all a DaemonSet image needs.
+//! agent, which embeds it: one binary is all a DaemonSet image needs (static,
+//! as `cargo xtask build` links the release artifact).
 //!
 //! Two toolchains can build `bpfel-unknown-none` code:
 //! - a nightly rustup toolchain with `rust-src` (`-Z build-std=core`), the usual

@@ -30,8 +30,9 @@ struct Cli {
 enum Cmd {
     /// Install what is missing: the eBPF toolchain, bpf-linker, iproute2, bpffs.
     Setup,
-    /// Build target/release/redirector with the kernel programs inside, and its
-    /// manual pages in target/man.
+    /// Build the release artifact, target/<host triple>/release/redirector: the
+    /// kernel programs inside, static (glibc), stripped, with its GNU build id;
+    /// its manual pages in target/man.
     Build,
     /// Build and run the agent: 12345 -> 9095 in this network namespace, until Ctrl-C.
     /// Arguments after `--` go to `redirector run` (see `redirector run --help`).
@@ -113,7 +114,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Run { args } => {
             setup::ensure()?;
             build(&root)?;
-            let bin = root.join("target/release/redirector");
+            let bin = agent_artifact(root.as_path());
             eprintln!("xtask: running {} run {}", bin.display(), args.join(" "));
             cmd(Command::new(bin).arg("run").args(&args))
         }
@@ -165,7 +166,7 @@ fn run(cli: Cli) -> Result<()> {
             integration
                 .args(["test", "--release", "-p", "redirector-tests", "--"])
                 .arg("--test-threads=1")
-                .env("REDIRECTOR_BIN", root.join("target/release/redirector"))
+                .env("REDIRECTOR_BIN", agent_artifact(&root))
                 .env(golang::LIVE_STORE_ENV, &go_live_store)
                 .env(
                     "REDIRECTOR_TEST_KUBERNETES_VALIDATE",
@@ -206,16 +207,71 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn build(root: &Path) -> Result<()> {
-    cmd(cargo(root).args(["build", "--release", "-p", "redirector"]))?;
+    cmd(&mut artifact_build(root))?;
+    let bin = agent_artifact(root);
+    eprintln!("xtask: the agent is {}", bin.display());
     // The manual comes from the binary's own clap definitions, so it cannot
     // drift from `--help`: redirector.1 plus one page per command.
     let man = root.join("target/man");
-    cmd(Command::new(root.join("target/release/redirector"))
-        .arg("man")
-        .arg("--out-dir")
-        .arg(&man))?;
+    cmd(Command::new(&bin).arg("man").arg("--out-dir").arg(&man))?;
     eprintln!("xtask: manual pages in {}", man.display());
     Ok(())
+}
+
+/// The Rust target the release artifact is built for: this machine's.
+fn artifact_target() -> String {
+    format!("{}-unknown-linux-gnu", std::env::consts::ARCH)
+}
+
+/// The release artifact [`artifact_build`] leaves, in cargo's target
+/// directory (CARGO_TARGET_DIR if set).
+pub(crate) fn agent_artifact(root: &Path) -> PathBuf {
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(|d| root.join(d))
+        .unwrap_or_else(|| root.join("target"));
+    target_dir
+        .join(artifact_target())
+        .join("release/redirector")
+}
+
+/// What the release artifact is linked with: glibc and libgcc statically
+/// (`+crt-static`; the image needs no libc and the binary runs on any
+/// distribution), no symbol table, and a GNU build id to match crash reports
+/// and profiles to the build. glibc's getaddrinfo, which the Kubernetes client
+/// and the ring check use, stays whole in a static binary: its `files` and
+/// `dns` sources are part of libc.a since glibc 2.34, so it needs no NSS
+/// module at run time (the image has none).
+const ARTIFACT_RUSTFLAGS: [&str; 3] = [
+    "-Ctarget-feature=+crt-static",
+    "-Cstrip=symbols",
+    "-Clink-arg=-Wl,--build-id=sha1",
+];
+
+/// `cargo build` of the release artifact. The target is named even though it
+/// is the host's: then the flags apply to the agent and its dependencies only,
+/// not to build scripts and proc-macros (which cannot be linked statically),
+/// and the static build has a directory of its own instead of replacing the
+/// dynamic one a plain `cargo build --release` writes. The user's RUSTFLAGS
+/// are kept, before ours.
+pub(crate) fn artifact_build(root: &Path) -> Command {
+    let mut flags: Vec<String> = match std::env::var("CARGO_ENCODED_RUSTFLAGS") {
+        Ok(encoded) => encoded
+            .split('\x1f')
+            .filter(|f| !f.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        Err(_) => std::env::var("RUSTFLAGS")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+    };
+    flags.extend(ARTIFACT_RUSTFLAGS.map(str::to_owned));
+    let mut c = cargo(root);
+    c.args(["build", "--release", "-p", "redirector", "--target"])
+        .arg(artifact_target())
+        .env("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f"));
+    c
 }
 
 fn cargo(root: &Path) -> Command {

@@ -10,9 +10,9 @@ use redirector_tests::{Agent, AgentOptions};
 
 use super::topology::{Netns, ADVERTISE_PORT, LISTEN_PORT};
 
-/// The agent binary the bench measures.
+/// The agent binary the bench measures: the release artifact.
 pub fn bin(root: &Path) -> PathBuf {
-    root.join("target/release/redirector")
+    crate::agent_artifact(root)
 }
 
 /// Where an agent launched with `dir` writes its flow records.

@@ -66,7 +66,7 @@ pub struct BenchArgs {
     /// Only these paths (comma-separated names; direct is always included).
     #[arg(long, value_delimiter = ',')]
     pub paths: Vec<String>,
-    /// Benchmark the agent already in target/release (skip setup and build).
+    /// Benchmark the agent `cargo xtask build` already built (skip setup and build).
     #[arg(long)]
     pub no_build: bool,
     /// Failure modes instead of paths (under a minute): SYN flood with no

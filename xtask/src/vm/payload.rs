@@ -81,7 +81,8 @@ impl Artifact {
 /// Builds the agent and the test binaries; `env` is passed through as
 /// [`Payload::env`].
 pub fn build(root: &Path, env: &[(&str, PathBuf)]) -> Result<Payload> {
-    let agent = artifacts(root, &["build", "--release", "-p", "redirector"])?
+    // The release artifact, as `cargo xtask build` builds it.
+    let agent = artifacts_of(crate::artifact_build(root))?
         .into_iter()
         .find(|a| a.name == "redirector" && a.is("bin") && !a.harness)
         .map(|a| a.path)
@@ -123,8 +124,13 @@ pub fn build(root: &Path, env: &[(&str, PathBuf)]) -> Result<Payload> {
 /// still reach the terminal) and returns the executables it reports.
 fn artifacts(root: &Path, args: &[&str]) -> Result<Vec<Artifact>> {
     let mut c = crate::cargo(root);
-    c.args(args)
-        .arg("--message-format=json-render-diagnostics")
+    c.args(args);
+    artifacts_of(c)
+}
+
+/// [`artifacts`] of a cargo command already given its arguments.
+fn artifacts_of(mut c: std::process::Command) -> Result<Vec<Artifact>> {
+    c.arg("--message-format=json-render-diagnostics")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     let out = c.output().with_context(|| format!("starting {c:?}"))?;
