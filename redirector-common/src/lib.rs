@@ -38,13 +38,17 @@ pub const MAP_BIND_BUDGET: &str = "BIND_BUDGET";
 /// Socket storage on every listener of a served listen port: its port. Cloned
 /// into each accepted socket (`BPF_F_CLONE`), where `sock_ops` reads it.
 pub const MAP_LISTEN_MARKS: &str = "LISTEN_MARKS";
+/// `net.mptcp.enabled` as it was in each namespace the agent turned MPTCP off
+/// in (key: netns cookie): no program reads it; it is pinned with the rest,
+/// so the next agent and `redirector detach` can give the setting back.
+pub const MAP_MPTCP_WAS: &str = "MPTCP_WAS";
 /// aya-log's record ring: shared too, so one reader serves every instance.
 pub const MAP_AYA_LOGS: &str = "AYA_LOGS";
 /// aya-log's load-time level (0 = off, 4 = debug): set from RUST_LOG.
 pub const GLOBAL_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
 /// Every map that all program instances must share (the per-namespace
 /// `sk_lookup` instances and the one `sock_ops` instance).
-pub const SHARED_MAPS: [&str; 14] = [
+pub const SHARED_MAPS: [&str; 15] = [
     MAP_LISTENERS,
     MAP_REDIRECTS,
     MAP_LISTEN_PORTS,
@@ -59,6 +63,7 @@ pub const SHARED_MAPS: [&str; 14] = [
     MAP_NS_QUOTAS,
     MAP_FLOW_SHARE,
     MAP_BIND_BUDGET,
+    MAP_MPTCP_WAS,
 ];
 
 /// Load-time constant of each `sk_lookup` instance: the cookie of the network
@@ -281,6 +286,17 @@ pub struct NsQuota {
 }
 const _: () = assert!(core::mem::size_of::<NsQuota>() == 24);
 
+/// Value of `MPTCP_WAS` (key: netns cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MptcpWas {
+    /// The namespace's inode (`net:[inode]`), by which `detach` finds it.
+    pub netns_inode: u64,
+    /// `net.mptcp.enabled` before the agent set it to 0.
+    pub enabled: u64,
+}
+const _: () = assert!(core::mem::size_of::<MptcpWas>() == 16);
+
 /// Indices into the per-CPU `COUNTERS` array. Userspace sums the CPUs.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -371,7 +387,7 @@ pub const COUNTER_TABLE: [CounterInfo; COUNTER_COUNT as usize] = [
     row(Counter::AssignError, "assign_error", "assign_errors",
         "Registered listeners the kernel refused to assign (e.g. IPv6 connection, IPv4 listener)"),
     row(Counter::ListenerRegistered, "listener_registered", "listener_registrations",
-        "Listeners registered by the sock_ops program"),
+        "Listeners registered: by the sock_ops program at listen(), or by the agent for listeners already listening when their namespace was served"),
     row(Counter::ListenerRegisterError, "listener_register_error", "listener_registration_errors",
         "Listeners that could not be registered"),
     row(Counter::FlowsOpened, "flows_opened", "connections_redirected",
@@ -537,4 +553,6 @@ mod user {
     unsafe impl aya::Pod for super::RedirectTarget {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NsQuota {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MptcpWas {}
 }

@@ -35,7 +35,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use redirector_common::{
-    Counter, NsPort, NsQuota, RedirectTarget, COUNTER_COUNT, IPPROTO_TCP, MAX_REDIRECTS,
+    Counter, MptcpWas, NsPort, NsQuota, RedirectTarget, COUNTER_COUNT, IPPROTO_TCP, MAX_REDIRECTS,
 };
 
 use listeners::Lookup;
@@ -61,6 +61,12 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT,
 /// an entry exists exactly while the agent serves the namespace.
 #[map]
 pub(crate) static NS_QUOTAS: HashMap<u64, NsQuota> = HashMap::with_max_entries(MAX_REDIRECTS, 0);
+
+/// `net.mptcp.enabled` before the agent turned it off, per namespace. No
+/// program uses it: it is here to be pinned with the other maps, so the
+/// setting outlives the agent that changed it (see `MAP_MPTCP_WAS`).
+#[map]
+static MPTCP_WAS: HashMap<u64, MptcpWas> = HashMap::with_max_entries(MAX_REDIRECTS, 0);
 
 /// `TCP_LISTEN` in the kernel's `enum tcp_state`.
 const TCP_LISTEN: u32 = 10;

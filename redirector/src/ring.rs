@@ -512,11 +512,13 @@ fn judge(
         None => Row::fail(
             format!("{} served", shard.id),
             format!("{where_}: not served by redirector (no sk_lookup program of its agent attached there)"),
-            format!(
-                "run the agent for this namespace: `redirector run --pin --netns {}`, or with \
-                 --discover (it serves every namespace with a listener on a listen port)",
-                ns.netns.path.display()
-            ),
+            crate::bpf::pins::bpffs_hidden().unwrap_or_else(|| {
+                format!(
+                    "run the agent for this namespace: `redirector run --pin --netns {}`, or with \
+                     --discover (it serves every namespace with a listener on a listen port)",
+                    ns.netns.path.display()
+                )
+            }),
         ),
     };
     let (redirects, what) = if served {

@@ -520,11 +520,24 @@ impl Telemetry {
             .unwrap_or_default()
     }
 
+    /// A counter as every report of it says it: the kernel's per-CPU slots,
+    /// plus, for registrations, the listeners the agent registered itself
+    /// (ones that listened before it): /metrics and the exit summary agree.
     pub fn kernel_counter(&self, c: Counter) -> u64 {
-        self.counters
+        let kernel = self
+            .counters
             .get(&(c as u32), 0)
             .map(|v| v.iter().sum())
-            .unwrap_or(0)
+            .unwrap_or(0);
+        match c {
+            Counter::ListenerRegistered => kernel + crate::bpf::registry::registered_by_agent(),
+            _ => kernel,
+        }
+    }
+
+    /// What `/readyz` answers now: Ok, or why not (the text it serves).
+    pub fn readiness(&self) -> Result<(), String> {
+        readiness(self.checked().as_ref())
     }
 
     pub fn render(&self) -> Result<String> {

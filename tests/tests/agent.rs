@@ -710,3 +710,55 @@ fn assert_all_detached(
         io::ErrorKind::ConnectionRefused
     );
 }
+
+#[test]
+fn detach_gives_back_the_mptcp_setting_a_pinned_agent_changed_even_after_a_restart() {
+    const MPTCP_ENABLED: &str = "/proc/sys/net/mptcp/enabled";
+    let _cleanup = PinCleanup::new();
+    let l = Netns::new("mp").expect("netns");
+    l.sysctl("net.mptcp.enabled", "1").expect("mptcp on");
+    let path = l.path();
+    let args = ["--pin", "--netns", path.to_str().expect("utf-8")];
+    let first = Agent::start(&args).expect("agent");
+    assert_eq!(l.sysctl_value(MPTCP_ENABLED), "0", "served: MPTCP off");
+    first.stop().expect("agent stops");
+    assert_eq!(
+        l.sysctl_value(MPTCP_ENABLED),
+        "0",
+        "a pinned agent leaves it off for the programs it leaves attached"
+    );
+    // The next agent adopts the namespace, where it finds 0: what it must
+    // give back is the 1 the first one found.
+    let second = Agent::start(&args).expect("agent");
+    second.stop().expect("agent stops");
+    let (code, out, err) = redirector(&["detach"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("restored net.mptcp.enabled=1 in net:["),
+        "{out}"
+    );
+    assert_eq!(l.sysctl_value(MPTCP_ENABLED), "1");
+}
+
+#[test]
+fn sighup_is_logged_and_ignored() {
+    let l = Netns::new("hup").expect("netns");
+    let agent = Agent::start(&["--netns", l.path().to_str().expect("utf-8")]).expect("agent");
+    // SAFETY: kill(2) on the agent this test started, by its pid.
+    assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !agent
+        .status()
+        .iter()
+        .any(|l| l.contains("SIGHUP ignored: restart to apply config changes"))
+    {
+        assert!(Instant::now() < deadline, "{:?}", agent.status());
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        http_get(&agent.metrics_url("/healthz")).0,
+        200,
+        "still running"
+    );
+    assert!(agent.stop().expect("agent stops").status.success());
+}

@@ -32,6 +32,35 @@ const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,appl
 /// The job name the scrape config uses, and the one the rules' `up` alert selects.
 const JOB: &str = "redirector";
 
+/// A stand-in Tempo answering every request with an empty live-store ring
+/// page: with `--tempo-ring` pointed at it the agent exports the ring check's
+/// series (which rules and dashboard use) and its check succeeds, so no ring
+/// alert goes pending. Serves until the test process ends.
+fn empty_ring() -> String {
+    use std::io::Read;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the stand-in ring");
+    let addr = listener.local_addr().expect("its address");
+    thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let body = "{\"shards\":[],\"now\":\"2026-11-30T08:00:01Z\"}\n";
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    format!("http://{addr}/live-store/ring")
+}
+
+/// The agent with the ring check on, against [`empty_ring`].
+fn agent_with_ring(s: &Setup) -> Agent {
+    let ring = empty_ring();
+    s.agent(&["--tempo-ring", &ring, "--tempo-ring-interval", "1"])
+}
+
 /// The dashboard's rows, one per concern, in order.
 const ROWS: [&str; 5] = [
     "Steering",
@@ -318,7 +347,9 @@ fn dashboard_has_the_variables_and_one_row_per_concern() {
 #[test]
 fn every_series_the_rules_and_dashboard_use_is_exported() {
     let s = Setup::new();
-    let agent = s.agent(&[]);
+    let agent = agent_with_ring(&s);
+    // The ring check's first read, which registers its series.
+    thread::sleep(Duration::from_millis(1500));
     let (status, body) = http_get(&agent.metrics_url("/metrics"));
     assert_eq!(status, 200);
     let exported = samples(&body);
@@ -451,7 +482,7 @@ fn metrics_pass_promtool_and_openmetrics_is_served_when_asked() {
 #[test]
 fn a_real_prometheus_scrapes_openmetrics_counts_exactly_and_evaluates_the_rules() {
     let s = Setup::new();
-    let agent = s.agent(&[]);
+    let agent = agent_with_ring(&s);
     let target = agent.metrics_url("");
     let prom = Prometheus::start(&target, &monitoring("prometheus-rules.yaml"))
         .expect("prometheus starts");

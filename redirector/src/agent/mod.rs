@@ -95,6 +95,11 @@ struct Found {
 /// which would cost a program load and redirect-table entries.
 pub const NAMESPACES_PER_POD: usize = 2;
 
+/// How long a namespace no longer served keeps its name in flow records, and
+/// how many such names are kept.
+const DEPARTED_FOR: Duration = Duration::from_secs(300);
+const DEPARTED_MAX: usize = 4096;
+
 /// A socket bound to a listen port whose listener the agent looks for.
 struct Pending {
     cookie: u64,
@@ -143,6 +148,10 @@ pub struct Agent {
     pub settings: Settings,
     telemetry: Arc<Telemetry>,
     names: Arc<Mutex<HashMap<u64, NsInfo>>>,
+    /// Namespaces no longer served, as records named them, for a while:
+    /// connections open when one went close later, and their close records
+    /// must say what their open records said.
+    departed: HashMap<u64, (Instant, NsInfo)>,
     origins: HashMap<u64, Origin>,
     /// Reads what processes claim, off this loop.
     inspector: Inspector,
@@ -221,6 +230,7 @@ impl Agent {
             settings,
             telemetry,
             names,
+            departed: HashMap::new(),
             origins: HashMap::new(),
             inspector,
             verdicts: HashMap::new(),
@@ -276,7 +286,7 @@ impl Agent {
             .iter()
             .map(|r: &Redirect| format!("{} -> {}", r.advertise_port, r.listen_port))
             .collect();
-        eprintln!(
+        tracing::info!(
             "{} sk_lookup in netns {}: {}, {} listener(s) registered{}",
             if served.adopted {
                 "adopted"
@@ -631,7 +641,7 @@ impl Agent {
         }
         self.witnesses.remove(&cookie);
         if let Some(netns) = self.datapath.unserve(cookie) {
-            eprintln!("detached sk_lookup from netns {netns}: {why}");
+            tracing::info!("detached sk_lookup from netns {netns}: {why}");
         }
         self.dirty = true;
     }
@@ -882,7 +892,7 @@ impl Agent {
             infos.insert(
                 s.netns.cookie,
                 NsInfo {
-                    name: s.netns.path.display().to_string(),
+                    name: self.netns_name(&s.netns),
                     listener: owner,
                     pod: match self.origins.get(&s.netns.cookie) {
                         Some(Origin::Pod { label, .. }) => Some(label.clone()),
@@ -906,8 +916,29 @@ impl Agent {
                 })
                 .collect(),
         );
+        let now = Instant::now();
         if let Ok(mut names) = self.names.lock() {
+            for (cookie, info) in names.drain() {
+                if !infos.contains_key(&cookie) {
+                    self.departed.entry(cookie).or_insert((now, info));
+                }
+            }
+            self.departed.retain(|c, (at, _)| {
+                !infos.contains_key(c) && now.duration_since(*at) < DEPARTED_FOR
+            });
+            while self.departed.len() > DEPARTED_MAX {
+                let oldest = self
+                    .departed
+                    .iter()
+                    .min_by_key(|(_, (at, _))| *at)
+                    .map(|(c, _)| *c);
+                let Some(oldest) = oldest else { break };
+                self.departed.remove(&oldest);
+            }
             *names = infos;
+            for (cookie, (_, info)) in &self.departed {
+                names.insert(*cookie, info.clone());
+            }
         }
         if let Err(e) = self.write_state() {
             tracing::warn!(
@@ -948,7 +979,15 @@ impl Agent {
                 .served
                 .iter()
                 .map(|s| NsState {
-                    netns: s.netns.to_string(),
+                    netns: format!(
+                        "{} (cookie {}){}",
+                        self.netns_name(&s.netns),
+                        s.netns.cookie,
+                        self.witnesses
+                            .get(&s.netns.cookie)
+                            .map(|w| format!(", held by pid {}", w.pid))
+                            .unwrap_or_default()
+                    ),
                     cookie: s.netns.cookie,
                     why: match self.origins.get(&s.netns.cookie) {
                         Some(Origin::Explicit { path, .. }) => {
@@ -969,6 +1008,17 @@ impl Agent {
                     listeners_held: d.quota(s.netns.cookie).map_or(0, |q| q.listeners as i64),
                 })
                 .collect(),
+        }
+    }
+
+    /// How records, `status` and `flows --netns` name a served namespace:
+    /// the operator's path for one listed by path, else `net:[inode]`, which
+    /// lasts as long as the namespace (a `/proc/PID/ns/net` path dies with the
+    /// process that was looked at first).
+    fn netns_name(&self, netns: &Netns) -> String {
+        match self.origins.get(&netns.cookie) {
+            Some(Origin::Explicit { path, .. }) => path.display().to_string(),
+            _ => format!("net:[{}]", netns.inode()),
         }
     }
 

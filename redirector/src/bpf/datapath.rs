@@ -25,10 +25,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use redirector_common::{
-    flow_share, NsPort, NsQuota, RedirectTarget, GLOBAL_LOG_LEVEL, GLOBAL_NETNS_COOKIE,
+    flow_share, MptcpWas, NsPort, NsQuota, RedirectTarget, GLOBAL_LOG_LEVEL, GLOBAL_NETNS_COOKIE,
     MAP_COUNTERS, MAP_FLOW_EVENTS, MAP_FLOW_SHARE, MAP_LISTENERS, MAP_LISTEN_EVENTS,
-    MAP_LISTEN_MARKS, MAP_LISTEN_PORTS, MAP_NS_QUOTAS, MAP_REDIRECTS, MAP_WATCH_PORTS, PROG_BIND4,
-    PROG_BIND6, PROG_SK_LOOKUP, PROG_SOCK_OPS, SHARED_MAPS,
+    MAP_LISTEN_MARKS, MAP_LISTEN_PORTS, MAP_MPTCP_WAS, MAP_NS_QUOTAS, MAP_REDIRECTS,
+    MAP_WATCH_PORTS, PROG_BIND4, PROG_BIND6, PROG_SK_LOOKUP, PROG_SOCK_OPS, SHARED_MAPS,
 };
 
 use crate::{
@@ -43,7 +43,7 @@ use crate::{
 };
 
 /// The per-namespace switch Go's default MPTCP listeners depend on.
-const MPTCP_SYSCTL: &str = "/proc/sys/net/mptcp/enabled";
+pub const MPTCP_SYSCTL: &str = "/proc/sys/net/mptcp/enabled";
 
 /// The kernel object, built by build.rs from `redirector-ebpf`; empty in a build
 /// without the `bpf-object` feature (the fixtures xtask and the tests link).
@@ -360,7 +360,7 @@ impl Datapath {
                     self.clear_redirects(cookie, redirects);
                     self.registry.forget(cookie);
                     self.sock_ops.release(cookie);
-                    restore_mptcp(&p.netns, p.mptcp_was.as_deref());
+                    self.restore_mptcp(&p.netns, p.mptcp_was.as_deref());
                     out.push((cookie, name, Err(e)));
                 }
             }
@@ -382,7 +382,7 @@ impl Datapath {
         let mptcp_was = if self.keep_mptcp {
             None
         } else {
-            disable_mptcp(&netns)
+            self.disable_mptcp(&netns)
         };
         // Listeners that exist already are registered (with sock_ops in their
         // cgroups) before sk_lookup runs, so no connection finds the redirect
@@ -413,7 +413,7 @@ impl Datapath {
     /// in root scope. [`Datapath::unserve`] (or `release_sock_ops`) undoes it.
     pub fn attach_sock_ops(&mut self, cgroup: &Path, cookie: u64) -> Result<()> {
         if let Some(a) = self.sock_ops.ensure(cgroup, cookie, self.pins.as_ref())? {
-            eprintln!(
+            tracing::info!(
                 "{} sock_ops on cgroup {}",
                 if a.adopted { "adopted" } else { "attached" },
                 cgroup.display()
@@ -517,7 +517,7 @@ impl Datapath {
                     .ensure(&scope, netns.cookie, self.pins.as_ref())
                 {
                     // A status line, like sk_lookup's: on stderr, unprefixed.
-                    Ok(Some(a)) => eprintln!(
+                    Ok(Some(a)) => tracing::info!(
                         "{} sock_ops on cgroup {} (listener {addr} of {netns})",
                         if a.adopted { "adopted" } else { "attached" },
                         scope.display()
@@ -539,10 +539,10 @@ impl Datapath {
         let pos = self.served.iter().position(|s| s.netns.cookie == cookie)?;
         let served = self.served.remove(pos);
         self.clear_redirects(cookie, &served.redirects);
-        restore_mptcp(&served.netns, served.mptcp_was.as_deref());
+        self.restore_mptcp(&served.netns, served.mptcp_was.as_deref());
         self.registry.forget(cookie);
         for gone in self.sock_ops.release(cookie) {
-            eprintln!("detached sock_ops from cgroup {}", gone.display());
+            tracing::info!("detached sock_ops from cgroup {}", gone.display());
         }
         served.link.remove();
         self.share_flows();
@@ -551,10 +551,56 @@ impl Datapath {
 
     /// Gives the namespaces back the MPTCP setting they had (an agent that
     /// exits without --pin stops serving them all).
-    pub fn restore_namespaces(&self) {
+    pub fn restore_namespaces(&mut self) {
         for s in &self.served {
             restore_mptcp(&s.netns, s.mptcp_was.as_deref());
         }
+        let cookies: Vec<u64> = self.served.iter().map(|s| s.netns.cookie).collect();
+        if let Some(mut m) = self.mptcp_ledger() {
+            for cookie in cookies {
+                let _ = m.remove(&cookie);
+            }
+        }
+    }
+
+    /// Turns MPTCP off in `netns` and says what it was. The setting before the
+    /// first agent changed it is kept in `MPTCP_WAS` (pinned with `--pin`): an
+    /// agent that adopts the namespace finds 0 there, and must give back what
+    /// the namespace had, not that.
+    fn disable_mptcp(&mut self, netns: &Netns) -> Option<String> {
+        let recorded = self
+            .mptcp_ledger()
+            .and_then(|m| m.get(&netns.cookie, 0).ok());
+        let now = disable_mptcp(netns);
+        match recorded {
+            Some(r) => Some(r.enabled.to_string()),
+            None => {
+                let enabled = now.as_deref().and_then(|v| v.parse::<u64>().ok());
+                if let (Some(enabled), Some(mut m)) = (enabled, self.mptcp_ledger()) {
+                    let entry = MptcpWas {
+                        netns_inode: netns.inode(),
+                        enabled,
+                    };
+                    if let Err(e) = m.insert(netns.cookie, entry, 0) {
+                        tracing::warn!(
+                            "recording net.mptcp.enabled of {netns} in {MAP_MPTCP_WAS}: {e}"
+                        );
+                    }
+                }
+                now
+            }
+        }
+    }
+
+    fn restore_mptcp(&mut self, netns: &Netns, was: Option<&str>) {
+        restore_mptcp(netns, was);
+        if let Some(mut m) = self.mptcp_ledger() {
+            let _ = m.remove(&netns.cookie);
+        }
+    }
+
+    fn mptcp_ledger(&mut self) -> Option<HashMap<&mut MapData, u64, MptcpWas>> {
+        self.main.map_mut(MAP_MPTCP_WAS)?.try_into().ok()
     }
 
     /// With `--pin`: removes what a previous agent pinned for namespaces this

@@ -30,6 +30,21 @@ use crate::{sys, telemetry::Telemetry};
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// Where an agent started with `--pin` keeps its programs, links and maps.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/redirector";
+
+/// Why pinned state cannot be seen from here, if it cannot: `ip netns exec`
+/// mounts a fresh /sys for the command, hiding the host's bpffs, so a pinned
+/// agent looks absent. Said wherever "nothing pinned" would mislead.
+pub fn bpffs_hidden() -> Option<String> {
+    match crate::sys::is_bpffs(std::path::Path::new(BPFFS)) {
+        Ok(true) => None,
+        _ => Some(format!(
+            "bpffs is not mounted at {BPFFS} in this mount namespace, so no pinned agent can be \
+             seen from here (`ip netns exec` mounts a fresh /sys): run the command without \
+             `ip netns exec` (it finds the namespaces itself), or enter only the network \
+             namespace with `nsenter --net=/var/run/netns/NAME`, which keeps the mounts"
+        )),
+    }
+}
 const SK_LOOKUP_PREFIX: &str = "sk_lookup-";
 const SOCK_OPS_PREFIX: &str = "sock_ops-";
 

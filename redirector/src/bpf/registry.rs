@@ -17,7 +17,16 @@ use std::{
     fmt,
     net::IpAddr,
     os::fd::{AsFd, AsRawFd, OwnedFd},
+    sync::atomic::{AtomicU64, Ordering},
 };
+
+/// Listeners this process registered itself (copied out of their owner): the
+/// agent's share of the `listener_registered` count, next to the kernel's.
+static REGISTERED_BY_AGENT: AtomicU64 = AtomicU64::new(0);
+
+pub fn registered_by_agent() -> u64 {
+    REGISTERED_BY_AGENT.load(Ordering::Relaxed)
+}
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap as BpfHashMap, MapData};
@@ -448,14 +457,16 @@ impl Registry {
             .map_err(|e| (Reason::CopyDenied, format!("pidfd_getfd: {e}")))?;
         let facts = sys::socket_facts(copy.as_fd())
             .map_err(|e| (Reason::RegisterFailed, format!("inspecting the copy: {e}")))?;
+        // An MPTCP listener's fd is the MPTCP socket; sock_diag lists its TCP
+        // subflow, which has a cookie of its own and shares the inode.
+        if facts.protocol == sys::IPPROTO_MPTCP && facts.inode == l.inode {
+            return Err((Reason::Mptcp, "socket protocol IPPROTO_MPTCP".to_owned()));
+        }
         // The cookie, not the inode: sock_diag's inode is 32 bits and
         // reused. And its namespace: `bpf_sk_assign` would hand a connection
         // to a socket of any namespace.
         if facts.cookie != l.cookie || facts.netns_cookie != netns_cookie || !facts.listening {
             return Ok(Outcome::Changed);
-        }
-        if facts.protocol == sys::IPPROTO_MPTCP {
-            return Err((Reason::Mptcp, "socket protocol IPPROTO_MPTCP".to_owned()));
         }
         if !write {
             return Ok(Outcome::WouldRegister);
@@ -481,6 +492,7 @@ impl Registry {
             match sys::map_update(self.listeners.fd().as_fd(), &key, &value, sys::BPF_NOEXIST) {
                 Ok(()) => {
                     taken.insert(key);
+                    REGISTERED_BY_AGENT.fetch_add(1, Ordering::Relaxed);
                     return Ok(Outcome::Inserted(slot));
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {

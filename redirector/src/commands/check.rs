@@ -313,7 +313,8 @@ fn check_cgroup2() -> Check {
         Ok(path) => Check::pass(
             NAME,
             format!(
-                "cgroup v2 mounted at {} (sock_ops attaches to its root)",
+                "cgroup v2 mounted at {} (sock_ops attaches to each served live-store's pod \
+                 cgroup under it; to its root only with --sock-ops-cgroup root)",
                 path.display()
             ),
         ),

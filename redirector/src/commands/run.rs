@@ -232,8 +232,8 @@ pub async fn run(s: Settings, dry_run: bool) -> Result<()> {
         }
         None => None,
     };
-    tracing::info!(
-        "ready: redirecting in {} network namespace(s){}",
+    let serving = format!(
+        "redirecting in {} network namespace(s){}",
         agent.datapath.served.len(),
         if agent.settings.discover {
             ", discovering more"
@@ -243,6 +243,11 @@ pub async fn run(s: Settings, dry_run: bool) -> Result<()> {
             ""
         }
     );
+    // What /readyz and redirector_ready say, from the same check.
+    match telemetry.readiness() {
+        Ok(()) => tracing::info!("ready: {serving}"),
+        Err(why) => tracing::warn!("{serving}, but /readyz says: {}", why.trim_end()),
+    }
 
     let mut tick = tokio::time::interval(TICK);
     loop {

@@ -6,8 +6,8 @@ use std::{collections::BTreeMap, fmt::Write as _, os::fd::AsFd};
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use redirector_common::{
-    Counter, NsPort, RedirectTarget, AF_INET, MAP_COUNTERS, MAP_LISTENERS, MAP_REDIRECTS,
-    PROG_PREFIX,
+    Counter, MptcpWas, NsPort, RedirectTarget, AF_INET, MAP_COUNTERS, MAP_LISTENERS, MAP_MPTCP_WAS,
+    MAP_REDIRECTS, PROG_PREFIX,
 };
 use serde::Serialize;
 
@@ -247,10 +247,13 @@ pub fn render(status: &Status, output: Output) -> Result<String> {
     let mut out = String::new();
     write_agent(&mut out, status)?;
     if !status.pinned {
-        writeln!(
-            out,
-            "no pinned state under {PIN_ROOT} (agents without --pin keep theirs private)"
-        )?;
+        match crate::bpf::pins::bpffs_hidden() {
+            Some(why) => writeln!(out, "{why}")?,
+            None => writeln!(
+                out,
+                "no pinned state under {PIN_ROOT} (agents without --pin keep theirs private)"
+            )?,
+        }
         write_programs(&mut out, status)?;
         return Ok(out);
     }
@@ -331,10 +334,50 @@ fn write_programs(out: &mut String, status: &Status) -> Result<()> {
     Ok(())
 }
 
+/// Gives each namespace a pinned agent turned MPTCP off in its
+/// `net.mptcp.enabled` back (the pinned `MPTCP_WAS`), before the pins go.
+fn restore_mptcp(layout: &PinLayout) -> Vec<String> {
+    let Ok(map) = MapData::from_pin(layout.map(MAP_MPTCP_WAS)) else {
+        return Vec::new();
+    };
+    let Ok(m) = aya::maps::HashMap::<_, u64, MptcpWas>::try_from(aya::maps::Map::HashMap(map))
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (cookie, was) in m.iter().filter_map(Result::ok) {
+        let ns = crate::discovery::netns::find_by_inode(was.netns_inode)
+            .and_then(|path| Netns::open(&path).ok())
+            .filter(|ns| ns.cookie == cookie);
+        let Some(ns) = ns else {
+            out.push(format!(
+                "net:[{}] is gone: no net.mptcp.enabled to restore",
+                was.netns_inode
+            ));
+            continue;
+        };
+        let value = was.enabled.to_string();
+        match sys::set_netns_sysctl(ns.file.as_fd(), crate::bpf::datapath::MPTCP_SYSCTL, &value) {
+            Ok(()) => out.push(format!(
+                "restored net.mptcp.enabled={value} in net:[{}]",
+                was.netns_inode
+            )),
+            Err(e) => out.push(format!(
+                "cannot restore net.mptcp.enabled={value} in net:[{}]: {e}",
+                was.netns_inode
+            )),
+        }
+    }
+    out
+}
+
 /// `redirector detach`: removes the pinned state and says what went.
 pub fn detach(layout: &PinLayout) -> Result<String> {
-    let removed = layout.remove_all()?;
     let mut out = String::new();
+    for line in restore_mptcp(layout) {
+        writeln!(out, "{line}")?;
+    }
+    let removed = layout.remove_all()?;
     if removed.is_empty() {
         writeln!(out, "nothing pinned under {PIN_ROOT}")?;
     }
