@@ -155,7 +155,8 @@ pub fn lookup_tuple(ctx: &SkLookupContext) -> Tuple {
 
 /// Called by `sk_lookup` when no live-store listener was registered. Always
 /// counted (by the caller); recorded at most `REFUSED_RECORDS_PER_SEC` per CPU.
-#[inline(always)]
+/// Not inlined: its record gets a stack frame of its own (see `try_slots`).
+#[inline(never)]
 pub fn refused(tuple: &Tuple, netns_cookie: u64, listen_port: u16) {
     let mut event = empty_event(EVENT_REFUSED);
     let second = event.ts_ns / NSEC_PER_SEC;

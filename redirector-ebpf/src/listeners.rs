@@ -11,7 +11,7 @@ use aya_ebpf::{
     bindings::{
         bpf_map_def,
         bpf_map_type::{BPF_MAP_TYPE_SK_STORAGE, BPF_MAP_TYPE_SOCKHASH},
-        bpf_sock, bpf_sock_ops, BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_NOEXIST,
+        bpf_sk_lookup, bpf_sock, bpf_sock_ops, BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_NOEXIST,
         BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::{
@@ -19,7 +19,7 @@ use aya_ebpf::{
         bpf_sk_storage_get, bpf_sock_hash_update,
     },
     macros::{btf_map, map},
-    programs::{SkLookupContext, SockOpsContext},
+    programs::SockOpsContext,
     EbpfContext,
 };
 use aya_log_ebpf::debug;
@@ -83,8 +83,8 @@ impl CookieSockHash {
         }
     }
 
-    /// Gives the connection being looked up to the socket under `key`.
-    fn assign(&self, ctx: &SkLookupContext, key: &ListenerKey) -> Result<(), i64> {
+    /// Gives the connection being looked up (`ctx`) to the socket under `key`.
+    fn assign(&self, ctx: *mut bpf_sk_lookup, key: &ListenerKey) -> Result<(), i64> {
         // SAFETY: map and key pointers are valid for the call.
         let sk = unsafe { bpf_map_lookup_elem(self.as_ptr(), (key as *const ListenerKey).cast()) };
         if sk.is_null() {
@@ -92,7 +92,7 @@ impl CookieSockHash {
         }
         // SAFETY: `sk` is the referenced socket the lookup returned; it is
         // released right after, as the verifier requires.
-        let ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk, 0) };
+        let ret = unsafe { bpf_sk_assign(ctx.cast(), sk, 0) };
         // SAFETY: as above.
         unsafe { bpf_sk_release(sk) };
         if ret == 0 {
@@ -176,15 +176,11 @@ pub fn full_sock(ctx: &SockOpsContext) -> Option<*mut bpf_sock> {
     (!sk.is_null()).then_some(sk)
 }
 
-/// What `sk_lookup` found for a connection to an advertised port.
-pub enum Lookup {
-    Assigned,
-    /// No registered listener would have accepted the connection.
-    NoListener,
-    /// Listeners exist, but the kernel refused each (e.g. an IPv6-only socket
-    /// for an IPv4 connection, a listener shut down in place); the last error.
-    Refused(i64),
-}
+/// What `assign` found for a connection to an advertised port: `ASSIGNED`;
+/// `-ENOENT`: no registered listener would have accepted it; else the last
+/// refusal of the kernel, for listeners that exist (an IPv6-only socket for an
+/// IPv4 connection, a listener shut down in place).
+pub const NO_LISTENER: i64 = -ENOENT;
 
 /// Not a bind kind: the unused third candidate of an IPv6 connection.
 const NO_KIND: usize = 4;
@@ -199,14 +195,18 @@ const NO_KIND: usize = 4;
 /// `sock_ops` stores a byte into it, so a kind can be lost. A connection the
 /// marked kinds cannot take is looked for under the others, and the kind
 /// that takes it is marked again (one byte store, as `sock_ops` does).
-#[inline(always)]
+///
+/// Not inlined, nor are `try_slots`, `stopped_seen` and `flows::refused`:
+/// the verifier allows 512 bytes of stack for the deepest chain of calls,
+/// each frame rounded up to 32 (Linux 6.1 refused 544 when they were one).
+#[inline(never)]
 pub fn assign(
-    ctx: &SkLookupContext,
+    ctx: *mut bpf_sk_lookup,
     netns_cookie: u64,
     target: *mut RedirectTarget,
     family: u16,
-    local_ip: [u32; 4],
-) -> Lookup {
+    local_ip: &[u32; 4],
+) -> i64 {
     // SAFETY: map value pointer, valid for this program run.
     let (listen_port, binds) = unsafe { ((*target).listen_port, (*target).binds) };
     // An IPv4 connection can also go to a dual-stack IPv6 wildcard socket
@@ -223,15 +223,14 @@ pub fn assign(
                 BIND_V6_ADDR,
                 Bind {
                     family: AF_INET6,
-                    addr: local_ip,
+                    addr: *local_ip,
                 },
             ),
             (BIND_V6_ANY, Bind::any(AF_INET6)),
             (NO_KIND, Bind::any(AF_INET6)),
         ]
     };
-    let mut result = Lookup::NoListener;
-    let mut not_listening = false;
+    let mut result = NO_LISTENER;
     for marked_pass in [true, false] {
         for (kind, bind) in candidates {
             // `get`: no bounds-check panic path for the verifier to reject.
@@ -241,42 +240,59 @@ pub fn assign(
             if (mark != 0) != marked_pass {
                 continue;
             }
-            // Every slot: a member that refuses (shut down in place, IPv6-only
-            // for an IPv4 client) must not hide the members after it.
-            for slot in 0..LISTENER_SLOTS {
-                let key = ListenerKey::new(netns_cookie, listen_port, bind, slot);
-                match LISTENERS.assign(ctx, &key) {
-                    Ok(()) => {
-                        if !marked_pass {
-                            // SAFETY: map value pointer, valid for this run.
-                            if let Some(flag) = unsafe { (*target).binds.get_mut(kind) } {
-                                // SAFETY: as above; a one-byte store.
-                                unsafe { core::ptr::write_volatile(flag, 1) };
-                            }
-                        }
-                        if not_listening {
-                            stopped_seen(netns_cookie, listen_port, family);
-                        }
-                        return Lookup::Assigned;
-                    }
-                    Err(e) if e == -ENOENT => {}
-                    Err(e) => {
-                        if e == -ESOCKTNOSUPPORT {
-                            not_listening = true;
-                        }
-                        result = Lookup::Refused(e);
+            let ret = try_slots(ctx, netns_cookie, listen_port, &bind);
+            if ret == ASSIGNED || ret == ASSIGNED_PAST_STOPPED {
+                if !marked_pass {
+                    // SAFETY: map value pointer, valid for this run.
+                    if let Some(flag) = unsafe { (*target).binds.get_mut(kind) } {
+                        // SAFETY: as above; a one-byte store.
+                        unsafe { core::ptr::write_volatile(flag, 1) };
                     }
                 }
+                return ret;
+            }
+            if ret != -ENOENT {
+                result = ret;
             }
         }
     }
-    if not_listening {
-        // A registered socket that no longer listens (shut down in place):
-        // the kernel keeps its entry. One registered by the agent has no
-        // state callback to say so; this tells the agent, which removes it.
-        stopped_seen(netns_cookie, listen_port, family);
-    }
     result
+}
+
+/// The connection went to a listener...
+pub const ASSIGNED: i64 = 0;
+/// ...after passing one that no longer listens (shut down in place: the
+/// kernel keeps its entry; one registered by the agent has no state callback
+/// to say so): the caller tells the agent (`stopped_seen`), which removes it.
+pub const ASSIGNED_PAST_STOPPED: i64 = 1;
+/// What `bpf_sk_assign` returns for a TCP socket that is not listening:
+/// the caller tells the agent too.
+pub const NOT_LISTENING: i64 = -ESOCKTNOSUPPORT;
+
+/// Offers the connection to each slot of `key`'s bind (its slot ignored):
+/// `ASSIGNED` or `ASSIGNED_PAST_STOPPED`, else -ENOENT if no slot holds a
+/// listener, else the last refusal (-ESOCKTNOSUPPORT first: a listener that
+/// stopped). Every slot is tried: a member that refuses (shut down, IPv6-only
+/// for an IPv4 client) must not hide the members after it.
+///
+/// Not inlined: its own stack frame. Inlined into every kind of both passes,
+/// the unrolled keys took `redir_lookup` past the verifier's 512-byte stack
+/// (Linux 6.1: "combined stack size of 2 calls is 544").
+#[inline(never)]
+fn try_slots(ctx: *mut bpf_sk_lookup, netns_cookie: u64, listen_port: u16, bind: &Bind) -> i64 {
+    let mut key = ListenerKey::new(netns_cookie, listen_port, *bind, 0);
+    let mut ret = -ENOENT;
+    for slot in 0..LISTENER_SLOTS {
+        key.slot = slot;
+        match LISTENERS.assign(ctx, &key) {
+            Ok(()) if ret == -ESOCKTNOSUPPORT => return ASSIGNED_PAST_STOPPED,
+            Ok(()) => return ASSIGNED,
+            Err(e) if e == -ENOENT => {}
+            Err(e) if ret != -ESOCKTNOSUPPORT => ret = e,
+            Err(_) => {}
+        }
+    }
+    ret
 }
 
 /// Called at `TCP_LISTEN_CB` for a socket that starts listening on a served
@@ -361,8 +377,10 @@ pub fn stopped(ctx: &SockOpsContext) {
 
 /// Counts a registered listener that stopped listening in its namespace's
 /// `NsQuota::stopped` and tells the agent (within the namespace's budget).
-#[inline(always)]
-fn stopped_seen(netns_cookie: u64, port: u16, family: u16) {
+/// Not inlined: its event gets a stack frame of its own, not a share of
+/// `redir_lookup`'s (the verifier's 512 bytes are for the deepest chain).
+#[inline(never)]
+pub fn stopped_seen(netns_cookie: u64, port: u16, family: u16) {
     if let Some(quota) = NS_QUOTAS.get_ptr_mut(&netns_cookie) {
         // SAFETY: map value pointer, valid for this program run.
         atomic_add(unsafe { &mut (*quota).stopped }, 1);

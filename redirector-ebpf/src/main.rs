@@ -38,8 +38,6 @@ use redirector_common::{
     Counter, MptcpWas, NsPort, NsQuota, RedirectTarget, COUNTER_COUNT, IPPROTO_TCP, MAX_REDIRECTS,
 };
 
-use listeners::Lookup;
-
 /// Set per instance by the loader (see `GLOBAL_NETNS_COOKIE`).
 #[no_mangle]
 static NETNS_COOKIE: Global<u64> = Global::new(0);
@@ -128,11 +126,21 @@ fn redirect(ctx: &SkLookupContext) {
     // SAFETY: map value pointer, valid for this program run.
     let listen_port = unsafe { (*target).listen_port };
     let tuple = flows::lookup_tuple(ctx);
-    match listeners::assign(ctx, netns_cookie, target, tuple.family, tuple.local_ip) {
+    match listeners::assign(
+        ctx.lookup,
+        netns_cookie,
+        target,
+        tuple.family,
+        &tuple.local_ip,
+    ) {
         // Counted only: whether a handshake follows is decided at
         // PASSIVE_ESTABLISHED (flows.rs), so stray segments leave nothing.
-        Lookup::Assigned => count(Counter::Redirected),
-        Lookup::NoListener => {
+        listeners::ASSIGNED => count(Counter::Redirected),
+        listeners::ASSIGNED_PAST_STOPPED => {
+            count(Counter::Redirected);
+            listeners::stopped_seen(netns_cookie, listen_port, tuple.family);
+        }
+        listeners::NO_LISTENER => {
             count(Counter::NoListener);
             debug!(
                 ctx,
@@ -140,8 +148,11 @@ fn redirect(ctx: &SkLookupContext) {
             );
             flows::refused(&tuple, netns_cookie, listen_port);
         }
-        Lookup::Refused(err) => {
+        err => {
             count(Counter::AssignError);
+            if err == listeners::NOT_LISTENING {
+                listeners::stopped_seen(netns_cookie, listen_port, tuple.family);
+            }
             debug!(
                 ctx,
                 "port {}: bpf_sk_assign failed ({}), passing on", advertise_port, err

@@ -61,6 +61,18 @@ fn discovery_follows_live_stores_as_they_come_and_go() {
         request(&l1, &local, b"x").expect("served in L1").server,
         "live-store-1"
     );
+    // Named by what lasts as long as the namespace, with a process that
+    // holds it now (not the /proc path of whichever process was seen first).
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(l1.path()).expect("stat"));
+    let (_, status, _) = redirector(&["status"]);
+    assert!(
+        status.contains(&format!(
+            "net:[{ino}] (cookie {}), held by pid {}",
+            l1.cookie(),
+            s1.pid()
+        )),
+        "{status}"
+    );
 
     // A live-store that starts after the agent is picked up.
     let l2 = Netns::new("d2").expect("netns");
@@ -731,6 +743,18 @@ fn detach_gives_back_the_mptcp_setting_a_pinned_agent_changed_even_after_a_resta
     // give back is the 1 the first one found.
     let second = Agent::start(&args).expect("agent");
     second.stop().expect("agent stops");
+    // Under `ip netns exec` (a fresh /sys) the pinned agent cannot be seen:
+    // status says why instead of "nothing pinned".
+    let out = l
+        .command(agent_bin().to_str().expect("utf-8"))
+        .arg("status")
+        .output()
+        .expect("status under ip netns exec");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("bpffs is not mounted at /sys/fs/bpf"),
+        "{text}"
+    );
     let (code, out, err) = redirector(&["detach"]);
     assert_eq!(code, 0, "{err}");
     assert!(

@@ -435,6 +435,11 @@ fn the_agents_copy_of_an_existing_listener_never_keeps_the_port_bound() {
         request(&t.q, &v4(ADVERTISE), b"x").expect("served").server,
         "early"
     );
+    // Registered by the agent, not by sock_ops: counted all the same.
+    assert_eq!(
+        metric(&agent, "redirector_listener_registrations_total"),
+        1.0
+    );
     live_store.stop();
     // Had the agent kept its copy, the port would still be listening here.
     let again =
@@ -442,5 +447,13 @@ fn the_agents_copy_of_an_existing_listener_never_keeps_the_port_bound() {
             .expect("the port is free once the live-store closed it");
     drop(again);
     assert_refused(request(&t.q, &v4(ADVERTISE), b"x"), "nothing listens");
-    agent.stop().expect("agent stops");
+    // The agent registered the first listener, sock_ops the test's own.
+    let counted = metric(&agent, "redirector_listener_registrations_total");
+    assert_eq!(counted, 2.0);
+    let stopped = agent.stop().expect("agent stops");
+    assert_eq!(
+        stopped.counter("listener_registered") as f64,
+        counted,
+        "the exit summary says what /metrics said"
+    );
 }

@@ -95,6 +95,102 @@ struct Found {
 /// which would cost a program load and redirect-table entries.
 pub const NAMESPACES_PER_POD: usize = 2;
 
+/// Replaces the names flow records use with `served`, keeping those of
+/// namespaces no longer served (`departed`) for [`DEPARTED_FOR`], at most
+/// [`DEPARTED_MAX`] of them, the oldest going first.
+fn merge_names(
+    names: &mut HashMap<u64, NsInfo>,
+    served: HashMap<u64, NsInfo>,
+    departed: &mut HashMap<u64, (Instant, NsInfo)>,
+    now: Instant,
+) {
+    for (cookie, info) in names.drain() {
+        if !served.contains_key(&cookie) {
+            departed.entry(cookie).or_insert((now, info));
+        }
+    }
+    departed.retain(|c, (at, _)| !served.contains_key(c) && now.duration_since(*at) < DEPARTED_FOR);
+    while departed.len() > DEPARTED_MAX {
+        let oldest = departed
+            .iter()
+            .min_by_key(|(_, (at, _))| *at)
+            .map(|(c, _)| *c);
+        let Some(oldest) = oldest else { break };
+        departed.remove(&oldest);
+    }
+    *names = served;
+    for (cookie, (_, info)) in departed.iter() {
+        names.insert(*cookie, info.clone());
+    }
+}
+
+#[cfg(test)]
+mod names_tests {
+    use super::*;
+
+    fn info(name: &str) -> NsInfo {
+        NsInfo {
+            name: name.to_owned(),
+            ..NsInfo::default()
+        }
+    }
+
+    #[test]
+    fn a_namespace_no_longer_served_keeps_its_name_for_a_while() {
+        let t0 = Instant::now();
+        let (mut names, mut departed) = (HashMap::new(), HashMap::new());
+        merge_names(
+            &mut names,
+            HashMap::from([(1, info("a")), (2, info("b"))]),
+            &mut departed,
+            t0,
+        );
+        // 2 goes: its close records still say "b".
+        merge_names(
+            &mut names,
+            HashMap::from([(1, info("a"))]),
+            &mut departed,
+            t0,
+        );
+        assert_eq!(names[&2].name, "b");
+        // Served again: no longer departed.
+        merge_names(
+            &mut names,
+            HashMap::from([(1, info("a")), (2, info("b2"))]),
+            &mut departed,
+            t0,
+        );
+        assert!(departed.is_empty());
+        assert_eq!(names[&2].name, "b2");
+        merge_names(
+            &mut names,
+            HashMap::from([(1, info("a"))]),
+            &mut departed,
+            t0,
+        );
+        // Later than DEPARTED_FOR: gone.
+        merge_names(
+            &mut names,
+            HashMap::from([(1, info("a"))]),
+            &mut departed,
+            t0 + DEPARTED_FOR,
+        );
+        assert!(!names.contains_key(&2));
+    }
+
+    #[test]
+    fn departed_names_are_bounded() {
+        let t0 = Instant::now();
+        let (mut names, mut departed) = (HashMap::new(), HashMap::new());
+        let all: HashMap<u64, NsInfo> = (0..DEPARTED_MAX as u64 + 10)
+            .map(|c| (c, info("x")))
+            .collect();
+        merge_names(&mut names, all, &mut departed, t0);
+        merge_names(&mut names, HashMap::new(), &mut departed, t0);
+        assert_eq!(names.len(), DEPARTED_MAX);
+    }
+}
+
 /// How long a namespace no longer served keeps its name in flow records, and
 /// how many such names are kept.
 const DEPARTED_FOR: Duration = Duration::from_secs(300);
@@ -916,29 +1012,8 @@ impl Agent {
                 })
                 .collect(),
         );
-        let now = Instant::now();
         if let Ok(mut names) = self.names.lock() {
-            for (cookie, info) in names.drain() {
-                if !infos.contains_key(&cookie) {
-                    self.departed.entry(cookie).or_insert((now, info));
-                }
-            }
-            self.departed.retain(|c, (at, _)| {
-                !infos.contains_key(c) && now.duration_since(*at) < DEPARTED_FOR
-            });
-            while self.departed.len() > DEPARTED_MAX {
-                let oldest = self
-                    .departed
-                    .iter()
-                    .min_by_key(|(_, (at, _))| *at)
-                    .map(|(c, _)| *c);
-                let Some(oldest) = oldest else { break };
-                self.departed.remove(&oldest);
-            }
-            *names = infos;
-            for (cookie, (_, info)) in &self.departed {
-                names.insert(*cookie, info.clone());
-            }
+            merge_names(&mut names, infos, &mut self.departed, Instant::now());
         }
         if let Err(e) = self.write_state() {
             tracing::warn!(
