@@ -4,6 +4,7 @@
 
 mod bench;
 mod bootstrap;
+mod demo;
 mod fuzz;
 mod golang;
 mod kube;
@@ -34,7 +35,9 @@ enum Cmd {
     /// kernel programs inside, static (glibc), stripped, with its GNU build id;
     /// its manual pages in target/man.
     Build,
-    /// Build and run the agent: 12345 -> 9095 in this network namespace, until Ctrl-C.
+    /// Build and run the agent: 12345 -> 9095 in a network namespace of its own
+    /// (`redirector-run`, with a live-store stand-in on 9095 and a client dialing
+    /// 12345), until Ctrl-C; this machine's own namespace is left alone.
     /// Arguments after `--` go to `redirector run` (see `redirector run --help`).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -115,8 +118,11 @@ fn run(cli: Cli) -> Result<()> {
             setup::ensure()?;
             build(&root)?;
             let bin = agent_artifact(root.as_path());
-            eprintln!("xtask: running {} run {}", bin.display(), args.join(" "));
-            cmd(Command::new(bin).arg("run").args(&args))
+            let status = demo::run(&bin, &args)?;
+            if !status.success() {
+                bail!("the agent exited with {status}");
+            }
+            Ok(())
         }
         Cmd::Test {
             filter,
