@@ -70,6 +70,12 @@ pub const SHARED_MAPS: [&str; 15] = [
 /// namespace it is attached to. `sk_lookup` programs cannot call
 /// `bpf_get_netns_cookie`, so each namespace gets its own instance.
 pub const GLOBAL_NETNS_COOKIE: &str = "NETNS_COOKIE";
+/// Load-time constant of the main instance: nanoseconds between the update
+/// records of a long-lived flow (0: none; `--flow-update-interval`).
+pub const GLOBAL_FLOW_UPDATE_NS: &str = "FLOW_UPDATE_NS";
+/// Seconds between a long-lived flow's update records, by default: gRPC
+/// connections from queriers live for hours.
+pub const DEFAULT_FLOW_UPDATE_SECS: u64 = 10;
 
 /// Capacity of the redirect tables: one entry per (namespace, port).
 pub const MAX_REDIRECTS: u32 = 4096;
@@ -459,6 +465,8 @@ pub struct FlowState {
     pub flags: u16,
     /// With `FLOW_FIN_SEEN`: the sequence number just past the peer's FIN.
     pub fin_end: u32,
+    /// When its last record (open or update) was written.
+    pub reported_ns: u64,
 }
 
 /// The peer's FIN arrived: it counts one in `bytes_received`.
@@ -501,6 +509,8 @@ pub const LISTEN_EVENT_STOPPED: u8 = 1;
 
 /// Kinds of flow record.
 pub const EVENT_OPEN: u8 = 1;
+/// A long-lived flow's counters so far, at most every `FLOW_UPDATE_NS`.
+pub const EVENT_UPDATE: u8 = 4;
 pub const EVENT_CLOSE: u8 = 2;
 pub const EVENT_REFUSED: u8 = 3;
 
@@ -535,7 +545,7 @@ pub struct FlowEvent {
     pub local_ip: [u32; 4],
 }
 
-const _: () = assert!(core::mem::size_of::<FlowState>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 24);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 104);
 
 #[cfg(feature = "user")]

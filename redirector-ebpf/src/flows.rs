@@ -15,18 +15,19 @@ use aya_ebpf::{
         BPF_ANY, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
         BPF_RB_RING_SIZE, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG, BPF_SOCK_OPS_PARSE_HDR_OPT_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{SkLookupContext, SockOpsContext},
-    EbpfContext,
+    EbpfContext, Global,
 };
 use redirector_common::{
     Counter, FlowEvent, FlowState, NsPort, AF_INET, AF_INET6, DEFAULT_FLOW_RING_BYTES, END_ABORTED,
-    END_FIN, END_RST, EVENT_CLOSE, EVENT_OPEN, EVENT_REFUSED, FLOW_FIN_ACKED, FLOW_FIN_SEEN,
-    FLOW_PEER_FIN, FLOW_RTO, MAX_FLOWS, REFUSED_RECORDS_PER_SEC,
+    END_FIN, END_RST, EVENT_CLOSE, EVENT_OPEN, EVENT_REFUSED, EVENT_UPDATE, FLOW_FIN_ACKED,
+    FLOW_FIN_SEEN, FLOW_PEER_FIN, FLOW_RTO, MAX_FLOWS, REFUSED_RECORDS_PER_SEC,
 };
 
 use crate::{
@@ -35,6 +36,11 @@ use crate::{
     listeners::{full_sock, LISTEN_MARKS},
     NS_QUOTAS, REDIRECTS,
 };
+
+/// Set by the loader (`GLOBAL_FLOW_UPDATE_NS`): nanoseconds between a
+/// long-lived flow's update records; 0: none.
+#[no_mangle]
+static FLOW_UPDATE_NS: Global<u64> = Global::new(0);
 
 /// Open redirected flows by socket cookie.
 #[map]
@@ -222,6 +228,7 @@ pub fn on_sock_op(ctx: &SockOpsContext, op: u32) {
     match op {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => opened(ctx),
         BPF_SOCK_OPS_STATE_CB => state_changed(ctx),
+        BPF_SOCK_OPS_RTT_CB => progressed(ctx),
         BPF_SOCK_OPS_PARSE_HDR_OPT_CB => segment_received(ctx),
         BPF_SOCK_OPS_RTO_CB => {
             // SAFETY: helper reading the context's socket.
@@ -265,6 +272,15 @@ fn opened(ctx: &SockOpsContext) {
         listen_port,
         flags: 0,
         fin_end: 0,
+        reported_ns: event.ts_ns,
+    };
+    // An RTT sample comes with every ACK of new data: where a long-lived
+    // flow's update records are written from (a flow that sends nothing has
+    // nothing new to report).
+    let rtt = if FLOW_UPDATE_NS.load() > 0 {
+        BPF_SOCK_OPS_RTT_CB_FLAG
+    } else {
+        0
     };
     let quota = NS_QUOTAS.get_ptr_mut(&netns_cookie);
     // Checked, then added after the insert: a few CPUs at once may pass the
@@ -285,7 +301,10 @@ fn opened(ctx: &SockOpsContext) {
             atomic_add(unsafe { &mut (*q).flows }, 1);
         }
         // Only this socket pays for state callbacks.
-        add_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG);
+        add_cb_flags(
+            ctx,
+            BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG | rtt,
+        );
     } else {
         count(Counter::FlowTableFull);
     }
@@ -346,6 +365,72 @@ fn segment_received(ctx: &SockOpsContext) {
     state.flags |= FLOW_FIN_SEEN;
 }
 
+/// The flow's counters, duration and addresses, as of now, into `event`. The
+/// kernel's byte counters follow sequence numbers, in which each FIN counts
+/// one: `peer_fin`/`fin_acked` say which to take away.
+#[inline(always)]
+fn fill(
+    ctx: &SockOpsContext,
+    state: &FlowState,
+    event: &mut FlowEvent,
+    peer_fin: bool,
+    fin_acked: bool,
+) {
+    // SAFETY: context field loads, rewritten by the verifier (full socket here).
+    let (bytes_received, bytes_acked, srtt_us, retransmits) = unsafe {
+        let ops = &*ctx.ops;
+        (
+            ops.bytes_received,
+            ops.bytes_acked,
+            ops.srtt_us,
+            ops.total_retrans,
+        )
+    };
+    event.bytes_received = bytes_received.saturating_sub(peer_fin as u64);
+    event.bytes_sent = bytes_acked.saturating_sub(fin_acked as u64);
+    // The kernel keeps srtt scaled by 8.
+    event.srtt_us = srtt_us >> 3;
+    event.retransmits = retransmits;
+    event.duration_ns = event.ts_ns.saturating_sub(state.start_ns);
+    event.listen_port = state.listen_port;
+    let (family, remote_ip, local_ip) = sock_tuple(ctx);
+    event.family = family;
+    event.remote_ip = remote_ip;
+    event.local_ip = local_ip;
+    event.remote_port = u32::from_be(ctx.remote_port()) as u16;
+    event.local_port = ctx.local_port() as u16;
+    // SAFETY: helper reading the context's socket namespace.
+    event.netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+}
+
+/// An ACK of new data on a tracked flow: an update record if the last
+/// record is `FLOW_UPDATE_NS` old, so the counters of a connection that
+/// lives for hours advance before its close.
+#[inline(always)]
+fn progressed(ctx: &SockOpsContext) {
+    let every = FLOW_UPDATE_NS.load();
+    if every == 0 {
+        return;
+    }
+    // SAFETY: helper reading the context's socket.
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(state) = FLOWS.get_ptr_mut(&socket_cookie) else {
+        return;
+    };
+    // SAFETY: map value pointer, valid for this program run.
+    let state = unsafe { &mut *state };
+    let mut event = empty_event(EVENT_UPDATE);
+    if event.ts_ns.saturating_sub(state.reported_ns) < every {
+        return;
+    }
+    state.reported_ns = event.ts_ns;
+    let peer_fin = state.flags & FLOW_PEER_FIN != 0;
+    let fin_acked = state.flags & FLOW_FIN_ACKED != 0;
+    fill(ctx, state, &mut event, peer_fin, fin_acked);
+    event.socket_cookie = socket_cookie;
+    emit(&event);
+}
+
 #[inline(always)]
 fn state_changed(ctx: &SockOpsContext) {
     let (old, new) = (ctx.arg(0), ctx.arg(1));
@@ -393,31 +478,7 @@ fn state_changed(ctx: &SockOpsContext) {
         _ if state.flags & FLOW_RTO != 0 => END_ABORTED,
         _ => END_RST,
     };
-    // SAFETY: context field loads, rewritten by the verifier (full socket here).
-    let (bytes_received, bytes_acked, srtt_us, retransmits) = unsafe {
-        let ops = &*ctx.ops;
-        (
-            ops.bytes_received,
-            ops.bytes_acked,
-            ops.srtt_us,
-            ops.total_retrans,
-        )
-    };
-    event.bytes_received = bytes_received.saturating_sub(peer_fin as u64);
-    event.bytes_sent = bytes_acked.saturating_sub(fin_acked as u64);
-    // The kernel keeps srtt scaled by 8.
-    event.srtt_us = srtt_us >> 3;
-    event.retransmits = retransmits;
-    event.duration_ns = event.ts_ns.saturating_sub(state.start_ns);
-    event.listen_port = state.listen_port;
-    let (family, remote_ip, local_ip) = sock_tuple(ctx);
-    event.family = family;
-    event.remote_ip = remote_ip;
-    event.local_ip = local_ip;
-    event.remote_port = u32::from_be(ctx.remote_port()) as u16;
-    event.local_port = ctx.local_port() as u16;
-    // SAFETY: helper reading the context's socket namespace.
-    event.netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    fill(ctx, state, &mut event, peer_fin, fin_acked);
     event.socket_cookie = socket_cookie;
     if FLOWS.remove(&socket_cookie).is_ok() {
         if let Some(q) = NS_QUOTAS.get_ptr_mut(&event.netns_cookie) {

@@ -382,6 +382,13 @@ crate::config::layers::run_settings! {
         #[serde(default, deserialize_with = "crate::config::layers::opt_ring_bytes")]
         pub flow_ring_bytes: Option<u32>,
 
+        /// Seconds between the update records of a long-lived redirected flow
+        /// (`event: update`, its byte counters so far, written on an ACK of new
+        /// data once the last record is this old); 0: open and close records only.
+        #[arg(long, env = "REDIRECTOR_FLOW_UPDATE_INTERVAL", value_name = "SECS")]
+        #[serde(default)]
+        pub flow_update_interval: Option<u64>,
+
         /// The agent's own log on stderr: `text` for people, `json` (one object
         /// per line) for log collectors. Coloured only on a terminal. Flow records
         /// are not log lines: see --flow-format.
@@ -436,6 +443,10 @@ pub fn run_defaults() -> Vec<(&'static str, String)> {
             crate::flows::sub::DEFAULT_FLOWS_SOCKET.to_owned(),
         ),
         ("flow_ring_bytes", c::DEFAULT_FLOW_RING_BYTES.to_string()),
+        (
+            "flow_update_interval",
+            c::DEFAULT_FLOW_UPDATE_SECS.to_string(),
+        ),
         (
             "log_format",
             word(clap::ValueEnum::to_possible_value(

@@ -298,3 +298,64 @@ fn detach_sk_lookup_of(ns: &Netns) {
     }
     assert!(detached > 0, "no sk_lookup link in {}", ns.name);
 }
+
+#[test]
+fn a_long_lived_flow_gets_update_records_with_its_counters_so_far() {
+    use std::io::Write;
+    let s = Setup::new();
+    // An echo server: every chunk is answered at once, as gRPC answers
+    // requests on one long-lived connection (an update is written on an ACK
+    // of what the live-store sent).
+    let listener =
+        s.l.run(|| std::net::TcpListener::bind("[::]:9095"))
+            .expect("listens");
+    std::thread::spawn(move || {
+        if let Ok((mut conn, _)) = listener.accept() {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = conn.read(&mut buf) {
+                if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let agent = s.agent(&["--flow-format", "json", "--flow-update-interval", "1"]);
+    agent.wait_registered(1);
+    const CHUNK: usize = 100;
+    const CHUNKS: usize = 12;
+    let addr = format!("{LIVE_STORE_V4}:{ADVERTISE}");
+    s.q.run(|| {
+        let mut conn = TcpStream::connect(&addr).expect("connects");
+        let mut echo = [0u8; CHUNK];
+        for _ in 0..CHUNKS {
+            conn.write_all(&[b'x'; CHUNK]).expect("sends");
+            conn.read_exact(&mut echo).expect("echo");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    let stopped = agent.stop().expect("agent stops");
+    assert!(stopped.status.success());
+    let records = s.json_records();
+    let updates: Vec<&serde_json::Value> =
+        records.iter().filter(|r| r["event"] == "update").collect();
+    assert!(
+        updates.len() >= 2,
+        "3.6 s at one update a second at most: {records:?}"
+    );
+    let close = records
+        .iter()
+        .find(|r| r["event"] == "close")
+        .expect("a close record");
+    let mut last = 0;
+    for u in &updates {
+        assert_eq!(u["flow_id"], close["flow_id"], "{u}");
+        assert!(u.get("end").is_none(), "an update has no end: {u}");
+        let rx = u["bytes_received"].as_u64().expect("bytes_received");
+        let tx = u["bytes_sent"].as_u64().expect("bytes_sent");
+        assert!(rx > last && rx % CHUNK as u64 == 0, "{u}");
+        assert!(tx <= rx, "{u}");
+        last = rx;
+    }
+    assert_eq!(close["bytes_received"], (CHUNK * CHUNKS) as u64);
+    assert_eq!(close["bytes_sent"], (CHUNK * CHUNKS) as u64);
+}

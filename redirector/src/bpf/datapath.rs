@@ -25,10 +25,11 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use redirector_common::{
-    flow_share, MptcpWas, NsPort, NsQuota, RedirectTarget, GLOBAL_LOG_LEVEL, GLOBAL_NETNS_COOKIE,
-    MAP_COUNTERS, MAP_FLOW_EVENTS, MAP_FLOW_SHARE, MAP_LISTENERS, MAP_LISTEN_EVENTS,
-    MAP_LISTEN_MARKS, MAP_LISTEN_PORTS, MAP_MPTCP_WAS, MAP_NS_QUOTAS, MAP_REDIRECTS,
-    MAP_WATCH_PORTS, PROG_BIND4, PROG_BIND6, PROG_SK_LOOKUP, PROG_SOCK_OPS, SHARED_MAPS,
+    flow_share, MptcpWas, NsPort, NsQuota, RedirectTarget, GLOBAL_FLOW_UPDATE_NS, GLOBAL_LOG_LEVEL,
+    GLOBAL_NETNS_COOKIE, MAP_COUNTERS, MAP_FLOW_EVENTS, MAP_FLOW_SHARE, MAP_LISTENERS,
+    MAP_LISTEN_EVENTS, MAP_LISTEN_MARKS, MAP_LISTEN_PORTS, MAP_MPTCP_WAS, MAP_NS_QUOTAS,
+    MAP_REDIRECTS, MAP_WATCH_PORTS, PROG_BIND4, PROG_BIND6, PROG_SK_LOOKUP, PROG_SOCK_OPS,
+    SHARED_MAPS,
 };
 
 use crate::{
@@ -145,6 +146,7 @@ impl Datapath {
     /// attaches the bind hooks for bind() calls to `watch_ports`.
     pub fn load(
         flow_ring_bytes: u32,
+        flow_update_interval: std::time::Duration,
         pins: Option<PinLayout>,
         keep_mptcp: bool,
         scope: Scope,
@@ -168,9 +170,11 @@ impl Datapath {
         }
         let mut loader = EbpfLoader::new();
         let level = kernel_log_level();
+        let flow_update_ns = u64::try_from(flow_update_interval.as_nanos()).unwrap_or(u64::MAX);
         loader
             .map_max_entries(MAP_FLOW_EVENTS, flow_ring_bytes)
-            .override_global(GLOBAL_LOG_LEVEL, &level, true);
+            .override_global(GLOBAL_LOG_LEVEL, &level, true)
+            .override_global(GLOBAL_FLOW_UPDATE_NS, &flow_update_ns, true);
         let map_paths: Vec<(&str, PathBuf)> = match &pins {
             Some(layout) => SHARED_MAPS.iter().map(|m| (*m, layout.map(m))).collect(),
             None => Vec::new(),

@@ -26,6 +26,8 @@ use crate::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum EventKind {
     Open,
+    /// A long-lived flow's counters so far (every --flow-update-interval).
+    Update,
     Close,
     Refused,
 }
@@ -34,6 +36,7 @@ impl EventKind {
     fn name(self) -> &'static str {
         match self {
             EventKind::Open => "open",
+            EventKind::Update => "update",
             EventKind::Close => "close",
             EventKind::Refused => "refused",
         }

@@ -93,6 +93,7 @@ pub async fn run(s: Settings, dry_run: bool) -> Result<()> {
     };
     let datapath = Datapath::load(
         s.flow_ring_bytes,
+        s.flow_update_interval,
         pins,
         s.keep_mptcp,
         s.sock_ops_cgroup,

@@ -59,6 +59,8 @@ pub struct Settings {
     pub flow_log: Option<PathBuf>,
     pub metrics_addr: SocketAddr,
     pub flow_ring_bytes: u32,
+    /// Between a long-lived flow's update records (zero: none).
+    pub flow_update_interval: Duration,
     /// The agent's own log (stderr).
     pub log_format: crate::commands::logging::LogFormat,
     /// Where `redirector flows` subscribers connect.
@@ -98,6 +100,7 @@ impl Settings {
             "flow_log": self.flow_log,
             "metrics_addr": self.metrics_addr.to_string(),
             "flow_ring_bytes": self.flow_ring_bytes,
+            "flow_update_interval_secs": self.flow_update_interval.as_secs(),
             "log_format": self.log_format,
             "flows_socket": self.flows_socket,
             "state_file": self.state_file,
@@ -257,6 +260,10 @@ pub fn resolve(args: RunArgs) -> Result<Settings> {
         flow_ring_bytes: args
             .flow_ring_bytes
             .unwrap_or(redirector_common::DEFAULT_FLOW_RING_BYTES),
+        flow_update_interval: Duration::from_secs(
+            args.flow_update_interval
+                .unwrap_or(redirector_common::DEFAULT_FLOW_UPDATE_SECS),
+        ),
         log_format: args.log_format.unwrap_or_default(),
         state_file: state_file(&flows_socket),
         flows_socket,

@@ -13,6 +13,7 @@ use std::{
 use clap::ValueEnum;
 use redirector_common::{
     FlowEvent, AF_INET, END_ABORTED, END_FIN, END_RST, EVENT_CLOSE, EVENT_OPEN, EVENT_REFUSED,
+    EVENT_UPDATE,
 };
 use serde::Serialize;
 use serde_json::ser::{CompactFormatter, Formatter as _};
@@ -99,12 +100,15 @@ impl Recorder {
         let event = match e.kind {
             EVENT_OPEN => "open",
             EVENT_CLOSE => "close",
+            EVENT_UPDATE => "update",
             EVENT_REFUSED => "refused",
             _ => return None,
         };
         let unix_ns = (e.ts_ns as i128 + self.clock_offset_ns).max(0) as u128;
         let time = UNIX_EPOCH + Duration::from_nanos(unix_ns as u64);
         let close = e.kind == EVENT_CLOSE;
+        // An update carries the counters so far; only a close has an end.
+        let counted = close || e.kind == EVENT_UPDATE;
         let info = self
             .namespaces
             .lock()
@@ -136,11 +140,11 @@ impl Recorder {
                 .listener
                 .filter(|_| e.kind != EVENT_REFUSED)
                 .map(|o| o.comm),
-            duration_ms: close.then(|| e.duration_ns as f64 / 1e6),
-            bytes_received: close.then_some(e.bytes_received),
-            bytes_sent: close.then_some(e.bytes_sent),
-            srtt_us: close.then_some(e.srtt_us),
-            retransmits: close.then_some(e.retransmits),
+            duration_ms: counted.then(|| e.duration_ns as f64 / 1e6),
+            bytes_received: counted.then_some(e.bytes_received),
+            bytes_sent: counted.then_some(e.bytes_sent),
+            srtt_us: counted.then_some(e.srtt_us),
+            retransmits: counted.then_some(e.retransmits),
             end: close.then_some(match e.end {
                 END_FIN => "fin",
                 END_RST => "rst",
@@ -206,6 +210,7 @@ impl Renderer {
         let event = match e.kind {
             EVENT_OPEN => "open",
             EVENT_CLOSE => "close",
+            EVENT_UPDATE => "update",
             EVENT_REFUSED => "refused",
             _ => return false,
         };
@@ -221,6 +226,7 @@ impl Renderer {
                 .and_then(|n| n.info.listener.as_ref())
                 .filter(|_| e.kind != EVENT_REFUSED),
             close: e.kind == EVENT_CLOSE,
+            counted: e.kind == EVENT_CLOSE || e.kind == EVENT_UPDATE,
         };
         match format {
             FlowFormat::Json => r.json(out),
@@ -274,7 +280,10 @@ struct Fields<'a> {
     e: &'a FlowEvent,
     ns: Option<Ns<'a>>,
     owner: Option<&'a Owner>,
+    /// A close record: it has an end.
     close: bool,
+    /// A close or update record: it has the flow's counters.
+    counted: bool,
 }
 
 // Writes into a Vec<u8> cannot fail, hence the ignored io::Results below.
@@ -467,7 +476,7 @@ impl Fields<'_> {
             let plain = self.ns.is_some_and(|ns| ns.comm_plain);
             put_json_str(out, &o.comm, plain);
         }
-        if self.close {
+        if self.counted {
             out.extend_from_slice(b",\"duration_ms\":");
             // Always finite (a u64 over 1e6), so never serde_json's `null`.
             let _ = CompactFormatter.write_f64(out, e.duration_ns as f64 / 1e6);
@@ -479,6 +488,8 @@ impl Fields<'_> {
             put_u32(out, e.srtt_us);
             out.extend_from_slice(b",\"retransmits\":");
             put_u32(out, e.retransmits);
+        }
+        if self.close {
             out.extend_from_slice(b",\"end\":\"");
             out.extend_from_slice(end_name(e.end).as_bytes());
             out.push(b'"');
@@ -517,7 +528,7 @@ impl Fields<'_> {
         put_u16(out, e.local_port);
         out.extend_from_slice(b" => :");
         put_u16(out, e.listen_port);
-        if self.close {
+        if self.counted {
             let _ = write!(out, " {:.3}", e.duration_ns as f64 / 1e6);
             out.extend_from_slice(b"ms rx=");
             put_u64(out, e.bytes_received);
@@ -527,6 +538,8 @@ impl Fields<'_> {
             put_u32(out, e.srtt_us);
             out.extend_from_slice(b"us retrans=");
             put_u32(out, e.retransmits);
+        }
+        if self.close {
             out.extend_from_slice(b" end=");
             out.extend_from_slice(end_name(e.end).as_bytes());
         }
@@ -569,7 +582,7 @@ impl Fields<'_> {
             out.extend_from_slice(b" listener_comm=");
             put_logfmt_str(out, &o.comm);
         }
-        if self.close {
+        if self.counted {
             out.extend_from_slice(b" duration_ms=");
             let _ = CompactFormatter.write_f64(out, e.duration_ns as f64 / 1e6);
             out.extend_from_slice(b" bytes_received=");
@@ -580,6 +593,8 @@ impl Fields<'_> {
             put_u32(out, e.srtt_us);
             out.extend_from_slice(b" retransmits=");
             put_u32(out, e.retransmits);
+        }
+        if self.close {
             out.extend_from_slice(b" end=");
             out.extend_from_slice(end_name(e.end).as_bytes());
         }
@@ -642,15 +657,16 @@ fn text(r: &FlowRecord) -> String {
         r.advertise_port,
         r.listen_port
     );
-    if let (Some(ms), Some(rx), Some(tx), Some(end)) =
-        (r.duration_ms, r.bytes_received, r.bytes_sent, r.end)
-    {
+    if let (Some(ms), Some(rx), Some(tx)) = (r.duration_ms, r.bytes_received, r.bytes_sent) {
         let _ = write!(
             line,
-            " {ms:.3}ms rx={rx}B tx={tx}B srtt={}us retrans={} end={end}",
+            " {ms:.3}ms rx={rx}B tx={tx}B srtt={}us retrans={}",
             r.srtt_us.unwrap_or(0),
             r.retransmits.unwrap_or(0)
         );
+    }
+    if let Some(end) = r.end {
+        let _ = write!(line, " end={end}");
     }
     line
 }
