@@ -61,6 +61,7 @@ static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_FLOW_RING_BYTES, 0
 static REFUSED_BUDGET: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
 // TCP states (include/net/tcp_states.h).
+const TCP_ESTABLISHED: u32 = 1;
 const TCP_FIN_WAIT1: u32 = 4;
 const TCP_FIN_WAIT2: u32 = 5;
 const TCP_TIME_WAIT: u32 = 6;
@@ -409,7 +410,11 @@ fn fill(
 #[inline(always)]
 fn progressed(ctx: &SockOpsContext) {
     let every = FLOW_UPDATE_NS.load();
-    if every == 0 {
+    // SAFETY: context field load, rewritten by the verifier.
+    let state = unsafe { (*ctx.ops).state };
+    // Once either side closes, the close record is near, and the kernel's
+    // counters may include a FIN: no update.
+    if every == 0 || state != TCP_ESTABLISHED {
         return;
     }
     // SAFETY: helper reading the context's socket.
