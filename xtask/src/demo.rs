@@ -7,11 +7,11 @@
 //! goes, the namespace too.
 
 use std::{
-    fs::File,
+    fs::{self, File},
     io::{Read, Write},
     net::{TcpListener, TcpStream},
     os::fd::AsRawFd,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, ExitStatus},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -121,6 +121,47 @@ fn client(stop: Arc<AtomicBool>) {
     }
 }
 
+/// A cgroup of its own for this process (its live-store stand-in, client
+/// and the agent it starts), as a pod has: the agent runs `sock_ops` in the
+/// live-store's cgroup for its flow records, never in the cgroup v2 root.
+/// Moved back and removed on drop. None if already in a cgroup of its own.
+struct OwnCgroup {
+    mount: PathBuf,
+}
+
+impl OwnCgroup {
+    fn enter() -> Option<Self> {
+        let own = fs::read_to_string("/proc/self/cgroup").ok()?;
+        if !own.lines().any(|l| l == "0::/") {
+            return None;
+        }
+        let mount = fs::read_to_string("/proc/self/mountinfo")
+            .ok()?
+            .lines()
+            .find_map(|l| {
+                let (fields, fs_type) = l.split_once(" - ")?;
+                fs_type
+                    .starts_with("cgroup2 ")
+                    .then(|| fields.split(' ').nth(4).map(PathBuf::from))
+                    .flatten()
+            })?;
+        let dir = mount.join(NETNS);
+        fs::create_dir_all(&dir).ok()?;
+        fs::write(dir.join("cgroup.procs"), std::process::id().to_string()).ok()?;
+        Some(Self { mount })
+    }
+}
+
+impl Drop for OwnCgroup {
+    fn drop(&mut self) {
+        let _ = fs::write(
+            self.mount.join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+        let _ = fs::remove_dir(self.mount.join(NETNS));
+    }
+}
+
 /// Ctrl-C reaches the whole foreground process group: the agent stops on it;
 /// this process only waits for the agent, then cleans up. A handler (not
 /// SIG_IGN, which the agent would inherit) that does nothing.
@@ -134,6 +175,7 @@ fn survive_sigint() {
 /// after the namespace's `--netns`.
 pub fn run(agent: &Path, args: &[String]) -> Result<ExitStatus> {
     let _ns = Namespace::create()?;
+    let _cgroup = OwnCgroup::enter();
     let stop = Arc::new(AtomicBool::new(false));
     let threads = [
         in_namespace(stop.clone(), live_store)?,
