@@ -280,6 +280,18 @@ pub fn listen(addr: SocketAddr, opts: ListenOpts) -> io::Result<(TcpListener, bo
     Ok((socket.into(), mptcp))
 }
 
+/// Which server answered each of `n` requests to `addr` made from `ns`;
+/// panics, naming the connection, at the first that fails.
+pub fn answered_by(ns: &Netns, addr: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            request(ns, addr, b"x")
+                .unwrap_or_else(|e| panic!("connection {i} to {addr} failed: {e}"))
+                .server
+        })
+        .collect()
+}
+
 /// A real server process living inside a namespace (`ip netns exec`), killed
 /// on drop: a live-store stand-in, or a real Go program.
 pub struct Process {

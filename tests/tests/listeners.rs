@@ -357,15 +357,7 @@ fn every_member_of_a_reuseport_group_is_used_and_the_redirect_holds_while_one_li
         .map(|n| stand_in(&t.l, "[::]:9095", n, &["--reuseport"]))
         .collect();
     let agent = t.agent(&[]);
-    let answered_by = |n: usize| -> Vec<String> {
-        (0..n)
-            .map(|i| {
-                request(&t.q, &v4(ADVERTISE), b"x")
-                    .unwrap_or_else(|e| panic!("connection {i} failed: {e}"))
-                    .server
-            })
-            .collect()
-    };
+    let answered_by = |n: usize| answered_by(&t.q, &v4(ADVERTISE), n);
     let first = answered_by(60);
     for w in ["w1", "w2", "w3"] {
         assert!(

