@@ -476,7 +476,7 @@ fn check_and_agent_judge_every_live_store_of_this_node() {
         stopped
             .stderr
             .iter()
-            .any(|l| l == &format!("checking the live-store ring {url} every 1s")),
+            .any(|l| log_message(l) == format!("checking the live-store ring {url} every 1s")),
         "{:?}",
         stopped.stderr
     );
