@@ -148,9 +148,13 @@ fn assert_unharmed(agent: Agent, tag: &str) {
     });
     assert!(
         ok,
-        "live-store not served within 1 s of listening ({:?}); agent: {:?}",
+        "live-store not served within 1 s of listening ({:?}); agent: {:#?}",
         listening.elapsed(),
-        agent.status()
+        agent.stderr()
+    );
+    println!(
+        "{tag}: a live-store pod started now served {:?} after it listened",
+        listening.elapsed()
     );
     let rss = peak_rss(agent.pid());
     assert!(rss < 128 << 20, "agent peak RSS {} MiB", rss >> 20);

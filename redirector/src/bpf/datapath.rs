@@ -35,7 +35,7 @@ use redirector_common::{
 use crate::{
     bpf::cgroup,
     bpf::pins::{Link, PinLayout, PinWatch, BPFFS},
-    bpf::registry::{Registry, Report},
+    bpf::registry::{Reason, Registry, Report},
     bpf::sockops::{Scope, SockOps},
     config::Redirect,
     discovery::{cgroups::CgroupIndex, netns::Netns, sockdiag},
@@ -469,8 +469,15 @@ impl Datapath {
             .iter()
             .find(|s| s.netns.cookie == cookie)
             .is_some_and(|s| {
+                // A namespace over its listener quota stays so until one of
+                // its registrations stops (the count) or vanishes (the map):
+                // a hostile pod's 20,000 listeners cost no sock_diag walk of
+                // them every second.
                 s.report.registered > 0
-                    && s.report.unservable.is_empty()
+                    && s.report
+                        .unservable
+                        .iter()
+                        .all(|u| u.reason == Reason::Quota)
                     && s.stopped_seen == stopped
                     && self.registry.unchanged(cookie)
             });
