@@ -1,5 +1,5 @@
 //! The `redirector` binary: everything lives in the library (src/lib.rs).
 
 fn main() -> std::process::ExitCode {
-    redirector::commands::main()
+    redirector::cli::main()
 }

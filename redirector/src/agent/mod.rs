@@ -33,8 +33,9 @@ mod pods;
 pub use pods::Look;
 
 use crate::{
+    bpf::Redirect,
     bpf::{datapath::Datapath, registry::Reason, sockops::Scope},
-    config::{settings::Settings, Redirect},
+    config::settings::Settings,
     discovery::{
         self,
         inspector::{self, Inspector, Origin as Asked, Request, Verdict},

@@ -37,7 +37,7 @@ use crate::{
     bpf::pins::{Link, PinLayout, PinWatch, BPFFS},
     bpf::registry::{Reason, Registry, Report},
     bpf::sockops::{Scope, SockOps},
-    config::Redirect,
+    bpf::Redirect,
     discovery::{cgroups::CgroupIndex, netns::Netns, sockdiag},
     sys,
     telemetry::Telemetry,

@@ -36,7 +36,7 @@ use redirector_common::{
 use serde::Serialize;
 
 use crate::{
-    config::Redirect, discovery::listeners, discovery::netns::Netns, discovery::sockdiag, sys,
+    bpf::Redirect, discovery::listeners, discovery::netns::Netns, discovery::sockdiag, sys,
 };
 
 /// Why a live-store listener is not registered. The label is the `reason` of

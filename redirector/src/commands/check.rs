@@ -10,7 +10,10 @@ use aya::{
 };
 use serde::Serialize;
 
-use crate::bpf::pins::{BPFFS, PIN_ROOT as PIN_DIR};
+use crate::{
+    bpf::pins::{BPFFS, PIN_ROOT as PIN_DIR},
+    commands::Output,
+};
 /// Kernel BTF, exposed by CONFIG_DEBUG_INFO_BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 pub use crate::bpf::probe::MIN_KERNEL;
@@ -44,6 +47,50 @@ impl Check {
             detail: detail.into(),
             fix: Some(fix.into()),
         }
+    }
+}
+
+/// `redirector check`.
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// `table` for people, `json` for scripts.
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// The live-store ring page of any Tempo component that serves it
+    /// (distributor, querier): http://HOST:3200/live-store/ring. Plain http only.
+    // No environment variable: the agent's REDIRECTOR_TEMPO_RING must not
+    // turn a plain `check` in its pod into a ring check.
+    #[arg(long, value_name = "URL")]
+    pub tempo_ring: Option<crate::ring::RingUrl>,
+}
+
+/// `redirector check`: this node's checks, or with --tempo-ring the ring's
+/// live-stores on this node; exit 3 (1 for a ring that cannot be read) when
+/// one fails.
+pub fn main(args: CheckArgs) -> anyhow::Result<()> {
+    use crate::error::Fatal;
+    if let Some(url) = args.tempo_ring {
+        crate::commands::run::check_privileges()?;
+        let report = crate::ring::check(&url)?;
+        print!("{}", crate::ring::render(&report, args.output));
+        return if report.ok {
+            Ok(())
+        } else {
+            Err(Fatal::Environment(
+                "some live-stores of this node are not redirected (see above)".into(),
+            )
+            .into())
+        };
+    }
+    let checks = run_checks();
+    match args.output {
+        Output::Table => print!("{}", render_table(&checks)),
+        Output::Json => println!("{}", render_json(&checks)),
+    }
+    if all_passed(&checks) {
+        Ok(())
+    } else {
+        Err(Fatal::Environment("some checks failed (see above)".into()).into())
     }
 }
 

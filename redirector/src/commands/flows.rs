@@ -6,10 +6,11 @@ use std::{
     collections::VecDeque,
     io::{self, Write},
     net::IpAddr,
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
 use serde::Deserialize;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
@@ -17,10 +18,60 @@ use tokio::{
 };
 
 use crate::{
-    cli::FlowsArgs,
     flows::log::{self, FlowFormat, FlowRecord},
     flows::sub::{Notice, Request, HISTORY},
 };
+
+/// `redirector flows`: filters apply on this side, so any combination works.
+#[derive(Args, Debug)]
+pub struct FlowsArgs {
+    /// The running agent's socket (its --flows-socket).
+    #[arg(
+        long,
+        env = "REDIRECTOR_FLOWS_SOCKET",
+        value_name = "PATH",
+        default_value = crate::flows::sub::DEFAULT_FLOWS_SOCKET
+    )]
+    pub flows_socket: PathBuf,
+
+    /// Only records whose namespace (as in the `netns` field: the path the agent
+    /// serves, e.g. /proc/PID/ns/net) contains this. Repeat for any of several.
+    #[arg(long, value_name = "SUBSTRING")]
+    pub netns: Vec<String>,
+
+    /// Only records of this live-store pod (`--kube`): its name, or
+    /// namespace/name. Repeat for any of several.
+    #[arg(long, value_name = "POD")]
+    pub pod: Vec<String>,
+
+    /// Only records of live-store pods in this Kubernetes namespace (`--kube`).
+    /// Repeat for any of several.
+    #[arg(long, value_name = "NAMESPACE")]
+    pub namespace: Vec<String>,
+
+    /// Only records of this querier address or network, e.g. 10.42.3.7,
+    /// 10.42.0.0/16, fd00::/64. Repeat for any of several.
+    #[arg(long, value_name = "IP[/PREFIX]", value_parser = parse_client)]
+    pub client: Vec<ClientNet>,
+
+    /// Only these events. Repeat for several.
+    #[arg(long, value_enum, value_name = "EVENT")]
+    pub event: Vec<EventKind>,
+
+    /// `text` (the agent's text log lines), `json` (its JSON lines, byte for
+    /// byte) or `logfmt`.
+    #[arg(short, long, value_enum, default_value_t = FlowFormat::Text)]
+    pub output: FlowFormat,
+
+    /// First print the last N matching records of those the agent keeps (its
+    /// latest 1024), then exit, unless --follow.
+    #[arg(long, value_name = "N")]
+    pub last: Option<usize>,
+
+    /// Keep printing new records as they come: the default without --last.
+    #[arg(short, long)]
+    pub follow: bool,
+}
 
 /// Which records `--event` keeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

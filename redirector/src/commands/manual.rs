@@ -1,29 +1,46 @@
-//! Shell completions and manual pages, generated from the clap definitions in
-//! `cli.rs`, so they never disagree with `--help`.
+//! Shell completions and manual pages, generated from the clap definitions
+//! (`cli::command`, passed in), so they never disagree with `--help`.
 
 use std::{
     fs,
     io::{self, Write},
-    path::Path,
+    path::PathBuf,
 };
 
 use anyhow::{Context, Result};
 
 use crate::flows::sub::DEFAULT_FLOWS_SOCKET;
 
-/// `redirector completions SHELL`: the script on stdout.
-pub fn completions(shell: clap_complete::Shell) -> Result<()> {
-    let mut cmd = crate::cli::command();
-    clap_complete::generate(shell, &mut cmd, "redirector", &mut io::stdout());
+/// `redirector completions`.
+#[derive(clap::Args, Debug)]
+pub struct CompletionsArgs {
+    /// bash, zsh, fish, elvish or powershell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// `redirector man`.
+#[derive(clap::Args, Debug)]
+pub struct ManArgs {
+    /// Write redirector.1 and redirector-COMMAND.1 here instead.
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+}
+
+/// `redirector completions SHELL`: the script for `cmd` (the whole command
+/// line, with its defaults) on stdout.
+pub fn completions(args: CompletionsArgs, mut cmd: clap::Command) -> Result<()> {
+    clap_complete::generate(args.shell, &mut cmd, "redirector", &mut io::stdout());
     Ok(())
 }
 
 /// `redirector man`: `redirector.1` on stdout, or with `out_dir` every page
 /// (`redirector.1`, `redirector-run.1`, ...) written there.
-pub fn man(out_dir: Option<&Path>) -> Result<()> {
+pub fn man(args: ManArgs, cmd: clap::Command) -> Result<()> {
     // `help` is clap's, not a page of ours; build() names subcommands
     // `redirector-run` and so on, which the pages and their file names use.
-    let mut cmd = crate::cli::command().disable_help_subcommand(true);
+    let mut cmd = cmd.disable_help_subcommand(true);
+    let out_dir = args.out_dir.as_deref();
     cmd.build();
     let Some(dir) = out_dir else {
         let mut out = io::stdout().lock();

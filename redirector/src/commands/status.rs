@@ -5,6 +5,7 @@ use std::{collections::BTreeMap, fmt::Write as _, os::fd::AsFd};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray};
+use clap::Args;
 use redirector_common::{
     Counter, MptcpWas, NsPort, RedirectTarget, AF_INET, MAP_COUNTERS, MAP_LISTENERS, MAP_MPTCP_WAS,
     MAP_REDIRECTS, PROG_PREFIX,
@@ -14,11 +15,67 @@ use serde::Serialize;
 use crate::{
     bpf::pins::{PinLayout, PIN_ROOT},
     bpf::registry::{Registry, Unservable},
-    cli::Output,
-    config::Redirect,
+    bpf::Redirect,
+    commands::Output,
+    config::settings::state_file,
     discovery::netns::Netns,
     sys,
 };
+
+/// `redirector status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// `table` for people, `json` for scripts.
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// The running agent's state file (next to its --flows-socket): what it
+    /// serves and why.
+    #[arg(long, value_name = "PATH", default_value_os_t = default_state_file())]
+    pub state_file: std::path::PathBuf,
+}
+
+/// Where an agent with the default --flows-socket writes its state file.
+fn default_state_file() -> std::path::PathBuf {
+    state_file(std::path::Path::new(
+        crate::flows::sub::DEFAULT_FLOWS_SOCKET,
+    ))
+}
+
+/// `redirector detach`.
+#[derive(Args, Debug)]
+pub struct DetachArgs {
+    /// After removing, stay running until SIGTERM: the uninstall
+    /// DaemonSet's pods (deploy/uninstall.yaml) must not exit.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// `redirector status`: the pinned state and the agent's, printed.
+pub fn main(args: StatusArgs) -> Result<()> {
+    let layout = PinLayout::default();
+    let mut report = collect(&layout)?;
+    report.agent = agent_state(&args.state_file);
+    print!("{}", render(&report, args.output)?);
+    Ok(())
+}
+
+/// `redirector detach`: everything pinned removed; with --wait, then up until
+/// SIGTERM.
+pub async fn detach_main(args: DetachArgs) -> Result<()> {
+    crate::commands::run::check_privileges()?;
+    print!("{}", detach(&PinLayout::default())?);
+    if args.wait {
+        use std::io::Write as _;
+        println!("detached; waiting for SIGTERM");
+        let _ = std::io::stdout().flush();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    Ok(())
+}
 
 #[derive(Serialize, Debug)]
 pub struct Status {

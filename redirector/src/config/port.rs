@@ -1,36 +1,20 @@
-//! Ports and redirects as redirector.yaml writes them: the one port parser
-//! (1-65535, quoting what the file says) and the one `Redirect` type, whose
-//! constructor enforces that the two ports differ.
+//! Ports and redirects as the command line and redirector.yaml write them:
+//! the one port parser (1-65535, quoting what the file says), for flags and
+//! keys, and the `redirects` list (into [`Redirect`], whose constructor
+//! enforces that the two ports differ).
 
 use std::{collections::HashSet, fmt};
 
-use serde::{de, Deserialize, Deserializer, Serialize};
+use serde::{de, Deserialize, Deserializer};
 
-/// Connections to `advertise_port` go to the listener on `listen_port`: the
-/// one type for a redirect, from flags, redirector.yaml or Tempo's config to
-/// the kernel maps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-pub struct Redirect {
-    pub advertise_port: u16,
-    pub listen_port: u16,
-}
+use crate::bpf::{Redirect, SamePort};
 
-/// Both ports of a redirect are this one: there would be nothing to redirect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SamePort(pub u16);
-
-impl Redirect {
-    /// The one check every source of a redirect goes through (flags,
-    /// redirector.yaml, Tempo's config); the caller says where the ports came
-    /// from in its error.
-    pub fn new(advertise_port: u16, listen_port: u16) -> Result<Self, SamePort> {
-        if advertise_port == listen_port {
-            return Err(SamePort(listen_port));
-        }
-        Ok(Self {
-            advertise_port,
-            listen_port,
-        })
+/// A TCP port a client can connect to: 1-65535.
+pub fn parse_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u32>() {
+        Ok(p @ 1..=65535) => Ok(p as u16),
+        Ok(p) => Err(format!("port {p} is out of range: a TCP port is 1-65535")),
+        Err(_) => Err(format!("`{s}` is not a port number: a TCP port is 1-65535")),
     }
 }
 
@@ -120,7 +104,7 @@ impl<'de> Deserialize<'de> for Port {
     }
 }
 
-pub(crate) fn opt_port<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+pub fn opt_port<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
     d.deserialize_any(PortVisitor { allow_null: true })
 }
 
@@ -222,6 +206,23 @@ impl<'de> de::Visitor<'de> for RedirectListVisitor {
     }
 }
 
-pub(crate) fn redirect_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Redirect>, D::Error> {
+pub fn redirect_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Redirect>, D::Error> {
     d.deserialize_option(RedirectListVisitor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_must_be_connectable() {
+        assert_eq!(parse_port("9095"), Ok(9095));
+        assert_eq!(parse_port("65535"), Ok(65535));
+        assert!(parse_port("0").unwrap_err().contains("out of range"));
+        assert!(parse_port("65536").unwrap_err().contains("out of range"));
+        assert!(parse_port("-1").unwrap_err().contains("not a port number"));
+        assert!(parse_port("grpc")
+            .unwrap_err()
+            .contains("not a port number"));
+    }
 }

@@ -7,7 +7,8 @@ use std::path::Path;
 use anyhow::Result;
 use serde::Deserialize;
 
-use super::{port::opt_port, read, yaml_error, Redirect, SamePort};
+use super::{port::opt_port, read, yaml_error};
+use crate::bpf::{Redirect, SamePort};
 use crate::error::usage;
 
 /// Tempo's `server.grpc_listen_port` when the file does not set it.

@@ -28,12 +28,12 @@ use prometheus_client::{
 };
 use tokio::sync::mpsc;
 
+use super::cgroup_pattern_matches;
 use super::{
     cgroups::{self, pod_of},
     podfs::{self, sanitize, PodFileError},
     role,
 };
-use crate::config::cgroup_pattern_matches;
 
 /// A process's inspection may take this long before it is abandoned.
 pub const DEADLINE: Duration = Duration::from_secs(2);

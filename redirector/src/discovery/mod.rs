@@ -9,9 +9,12 @@ pub mod inspector;
 pub mod kube;
 pub mod listeners;
 pub mod netns;
+mod pattern;
 pub mod podfs;
 pub mod role;
 pub mod sockdiag;
+
+pub use pattern::cgroup_pattern_matches;
 
 use std::{
     fs,

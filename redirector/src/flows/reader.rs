@@ -14,7 +14,8 @@ use redirector_common::FlowEvent;
 use tokio::{io::unix::AsyncFd, sync::watch};
 
 use crate::{
-    config::settings::{usage, Settings},
+    config::settings::Settings,
+    error::usage,
     flows::log::{FlowFormat, Ns, Recorder, Renderer},
     flows::sub::Hub,
 };

@@ -1,4 +1,4 @@
-//! The agent's HTTP endpoint: `/metrics` (Prometheus), `/healthz` (the
+//! The agent's own log (`logging`) and its HTTP endpoint: `/metrics` (Prometheus), `/healthz` (the
 //! process serves) and `/readyz` (every program the agent attached is still
 //! attached).
 //!
@@ -8,6 +8,8 @@
 //! kernel maps), connections are capped, a request's headers must arrive
 //! within seconds and fit in a few KiB, and `/readyz` names no other pod's
 //! namespace, cgroup, process or address.
+
+pub mod logging;
 
 use std::{
     convert::Infallible,
@@ -1108,7 +1110,7 @@ mod tests {
         let crate::cli::Command::Run(args) = cli.command else {
             panic!("not run: {:?}", cli.command);
         };
-        let settings = crate::config::settings::resolve(*args).expect("resolves");
+        let settings = crate::commands::run::args::resolve(*args).expect("resolves");
         assert_eq!(
             settings.metrics_addr,
             SocketAddr::from(([127, 0, 0, 1], 9464))

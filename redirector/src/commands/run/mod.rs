@@ -7,6 +7,8 @@
 //! summary `counters: ...`) is logged (`tracing`, on stderr, text or JSON per
 //! --log-format), so a pipe of stdout is a clean stream of records.
 
+pub mod args;
+
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -24,12 +26,13 @@ use crate::{
     agent::{self, Agent},
     bpf::datapath::Datapath,
     bpf::pins::{PinLayout, PIN_ROOT},
-    config::settings::{usage, Settings},
+    config::settings::Settings,
     discovery::{
         inspector::{Inspector, Policy},
         kube,
         netns::Netns,
     },
+    error::usage,
     error::Fatal,
     flows::log::Recorder,
     flows::reader,

@@ -154,4 +154,19 @@ mod tests {
             assert!(glob(pat).is_some(), "{pat}");
         }
     }
+
+    #[test]
+    fn cgroup_patterns() {
+        let kube = "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234.slice/cri-containerd-abcd.scope";
+        assert!(cgroup_pattern_matches("pod1234", kube));
+        assert!(!cgroup_pattern_matches("pod9999", kube));
+        assert!(cgroup_pattern_matches("/kubepods.slice/*pod1234*", kube));
+        assert!(cgroup_pattern_matches("*cri-containerd-????.scope", kube));
+        assert!(!cgroup_pattern_matches("*cri-containerd-???.scope", kube));
+        // A glob is anchored at both ends; a plain substring is not.
+        assert!(!cgroup_pattern_matches("kubepods.slice*", kube));
+        assert!(cgroup_pattern_matches("*", kube));
+        assert!(cgroup_pattern_matches("*a*b*c*", "xaybzc"));
+        assert!(!cgroup_pattern_matches("*a*b*c", "xaybzcd"));
+    }
 }
