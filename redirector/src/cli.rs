@@ -211,7 +211,7 @@ mod tests {
         Path::new("redirector.yaml")
     }
 
-    fn parse(text: &str, origin: &Path) -> anyhow::Result<RunArgs> {
+    fn parse(text: &str, origin: &Path) -> crate::config::Result<RunArgs> {
         crate::config::parse(text, origin)
     }
 

@@ -822,7 +822,7 @@ impl Agent {
                 self.scan();
             }
         }
-        self.datapath.check_pins(&self.telemetry);
+        self.datapath.check_pins();
         self.report_listeners();
         if self.dirty {
             self.publish()?;

@@ -40,7 +40,6 @@ use crate::{
     bpf::Redirect,
     discovery::{cgroups::CgroupIndex, netns::Netns, sockdiag},
     sys,
-    telemetry::Telemetry,
 };
 
 /// The per-namespace switch Go's default MPTCP listeners depend on.
@@ -686,13 +685,21 @@ impl Datapath {
     /// With `--pin`, from the maintenance tick: pins deleted behind the
     /// agent's back (or lost with a remounted bpffs) are made again from the
     /// fds it holds; foreign entries and an unmounted bpffs are reported.
-    pub fn check_pins(&mut self, telemetry: &Telemetry) {
+    pub fn check_pins(&mut self) {
         let Some(layout) = &self.pins else { return };
         let links = self
             .sock_ops
             .links()
             .chain(self.served.iter().map(|s| &s.link));
-        self.pin_watch.check(layout, &build_id(), links, telemetry);
+        self.pin_watch.check(layout, &build_id(), links);
+    }
+
+    /// The datapath's own metrics (beyond the kernel's counters, which
+    /// telemetry reads from the map): with `--pin`, the pin watch's.
+    pub fn register_metrics(&self, r: &mut prometheus_client::registry::Registry) {
+        if self.pins.is_some() {
+            self.pin_watch.register(r);
+        }
     }
 
     fn set_redirects(&mut self, cookie: u64, redirects: &[Redirect]) -> Result<()> {

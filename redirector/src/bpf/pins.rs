@@ -21,10 +21,13 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, MapInfo};
-use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
 use redirector_common::SHARED_MAPS;
 
-use crate::{sys, telemetry::Telemetry};
+use crate::sys;
 
 /// Where bpffs must be mounted.
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -335,34 +338,23 @@ pub struct PinWatch {
     /// Problems found by the last pass: each is logged when it appears and
     /// when it is gone, not every second.
     reported: BTreeMap<Key, String>,
-    metrics: Option<PinMetrics>,
+    metrics: PinMetrics,
     /// Link pins checked to hold this agent's link, by the pin file's inode.
     verified: std::collections::HashMap<PathBuf, u64>,
 }
 
+#[derive(Clone)]
 struct PinMetrics {
     repairs: Counter,
     problems: Family<Vec<(String, String)>, Gauge>,
 }
 
-impl PinMetrics {
-    fn register(telemetry: &Telemetry) -> Self {
+impl Default for PinMetrics {
+    fn default() -> Self {
         let metrics = PinMetrics {
             repairs: Counter::default(),
             problems: Family::default(),
         };
-        telemetry.register(|r| {
-            r.register(
-                "pin_repairs",
-                "Pins under /sys/fs/bpf/redirector made again from the agent's own fds after they were removed (deleted, or bpffs remounted)",
-                metrics.repairs.clone(),
-            );
-            r.register(
-                "pinned_state_problems",
-                "Problems with the pinned state now, by problem (bpffs_unmounted, foreign_entry, replaced, repair_failed)",
-                metrics.problems.clone(),
-            );
-        });
         for kind in PinProblem::ALL {
             metrics
                 .problems
@@ -370,6 +362,22 @@ impl PinMetrics {
                 .set(0);
         }
         metrics
+    }
+}
+
+impl PinWatch {
+    /// The watch's metrics, for the agent's /metrics (a `--pin` agent's only).
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "pin_repairs",
+            "Pins under /sys/fs/bpf/redirector made again from the agent's own fds after they were removed (deleted, or bpffs remounted)",
+            self.metrics.repairs.clone(),
+        );
+        r.register(
+            "pinned_state_problems",
+            "Problems with the pinned state now, by problem (bpffs_unmounted, foreign_entry, replaced, repair_failed)",
+            self.metrics.problems.clone(),
+        );
     }
 }
 
@@ -419,16 +427,13 @@ impl PinWatch {
         layout: &PinLayout,
         build: &str,
         links: impl IntoIterator<Item = &'a Link>,
-        telemetry: &Telemetry,
     ) {
         if !self.armed {
             return;
         }
         let links: Vec<&Link> = links.into_iter().collect();
         let pass = self.pass(layout, build, &links);
-        let metrics = self
-            .metrics
-            .get_or_insert_with(|| PinMetrics::register(telemetry));
+        let metrics = &self.metrics;
         if !pass.repaired.is_empty() {
             metrics.repairs.inc_by(pass.repaired.len() as u64);
             tracing::warn!(

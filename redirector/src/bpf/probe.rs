@@ -144,13 +144,6 @@ impl fmt::Display for Missing {
 
 impl std::error::Error for Missing {}
 
-/// `run`'s refusal: exit code 3 with the one line (see crate::error).
-impl From<Missing> for crate::error::Fatal {
-    fn from(m: Missing) -> Self {
-        crate::error::Fatal::Environment(m.to_string())
-    }
-}
-
 /// Every feature with its probe's answer, in [`FEATURES`] order (for `check`).
 pub fn probe_all() -> Vec<(&'static Feature, io::Result<bool>)> {
     FEATURES.iter().map(|f| (f, f.probe())).collect()

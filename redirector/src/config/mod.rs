@@ -3,8 +3,8 @@
 //! silently ignored setting).
 //!
 //! Every error here is the operator's to fix, so each one is a single line that
-//! starts with `FILE:LINE:COLUMN:` where yaml_serde knows the position, and is a
-//! [`Fatal::Usage`] (exit code 2).
+//! starts with `FILE:LINE:COLUMN:` where yaml_serde knows the position: an
+//! [`Error`] (exit code 2).
 
 pub mod layers;
 mod port;
@@ -15,12 +15,34 @@ pub mod values;
 pub use port::{opt_port, parse_port, redirect_list};
 pub use tempo::{parse_tempo, tempo_ports, TempoPorts};
 
-use std::path::Path;
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
 
-use anyhow::Result;
 use serde::de::DeserializeOwned;
 
-use crate::{bpf::Redirect, error::usage};
+use crate::bpf::Redirect;
+
+/// Why a configuration cannot be used: always the operator's to fix, in one
+/// line.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {}: {err}", path.display())]
+    Read { path: PathBuf, err: io::Error },
+    #[error(
+        "{} is larger than {} MiB, more than any configuration file: refused",
+        path.display(),
+        MAX_CONFIG_BYTES >> 20
+    )]
+    TooLarge { path: PathBuf },
+    /// What the file says cannot be: `FILE:LINE:COLUMN: message` where the
+    /// parser knows the position.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Reads and validates a YAML file at `path` as `T` (redirector.yaml as `run`'s
 /// arguments define its keys).
@@ -56,7 +78,7 @@ pub fn resolve_redirects(
             // Saying the same thing twice (list and Tempo file) is harmless.
             Some(r) if *r == spec => {}
             Some(r) => {
-                return Err(usage(format!(
+                return Err(Error::Invalid(format!(
                     "advertise port {} goes to listen port {} in `redirects` but to {} in tempo_config {}: \
                      one advertise port can only go to one listener",
                     spec.advertise_port,
@@ -77,18 +99,19 @@ pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
 
 pub(crate) fn read(path: &Path) -> Result<String> {
     use std::io::Read;
-    let cannot = |e: std::io::Error| usage(format!("cannot read {}: {e}", path.display()));
+    let cannot = |err| Error::Read {
+        path: path.to_owned(),
+        err,
+    };
     let file = std::fs::File::open(path).map_err(cannot)?;
     let mut text = String::new();
     file.take(MAX_CONFIG_BYTES + 1)
         .read_to_string(&mut text)
         .map_err(cannot)?;
     if text.len() as u64 > MAX_CONFIG_BYTES {
-        return Err(usage(format!(
-            "{} is larger than {} MiB, more than any configuration file: refused",
-            path.display(),
-            MAX_CONFIG_BYTES >> 20
-        )));
+        return Err(Error::TooLarge {
+            path: path.to_owned(),
+        });
     }
     Ok(text)
 }
@@ -96,7 +119,7 @@ pub(crate) fn read(path: &Path) -> Result<String> {
 /// `FILE:LINE:COLUMN: message`, one line. yaml_serde appends ` at line L column C`
 /// to its own message (and libyaml may add a context); the location moves to the
 /// front where editors and humans look for it.
-fn yaml_error(origin: &Path, err: &yaml_serde::Error) -> anyhow::Error {
+fn yaml_error(origin: &Path, err: &yaml_serde::Error) -> Error {
     let mut msg = err.to_string();
     let prefix = match err.location() {
         Some(loc) => {
@@ -109,19 +132,18 @@ fn yaml_error(origin: &Path, err: &yaml_serde::Error) -> anyhow::Error {
         None => origin.display().to_string(),
     };
     let msg = msg.split_whitespace().collect::<Vec<_>>().join(" ");
-    usage(format!("{prefix}: {msg}"))
+    Error::Invalid(format!("{prefix}: {msg}"))
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::error::Fatal;
 
     fn tempo_err(text: &str) -> String {
         let e = parse_tempo(text, Path::new("tempo.yaml")).unwrap_err();
         assert!(
-            matches!(e.downcast_ref::<Fatal>(), Some(Fatal::Usage(_))),
-            "not a usage error: {e:#}"
+            matches!(e, Error::Invalid(_)),
+            "not an invalid config: {e:#}"
         );
         let s = e.to_string();
         assert!(!s.contains('\n'), "multi-line error: {s}");

@@ -4,15 +4,11 @@
 
 use std::path::Path;
 
-use anyhow::Result;
+use redirector_common::DEFAULT_LISTEN_PORT;
 use serde::Deserialize;
 
-use super::{port::opt_port, read, yaml_error};
+use super::{port::opt_port, read, yaml_error, Error, Result};
 use crate::bpf::{Redirect, SamePort};
-use crate::error::usage;
-
-/// Tempo's `server.grpc_listen_port` when the file does not set it.
-pub const TEMPO_DEFAULT_GRPC_LISTEN_PORT: u16 = 9095;
 
 /// The two ports redirector needs from a live-store's Tempo config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,21 +53,21 @@ pub fn parse_tempo(text: &str, origin: &Path) -> Result<TempoPorts> {
         .as_ref()
         .and_then(|r| r.server.as_ref())
         .and_then(|s| s.grpc_listen_port)
-        .unwrap_or(TEMPO_DEFAULT_GRPC_LISTEN_PORT);
+        .unwrap_or(DEFAULT_LISTEN_PORT);
     let advertise_port = root
         .as_ref()
         .and_then(|r| r.live_store.as_ref())
         .and_then(|l| l.ring.as_ref())
         .and_then(|r| r.instance_port)
         .ok_or_else(|| {
-            usage(format!(
+            Error::Invalid(format!(
                 "{}: live_store.ring.instance_port is not set: set it to the port queriers should dial \
                  (e.g. 12345), different from server.grpc_listen_port ({listen_port})",
                 origin.display()
             ))
         })?;
     let pair = Redirect::new(advertise_port, listen_port).map_err(|SamePort(port)| {
-        usage(format!(
+        Error::Invalid(format!(
             "{}: live_store.ring.instance_port and server.grpc_listen_port are both {port}: \
              there is nothing to redirect; advertise a different port in live_store.ring.instance_port",
             origin.display()

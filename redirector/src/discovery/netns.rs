@@ -9,9 +9,27 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
-use crate::{error::Fatal, sys};
+use crate::sys;
+
+/// Why a network namespace cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The path names nothing (a namespace that vanished, or a typo).
+    #[error("network namespace {} does not exist", path.display())]
+    Vanished { path: PathBuf },
+    /// The path names something else.
+    #[error("{} is {what}, not a network namespace", path.display())]
+    NotANamespace { path: PathBuf, what: &'static str },
+    /// Opening or entering it failed otherwise (permissions, resources).
+    #[error("{doing} network namespace {}: {err}", path.display())]
+    Io {
+        path: PathBuf,
+        doing: &'static str,
+        err: io::Error,
+    },
+}
 
 /// The agent's own network namespace, the default target.
 pub const SELF_NETNS: &str = "/proc/self/ns/net";
@@ -23,33 +41,34 @@ pub struct Netns {
 }
 
 impl Netns {
-    pub fn open(path: &Path) -> Result<Self> {
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let io_err = |doing, err| Error::Io {
+            path: path.to_owned(),
+            doing,
+            err,
+        };
         let file = File::open(path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => Fatal::Usage(format!(
-                "network namespace {} does not exist",
-                path.display()
-            ))
-            .into(),
-            _ => anyhow::Error::new(e)
-                .context(format!("opening network namespace {}", path.display())),
+            io::ErrorKind::NotFound => Error::Vanished {
+                path: path.to_owned(),
+            },
+            _ => io_err("opening", e),
         })?;
         // Anything but a netns file is rejected by setns(CLONE_NEWNET) with EINVAL below.
-        let meta = file
-            .metadata()
-            .with_context(|| format!("stat {}", path.display()))?;
+        let meta = file.metadata().map_err(|e| io_err("stat of", e))?;
         if meta.is_dir() {
-            return Err(Fatal::Usage(format!(
-                "{} is a directory, not a network namespace",
-                path.display()
-            ))
-            .into());
+            return Err(Error::NotANamespace {
+                path: path.to_owned(),
+                what: "a directory",
+            });
         }
         let cookie = sys::in_netns(file.as_fd(), sys::current_netns_cookie).map_err(|e| {
             if e.raw_os_error() == Some(libc::EINVAL) {
-                Fatal::Usage(format!("{} is not a network namespace", path.display())).into()
+                Error::NotANamespace {
+                    path: path.to_owned(),
+                    what: "a file",
+                }
             } else {
-                anyhow::Error::new(e)
-                    .context(format!("entering network namespace {}", path.display()))
+                io_err("entering", e)
             }
         })?;
         Ok(Self {

@@ -6,6 +6,7 @@
 use std::{
     fs::OpenOptions,
     io::{self, IsTerminal, Write},
+    path::Path,
 };
 
 use anyhow::{Context, Result};
@@ -14,8 +15,6 @@ use redirector_common::FlowEvent;
 use tokio::{io::unix::AsyncFd, sync::watch};
 
 use crate::{
-    config::settings::Settings,
-    error::usage,
     flows::log::{FlowFormat, Ns, Recorder, Renderer},
     flows::sub::Hub,
 };
@@ -29,17 +28,31 @@ const WRITE_BATCH: usize = 256 * 1024;
 
 pub type FlowOut = Box<dyn Write + Send>;
 
-pub fn open_output(s: &Settings) -> Result<(FlowOut, FlowFormat)> {
-    match &s.flow_log {
+/// `--flow-log` names a file the agent cannot append to.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open flow log {}: {err}", path.display())]
+pub struct FlowLogError {
+    pub path: std::path::PathBuf,
+    err: io::Error,
+}
+
+pub fn open_output(
+    flow_log: Option<&Path>,
+    flow_format: Option<FlowFormat>,
+) -> Result<(FlowOut, FlowFormat)> {
+    match flow_log {
         Some(path) => {
             let file = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|e| usage(format!("cannot open flow log {}: {e}", path.display())))?;
+                .map_err(|err| FlowLogError {
+                    path: path.to_owned(),
+                    err,
+                })?;
             // Unbuffered: the reader hands over whole batches of lines, each
             // in one write.
-            Ok((Box::new(file), s.flow_format.unwrap_or(FlowFormat::Json)))
+            Ok((Box::new(file), flow_format.unwrap_or(FlowFormat::Json)))
         }
         None => {
             let default = if io::stdout().is_terminal() {
@@ -47,7 +60,7 @@ pub fn open_output(s: &Settings) -> Result<(FlowOut, FlowFormat)> {
             } else {
                 FlowFormat::Json
             };
-            Ok((Box::new(io::stdout()), s.flow_format.unwrap_or(default)))
+            Ok((Box::new(io::stdout()), flow_format.unwrap_or(default)))
         }
     }
 }

@@ -475,25 +475,23 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::error::Fatal;
-
     fn origin() -> &'static Path {
         Path::new("redirector.yaml")
     }
 
-    fn parse(text: &str, origin: &Path) -> Result<RunArgs> {
+    fn parse(text: &str, origin: &Path) -> config::Result<RunArgs> {
         config::parse(text, origin)
     }
 
-    fn load(path: &Path) -> Result<RunArgs> {
+    fn load(path: &Path) -> config::Result<RunArgs> {
         config::load(path)
     }
 
     fn err(text: &str) -> String {
         let e = parse(text, origin()).unwrap_err();
         assert!(
-            matches!(e.downcast_ref::<Fatal>(), Some(Fatal::Usage(_))),
-            "not a usage error: {e:#}"
+            matches!(e, config::Error::Invalid(_)),
+            "not an invalid config: {e:#}"
         );
         let s = e.to_string();
         assert!(!s.contains('\n'), "multi-line error: {s}");
@@ -507,7 +505,7 @@ mod tests {
             config::tempo_ports(path).unwrap_err(),
             load(path).unwrap_err(),
         ] {
-            assert!(matches!(e.downcast_ref::<Fatal>(), Some(Fatal::Usage(_))));
+            assert!(matches!(e, config::Error::Read { .. }), "{e}");
             let s = e.to_string();
             assert!(s.contains("/nonexistent/redirector-test/tempo.yaml"), "{s}");
             assert!(s.contains("No such file or directory"), "{s}");

@@ -70,8 +70,8 @@ pub async fn run(s: Settings, dry_run: bool) -> Result<()> {
     check_privileges()?;
     // Before anything is opened, loaded or attached: a kernel below the
     // minimum gets one line naming what it lacks (exit 3), nothing else.
-    crate::bpf::probe::require().map_err(Fatal::from)?;
-    let (flow_out, flow_format) = reader::open_output(&s)?;
+    crate::bpf::probe::require()?;
+    let (flow_out, flow_format) = reader::open_output(s.flow_log.as_deref(), s.flow_format)?;
 
     // Signals first: a SIGTERM that arrives while attaching still ends cleanly.
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -83,7 +83,7 @@ pub async fn run(s: Settings, dry_run: bool) -> Result<()> {
         .netns
         .iter()
         .map(|p| Netns::open(p))
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
     let pins = s.pin.then(PinLayout::default);
     // --kube: before anything is loaded, so a missing ServiceAccount, node
     // name or pod cgroup root stops the start with one line and nothing left.
@@ -135,6 +135,7 @@ pub async fn run(s: Settings, dry_run: bool) -> Result<()> {
         handles.listeners,
         agent::attachments(&datapath)?,
     )?);
+    telemetry.register(|r| datapath.register_metrics(r));
     let metrics_addr = telemetry::serve(s.metrics_addr, telemetry.clone()).await?;
     tracing::info!("metrics on http://{metrics_addr}/metrics (also /healthz, /readyz)");
 
