@@ -7,6 +7,7 @@ pub mod logging;
 pub mod manual;
 pub mod run;
 pub mod status;
+pub mod table;
 
 use std::process::ExitCode;
 
