@@ -5,6 +5,7 @@ pub mod check;
 pub mod flows;
 pub mod logging;
 pub mod manual;
+pub mod ring;
 pub mod run;
 pub mod status;
 pub mod table;
@@ -114,7 +115,7 @@ pub fn main() -> ExitCode {
             } => {
                 run::check_privileges()?;
                 let report = crate::ring::check(&url)?;
-                print!("{}", crate::ring::render(&report, output));
+                print!("{}", ring::render(&report, output));
                 if report.ok {
                     Ok(())
                 } else {
