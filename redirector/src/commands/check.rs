@@ -8,8 +8,9 @@ use aya::{
     programs::ProgramType,
     sys::{is_helper_supported, is_program_supported, BpfHelper},
 };
-use serde::Serialize;
 
+// A probe's verdict is a line of the PASS/FAIL table, in text and JSON alike.
+use super::table::Row as Check;
 use crate::{
     bpf::pins::{BPFFS, PIN_ROOT as PIN_DIR},
     commands::Output,
@@ -17,38 +18,6 @@ use crate::{
 /// Kernel BTF, exposed by CONFIG_DEBUG_INFO_BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 pub use crate::bpf::probe::MIN_KERNEL;
-
-/// One probe's verdict.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Check {
-    pub name: &'static str,
-    pub ok: bool,
-    /// What was found, in words an operator can act on.
-    pub detail: String,
-    /// What to change when `ok` is false.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fix: Option<String>,
-}
-
-impl Check {
-    fn pass(name: &'static str, detail: impl Into<String>) -> Self {
-        Check {
-            name,
-            ok: true,
-            detail: detail.into(),
-            fix: None,
-        }
-    }
-
-    fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
-        Check {
-            name,
-            ok: false,
-            detail: detail.into(),
-            fix: Some(fix.into()),
-        }
-    }
-}
 
 /// `redirector check`.
 #[derive(clap::Args, Debug)]
@@ -72,7 +41,7 @@ pub fn main(args: CheckArgs) -> anyhow::Result<()> {
     if let Some(url) = args.tempo_ring {
         crate::commands::run::check_privileges()?;
         let report = crate::ring::check(&url)?;
-        print!("{}", crate::ring::render(&report, args.output));
+        print!("{}", super::ring::render(&report, args.output));
         return if report.ok {
             Ok(())
         } else {
@@ -113,24 +82,8 @@ pub fn all_passed(checks: &[Check]) -> bool {
     checks.iter().all(|c| c.ok)
 }
 
-/// One line per check: `PASS name  detail`, or `FAIL name  detail; fix: ...`,
-/// names aligned so a column of FAILs stands out.
-pub fn render_table(checks: &[Check]) -> String {
-    let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
-    let mut out = String::new();
-    for c in checks {
-        let status = if c.ok { "PASS" } else { "FAIL" };
-        out.push_str(&format!("{status}  {:<width$}  {}", c.name, c.detail));
-        if !c.ok {
-            if let Some(fix) = &c.fix {
-                out.push_str("; fix: ");
-                out.push_str(fix);
-            }
-        }
-        out.push('\n');
-    }
-    out
-}
+/// One line per check: `PASS name  detail`, or `FAIL name  detail; fix: ...`.
+pub use super::table::render as render_table;
 
 /// The checks as a JSON array, for `--output json`.
 pub fn render_json(checks: &[Check]) -> String {
@@ -523,7 +476,7 @@ mod tests {
     fn probes_this_machine() {
         let checks = run_checks();
         print!("{}", render_table(&checks));
-        let names: Vec<&str> = checks.iter().map(|c| c.name).collect();
+        let names: Vec<&str> = checks.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(
             names,
             [

@@ -222,11 +222,13 @@ pub async fn run(s: Settings, dry_run: bool) -> Result<()> {
     let ring = match agent.settings.tempo_ring.clone() {
         Some(url) => {
             let view = crate::ring::AgentView::of(&agent.datapath, &agent.settings.redirects);
+            let metrics = crate::ring::RingMetrics::default();
+            telemetry.register(|r| metrics.register(r));
             let monitor = crate::ring::Monitor::start(
                 url.clone(),
                 agent.settings.tempo_ring_interval,
                 agent.datapath.map_handles()?.listeners,
-                &telemetry,
+                metrics,
                 view,
             )?;
             tracing::info!(
