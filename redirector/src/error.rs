@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use crate::{bpf::probe::Missing, config, discovery::netns, flows::reader::FlowLogError};
+use crate::{bpf::probe::Missing, config, flows::reader::FlowLogError, sys::netns};
 
 /// The command's own verdicts, where no subsystem error says it.
 #[derive(Debug, thiserror::Error)]

@@ -26,6 +26,8 @@ pub mod config;
 pub mod discovery;
 pub mod error;
 pub mod flows;
+#[cfg(test)]
+mod layers;
 pub mod ring;
 pub mod sys;
 pub mod telemetry;

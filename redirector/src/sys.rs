@@ -14,6 +14,13 @@
 //! - map element operations on the socket hash with 8-byte values: aya 0.14's
 //!   `SockHash` only takes 4-byte values.
 
+pub mod cgroup;
+pub mod cgroup_ids;
+pub mod netns;
+pub mod owners;
+pub mod proc;
+pub mod sockdiag;
+
 use std::{
     fs, io,
     os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},

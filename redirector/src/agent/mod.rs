@@ -39,13 +39,14 @@ use crate::{
     discovery::{
         self,
         inspector::{self, Inspector, Origin as Asked, Request, Verdict},
-        listeners,
-        listeners::Owner,
-        netns::Netns,
         podfs::{self, sanitize},
     },
     flows::log::NsInfo,
     sys,
+    sys::{
+        netns::Netns,
+        owners::{self, Owner},
+    },
     telemetry::{Attachments, Telemetry},
 };
 
@@ -981,7 +982,7 @@ impl Agent {
                         .map(|w| w.pid)
                         .into_iter()
                         .collect();
-                    let owner = listeners::owner(&inodes, &hint);
+                    let owner = owners::owner(&inodes, &hint);
                     self.owners.insert(s.netns.cookie, (inodes, owner.clone()));
                     owner
                 }

@@ -19,9 +19,9 @@ use crate::discovery::{
         sandbox::{LocatorEvent, Sandbox},
         watch::{PodEvent, PodInfo},
     },
-    netns::Netns,
     podfs::sanitize,
 };
+use crate::sys::netns::Netns;
 
 /// What the loop asks of the sandbox locator after an API event.
 #[derive(Debug, PartialEq, Eq)]

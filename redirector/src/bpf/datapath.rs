@@ -33,13 +33,13 @@ use redirector_common::{
 };
 
 use crate::{
-    bpf::cgroup,
     bpf::pins::{Link, PinLayout, PinWatch, BPFFS},
     bpf::registry::{Reason, Registry, Report},
     bpf::sockops::{Scope, SockOps},
     bpf::Redirect,
-    discovery::{cgroups::CgroupIndex, netns::Netns, sockdiag},
     sys,
+    sys::cgroup,
+    sys::{cgroup_ids::CgroupIndex, netns::Netns, sockdiag},
 };
 
 /// The per-namespace switch Go's default MPTCP listeners depend on.

@@ -3,7 +3,6 @@
 //! listener registry, where `sock_ops` runs (`sockops`), pinned state, the
 //! cgroup v2 mount, and feature probes.
 
-pub mod cgroup;
 pub mod datapath;
 pub mod pins;
 pub mod probe;

@@ -35,9 +35,7 @@ use redirector_common::{
 };
 use serde::Serialize;
 
-use crate::{
-    bpf::Redirect, discovery::listeners, discovery::netns::Netns, discovery::sockdiag, sys,
-};
+use crate::{bpf::Redirect, sys, sys::netns::Netns, sys::owners, sys::sockdiag};
 
 /// Why a live-store listener is not registered. The label is the `reason` of
 /// the `listeners_unservable` metric.
@@ -324,7 +322,7 @@ impl Registry {
             missing
         };
         if !missing.is_empty() {
-            let owners = listeners::socket_owners(
+            let owners = owners::socket_owners(
                 missing
                     .iter()
                     .filter(|l| !self.permanent.contains_key(&(cookie, l.inode)))

@@ -309,7 +309,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 fn check_cgroup2() -> Check {
     const NAME: &str = "cgroup2";
-    match crate::bpf::cgroup::cgroup2_mount() {
+    match crate::sys::cgroup::cgroup2_mount() {
         Ok(path) => Check::pass(
             NAME,
             format!(

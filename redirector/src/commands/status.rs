@@ -18,8 +18,8 @@ use crate::{
     bpf::Redirect,
     commands::Output,
     config::settings::state_file,
-    discovery::netns::Netns,
     sys,
+    sys::netns::Netns,
 };
 
 /// `redirector status`.
@@ -208,7 +208,7 @@ pub fn collect(layout: &PinLayout) -> Result<Status> {
         let redirects = by_cookie.remove(&pinned.cookie).unwrap_or_default();
         let netns_inode = pinned.info.map(|i| i.netns_ino).unwrap_or(0);
         // Read-only: the same checks the agent's reconcile pass makes.
-        let unservable = crate::discovery::netns::find_by_inode(netns_inode as u64)
+        let unservable = crate::sys::netns::find_by_inode(netns_inode as u64)
             .and_then(|path| Netns::open(&path).ok())
             .filter(|n| n.cookie == pinned.cookie)
             .map(|netns| {
@@ -403,7 +403,7 @@ fn restore_mptcp(layout: &PinLayout) -> Vec<String> {
     };
     let mut out = Vec::new();
     for (cookie, was) in m.iter().filter_map(Result::ok) {
-        let ns = crate::discovery::netns::find_by_inode(was.netns_inode)
+        let ns = crate::sys::netns::find_by_inode(was.netns_inode)
             .and_then(|path| Netns::open(&path).ok())
             .filter(|ns| ns.cookie == cookie);
         let Some(ns) = ns else {

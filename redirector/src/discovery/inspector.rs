@@ -30,10 +30,10 @@ use tokio::sync::mpsc;
 
 use super::cgroup_pattern_matches;
 use super::{
-    cgroups::{self, pod_of},
     podfs::{self, sanitize, PodFileError},
     role,
 };
+use crate::sys::cgroup_ids::{self as cgroups, pod_of};
 
 /// A process's inspection may take this long before it is abandoned.
 pub const DEADLINE: Duration = Duration::from_secs(2);

@@ -4,15 +4,11 @@
 //! there). A process qualifies by its cgroup and Tempo target, which the
 //! `inspector` reads off the agent's loop (`podfs`: inside the pod's root).
 
-pub mod cgroups;
 pub mod inspector;
 pub mod kube;
-pub mod listeners;
-pub mod netns;
 mod pattern;
 pub mod podfs;
 pub mod role;
-pub mod sockdiag;
 
 pub use pattern::cgroup_pattern_matches;
 
@@ -42,7 +38,7 @@ pub fn processes() -> Vec<(i32, u64)> {
 /// Whether a socket listens on one of `ports` in the namespace of `pid`.
 pub fn listens(pid: i32, ports: &[u16]) -> bool {
     fs::File::open(format!("/proc/{pid}/ns/net")).is_ok_and(|file| {
-        sys::in_netns(file.as_fd(), || sockdiag::listening(ports)).is_ok_and(|l| !l.is_empty())
+        sys::in_netns(file.as_fd(), || sys::sockdiag::listening(ports)).is_ok_and(|l| !l.is_empty())
     })
 }
 

@@ -24,6 +24,7 @@ use std::{
 };
 
 use crate::sys;
+pub use crate::sys::proc::{comm, sanitize};
 
 /// The most of a pod's config file that is read: Tempo's files are a few KiB.
 pub const FILE_CAP: u64 = 256 * 1024;
@@ -136,31 +137,6 @@ fn cwd_in_root(proc: &Path) -> Result<PathBuf, PodFileError> {
         .strip_prefix(&root)
         .map_err(|_| PodFileError::CwdOutsideRoot)?;
     Ok(Path::new("/").join(inside))
-}
-
-/// The name process `pid` gives itself (`prctl(PR_SET_NAME)`), escaped for
-/// logs and terminals; `None` once it has exited.
-pub fn comm(pid: i32) -> Option<String> {
-    let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    Some(sanitize(name.trim(), 16))
-}
-
-/// A string a pod controls, made safe to log or print: control characters
-/// (ESC, newlines) escaped, at most `max` characters kept.
-pub fn sanitize(s: &str, max: usize) -> String {
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i == max {
-            out.push('…');
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use redirector_common::{
 use serde::Serialize;
 use serde_json::ser::{CompactFormatter, Formatter as _};
 
-use crate::discovery::listeners::Owner;
+use crate::sys::owners::Owner;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

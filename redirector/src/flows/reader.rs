@@ -258,7 +258,7 @@ mod tests {
     //! <test binary> --ignored --exact flows::reader::tests::flow_cost
     //! --test-threads=1`, then Ir / 100000.
     use super::*;
-    use crate::{discovery::listeners::Owner, flows::log::NsInfo};
+    use crate::{flows::log::NsInfo, sys::owners::Owner};
     use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
     use redirector_common::{AF_INET, END_FIN, EVENT_CLOSE, EVENT_OPEN};
     use std::{

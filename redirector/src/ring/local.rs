@@ -10,7 +10,7 @@ use std::{
     path::PathBuf,
 };
 
-use crate::{discovery::netns::Netns, sys};
+use crate::{sys, sys::netns::Netns};
 
 /// A network namespace on this node, with the addresses on its interfaces.
 pub struct NodeNetns {

@@ -21,8 +21,8 @@ use super::{
 };
 use crate::{
     bpf::{registry::Unservable, Redirect},
-    discovery::sockdiag,
     sys,
+    sys::sockdiag,
 };
 
 /// One result per live-store of this node: the label of `redirector_ring_live_stores`.
@@ -503,7 +503,7 @@ mod tests {
     use std::fs::File;
 
     use super::*;
-    use crate::discovery::netns::Netns;
+    use crate::sys::netns::Netns;
 
     fn r(advertise_port: u16, listen_port: u16) -> Redirect {
         Redirect {

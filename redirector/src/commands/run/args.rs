@@ -20,9 +20,10 @@ use crate::{
         },
         values,
     },
-    discovery::{netns::SELF_NETNS, role},
+    discovery::role,
     error::usage,
     flows::log::FlowFormat,
+    sys::netns::SELF_NETNS,
     telemetry::logging::LogFormat,
 };
 

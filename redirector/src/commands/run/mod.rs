@@ -30,14 +30,13 @@ use crate::{
     discovery::{
         inspector::{Inspector, Policy},
         kube,
-        netns::Netns,
     },
     error::usage,
     error::Fatal,
     flows::log::Recorder,
     flows::reader,
     flows::sub,
-    sys,
+    sys::{self, netns::Netns},
     telemetry::{self, Telemetry},
 };
 
@@ -409,7 +408,7 @@ async fn start_kube(
         labels: k.labels.clone(),
         namespaces: k.namespaces.clone(),
     };
-    let cgroup2 = crate::bpf::cgroup::cgroup2_mount()
+    let cgroup2 = crate::sys::cgroup::cgroup2_mount()
         .map_err(|e| Fatal::Environment(format!("--kube: {e:#}")))?;
     let locator = kube::sandbox::Locator::new(&cgroup2, k.cgroup_root.as_deref())
         .map_err(|e| Fatal::Environment(format!("watching pod cgroups: {e:#}")))?;

@@ -151,7 +151,7 @@ mod tests {
             .lines()
             .find_map(|l| l.strip_prefix("0::"))
             .expect("v2 line");
-        let mount = crate::bpf::cgroup::cgroup2_mount().expect("cgroup2");
+        let mount = crate::sys::cgroup::cgroup2_mount().expect("cgroup2");
         let ino = std::os::unix::fs::MetadataExt::ino(
             &std::fs::metadata(mount.join(path.trim_start_matches('/'))).expect("stat"),
         );

@@ -19,7 +19,7 @@ pub struct Owner {
 pub fn owner(inodes: &[u64], hint: &[i32]) -> Option<Owner> {
     let owners = socket_owners(inodes.to_vec(), hint);
     let (pid, _) = inodes.iter().find_map(|i| owners.get(i))?;
-    let comm = super::podfs::comm(*pid)?;
+    let comm = super::proc::comm(*pid)?;
     Some(Owner { pid: *pid, comm })
 }
 
