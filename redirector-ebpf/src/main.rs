@@ -9,8 +9,9 @@
 //! - `redir_bind4`/`redir_bind6` (cgroup `post_bind4`/`post_bind6`): report a
 //!   bind() to a watched port to the agent, which serves the new live-store.
 //!
-//! Both programs fail open: any miss or error leaves the kernel's own lookup in
-//! charge, so nothing here can make a working port stop working.
+//! Every program fails open: any miss or error leaves the kernel's own lookup
+//! in charge (the bind hooks only report, and always allow the bind), so nothing
+//! here can make a working port stop working.
 #![no_std]
 #![no_main]
 // The BPF target has no compare-and-swap, so core offers no `AtomicU64::fetch_add`;

@@ -353,9 +353,6 @@ mod tests {
         let run = cmd.find_subcommand_mut("run").expect("a run subcommand");
         let help = run.render_long_help().to_string();
         for (id, value) in crate::commands::run::args::run_defaults() {
-            if id == "tempo_ring_interval" {
-                continue; // hidden
-            }
             assert!(
                 help.contains(&format!("[default: {value}]")),
                 "{id}: [default: {value}] not in --help"

@@ -1,6 +1,6 @@
-//! Idempotent machine setup, following ../shared/TOOLCHAIN.md: Debian's
-//! rustc-web ships a prebuilt `core` for bpfel-unknown-none (rustup's nightly
-//! cannot fetch rust-src here), and bpf-linker 0.13 links against LLVM 22.
+//! Idempotent machine setup of what the project builds and tests with: Debian's
+//! rustc-web ships a prebuilt `core` for bpfel-unknown-none (so no nightly and
+//! no rust-src download are needed), and bpf-linker 0.13 links against LLVM 22.
 
 use std::{
     path::Path,

@@ -74,15 +74,15 @@ crate::config::layers::run_settings! {
         #[serde(default)]
         pub tempo_config: Option<PathBuf>,
 
-        /// Check Tempo's live-store ring every 30 s (a thread of its own) and
+        /// Check Tempo's live-store ring every --tempo-ring-interval (on a thread of its own) and
         /// export the result as redirector_ring_* metrics: the URL of any Tempo
         /// component that serves it, e.g. http://tempo-distributor:3200/live-store/ring.
         #[arg(long, env = "REDIRECTOR_TEMPO_RING", value_name = "URL")]
         #[serde(default, deserialize_with = "crate::config::values::opt_from_str")]
         pub tempo_ring: Option<crate::ring::RingUrl>,
 
-        /// Seconds between ring checks (for tests).
-        #[arg(long, env = "REDIRECTOR_TEMPO_RING_INTERVAL", hide = true, value_name = "SECS", value_parser = values::parse_interval)]
+        /// With --tempo-ring, seconds between ring checks.
+        #[arg(long, env = "REDIRECTOR_TEMPO_RING_INTERVAL", value_name = "SECS", value_parser = values::parse_interval)]
         #[serde(default, deserialize_with = "crate::config::values::opt_interval")]
         pub tempo_ring_interval: Option<u64>,
 
