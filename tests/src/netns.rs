@@ -16,6 +16,9 @@ use anyhow::{bail, Context, Result};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+/// Every test namespace is `rdt-<pid>-<n>-<tag>`.
+pub const TEST_PREFIX: &str = "rdt-";
+
 /// Runs `ip ARGS` (iproute2), turning a failure into an error with its stderr.
 pub fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
@@ -38,9 +41,9 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// A test namespace (`rdt-` prefix).
+    /// A test namespace ([`TEST_PREFIX`]).
     pub fn new(tag: &str) -> Result<Self> {
-        Self::with_prefix("rdt-", tag)
+        Self::with_prefix(TEST_PREFIX, tag)
     }
 
     pub fn with_prefix(prefix: &str, tag: &str) -> Result<Self> {

@@ -102,9 +102,10 @@ fn discovery_follows_live_stores_as_they_come_and_go() {
 #[test]
 fn an_explicit_namespace_that_is_deleted_is_let_go() {
     let l = Netns::new("gone").expect("netns");
-    let _live_store = Server::start(&l, "[::]:9095", "live-store").expect("listens");
+    let _live_store = Server::start(&l, &format!("[::]:{LISTEN}"), "live-store").expect("listens");
     let keep = Netns::new("keep").expect("netns");
-    let _kept = Server::start(&keep, "[::]:9095", "live-store-keep").expect("listens");
+    let _kept =
+        Server::start(&keep, &format!("[::]:{LISTEN}"), "live-store-keep").expect("listens");
     let agent = Agent::start(&[
         "--netns",
         l.path().to_str().expect("utf-8"),
@@ -118,7 +119,7 @@ fn an_explicit_namespace_that_is_deleted_is_let_go() {
         .expect("ip netns del");
     wait_for(&agent, "its namespace path is gone", 1);
     // The other namespace is still served by the same, still running agent.
-    let reply = request(&keep, "127.0.0.1:12345", b"x").expect("still served");
+    let reply = request(&keep, &format!("127.0.0.1:{ADVERTISE}"), b"x").expect("still served");
     assert_eq!(reply.server, "live-store-keep");
     let stopped = agent.stop().expect("agent keeps running until stopped");
     assert!(stopped.status.success());
@@ -157,11 +158,11 @@ fn under_load<T: Send>(
 }
 
 /// A querier and a live-store namespace over veth, a live-store listening on
-/// 9095, and no pinned state before or after.
+/// `LISTEN`, and no pinned state before or after.
 fn pinned_setup() -> (PinCleanup, Netns, Netns, Server) {
     let cleanup = PinCleanup::new();
     let Topology { q, l } = Topology::new();
-    let live_store = Server::start(&l, "[::]:9095", "live-store").expect("listens");
+    let live_store = Server::start(&l, &format!("[::]:{LISTEN}"), "live-store").expect("listens");
     (cleanup, q, l, live_store)
 }
 
@@ -218,7 +219,9 @@ fn a_pinned_agent_restarts_under_load_without_a_failed_connection() {
     let (code, table, _) = redirector(&["status"]);
     assert_eq!(code, 0);
     assert!(
-        table.contains("12345") && table.contains("9095") && table.contains("ipv6"),
+        table.contains(&ADVERTISE.to_string())
+            && table.contains(&LISTEN.to_string())
+            && table.contains("ipv6"),
         "{table}"
     );
     drop(second.stop().expect("second agent stops"));
@@ -230,7 +233,7 @@ fn a_pinned_agent_restarts_under_load_without_a_failed_connection() {
     assert_eq!(status["namespaces"][0]["attached"], true);
     assert_eq!(
         status["namespaces"][0]["redirects"][0]["advertise_port"],
-        12345
+        ADVERTISE
     );
     assert_eq!(
         status["namespaces"][0]["redirects"][0]["listener_registered"],
@@ -325,15 +328,15 @@ fn bad_configuration_is_one_clear_line() {
     };
     let unknown = write(
         "unknown.yaml",
-        "redirects:\n  - advertise_port: 12345\n    listen_prot: 9095\n",
+        &format!("redirects:\n  - advertise_port: {ADVERTISE}\n    listen_prot: {LISTEN}\n"),
     );
     let bad_port = write(
         "port.yaml",
-        "redirects:\n  - advertise_port: 70000\n    listen_port: 9095\n",
+        &format!("redirects:\n  - advertise_port: 70000\n    listen_port: {LISTEN}\n"),
     );
     let tempo = write(
         "tempo.yaml",
-        "server:\n  grpc_listen_port: 9095\ndistributor: {}\n",
+        &format!("server:\n  grpc_listen_port: {LISTEN}\ndistributor: {{}}\n"),
     );
     let cases: [(Vec<&str>, &str); 4] = [
         (vec!["--config", &unknown], "unknown field `listen_prot`"),
@@ -415,8 +418,8 @@ fn a_new_pinned_agent_removes_what_it_no_longer_serves() {
     let _cleanup = PinCleanup::new();
     let keep = Netns::new("keep").expect("netns");
     let drop_me = Netns::new("drop").expect("netns");
-    let _a = Server::start(&keep, "[::]:9095", "kept").expect("listens");
-    let _b = Server::start(&drop_me, "[::]:9095", "dropped").expect("listens");
+    let _a = Server::start(&keep, &format!("[::]:{LISTEN}"), "kept").expect("listens");
+    let _b = Server::start(&drop_me, &format!("[::]:{LISTEN}"), "dropped").expect("listens");
     let (keep_path, drop_path) = (
         keep.path().display().to_string(),
         drop_me.path().display().to_string(),
@@ -425,7 +428,7 @@ fn a_new_pinned_agent_removes_what_it_no_longer_serves() {
         .expect("first agent");
     first.stop().expect("first agent stops");
     assert_eq!(
-        request(&drop_me, "127.0.0.1:12345", b"x")
+        request(&drop_me, &format!("127.0.0.1:{ADVERTISE}"), b"x")
             .expect("pinned")
             .server,
         "dropped"
@@ -442,12 +445,13 @@ fn a_new_pinned_agent_removes_what_it_no_longer_serves() {
         second.status()
     );
     assert_eq!(
-        request(&keep, "127.0.0.1:12345", b"x")
+        request(&keep, &format!("127.0.0.1:{ADVERTISE}"), b"x")
             .expect("still served")
             .server,
         "kept"
     );
-    let refused = request(&drop_me, "127.0.0.1:12345", b"x").expect_err("no longer redirected");
+    let refused = request(&drop_me, &format!("127.0.0.1:{ADVERTISE}"), b"x")
+        .expect_err("no longer redirected");
     assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
     drop(second);
 }
@@ -552,11 +556,11 @@ fn an_upgrade_to_another_build_replaces_pinned_programs_without_a_gap() {
 fn detach_stops_a_running_pinned_agents_redirects_at_once() {
     let _cleanup = PinCleanup::new();
     let l = Netns::new("l").expect("netns");
-    let _live_store = Server::start(&l, "[::]:9095", "live-store").expect("listens");
+    let _live_store = Server::start(&l, &format!("[::]:{LISTEN}"), "live-store").expect("listens");
     let agent =
         Agent::start(&["--pin", "--netns", l.path().to_str().expect("utf-8")]).expect("agent");
     assert_eq!(
-        request(&l, "127.0.0.1:12345", b"x")
+        request(&l, &format!("127.0.0.1:{ADVERTISE}"), b"x")
             .expect("redirected")
             .server,
         "live-store"
@@ -572,7 +576,8 @@ fn detach_stops_a_running_pinned_agents_redirects_at_once() {
         sk_lookup_programs(&l).is_empty(),
         "sk_lookup still attached to L"
     );
-    let refused = request(&l, "127.0.0.1:12345", b"x").expect_err("no redirect after detach");
+    let refused =
+        request(&l, &format!("127.0.0.1:{ADVERTISE}"), b"x").expect_err("no redirect after detach");
     assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
     // Seen at the agent's next check (every second).
     let deadline = Instant::now() + Duration::from_secs(3);
@@ -604,7 +609,7 @@ fn status_says_which_listener_is_not_registered_and_why() {
     let _mptcp = Process::start(
         &l,
         env!("CARGO_BIN_EXE_live-store-standin"),
-        &["[::]:9095", "mptcp", "--mptcp"],
+        &[&format!("[::]:{LISTEN}"), "mptcp", "--mptcp"],
         &[],
     )
     .expect("an MPTCP listener");
@@ -613,14 +618,15 @@ fn status_says_which_listener_is_not_registered_and_why() {
     let (code, table, _) = redirector(&["status"]);
     assert_eq!(code, 0);
     assert!(
-        table.contains("listener [::]:9095") && table.contains("not registered: mptcp"),
+        table.contains(&format!("listener [::]:{LISTEN}"))
+            && table.contains("not registered: mptcp"),
         "{table}"
     );
     let (_, json, _) = redirector(&["status", "--output", "json"]);
     let v: serde_json::Value = serde_json::from_str(&json).expect("status JSON");
     let unservable = &v["namespaces"][0]["unservable"][0];
     assert_eq!(unservable["reason"], "mptcp", "{json}");
-    assert_eq!(unservable["port"], 9095);
+    assert_eq!(unservable["port"], LISTEN);
     // The live-store's problem, not the agent's: reported, and still ready.
     let (_, metrics) = http_get(&agent.metrics_url("/metrics"));
     assert_eq!(
@@ -646,7 +652,7 @@ fn a_realistic_tempo_config_gives_the_ring_port_and_the_grpc_port() {
     let v: serde_json::Value = serde_json::from_str(&out).expect("--dry-run prints JSON");
     assert_eq!(
         v["redirects"],
-        serde_json::json!([{"advertise_port": 12345, "listen_port": 9095}])
+        serde_json::json!([{"advertise_port": ADVERTISE, "listen_port": LISTEN}])
     );
 }
 

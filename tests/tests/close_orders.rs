@@ -46,29 +46,22 @@ enum Family {
 
 impl Family {
     fn advertised(self) -> SocketAddr {
+        SocketAddr::new(self.live_store(), ADVERTISE)
+    }
+
+    fn querier(self) -> IpAddr {
         match self {
-            Family::V4 => SocketAddr::new(ip_addr(LIVE_STORE_V4), ADVERTISE),
-            Family::V6 => SocketAddr::new(ip_addr(LIVE_STORE_V6), ADVERTISE),
+            Family::V4 => QUERIER_V4.into(),
+            Family::V6 => QUERIER_V6.into(),
         }
     }
 
-    fn querier(self) -> &'static str {
+    fn live_store(self) -> IpAddr {
         match self {
-            Family::V4 => QUERIER_V4,
-            Family::V6 => QUERIER_V6,
+            Family::V4 => LIVE_STORE_V4.into(),
+            Family::V6 => LIVE_STORE_V6.into(),
         }
     }
-
-    fn live_store(self) -> &'static str {
-        match self {
-            Family::V4 => LIVE_STORE_V4,
-            Family::V6 => LIVE_STORE_V6,
-        }
-    }
-}
-
-fn ip_addr(s: &str) -> IpAddr {
-    s.parse().expect("a literal address")
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,7 +112,7 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-/// The live-store's dual-stack listener on [::]:9095 and the connections it
+/// The live-store's dual-stack listener on `[::]:LISTEN` and the connections it
 /// accepted that no test has claimed yet.
 struct LiveStore {
     listener: TcpListener,
@@ -130,7 +123,7 @@ impl LiveStore {
     fn listen(l: &Netns) -> Self {
         let listener = l
             .run(|| TcpListener::bind(("::", LISTEN)))
-            .expect("live-store listens on [::]:9095");
+            .expect("live-store listens on every address");
         // Nonblocking: waiting for a connection that never comes fails, not hangs.
         listener
             .set_nonblocking(true)
@@ -621,11 +614,10 @@ struct Blackhole<'a> {
 }
 
 impl<'a> Blackhole<'a> {
-    fn add(ns: &'a Netns, addr: &str) -> Self {
-        let dst = if addr.contains(':') {
-            format!("{addr}/128")
-        } else {
-            format!("{addr}/32")
+    fn add(ns: &'a Netns, addr: IpAddr) -> Self {
+        let dst = match addr {
+            IpAddr::V4(_) => format!("{addr}/32"),
+            IpAddr::V6(_) => format!("{addr}/128"),
         };
         ip(&["-n", &ns.name, "route", "add", "blackhole", &dst]).expect("blackhole route");
         Self { ns, dst }

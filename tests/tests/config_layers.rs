@@ -5,7 +5,7 @@
 
 use std::process::{Command, Output};
 
-use redirector_tests::{agent_bin, log_message};
+use redirector_tests::{agent_bin, log_message, ADVERTISE, LISTEN};
 
 /// `run --dry-run --config FILE ARGS` with `env`, in a clean environment of
 /// REDIRECTOR_* variables.
@@ -76,7 +76,7 @@ fn the_file_sets_what_flags_and_environment_leave_out() {
     assert_eq!(s["flows_socket"], "/run/redirector/flows.sock");
     assert_eq!(
         s["redirects"],
-        serde_json::json!([{"advertise_port": 12345, "listen_port": 9095}])
+        serde_json::json!([{"advertise_port": ADVERTISE, "listen_port": LISTEN}])
     );
 }
 

@@ -28,7 +28,8 @@ fn assert_refused(result: io::Result<Reply>, what: &str) {
 #[test]
 fn redirects_ipv4_and_ipv6_to_the_listener_with_the_client_address() {
     let t = Topology::new();
-    let live_store = Server::start(&t.l, "[::]:9095", "live-store").expect("live-store listens");
+    let live_store =
+        Server::start(&t.l, &format!("[::]:{LISTEN}"), "live-store").expect("live-store listens");
     let agent = t.agent(&[]);
     let payload: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
 
@@ -70,12 +71,12 @@ fn redirects_ipv4_and_ipv6_to_the_listener_with_the_client_address() {
 #[test]
 fn ipv4_only_listener_gets_ipv4_and_ipv6_is_refused() {
     let t = Topology::new();
-    let live_store =
-        Server::start(&t.l, "0.0.0.0:9095", "live-store-v4").expect("IPv4 live-store listens");
+    let live_store = Server::start(&t.l, &format!("0.0.0.0:{LISTEN}"), "live-store-v4")
+        .expect("IPv4 live-store listens");
     let agent = t.agent(&[]);
     let r4 = request(&t.q, &v4(ADVERTISE), b"x").expect("IPv4 connection");
     assert_eq!(r4.server, "live-store-v4");
-    // An IPv4 socket cannot take an IPv6 connection: fail open, nothing on 12345.
+    // An IPv4 socket cannot take an IPv6 connection: fail open, nothing on ADVERTISE.
     assert_refused(
         request(&t.q, &v6(ADVERTISE), b"x"),
         "IPv6 to an IPv4-only live-store",
@@ -94,7 +95,7 @@ fn grpc_unary_call_through_the_advertised_port() {
 
     let t = Topology::new();
     let listener =
-        t.l.run(|| std::net::TcpListener::bind("[::]:9095"))
+        t.l.run(|| std::net::TcpListener::bind(format!("[::]:{LISTEN}")))
             .expect("gRPC live-store listens");
     listener.set_nonblocking(true).expect("nonblocking");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -161,11 +162,13 @@ fn grpc_unary_call_through_the_advertised_port() {
 #[test]
 fn direct_and_other_ports_are_untouched() {
     let t = Topology::new();
-    let _live_store = Server::start(&t.l, "[::]:9095", "live-store").expect("live-store listens");
+    let _live_store =
+        Server::start(&t.l, &format!("[::]:{LISTEN}"), "live-store").expect("live-store listens");
     let _other = Server::start(&t.l, "[::]:8080", "other").expect("another service listens");
     let agent = t.agent(&[]);
 
-    let direct = request(&t.q, &v4(LISTEN), b"direct").expect("direct connection to 9095");
+    let direct =
+        request(&t.q, &v4(LISTEN), b"direct").expect("direct connection to the listen port");
     assert_eq!(direct.server, "live-store");
     assert!(same_ip(&direct.peer_seen, QUERIER_V4));
     assert_eq!(direct.echo, b"direct");
@@ -198,7 +201,8 @@ fn no_listener_is_refused_then_served_and_the_old_sidecar_hands_over() {
 
     // The live-store appears: served with no agent restart (the agent
     // registered it from its bind event).
-    let live_store = Server::start(&t.l, "[::]:9095", "live-store").expect("live-store listens");
+    let live_store =
+        Server::start(&t.l, &format!("[::]:{LISTEN}"), "live-store").expect("live-store listens");
     agent.wait_registered(1);
     assert_eq!(
         request(&t.q, &v4(ADVERTISE), b"x")
@@ -208,9 +212,9 @@ fn no_listener_is_refused_then_served_and_the_old_sidecar_hands_over() {
     );
     live_store.stop();
 
-    // Migration: the old sidecar still listens on 12345 and serves while the
+    // Migration: the old sidecar still listens on ADVERTISE and serves while the
     // live-store is down...
-    let sidecar = Server::start(&t.l, "[::]:12345", "sidecar")
+    let sidecar = Server::start(&t.l, &format!("[::]:{ADVERTISE}"), "sidecar")
         .expect("sidecar listens on the advertised port");
     assert_eq!(
         request(&t.q, &v4(ADVERTISE), b"x")
@@ -225,8 +229,8 @@ fn no_listener_is_refused_then_served_and_the_old_sidecar_hands_over() {
         "sidecar"
     );
     // ...and gets no new connection once the live-store listens again.
-    let live_store =
-        Server::start(&t.l, "[::]:9095", "live-store-2").expect("live-store listens again");
+    let live_store = Server::start(&t.l, &format!("[::]:{LISTEN}"), "live-store-2")
+        .expect("live-store listens again");
     for _ in 0..5 {
         assert_eq!(
             request(&t.q, &v4(ADVERTISE), b"x")
@@ -238,7 +242,7 @@ fn no_listener_is_refused_then_served_and_the_old_sidecar_hands_over() {
     assert_eq!(
         sidecar.accepted().len(),
         2,
-        "the sidecar got only the connections made while 9095 was down"
+        "the sidecar got only the connections made while LISTEN was down"
     );
     assert_eq!(live_store.accepted().len(), 5);
 
@@ -253,7 +257,8 @@ fn live_store_restart_resumes_the_redirect() {
     let agent = t.agent(&[]);
     for generation in 1..=3 {
         let name = format!("live-store-{generation}");
-        let live_store = Server::start(&t.l, "[::]:9095", &name).expect("live-store listens");
+        let live_store =
+            Server::start(&t.l, &format!("[::]:{LISTEN}"), &name).expect("live-store listens");
         if generation == 1 {
             agent.wait_registered(1);
         }
@@ -274,8 +279,8 @@ fn live_store_restart_resumes_the_redirect() {
 #[test]
 fn listener_that_existed_before_the_agent_is_used() {
     let t = Topology::new();
-    let live_store =
-        Server::start(&t.l, "[::]:9095", "early-live-store").expect("live-store listens");
+    let live_store = Server::start(&t.l, &format!("[::]:{LISTEN}"), "early-live-store")
+        .expect("live-store listens");
     let agent = t.agent(&[]);
     assert!(
         agent
@@ -302,8 +307,8 @@ fn listener_that_existed_before_the_agent_is_used() {
 fn a_listener_in_another_namespace_never_gets_this_namespaces_traffic() {
     let t = Topology::new();
     let third = Netns::new("t").expect("third netns");
-    let in_l = Server::start(&t.l, "[::]:9095", "live-store-L").expect("L listens");
-    let in_t = Server::start(&third, "[::]:9095", "live-store-T").expect("T listens");
+    let in_l = Server::start(&t.l, &format!("[::]:{LISTEN}"), "live-store-L").expect("L listens");
+    let in_t = Server::start(&third, &format!("[::]:{LISTEN}"), "live-store-T").expect("T listens");
     let agent = Agent::start(&[
         "--netns",
         t.l.path().to_str().expect("utf-8"),
@@ -322,7 +327,7 @@ fn a_listener_in_another_namespace_never_gets_this_namespaces_traffic() {
     }
     // T is served too, by its own listener.
     assert_eq!(
-        request(&third, "127.0.0.1:12345", b"x")
+        request(&third, &format!("127.0.0.1:{ADVERTISE}"), b"x")
             .expect("T served")
             .server,
         "live-store-T"
@@ -343,7 +348,8 @@ fn a_listener_in_another_namespace_never_gets_this_namespaces_traffic() {
 #[test]
 fn sigterm_detaches_everything() {
     let t = Topology::new();
-    let _live_store = Server::start(&t.l, "[::]:9095", "live-store").expect("live-store listens");
+    let _live_store =
+        Server::start(&t.l, &format!("[::]:{LISTEN}"), "live-store").expect("live-store listens");
     let before = redirector_program_ids();
     let agent = t.agent(&[]);
     assert_eq!(
@@ -421,6 +427,7 @@ fn bad_input_gets_a_one_line_error_and_nothing_attached() {
     let ns = Netns::new("bad").expect("netns");
     let ns_path = ns.path();
     let ns_arg = ns_path.to_str().expect("utf-8");
+    let listen = LISTEN.to_string();
     // (arguments, run as nobody, exit code, what the message must name)
     let cases = [
         (
@@ -436,7 +443,7 @@ fn bad_input_gets_a_one_line_error_and_nothing_attached() {
             "port 65536 is out of range",
         ),
         (
-            vec!["--advertise-port", "9095", "--listen-port", "9095"],
+            vec!["--advertise-port", &listen, "--listen-port", &listen],
             false,
             2,
             "must differ",

@@ -9,6 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use redirector_tests::{ADVERTISE, LISTEN};
 use serde::Deserialize;
 use yaml_serde::Value;
 
@@ -517,7 +518,10 @@ fn tempo_values_match_the_configured_redirect() {
     let tempo = &docs[0];
     let listen = get(tempo, "server.grpc_listen_port").as_u64();
     let advertise = get(tempo, "live_store.ring.instance_port").as_u64();
-    assert_eq!((advertise, listen), (Some(12345), Some(9095)));
+    assert_eq!(
+        (advertise, listen),
+        (Some(u64::from(ADVERTISE)), Some(u64::from(LISTEN)))
+    );
     assert!(
         redirected(advertise, listen),
         "the ConfigMap does not redirect tempo-config.yaml's instance_port to its grpc_listen_port: {pairs:?}"

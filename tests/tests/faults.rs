@@ -37,7 +37,7 @@ fn stand_in(ns: &Netns, name: &str) -> Process {
     Process::start(
         ns,
         env!("CARGO_BIN_EXE_live-store-standin"),
-        &["[::]:9095", name],
+        &[&format!("[::]:{LISTEN}"), name],
         &[],
     )
     .expect("start the stand-in")
@@ -148,7 +148,7 @@ fn syn_flood(ns: &Netns, target: SocketAddr, secs: f64) -> u64 {
 fn a_syn_flood_without_a_live_store_is_rate_limited_and_loses_no_healthy_record() {
     let (fq, fl) = pair();
     let (hq, hl) = pair();
-    let _healthy = Server::start(&hl, "[::]:9095", "live-store").expect("listens");
+    let _healthy = Server::start(&hl, &format!("[::]:{LISTEN}"), "live-store").expect("listens");
     let log = temp_log("flood");
     let agent = Agent::start(&[
         "--netns",
@@ -232,7 +232,8 @@ fn failed_while_listening(attempts: &[Attempt], up: &[(Instant, Instant)]) -> Ve
 #[test]
 fn a_restarted_live_store_gets_the_first_connection_after_listen() {
     let (q, l) = pair();
-    let mut server = Some(Server::start(&l, "[::]:9095", "live-store").expect("listens"));
+    let mut server =
+        Some(Server::start(&l, &format!("[::]:{LISTEN}"), "live-store").expect("listens"));
     let agent = Agent::start(&["--netns", &path_of(&l)]).expect("agent");
     let target = format!("{LIVE_STORE_V4}:{ADVERTISE}");
     // Close the listening socket and listen on a new one, three times; then
@@ -245,7 +246,9 @@ fn a_restarted_live_store_gets_the_first_connection_after_listen() {
                 s.stop();
             }
             thread::sleep(Duration::from_millis(100));
-            server = Some(Server::start(&l, "[::]:9095", "live-store").expect("listens again"));
+            server = Some(
+                Server::start(&l, &format!("[::]:{LISTEN}"), "live-store").expect("listens again"),
+            );
             let listened = Instant::now();
             thread::sleep(Duration::from_millis(200));
             up.push((listened, Instant::now()));
@@ -282,7 +285,7 @@ fn a_restarted_live_store_gets_the_first_connection_after_listen() {
     );
     let failed = attempts.iter().filter(|a| !a.ok).count();
     assert!(failed > 0, "the gaps were seen by the load");
-    // Fail-open with nothing on 12345: refused at once, never a timeout.
+    // Fail-open with nothing on ADVERTISE: refused at once, never a timeout.
     let slowest = attempts
         .iter()
         .filter(|a| !a.ok)
@@ -316,7 +319,7 @@ fn new_programs(before: &HashSet<u32>) -> HashSet<u32> {
 fn a_pinned_agent_killed_with_sigkill_leaves_everything_attached_and_counted() {
     let _cleanup = PinCleanup::new();
     let (q, l) = pair();
-    let _live_store = Server::start(&l, "[::]:9095", "live-store").expect("listens");
+    let _live_store = Server::start(&l, &format!("[::]:{LISTEN}"), "live-store").expect("listens");
     let log = temp_log("kill-pinned");
     let log_arg = log.display().to_string();
     let l_path = path_of(&l);
@@ -409,7 +412,7 @@ fn a_pinned_agent_killed_with_sigkill_leaves_everything_attached_and_counted() {
 #[test]
 fn an_unpinned_agent_killed_with_sigkill_leaves_nothing_attached() {
     let (q, l) = pair();
-    let _live_store = Server::start(&l, "[::]:9095", "live-store").expect("listens");
+    let _live_store = Server::start(&l, &format!("[::]:{LISTEN}"), "live-store").expect("listens");
     let l_path = path_of(&l);
     let before = redirector_program_ids();
     let agent = Agent::start(&["--netns", &l_path]).expect("agent");
@@ -429,7 +432,7 @@ fn an_unpinned_agent_killed_with_sigkill_leaves_nothing_attached() {
     assert!(!Path::new(BPFFS)
         .join(format!("redirector-load-{pid}"))
         .exists());
-    // Fail-open: nothing listens on 12345 any more.
+    // Fail-open: nothing listens on ADVERTISE any more.
     let refused = request(&q, &target, b"x").expect_err("no redirect");
     assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     // The one thing left: MPTCP stays off in the namespace (nothing could
@@ -487,7 +490,7 @@ fn map_id(path: &Path) -> u32 {
 fn deleted_pins_are_made_again_and_foreign_entries_reported() {
     let _cleanup = PinCleanup::new();
     let (q, l) = pair();
-    let _live_store = Server::start(&l, "[::]:9095", "live-store").expect("listens");
+    let _live_store = Server::start(&l, &format!("[::]:{LISTEN}"), "live-store").expect("listens");
     let l_path = path_of(&l);
     let args = ["--pin", "--netns", l_path.as_str()];
     let agent = Agent::start(&args).expect("agent");
@@ -667,7 +670,7 @@ fn bpffs_unmounted_and_mounted_again_under_a_pinned_agent() {
     // Namespaces first: the holder's mount namespace gets a copy of their
     // /var/run/netns mounts.
     let (q, l) = pair();
-    let _live_store = Server::start(&l, "[::]:9095", "live-store").expect("listens");
+    let _live_store = Server::start(&l, &format!("[::]:{LISTEN}"), "live-store").expect("listens");
     let mnt = MountNs::new();
     let enter = mnt.enter();
     let enter: Vec<&str> = enter.iter().map(String::as_str).collect();

@@ -14,7 +14,8 @@ use redirector_tests::{FlowSetup as Setup, *};
 #[test]
 fn open_and_close_records_carry_exact_bytes_and_addresses() {
     let s = Setup::new();
-    let _live_store = Server::start(&s.l, "[::]:9095", "live-store").expect("live-store listens");
+    let _live_store =
+        Server::start(&s.l, &format!("[::]:{LISTEN}"), "live-store").expect("live-store listens");
     let agent = s.agent(&["--flow-format", "json"]);
     let mut expected = Vec::new();
     for (addr, n) in [
@@ -52,7 +53,7 @@ fn open_and_close_records_carry_exact_bytes_and_addresses() {
                                 .expect("ip"),
                             0,
                         ),
-                        &client.ip().to_string(),
+                        client.ip(),
                     )
             })
             .collect();
@@ -91,7 +92,7 @@ fn open_and_close_records_carry_exact_bytes_and_addresses() {
 fn reset_by_the_server_is_reported_as_rst() {
     let s = Setup::new();
     let listener =
-        s.l.run(|| std::net::TcpListener::bind("[::]:9095"))
+        s.l.run(|| std::net::TcpListener::bind(format!("[::]:{LISTEN}")))
             .expect("live-store listens");
     let agent = s.agent(&["--flow-format", "json"]);
     let server = std::thread::spawn(move || {
@@ -117,7 +118,8 @@ fn reset_by_the_server_is_reported_as_rst() {
 fn a_burst_of_5000_connections_is_fully_accounted_for() {
     const N: u64 = 5000;
     let s = Setup::new();
-    let _live_store = Server::start(&s.l, "[::]:9095", "live-store").expect("live-store listens");
+    let _live_store =
+        Server::start(&s.l, &format!("[::]:{LISTEN}"), "live-store").expect("live-store listens");
     // A small ring makes drops possible; whatever happens, none may go uncounted.
     let agent = s.agent(&["--flow-format", "json", "--flow-ring-bytes", "16384"]);
     let addr: SocketAddr = format!("{LIVE_STORE_V4}:{ADVERTISE}")
@@ -159,7 +161,8 @@ fn metrics_match_the_traffic_and_readyz_flips_when_detached() {
     for _ in 0..2 {
         assert!(request(&s.q, &format!("{LIVE_STORE_V4}:{ADVERTISE}"), b"x").is_err());
     }
-    let _live_store = Server::start(&s.l, "[::]:9095", "live-store").expect("live-store listens");
+    let _live_store =
+        Server::start(&s.l, &format!("[::]:{LISTEN}"), "live-store").expect("live-store listens");
     agent.wait_registered(1);
     let mut sent = 0;
     for n in [1usize, 100, 1000] {
@@ -211,8 +214,8 @@ fn metrics_match_the_traffic_and_readyz_flips_when_detached() {
 fn json_and_logfmt_lines_parse_and_carry_every_field() {
     for format in ["json", "logfmt"] {
         let s = Setup::new();
-        let _live_store =
-            Server::start(&s.l, "[::]:9095", "live-store").expect("live-store listens");
+        let _live_store = Server::start(&s.l, &format!("[::]:{LISTEN}"), "live-store")
+            .expect("live-store listens");
         let agent = s.agent(&["--flow-format", format]);
         request(&s.q, &format!("{LIVE_STORE_V4}:{ADVERTISE}"), b"hello").expect("redirected");
         // A refused record too: a second namespace port with no listener is not
@@ -277,8 +280,8 @@ fn json_and_logfmt_lines_parse_and_carry_every_field() {
             );
         }
         assert_eq!(records[1]["bytes_received"], "5");
-        assert_eq!(records[0]["client_addr"], QUERIER_V4);
-        assert_eq!(records[2]["client_addr"], QUERIER_V4);
+        assert_eq!(records[0]["client_addr"], QUERIER_V4.to_string());
+        assert_eq!(records[2]["client_addr"], QUERIER_V4.to_string());
     }
 }
 
@@ -307,7 +310,7 @@ fn a_long_lived_flow_gets_update_records_with_its_counters_so_far() {
     // requests on one long-lived connection (an update is written on an ACK
     // of what the live-store sent).
     let listener =
-        s.l.run(|| std::net::TcpListener::bind("[::]:9095"))
+        s.l.run(|| std::net::TcpListener::bind(format!("[::]:{LISTEN}")))
             .expect("listens");
     std::thread::spawn(move || {
         if let Ok((mut conn, _)) = listener.accept() {

@@ -158,7 +158,8 @@ fn json(line: &str) -> serde_json::Value {
 fn flows_prints_exactly_the_matching_records_with_exact_bytes() {
     let s = FlowSetup::new();
     let socket = socket_of(&s);
-    let live_store = Server::start(&s.l, "[::]:9095", "live-store").expect("live-store listens");
+    let live_store =
+        Server::start(&s.l, &format!("[::]:{LISTEN}"), "live-store").expect("live-store listens");
     let agent = s.agent(&["--flow-format", "json", "--flows-socket", path_str(&socket)]);
     let announced = format!(
         "flow records for `redirector flows` on {}",
@@ -176,7 +177,7 @@ fn flows_prints_exactly_the_matching_records_with_exact_bytes() {
         "--event",
         "close",
         "--client",
-        QUERIER_V4,
+        &QUERIER_V4.to_string(),
         "--output",
         "json",
     ]);
@@ -217,7 +218,7 @@ fn flows_prints_exactly_the_matching_records_with_exact_bytes() {
     // The agent's own JSON lines, byte for byte: only the IPv4 close.
     let expected: Vec<String> = log
         .iter()
-        .filter(|l| json(l)["event"] == "close" && json(l)["client_addr"] == QUERIER_V4)
+        .filter(|l| json(l)["event"] == "close" && json(l)["client_addr"] == QUERIER_V4.to_string())
         .cloned()
         .collect();
     assert_eq!(done.stdout, expected);
@@ -239,7 +240,8 @@ fn flows_prints_exactly_the_matching_records_with_exact_bytes() {
 fn text_output_is_the_agents_own_log_line() {
     let s = FlowSetup::new();
     let socket = socket_of(&s);
-    let live_store = Server::start(&s.l, "[::]:9095", "live-store").expect("live-store listens");
+    let live_store =
+        Server::start(&s.l, &format!("[::]:{LISTEN}"), "live-store").expect("live-store listens");
     let agent = s.agent(&["--flow-format", "text", "--flows-socket", path_str(&socket)]);
     let flows = Flows::start(&["--flows-socket", path_str(&socket)]);
     wait_subscribers(&agent, 1);
@@ -265,7 +267,8 @@ fn text_output_is_the_agents_own_log_line() {
 fn last_replays_what_the_agent_kept_then_exits() {
     let s = FlowSetup::new();
     let socket = socket_of(&s);
-    let _live_store = Server::start(&s.l, "[::]:9095", "live-store").expect("live-store listens");
+    let _live_store =
+        Server::start(&s.l, &format!("[::]:{LISTEN}"), "live-store").expect("live-store listens");
     let agent = s.agent(&["--flow-format", "json", "--flows-socket", path_str(&socket)]);
     request(&s.q, &format!("{LIVE_STORE_V4}:{ADVERTISE}"), b"one").expect("redirected");
     request(&s.q, &format!("[{LIVE_STORE_V6}]:{ADVERTISE}"), b"two").expect("redirected");
@@ -312,7 +315,8 @@ fn a_subscriber_that_does_not_read_is_told_how_many_records_it_missed() {
     const CONNECTIONS: usize = 2500;
     let s = FlowSetup::new();
     let socket = socket_of(&s);
-    let _live_store = Server::start(&s.l, "[::]:9095", "live-store").expect("live-store listens");
+    let _live_store =
+        Server::start(&s.l, &format!("[::]:{LISTEN}"), "live-store").expect("live-store listens");
     // A 16 KiB ring: the subscriber channel holds 256 records, so the burst
     // (5000 records) overruns it and whatever the socket buffers.
     let agent = s.agent(&[
@@ -394,7 +398,8 @@ fn flows_reports_the_records_it_missed_on_stderr() {
     const CONNECTIONS: usize = 2500;
     let s = FlowSetup::new();
     let socket = socket_of(&s);
-    let _live_store = Server::start(&s.l, "[::]:9095", "live-store").expect("live-store listens");
+    let _live_store =
+        Server::start(&s.l, &format!("[::]:{LISTEN}"), "live-store").expect("live-store listens");
     let agent = s.agent(&[
         "--flow-format",
         "json",

@@ -34,7 +34,7 @@ fn go_live_store(ns: &Netns, name: &str) -> Process {
     Process::start(
         ns,
         bin.to_str().expect("utf-8"),
-        &[":9095", name],
+        &[&format!(":{LISTEN}"), name],
         // No GODEBUG: Go's defaults, as Tempo runs.
         &[],
     )
@@ -108,7 +108,7 @@ fn a_go_live_store_started_after_the_agent_listens_with_tcp_and_is_served() {
         let reply = request(&t.q, &addr, b"hello go").expect("redirected to the Go live-store");
         assert_eq!(reply.server, "go-live-store", "{addr}");
         assert!(
-            same_ip(&reply.peer_seen, &reply.local_addr.ip().to_string()),
+            same_ip(&reply.peer_seen, reply.local_addr.ip()),
             "Go saw the querier's own address: {reply:?}"
         );
         assert_eq!(reply.echo, b"hello go");
@@ -188,28 +188,27 @@ fn a_go_live_store_already_listening_with_mptcp_is_reported_then_served_after_it
 #[test]
 fn an_ipv4_mptcp_listener_is_reported_and_a_restart_with_tcp_is_served() {
     let t = topology();
-    let mptcp = stand_in(&t.l, "0.0.0.0:9095", "v4-mptcp", &["--mptcp"]);
+    let mptcp = stand_in(&t.l, &format!("0.0.0.0:{LISTEN}"), "v4-mptcp", &["--mptcp"]);
     assert!(mptcp.ready.contains("with mptcp"), "{}", mptcp.ready);
     let agent = t.agent(&[]);
     let (status, body) = http_get(&agent.metrics_url("/readyz"));
     assert_eq!(status, 200, "{body}");
-    assert!(!body.contains("0.0.0.0:9095"), "{body}");
+    assert!(!body.contains(&format!("0.0.0.0:{LISTEN}")), "{body}");
     assert_eq!(
         metric(&agent, "redirector_listeners_unservable{reason=\"mptcp\"}"),
         1.0
     );
     assert!(
-        agent
-            .status()
-            .iter()
-            .any(|l| l.contains("0.0.0.0:9095") && l.contains("not registered: mptcp")),
+        agent.status().iter().any(
+            |l| l.contains(&format!("0.0.0.0:{LISTEN}")) && l.contains("not registered: mptcp")
+        ),
         "{:?}",
         agent.status()
     );
     assert_refused(request(&t.q, &v4(ADVERTISE), b"x"), "MPTCP listener");
     drop(mptcp);
     // The same program asks for MPTCP again and gets TCP, as Go would.
-    let tcp = stand_in(&t.l, "0.0.0.0:9095", "v4-tcp", &["--mptcp"]);
+    let tcp = stand_in(&t.l, &format!("0.0.0.0:{LISTEN}"), "v4-tcp", &["--mptcp"]);
     assert!(tcp.ready.contains("with tcp"), "{}", tcp.ready);
     let reply = request(&t.q, &v4(ADVERTISE), b"x").expect("served");
     assert_eq!(reply.server, "v4-tcp");
@@ -238,7 +237,7 @@ fn one_unservable_namespace_never_stops_the_others() {
     let bad = topology();
     let good = topology();
     let _mptcp = go_live_store(&bad.l, "go-mptcp");
-    let _tcp = Server::start(&good.l, "[::]:9095", "good").expect("listens");
+    let _tcp = Server::start(&good.l, &format!("[::]:{LISTEN}"), "good").expect("listens");
     let (bad_path, good_path) = (bad.l.path(), good.l.path());
     let (bad_path, good_path) = (
         bad_path.to_str().expect("utf-8"),
@@ -277,10 +276,12 @@ fn one_unservable_namespace_never_stops_the_others() {
 #[test]
 fn a_loopback_only_live_store_never_gets_traffic_from_the_network() {
     let t = topology();
-    // The live-store only listens on loopback; an auth sidecar owns 12345.
-    let _lo4 = Server::start(&t.l, "127.0.0.1:9095", "live-store-lo4").expect("listens");
-    let _lo6 = Server::start(&t.l, "[::1]:9095", "live-store-lo6").expect("listens");
-    let sidecar = Server::start(&t.l, "[::]:12345", "sidecar").expect("sidecar listens");
+    // The live-store only listens on loopback; an auth sidecar owns ADVERTISE.
+    let _lo4 =
+        Server::start(&t.l, &format!("127.0.0.1:{LISTEN}"), "live-store-lo4").expect("listens");
+    let _lo6 = Server::start(&t.l, &format!("[::1]:{LISTEN}"), "live-store-lo6").expect("listens");
+    let sidecar =
+        Server::start(&t.l, &format!("[::]:{ADVERTISE}"), "sidecar").expect("sidecar listens");
     let agent = t.agent(&[]);
     for addr in [v4(ADVERTISE), v6(ADVERTISE)] {
         let reply = request(&t.q, &addr, b"x").expect("answered");
@@ -289,10 +290,10 @@ fn a_loopback_only_live_store_never_gets_traffic_from_the_network() {
             "{addr}: the sidecar is not bypassed"
         );
     }
-    // From inside the pod, loopback to loopback: what 9095 itself would get.
-    let reply = request(&t.l, "127.0.0.1:12345", b"x").expect("answered");
+    // From inside the pod, loopback to loopback: what LISTEN itself would get.
+    let reply = request(&t.l, &format!("127.0.0.1:{ADVERTISE}"), b"x").expect("answered");
     assert_eq!(reply.server, "live-store-lo4");
-    let reply = request(&t.l, "[::1]:12345", b"x").expect("answered");
+    let reply = request(&t.l, &format!("[::1]:{ADVERTISE}"), b"x").expect("answered");
     assert_eq!(reply.server, "live-store-lo6");
     // Without the sidecar, network clients are refused, never exposed.
     sidecar.stop();
@@ -330,7 +331,7 @@ fn a_listener_bound_to_one_address_only_gets_connections_to_that_address() {
         "no listener for the second address",
     );
     assert_refused(
-        request(&t.l, "127.0.0.1:12345", b"x"),
+        request(&t.l, &format!("127.0.0.1:{ADVERTISE}"), b"x"),
         "no listener for loopback",
     );
     // A listener for the second address gets exactly its own connections.
@@ -354,7 +355,7 @@ fn every_member_of_a_reuseport_group_is_used_and_the_redirect_holds_while_one_li
     let t = topology();
     let mut members: Vec<Process> = ["w1", "w2", "w3"]
         .iter()
-        .map(|n| stand_in(&t.l, "[::]:9095", n, &["--reuseport"]))
+        .map(|n| stand_in(&t.l, &format!("[::]:{LISTEN}"), n, &["--reuseport"]))
         .collect();
     let agent = t.agent(&[]);
     let answered_by = |n: usize| answered_by(&t.q, &v4(ADVERTISE), n);
@@ -377,12 +378,17 @@ fn every_member_of_a_reuseport_group_is_used_and_the_redirect_holds_while_one_li
     members.remove(0);
     assert!(answered_by(20).iter().all(|s| s == "w2"));
     // Members come back while the last one listens, then it goes.
-    members.push(stand_in(&t.l, "[::]:9095", "w4", &["--reuseport"]));
+    members.push(stand_in(
+        &t.l,
+        &format!("[::]:{LISTEN}"),
+        "w4",
+        &["--reuseport"],
+    ));
     members.remove(0);
     assert!(answered_by(20).iter().all(|s| s == "w4"));
     members.clear();
     assert_refused(request(&t.q, &v4(ADVERTISE), b"x"), "no member left");
-    let _w5 = stand_in(&t.l, "[::]:9095", "w5", &["--reuseport"]);
+    let _w5 = stand_in(&t.l, &format!("[::]:{LISTEN}"), "w5", &["--reuseport"]);
     assert_eq!(answered_by(1), vec!["w5".to_owned()]);
     let stopped = agent.stop().expect("agent stops");
     assert_eq!(stopped.counter("flows_opened"), 60 + 30 + 20 + 20 + 1);
@@ -391,7 +397,8 @@ fn every_member_of_a_reuseport_group_is_used_and_the_redirect_holds_while_one_li
 #[test]
 fn a_registration_deleted_behind_the_agents_back_is_back_within_2_s() {
     let t = topology();
-    let _live_store = Server::start(&t.l, "[::]:9095", "live-store").expect("listens");
+    let _live_store =
+        Server::start(&t.l, &format!("[::]:{LISTEN}"), "live-store").expect("listens");
     let agent = t.agent(&[]);
     assert_eq!(
         request(&t.q, &v4(ADVERTISE), b"x").expect("served").server,
@@ -412,7 +419,7 @@ fn a_registration_deleted_behind_the_agents_back_is_back_within_2_s() {
         stopped
             .stderr
             .iter()
-            .any(|l| l.contains("registered listener [::]:9095")),
+            .any(|l| l.contains(&format!("registered listener [::]:{LISTEN}"))),
         "the repair is logged: {:?}",
         stopped.stderr
     );
@@ -421,7 +428,7 @@ fn a_registration_deleted_behind_the_agents_back_is_back_within_2_s() {
 #[test]
 fn the_agents_copy_of_an_existing_listener_never_keeps_the_port_bound() {
     let t = topology();
-    let live_store = Server::start(&t.l, "[::]:9095", "early").expect("listens");
+    let live_store = Server::start(&t.l, &format!("[::]:{LISTEN}"), "early").expect("listens");
     let agent = t.agent(&[]);
     assert_eq!(
         request(&t.q, &v4(ADVERTISE), b"x").expect("served").server,
@@ -435,7 +442,7 @@ fn the_agents_copy_of_an_existing_listener_never_keeps_the_port_bound() {
     live_store.stop();
     // Had the agent kept its copy, the port would still be listening here.
     let again =
-        t.l.run(|| std::net::TcpListener::bind("[::]:9095"))
+        t.l.run(|| std::net::TcpListener::bind(format!("[::]:{LISTEN}")))
             .expect("the port is free once the live-store closed it");
     drop(again);
     assert_refused(request(&t.q, &v4(ADVERTISE), b"x"), "nothing listens");

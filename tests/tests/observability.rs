@@ -123,7 +123,8 @@ fn traffic(s: &Setup, agent: &Agent) -> (Server, u64, u64) {
         request(&s.q, &addr, b"x").is_err(),
         "no live-store listens yet: the connection is refused"
     );
-    let live_store = Server::start(&s.l, "[::]:9095", "live-store").expect("live-store listens");
+    let live_store =
+        Server::start(&s.l, &format!("[::]:{LISTEN}"), "live-store").expect("live-store listens");
     agent.wait_registered(1);
     let (mut received, mut sent) = (0, 0);
     for i in 0..N {

@@ -76,15 +76,15 @@ fn reuseport_listener(t: &Topology, v6only: bool) -> std::net::TcpListener {
         s.listen(128)?;
         Ok(s.into())
     })
-    .expect("listen on [::]:9095 with SO_REUSEPORT")
+    .expect("listen on every address with SO_REUSEPORT")
 }
 
-/// A live-store stand-in process listening on `[::]:9095` in `t.l`.
+/// A live-store stand-in process listening on `[::]:LISTEN` in `t.l`.
 fn stand_in(t_l: &Netns, name: &str) -> Process {
     Process::start(
         t_l,
         env!("CARGO_BIN_EXE_live-store-standin"),
-        &["[::]:9095", name],
+        &[&format!("[::]:{LISTEN}"), name],
         &[],
     )
     .expect("the stand-in starts")
@@ -237,7 +237,7 @@ fn members_beyond_the_slots_are_registered_as_soon_as_the_registered_ones_close(
             Process::start(
                 &t.l,
                 env!("CARGO_BIN_EXE_live-store-standin"),
-                &["[::]:9095", &name, "--reuseport"],
+                &[&format!("[::]:{LISTEN}"), &name, "--reuseport"],
                 &[],
             )
             .expect("the stand-in starts"),
@@ -275,7 +275,8 @@ fn members_beyond_the_slots_are_registered_as_soon_as_the_registered_ones_close(
 #[test]
 fn a_bind_kind_lost_to_a_concurrent_write_costs_no_connection() {
     let t = Topology::new();
-    let _live_store = Server::start(&t.l, "[::]:9095", "live-store").expect("listens");
+    let _live_store =
+        Server::start(&t.l, &format!("[::]:{LISTEN}"), "live-store").expect("listens");
     let agent = t.agent(&[]);
     agent.wait_registered(1);
     let mut redirects: aya::maps::HashMap<MapData, NsPort, RedirectTarget> =

@@ -224,49 +224,58 @@ fn check_and_agent_judge_every_live_store_of_this_node() {
     let wrong = netns_with("ring-port", WRONG_PORT_IP);
     let nol = netns_with("ring-nol", NO_LISTENER_IP);
     let unserved = netns_with("ring-uns", NOT_SERVED_IP);
-    let _ok_server = Server::start(&ok, "[::]:9095", "ok").expect("listens");
-    let _wrong_server = Server::start(&wrong, "[::]:9095", "wrong").expect("listens");
-    let _unserved_server = Server::start(&unserved, "[::]:9095", "unserved").expect("listens");
+    let _ok_server = Server::start(&ok, &format!("[::]:{LISTEN}"), "ok").expect("listens");
+    let _wrong_server = Server::start(&wrong, &format!("[::]:{LISTEN}"), "wrong").expect("listens");
+    let _unserved_server =
+        Server::start(&unserved, &format!("[::]:{LISTEN}"), "unserved").expect("listens");
     // Already listening with MPTCP when the agent arrives: a listener the
     // kernel cannot be handed, which the registry reports (reason `mptcp`).
     let mptcp = Process::start(
         &nol,
         env!("CARGO_BIN_EXE_live-store-standin"),
-        &["[::]:9095", "mptcp", "--mptcp"],
+        &[&format!("[::]:{LISTEN}"), "mptcp", "--mptcp"],
         &[],
     )
     .expect("MPTCP stand-in");
     assert!(mptcp.ready.contains("with mptcp"), "{}", mptcp.ready);
 
     let ring = page(&[
-        shard("live-store-zone-a-0", &format!("{OK_IP}:12345"), "zone-a"),
+        shard(
+            "live-store-zone-a-0",
+            &format!("{OK_IP}:{ADVERTISE}"),
+            "zone-a",
+        ),
         // instance_port unset: the ring says the listen port.
         shard(
             "live-store-zone-a-1",
-            &format!("{WRONG_PORT_IP}:9095"),
+            &format!("{WRONG_PORT_IP}:{LISTEN}"),
             "zone-a",
         ),
         shard(
             "live-store-zone-b-0",
-            &format!("{NO_LISTENER_IP}:12345"),
+            &format!("{NO_LISTENER_IP}:{ADVERTISE}"),
             "zone-b",
         ),
         shard(
             "live-store-zone-b-1",
-            &format!("{NOT_SERVED_IP}:12345"),
+            &format!("{NOT_SERVED_IP}:{ADVERTISE}"),
             "zone-b",
         ),
         shard(
             "live-store-zone-c-0",
-            &format!("{ELSEWHERE_IP}:12345"),
+            &format!("{ELSEWHERE_IP}:{ADVERTISE}"),
             "zone-c",
         ),
     ]);
     let pair = page(&[
-        shard("live-store-zone-a-0", &format!("{OK_IP}:12345"), "zone-a"),
+        shard(
+            "live-store-zone-a-0",
+            &format!("{OK_IP}:{ADVERTISE}"),
+            "zone-a",
+        ),
         shard(
             "live-store-zone-a-1",
-            &format!("{WRONG_PORT_IP}:9095"),
+            &format!("{WRONG_PORT_IP}:{LISTEN}"),
             "zone-a",
         ),
     ]);
@@ -313,28 +322,31 @@ fn check_and_agent_judge_every_live_store_of_this_node() {
     assert_eq!(out.lines().count(), 1 + 4 * 3, "{out}");
     let served = line(&out, "PASS  live-store-zone-a-0 served");
     assert!(
-        served.contains(&format!("{OK_IP}:12345 (ACTIVE) in {}", path(&ok))),
+        served.contains(&format!("{OK_IP}:{ADVERTISE} (ACTIVE) in {}", path(&ok))),
         "{served}"
     );
     assert!(served.contains("pinned sk_lookup link"), "{served}");
     line(&out, "PASS  live-store-zone-a-0 port");
     assert!(
-        line(&out, "PASS  live-store-zone-a-0 listener")
-            .contains("live-store listener registered on 9095: [::]:9095 (1 socket)"),
+        line(&out, "PASS  live-store-zone-a-0 listener").contains(&format!(
+            "live-store listener registered on {LISTEN}: [::]:{LISTEN} (1 socket)"
+        )),
         "{out}"
     );
 
     line(&out, "PASS  live-store-zone-a-1 served");
     let port = line(&out, "FAIL  live-store-zone-a-1 port");
     assert!(
-        port.contains(
-            "the ring advertises 9095, the live-store's own listen port (server.grpc_listen_port): \
-             live_store.ring.instance_port is unset, so queriers dial 9095 directly and nothing is redirected"
-        ),
+        port.contains(&format!(
+            "the ring advertises {LISTEN}, the live-store's own listen port (server.grpc_listen_port): \
+             live_store.ring.instance_port is unset, so queriers dial {LISTEN} directly and nothing is redirected"
+        )),
         "{port}"
     );
     assert!(
-        port.contains("; fix: set `live_store.ring.instance_port: 12345`"),
+        port.contains(&format!(
+            "; fix: set `live_store.ring.instance_port: {ADVERTISE}`"
+        )),
         "{port}"
     );
     line(&out, "PASS  live-store-zone-a-1 listener");
@@ -368,8 +380,9 @@ fn check_and_agent_judge_every_live_store_of_this_node() {
     // listener in a namespace nobody serves.
     line(&out, "PASS  live-store-zone-b-1 port");
     assert!(
-        line(&out, "FAIL  live-store-zone-b-1 listener")
-            .contains("a listener on 9095 is not registered: the namespace is not served"),
+        line(&out, "FAIL  live-store-zone-b-1 listener").contains(&format!(
+            "a listener on {LISTEN} is not registered: the namespace is not served"
+        )),
         "{out}"
     );
     assert!(
@@ -412,8 +425,8 @@ fn check_and_agent_judge_every_live_store_of_this_node() {
         .iter()
         .find(|s| s["id"] == "live-store-zone-a-1")
         .expect("a-1");
-    assert_eq!(a1["advertised_port"], 9095);
-    assert_eq!(a1["advertise_ports"], serde_json::json!([12345]));
+    assert_eq!(a1["advertised_port"], LISTEN);
+    assert_eq!(a1["advertise_ports"], serde_json::json!([ADVERTISE]));
     assert_eq!(a1["served"], true);
     assert_eq!(a1["zone"], "zone-a");
     assert_eq!(a1["netns"], path(&wrong).as_str());
@@ -423,7 +436,7 @@ fn check_and_agent_judge_every_live_store_of_this_node() {
     assert!(a1["checks"][1]["fix"]
         .as_str()
         .expect("fix")
-        .contains("instance_port: 12345"));
+        .contains(&format!("instance_port: {ADVERTISE}")));
 
     // One good and one misconfigured live-store.
     let pair_url = tempo.url("/pair/live-store/ring");
@@ -498,7 +511,9 @@ fn check_and_agent_judge_every_live_store_of_this_node() {
         .expect("logged");
     assert!(wrong_port_line.contains("wrong_port"), "{wrong_port_line}");
     assert!(
-        wrong_port_line.contains("fix: set `live_store.ring.instance_port: 12345`"),
+        wrong_port_line.contains(&format!(
+            "fix: set `live_store.ring.instance_port: {ADVERTISE}`"
+        )),
         "{wrong_port_line}"
     );
 }
@@ -566,7 +581,7 @@ fn a_ring_that_cannot_be_read_gets_one_line() {
 #[test]
 fn the_agent_logs_a_ring_error_once_and_counts_each() {
     let l = Netns::new("ring-err").expect("netns");
-    let _live_store = Server::start(&l, "[::]:9095", "live-store").expect("listens");
+    let _live_store = Server::start(&l, &format!("[::]:{LISTEN}"), "live-store").expect("listens");
     let tempo = Tempo::start(vec![]);
     let url = tempo.url("/flaky/live-store/ring");
     let agent = Agent::start(&[
@@ -596,7 +611,9 @@ fn the_agent_logs_a_ring_error_once_and_counts_each() {
     );
     // The agent kept serving meanwhile.
     assert_eq!(
-        request(&l, "127.0.0.1:12345", b"x").expect("served").server,
+        request(&l, &format!("127.0.0.1:{ADVERTISE}"), b"x")
+            .expect("served")
+            .server,
         "live-store"
     );
 

@@ -25,7 +25,7 @@ use super::{
     plan::Plan,
     servers::LiveStore,
     stats::{ratio, spread, Spread},
-    topology::{self, BYSTANDER_PORT, LIVE_STORE_V4},
+    topology::{self, Topology, BYSTANDER_PORT, LIVE_STORE_V4},
     workloads::{self, Querier, Spec, CRR_WARMUP},
 };
 
@@ -93,7 +93,10 @@ impl Bystander {
 pub fn measure(plan: &Plan, env: &Env) -> Result<Bystander> {
     // Their own pair: the agent serves the topology's live-store namespace,
     // never these.
-    let (client_ns, server_ns) = topology::pair("bq", "bs")?;
+    let Topology {
+        q: client_ns,
+        l: server_ns,
+    } = topology::pair("bq", "bs")?;
     for ns in [&client_ns, &server_ns] {
         topology::tune_for_crr(ns)?;
     }
@@ -116,12 +119,7 @@ pub fn measure(plan: &Plan, env: &Env) -> Result<Bystander> {
             );
             let before: HashSet<u32> = bpf::run_stats().iter().map(|p| p.id).collect();
             let agent = if running {
-                Some(agent::launch(
-                    env.agent,
-                    &[&env.topo.live_store],
-                    &[],
-                    &dir,
-                )?)
+                Some(agent::launch(env.agent, &[&env.topo.l], &[], &dir)?)
             } else {
                 None
             };

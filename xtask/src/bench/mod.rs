@@ -45,7 +45,6 @@ use anyhow::{Context, Result};
 use paths::Env;
 use plan::Plan;
 use report::Results;
-use topology::Topology;
 use workloads::Querier;
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -154,9 +153,9 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
             None
         }
     };
-    let topo = Topology::create()?;
-    let live_store = servers::LiveStore::start(&topo.live_store)?;
-    let querier = Querier::new(&topo.querier)?;
+    let topo = topology::create()?;
+    let live_store = servers::LiveStore::start(&topo.l)?;
+    let querier = Querier::new(&topo.q)?;
     let workloads = plan.workloads();
     let env = Env {
         topo: &topo,

@@ -35,7 +35,7 @@ pub fn measure(env: &Env, querier: &Querier, slot: Duration) -> Result<Vec<ProgP
         let ids = bpf::new_programs(&before);
         let pid = running.pid();
         let addr = Topology::live_store_addr(Redirector.port());
-        workloads::wait_reachable(&env.topo.querier, addr, Duration::from_secs(15))?;
+        workloads::wait_reachable(&env.topo.q, addr, Duration::from_secs(15))?;
         let _stats = bpf::RunStats::enable()?;
         let mut out = Vec::new();
         for (name, spec) in [("crr", Spec::Crr), ("rr-64B", Spec::Rr { size: 64 })] {

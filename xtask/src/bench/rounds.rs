@@ -45,7 +45,7 @@ pub fn select(
         };
         statuses.push(PathStatus {
             name: path.name().into(),
-            what: path.what().into(),
+            what: path.what(),
             measured: status.is_none(),
             note: status.unwrap_or_default(),
         });
@@ -86,7 +86,7 @@ pub fn measure(
                 .with_context(|| format!("starting path {}", path.name()))?;
             let result = (|| -> Result<()> {
                 let addr = Topology::live_store_addr(path.port());
-                workloads::wait_reachable(&env.topo.querier, addr, Duration::from_secs(15))?;
+                workloads::wait_reachable(&env.topo.q, addr, Duration::from_secs(15))?;
                 for w in workloads {
                     std::thread::sleep(SETTLE);
                     let m = slot_of(querier, w, path.name(), repeat, addr, slot, &mut merged)?;

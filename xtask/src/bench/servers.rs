@@ -1,5 +1,5 @@
-//! The live-store stand-in: one listening socket on `[::]:9095` in the
-//! live-store namespace (dual-stack, like Go's `net.Listen("tcp", ":9095")`),
+//! The live-store stand-in: one listening socket on `[::]:LISTEN_PORT` in the
+//! live-store namespace (dual-stack, like Go's `net.Listen("tcp", ":PORT")`),
 //! so every path ends at the same socket, the one redirector hands
 //! connections to. A connection that opens with the HTTP/2 preface goes to the
 //! tonic gRPC server; anything else is echoed back (raw RR/CRR workloads).

@@ -1,52 +1,34 @@
-//! The bench's two network namespaces (querier and live-store) joined by a veth
-//! pair, and the ways to run code or commands inside them. Everything undoes
-//! itself on drop, so a failed or panicking run leaves no namespace behind.
-
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+//! The bench's two network namespaces (querier and live-store): the tests'
+//! [`Topology`], with its addresses and veth, under a prefix of the bench's
+//! own; and the ways to run code inside them pinned to a CPU. Everything
+//! undoes itself on drop, so a failed or panicking run leaves no namespace
+//! behind.
 
 use anyhow::{Context, Result};
+use redirector_tests::Families;
 
-/// RFC 2544 benchmarking addresses, used only inside the bench's namespaces
-/// (which have no route anywhere else).
-pub const QUERIER_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-pub const LIVE_STORE_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub use redirector_tests::{netns::Netns, Topology, LIVE_STORE_V4, QUERIER_V4};
 /// The agent's default ports, which the proxies and nftables use too.
-pub const ADVERTISE_PORT: u16 = redirector_tests::ADVERTISE;
-pub const LISTEN_PORT: u16 = redirector_tests::LISTEN;
+pub use redirector_tests::{ADVERTISE as ADVERTISE_PORT, LISTEN as LISTEN_PORT};
+
 /// A pod that is neither a live-store nor a querier (a web server, say): what
 /// the bystander workload's server listens on, in namespaces the agent does
 /// not serve.
 pub const BYSTANDER_PORT: u16 = 8080;
 
-/// Every bench namespace is `rdb-<pid>-<n>-<tag>`.
+/// Every bench namespace is `rdb-<pid>-<n>-<tag>`: a run killed with SIGKILL
+/// leaves them behind, and the next run removes them by this prefix without
+/// touching a test's.
 const PREFIX: &str = "rdb-";
 
-pub use redirector_tests::netns::Netns;
-
-/// Querier and live-store namespaces joined by `vq <-> vl` (IPv4 only: every
-/// path is measured over the same family).
-pub struct Topology {
-    pub querier: Netns,
-    pub live_store: Netns,
-}
-
-impl Topology {
-    pub fn create() -> Result<Self> {
-        redirector_tests::netns::remove_stale(PREFIX);
-        let (querier, live_store) = pair("q", "ls")?;
-        for ns in [&querier, &live_store] {
-            tune_for_crr(ns)?;
-        }
-        Ok(Self {
-            querier,
-            live_store,
-        })
+/// The bench's querier (`q`) and live-store (`ls`) namespaces, tuned for CRR.
+pub fn create() -> Result<Topology> {
+    redirector_tests::netns::remove_stale(PREFIX);
+    let topo = pair("q", "ls")?;
+    for ns in [&topo.q, &topo.l] {
+        tune_for_crr(ns)?;
     }
-
-    /// Where a querier dials for `port` on the live-store.
-    pub fn live_store_addr(port: u16) -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(LIVE_STORE_V4), port)
-    }
+    Ok(topo)
 }
 
 /// CRR opens tens of thousands of short connections per second; the closing
@@ -60,13 +42,10 @@ pub fn tune_for_crr(ns: &Netns) -> Result<()> {
 
 /// A querier-side and a live-store-side namespace (tagged `q` and `ls`)
 /// joined by a veth pair with the bench's addresses, nothing else set up:
-/// [`Topology`]'s pair, or another one addressed alike (the SYN flood's).
-pub fn pair(q: &str, ls: &str) -> Result<(Netns, Netns)> {
-    let querier = Netns::with_prefix(PREFIX, q)?;
-    let live_store = Netns::with_prefix(PREFIX, ls)?;
-    let (q4, l4) = (format!("{QUERIER_V4}/24"), format!("{LIVE_STORE_V4}/24"));
-    redirector_tests::netns::veth((&querier, &[&q4]), (&live_store, &[&l4]))?;
-    Ok((querier, live_store))
+/// [`create`]'s pair, or another one addressed alike (the SYN flood's). IPv4
+/// only: every path is measured over the same family.
+pub fn pair(q: &str, ls: &str) -> Result<Topology> {
+    Topology::create(PREFIX, (q, ls), Families::V4)
 }
 
 /// A multi-threaded tokio runtime whose worker threads live in `ns`: sockets

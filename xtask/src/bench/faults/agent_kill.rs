@@ -70,13 +70,13 @@ fn kill_once(s: &mut Scenario, topo: &Topology, bin: &Path, work: &Path, pin: bo
         "agent-kill-{}",
         if pin { "pinned" } else { "unpinned" }
     ));
-    let server = Listener::start(&topo.live_store)?;
+    let server = Listener::start(&topo.l)?;
     let extra: &[&str] = if pin { &["--pin"] } else { &[] };
     let before = bpf::program_ids();
-    let first = agent::launch(bin, &[&topo.live_store], extra, &dir)?;
+    let first = agent::launch(bin, &[&topo.l], extra, &dir)?;
     let ours = bpf::new_programs(&before);
     let target = Topology::live_store_addr(ADVERTISE_PORT);
-    let load = Load::start(&topo.querier, target, None, Some(QUERIER_CPU));
+    let load = Load::start(&topo.q, target, None, Some(QUERIER_CPU));
     thread::sleep(Duration::from_secs(1));
     let killed = Instant::now();
     // Returns once the agent has exited (and the kernel closed its fds).
@@ -87,7 +87,7 @@ fn kill_once(s: &mut Scenario, topo: &Topology, bin: &Path, work: &Path, pin: bo
     let mut unloaded = None;
     let mut stayed = true;
     while killed.elapsed() < Duration::from_millis(200) || (!pin && unloaded.is_none()) {
-        let now = attached(&topo.live_store);
+        let now = attached(&topo.l);
         let all = ours.iter().all(|id| now.contains(id));
         stayed &= all;
         if detached.is_none() && ours.iter().all(|id| !now.contains(id)) {
@@ -109,7 +109,7 @@ fn kill_once(s: &mut Scenario, topo: &Topology, bin: &Path, work: &Path, pin: bo
         thread::sleep(wait);
     }
     let restarted = Instant::now();
-    let second = agent::launch(bin, &[&topo.live_store], extra, &dir)?;
+    let second = agent::launch(bin, &[&topo.l], extra, &dir)?;
     let ready = Instant::now();
     let adopted =
         agent::printed(&second, "adopted sock_ops") && agent::printed(&second, "adopted sk_lookup");
@@ -182,8 +182,7 @@ fn kill_once(s: &mut Scenario, topo: &Topology, bin: &Path, work: &Path, pin: bo
     // yet written out). Unpinned, the ring dies with the agent: what it held
     // is lost, uncounted, and so is its records_dropped counter.
     let (counts, broken) = read_flow_log(&agent::flow_log(&dir));
-    let delivered =
-        records(&counts, "open", &topo.live_store) + records(&counts, "close", &topo.live_store);
+    let delivered = records(&counts, "open", &topo.l) + records(&counts, "close", &topo.l);
     let dropped = count(&stopped, "records_dropped")?;
     let expected = if pin {
         count(&stopped, "flows_opened")? + count(&stopped, "flows_closed")?

@@ -51,7 +51,7 @@ pub struct Listener {
 impl Listener {
     pub fn start(ns: &Netns) -> Result<Self> {
         // std binds with SO_REUSEADDR and listens before returning; [::] is
-        // dual-stack, like Go's ":9095".
+        // dual-stack, like Go's ":PORT".
         let listener = ns.try_run(|| {
             TcpListener::bind(("::", LISTEN_PORT))
                 .with_context(|| format!("bind [::]:{LISTEN_PORT}"))

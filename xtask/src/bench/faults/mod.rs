@@ -31,7 +31,7 @@ use super::{
     packages,
     report::{self, Machine},
     stats::spread,
-    topology::{Netns, Topology},
+    topology::{self, Netns},
     BenchArgs, WorkDir,
 };
 
@@ -143,7 +143,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
             None
         }
     };
-    let topo = Topology::create()?;
+    let topo = topology::create()?;
     let mut scenarios = Vec::new();
     for name in chosen {
         eprintln!("bench: faults: {name}");

@@ -105,14 +105,14 @@ pub fn run(
 }
 
 fn relisten_cycles(topo: &Topology, target: SocketAddr) -> Result<(Vec<Cycle>, Vec<Attempt>)> {
-    let mut server = Listener::start(&topo.live_store)?;
-    let load = Load::start(&topo.querier, target, None, Some(QUERIER_CPU));
+    let mut server = Listener::start(&topo.l)?;
+    let load = Load::start(&topo.q, target, None, Some(QUERIER_CPU));
     let mut cycles = Vec::new();
     for _ in 0..RESTARTS {
         thread::sleep(UP);
         let down = Instant::now();
         server.stop();
-        server = Listener::start(&topo.live_store)?;
+        server = Listener::start(&topo.l)?;
         cycles.push(Cycle {
             down,
             listened: server.listened,
@@ -129,14 +129,14 @@ fn kill_cycles(
     target: SocketAddr,
     program: &Path,
 ) -> Result<(Vec<Cycle>, Vec<Attempt>)> {
-    let (mut process, _) = LiveStoreProcess::start(&topo.live_store, program)?;
-    let load = Load::start(&topo.querier, target, None, Some(QUERIER_CPU));
+    let (mut process, _) = LiveStoreProcess::start(&topo.l, program)?;
+    let load = Load::start(&topo.q, target, None, Some(QUERIER_CPU));
     let mut cycles = Vec::new();
     for _ in 0..RESTARTS {
         thread::sleep(UP);
         let down = Instant::now();
         process.kill();
-        let (next, listened) = LiveStoreProcess::start(&topo.live_store, program)?;
+        let (next, listened) = LiveStoreProcess::start(&topo.l, program)?;
         process = next;
         cycles.push(Cycle { down, listened });
     }

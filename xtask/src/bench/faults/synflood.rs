@@ -33,11 +33,11 @@ pub fn run(topo: &Topology, bin: &Path, work: &Path) -> Result<Scenario> {
         ),
     );
     // The flood's own pair of namespaces, addressed like the bench's pair.
-    let (fq, fl) = topology::pair("fq", "fl")?;
-    let healthy = Listener::start(&topo.live_store)?;
+    let Topology { q: fq, l: fl } = topology::pair("fq", "fl")?;
+    let healthy = Listener::start(&topo.l)?;
     let dir = work.join("synflood");
     let before = bpf::program_ids();
-    let served = agent::launch(bin, &[&topo.live_store, &fl], &[], &dir)?;
+    let served = agent::launch(bin, &[&topo.l, &fl], &[], &dir)?;
     let ours = bpf::new_programs(&before);
     let flood_progs = redirector_tests::sk_lookup_programs(&fl);
     let target = Topology::live_store_addr(ADVERTISE_PORT);
@@ -45,7 +45,7 @@ pub fn run(topo: &Topology, bin: &Path, work: &Path) -> Result<Scenario> {
     let s0 = bpf::run_stats();
     let cpu0 = process_cpu_secs(served.pid());
     let load = Load::start(
-        &topo.querier,
+        &topo.q,
         target,
         Some(Duration::from_nanos(1_000_000_000 / HEALTHY_RATE)),
         None,
@@ -148,8 +148,8 @@ pub fn run(topo: &Topology, bin: &Path, work: &Path) -> Result<Scenario> {
         "",
     );
     let (opens, closes) = (
-        records(&counts, "open", &topo.live_store),
-        records(&counts, "close", &topo.live_store),
+        records(&counts, "open", &topo.l),
+        records(&counts, "close", &topo.l),
     );
     s.add(
         case,

@@ -20,8 +20,8 @@ impl PathUnderTest for Direct {
         NAME
     }
 
-    fn what(&self) -> &'static str {
-        "querier dials 9095 itself: the physical limit"
+    fn what(&self) -> String {
+        format!("querier dials {LISTEN_PORT} itself: the physical limit")
     }
 
     fn available(&self, _agent: &std::path::Path) -> std::result::Result<(), String> {

@@ -17,8 +17,8 @@ impl PathUnderTest for Envoy {
         NAME
     }
 
-    fn what(&self) -> &'static str {
-        "Envoy tcp_proxy to 127.0.0.1:9095"
+    fn what(&self) -> String {
+        format!("Envoy tcp_proxy to 127.0.0.1:{LISTEN_PORT}")
     }
 
     fn available(&self, _agent: &Path) -> std::result::Result<(), String> {
@@ -30,7 +30,7 @@ impl PathUnderTest for Envoy {
 
     fn start(&self, env: &Env) -> Result<Box<dyn Running>> {
         let (dir, conf) = proxy_dir(env, NAME, "envoy.yaml", |_| config())?;
-        let mut cmd = env.topo.live_store.command("envoy");
+        let mut cmd = env.topo.l.command("envoy");
         cmd.arg("-c").arg(&conf).args(["--concurrency", "2"]);
         Ok(Box::new(Unverified {
             name: NAME,
@@ -77,15 +77,18 @@ static_resources:
 mod tests {
     #[test]
     fn config_names_the_ports() {
+        use super::{ADVERTISE_PORT, LISTEN_PORT};
         let c = super::config();
         assert!(
-            c.contains("- address: {socket_address: {address: 0.0.0.0, port_value: 12345}}\n"),
+            c.contains(&format!(
+                "- address: {{socket_address: {{address: 0.0.0.0, port_value: {ADVERTISE_PORT}}}}}\n"
+            )),
             "{c}"
         );
         assert!(
-            c.contains(
-                "- endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 9095}}}\n"
-            ),
+            c.contains(&format!(
+                "- endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {LISTEN_PORT}}}}}}}\n"
+            )),
             "{c}"
         );
     }

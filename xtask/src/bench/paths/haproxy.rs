@@ -22,8 +22,8 @@ impl PathUnderTest for Haproxy {
         NAME
     }
 
-    fn what(&self) -> &'static str {
-        "HAProxy mode tcp to 127.0.0.1:9095"
+    fn what(&self) -> String {
+        format!("HAProxy mode tcp to 127.0.0.1:{LISTEN_PORT}")
     }
 
     fn available(&self, _agent: &Path) -> std::result::Result<(), String> {
@@ -32,7 +32,7 @@ impl PathUnderTest for Haproxy {
 
     fn start(&self, env: &Env) -> Result<Box<dyn Running>> {
         let (dir, conf) = proxy_dir(env, NAME, "haproxy.cfg", config)?;
-        let mut cmd = env.topo.live_store.command("haproxy");
+        let mut cmd = env.topo.l.command("haproxy");
         cmd.arg("-f").arg(&conf).arg("-db");
         let child = spawn(NAME, cmd, &dir)?;
         Ok(Box::new(Started { child, dir }))

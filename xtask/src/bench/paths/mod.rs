@@ -64,7 +64,7 @@ pub trait PathUnderTest: Sync {
     fn name(&self) -> &'static str;
 
     /// One line for the report's path table.
-    fn what(&self) -> &'static str;
+    fn what(&self) -> String;
 
     /// Whether this machine can run it; `Err` says why not.
     fn available(&self, agent: &Path) -> std::result::Result<(), String>;

@@ -21,8 +21,8 @@ impl PathUnderTest for Nftables {
         NAME
     }
 
-    fn what(&self) -> &'static str {
-        "nat prerouting `redirect to :9095` (conntrack on)"
+    fn what(&self) -> String {
+        format!("nat prerouting `redirect to :{LISTEN_PORT}` (conntrack on)")
     }
 
     fn available(&self, _agent: &std::path::Path) -> std::result::Result<(), String> {
@@ -30,7 +30,7 @@ impl PathUnderTest for Nftables {
     }
 
     fn start(&self, env: &Env) -> Result<Box<dyn Running>> {
-        let ns = &env.topo.live_store.name;
+        let ns = &env.topo.l.name;
         if nft(ns, &["list", "tables"])?.contains("nat") {
             bail!("a nat table already exists in {ns}");
         }
@@ -132,7 +132,9 @@ mod tests {
 
     #[test]
     fn parses_the_rule_counter() {
-        let nft = "table ip rdb_nat {\n chain prerouting {\n tcp dport 12345 counter packets 12 bytes 720 redirect to :9095\n }\n}";
-        assert_eq!(parse_nft_packets(nft), Some(12));
+        let nft = format!(
+            "table ip rdb_nat {{\n chain prerouting {{\n tcp dport {ADVERTISE_PORT} counter packets 12 bytes 720 redirect to :{LISTEN_PORT}\n }}\n}}"
+        );
+        assert_eq!(parse_nft_packets(&nft), Some(12));
     }
 }

@@ -19,8 +19,8 @@ impl PathUnderTest for Nginx {
         NAME
     }
 
-    fn what(&self) -> &'static str {
-        "nginx stream proxy_pass 127.0.0.1:9095 (access log on)"
+    fn what(&self) -> String {
+        format!("nginx stream proxy_pass 127.0.0.1:{LISTEN_PORT} (access log on)")
     }
 
     fn available(&self, _agent: &Path) -> std::result::Result<(), String> {
@@ -34,7 +34,7 @@ impl PathUnderTest for Nginx {
 
     fn start(&self, env: &Env) -> Result<Box<dyn Running>> {
         let (dir, conf) = proxy_dir(env, NAME, "nginx.conf", config)?;
-        let mut cmd = env.topo.live_store.command("nginx");
+        let mut cmd = env.topo.l.command("nginx");
         cmd.arg("-p").arg(&dir).arg("-c").arg(&conf);
         cmd.args(["-g", "daemon off;"]);
         let child = spawn(NAME, cmd, &dir)?;

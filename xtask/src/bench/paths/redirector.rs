@@ -9,7 +9,10 @@ use anyhow::{Context, Result};
 use redirector_tests::Agent;
 
 use super::{Env, PathUnderTest, Proof, Running};
-use crate::bench::{agent, bpf};
+use crate::bench::{
+    agent, bpf,
+    topology::{ADVERTISE_PORT, LISTEN_PORT},
+};
 
 pub const NAME: &str = "redirector";
 
@@ -20,8 +23,8 @@ impl PathUnderTest for Redirector {
         NAME
     }
 
-    fn what(&self) -> &'static str {
-        "sk_lookup hands 12345 to the 9095 listener (flow logging on)"
+    fn what(&self) -> String {
+        format!("sk_lookup hands {ADVERTISE_PORT} to the {LISTEN_PORT} listener (flow logging on)")
     }
 
     fn available(&self, agent: &Path) -> std::result::Result<(), String> {
@@ -46,7 +49,7 @@ impl Redirector {
     /// profile needs its pid.
     pub fn launch(env: &Env) -> Result<Started> {
         Ok(Started {
-            agent: agent::launch(env.agent, &[&env.topo.live_store], &[], env.work)?,
+            agent: agent::launch(env.agent, &[&env.topo.l], &[], env.work)?,
             flow_log: agent::flow_log_args(env.work),
         })
     }
@@ -93,6 +96,6 @@ impl Running for Started {
     fn program_cost(&self, env: &Env, repeat: u32) -> Option<Result<Vec<bpf::ProgCost>>> {
         // From inside the live-store namespace, where the lookups it fakes
         // would arrive.
-        Some(env.topo.live_store.try_run(|| bpf::measure(repeat, 5)))
+        Some(env.topo.l.try_run(|| bpf::measure(repeat, 5)))
     }
 }

@@ -26,8 +26,8 @@ impl PathUnderTest for TokioProxy {
         NAME
     }
 
-    fn what(&self) -> &'static str {
-        "tokio copy_bidirectional to 127.0.0.1:9095"
+    fn what(&self) -> String {
+        format!("tokio copy_bidirectional to 127.0.0.1:{LISTEN_PORT}")
     }
 
     fn available(&self, _agent: &Path) -> std::result::Result<(), String> {
@@ -35,7 +35,7 @@ impl PathUnderTest for TokioProxy {
     }
 
     fn start(&self, env: &Env) -> Result<Box<dyn Running>> {
-        let ls = &env.topo.live_store;
+        let ls = &env.topo.l;
         let listener = ls.try_run(|| {
             std::net::TcpListener::bind(("::", ADVERTISE_PORT))
                 .with_context(|| format!("bind [::]:{ADVERTISE_PORT}"))

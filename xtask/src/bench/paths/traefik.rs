@@ -17,8 +17,8 @@ impl PathUnderTest for Traefik {
         NAME
     }
 
-    fn what(&self) -> &'static str {
-        "Traefik TCP router to 127.0.0.1:9095"
+    fn what(&self) -> String {
+        format!("Traefik TCP router to 127.0.0.1:{LISTEN_PORT}")
     }
 
     fn available(&self, _agent: &Path) -> std::result::Result<(), String> {
@@ -30,7 +30,7 @@ impl PathUnderTest for Traefik {
 
     fn start(&self, env: &Env) -> Result<Box<dyn Running>> {
         let (dir, dynamic) = proxy_dir(env, NAME, "dynamic.yaml", |_| config())?;
-        let mut cmd = env.topo.live_store.command("traefik");
+        let mut cmd = env.topo.l.command("traefik");
         cmd.arg(format!("--entrypoints.rdb.address=:{ADVERTISE_PORT}"))
             .arg(format!("--providers.file.filename={}", dynamic.display()));
         Ok(Box::new(Unverified {
@@ -70,6 +70,7 @@ tcp:
 mod tests {
     #[test]
     fn config_names_the_port() {
-        assert!(super::config().contains("- address: \"127.0.0.1:9095\"\n"));
+        let address = format!("- address: \"127.0.0.1:{}\"\n", super::LISTEN_PORT);
+        assert!(super::config().contains(&address));
     }
 }
