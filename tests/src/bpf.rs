@@ -97,7 +97,7 @@ pub fn sk_lookup_programs(ns: &Netns) -> Vec<u32> {
 /// agent attaches its own for the tests' in-process live-stores) and to the
 /// cgroup v2 root (`--sock-ops-cgroup root`).
 pub fn sock_ops_programs() -> Vec<u32> {
-    let root = redirector::bpf::cgroup::cgroup2_mount().expect("a cgroup2 mount");
+    let root = redirector::sys::cgroup::cgroup2_mount().expect("a cgroup2 mount");
     let own = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
     let own = own
         .lines()

@@ -51,7 +51,7 @@ pub fn enter_test_cgroup() {
         {
             return;
         }
-        let moved = redirector::bpf::cgroup::cgroup2_mount().and_then(|mount| {
+        let moved = redirector::sys::cgroup::cgroup2_mount().and_then(|mount| {
             let dir = mount.join(TEST_CGROUP);
             std::fs::create_dir_all(&dir)?;
             std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())?;
@@ -71,7 +71,7 @@ pub struct Cgroup {
 
 impl Cgroup {
     pub fn new(rel: &str) -> Result<Self> {
-        let path = redirector::bpf::cgroup::cgroup2_mount()?.join(rel);
+        let path = redirector::sys::cgroup::cgroup2_mount()?.join(rel);
         std::fs::create_dir_all(&path).with_context(|| format!("mkdir {}", path.display()))?;
         Ok(Self { path })
     }

@@ -71,7 +71,7 @@ impl Kubepods {
             0,
             "the kube_sandbox tests make cgroups: run them as root"
         );
-        let mount = redirector::bpf::cgroup::cgroup2_mount().expect("a cgroup2 mount");
+        let mount = redirector::sys::cgroup::cgroup2_mount().expect("a cgroup2 mount");
         let top = mount.join(format!(
             "redirector-test-kubepods-{}-{}",
             std::process::id(),

@@ -14,9 +14,8 @@ use std::{
 
 use aya::maps::MapData;
 use redirector::{
-    bpf::registry::Registry,
-    config::Redirect,
-    discovery::{netns::Netns as AgentNetns, sockdiag},
+    bpf::{registry::Registry, Redirect},
+    sys::{netns::Netns as AgentNetns, sockdiag},
 };
 use redirector_common::{
     ListenerKey, NsPort, RedirectTarget, BIND_V6_ANY, MAP_LISTENERS, MAP_REDIRECTS,
