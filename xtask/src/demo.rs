@@ -26,8 +26,7 @@ use anyhow::{bail, Context, Result};
 /// The namespace `cargo xtask run` makes (and removes, or removes at its next
 /// start if it was killed).
 pub const NETNS: &str = "redirector-run";
-const ADVERTISE: u16 = 12345;
-const LISTEN: u16 = 9095;
+use redirector_tests::{ADVERTISE, LISTEN};
 
 /// A network namespace under /var/run/netns, removed on drop.
 struct Namespace;

@@ -80,8 +80,11 @@ fn seed(root: &Path, target: &str, corpus: &Path) -> Result<()> {
         ],
         "redirector_yaml" => vec![(
             "redirector.yaml",
-            "redirects:\n  - advertise_port: 12345\n    listen_port: 9095\ncgroup_pattern: kubepods\nflow_format: json\npin: true\n"
-                .to_owned(),
+            format!(
+                "redirects:\n  - advertise_port: {}\n    listen_port: {}\ncgroup_pattern: kubepods\nflow_format: json\npin: true\n",
+                redirector_tests::ADVERTISE,
+                redirector_tests::LISTEN
+            ),
         )],
         _ => Vec::new(),
     };
