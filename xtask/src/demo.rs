@@ -22,11 +22,11 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use redirector_tests::{ADVERTISE, LISTEN};
 
 /// The namespace `cargo xtask run` makes (and removes, or removes at its next
 /// start if it was killed).
 pub const NETNS: &str = "redirector-run";
-use redirector_tests::{ADVERTISE, LISTEN};
 
 /// A network namespace under /var/run/netns, removed on drop.
 struct Namespace;
