@@ -1,22 +1,27 @@
 //! redirector: Tempo live-store connections steered in the kernel.
 //!
-//! Module map, from the operator down to the kernel:
-//! - `cli`, `commands/`: the command line and one file per subcommand
-//!   (`run` sets the agent up and tears it down).
-//! - `agent`: the served set, kept current from listen events, process exits
-//!   and the resync; with `--kube`, from the pods the Kubernetes API selects.
-//! - `config/`: redirector.yaml, Tempo's config file, and the settings `run`
-//!   resolves from flags, files and defaults.
-//! - `discovery/`: network namespaces, their listening sockets (sock_diag) and
-//!   the processes that own them; which namespaces have a live-store (from
-//!   processes, or from the Kubernetes API and pod cgroups: `discovery/kube/`).
-//! - `bpf/`: the kernel object (build id), loading and attaching it, the
-//!   listener registry, pinned state, cgroup lookup and feature probes.
-//! - `flows/`: flow records from the kernel ring to the log and subscribers.
-//! - `telemetry`: /metrics, /healthz, /readyz.
-//! - `ring`: the Tempo live-store ring check.
-//! - `sys`: the system calls std and aya 0.14 do not wrap.
-//! - `error`: exit statuses.
+//! Module map, in layers from the operator down to the kernel. Data flows one
+//! way: a module imports only from the layers below its own (`layers.rs`
+//! checks every import), and each subsystem has its own error type.
+//! - `cli`: parses, sets up logging and the runtime, dispatches, exits.
+//! - `commands/`: one file (or folder) per subcommand, each owning its
+//!   arguments; `run/` resolves its arguments into settings, then starts,
+//!   serves and stops the agent.
+//! - `error`: exit statuses, from the subsystems' typed errors.
+//! - `agent/`: the owner of the served set, kept current from bind events,
+//!   verdicts, process exits, pods and the resync.
+//! - `config/`: the settings the agent runs with (`settings`), and the files
+//!   they come from (redirector.yaml's value rules, Tempo's config);
+//!   `config::Error`.
+//! - `telemetry/`: the agent's log, /metrics, /healthz, /readyz; `ring/`: the
+//!   Tempo live-store ring check.
+//! - `bpf/`: what a redirect is, the kernel object, loading and attaching it,
+//!   the listener registry, pinned state, feature probes (`probe::Missing`);
+//!   `discovery/`: which namespaces have a live-store (processes, or the
+//!   Kubernetes API and pod cgroups: `discovery/kube/`); `flows/`: flow
+//!   records from the kernel ring to the log and subscribers.
+//! - `sys/`: the kernel facade: system calls std and aya 0.14 do not wrap,
+//!   network namespaces (`netns::Error`), sock_diag, cgroups, socket owners.
 
 pub mod agent;
 pub mod bpf;
