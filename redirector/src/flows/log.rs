@@ -1002,6 +1002,77 @@ mod tests {
         }
     }
 
+    /// One record with every field, and one with the fewest (refused, IPv6,
+    /// from a namespace the agent does not know), pinned byte for byte in
+    /// every format, through both the reference path and the renderer.
+    #[test]
+    fn full_records_pinned_in_every_format() {
+        let recorder = Recorder {
+            namespaces: Arc::new(Mutex::new(HashMap::from([(
+                7,
+                NsInfo {
+                    name: "/var/run/netns/live store".to_owned(),
+                    listener: Some(Owner {
+                        pid: 42,
+                        comm: r#"tempo "ls""#.to_owned(),
+                    }),
+                    pod: Some("tempo/live-store-0".to_owned()),
+                },
+            )]))),
+            clock_offset_ns: 1_700_000_000_123_456_789,
+        };
+        let table = recorder.namespaces.lock().expect("lock").clone();
+        let close = event(EVENT_CLOSE);
+        let mut refused = event(EVENT_REFUSED);
+        refused.family = 10;
+        refused.netns_cookie = 8;
+        refused.remote_ip = [u32::to_be(0xfd00_5eed), 0, 0, u32::to_be(1)];
+        refused.local_ip = [u32::to_be(0xfd00_5eed), 0, 0, u32::to_be(2)];
+        for (e, format, want) in [
+            (
+                &close,
+                FlowFormat::Json,
+                r#"{"event":"close","time":"2023-11-14T22:13:21.123456Z","netns":"/var/run/netns/live store","netns_cookie":7,"pod":"tempo/live-store-0","client_addr":"198.18.0.1","client_port":40000,"local_addr":"198.18.0.2","advertise_port":12345,"listen_port":9095,"flow_id":99,"listener_pid":42,"listener_comm":"tempo \"ls\"","duration_ms":2.5,"bytes_received":10,"bytes_sent":20,"srtt_us":42,"retransmits":1,"end":"rst"}"#,
+            ),
+            (
+                &close,
+                FlowFormat::Logfmt,
+                r#"event=close time=2023-11-14T22:13:21.123456Z netns="/var/run/netns/live store" netns_cookie=7 pod=tempo/live-store-0 client_addr=198.18.0.1 client_port=40000 local_addr=198.18.0.2 advertise_port=12345 listen_port=9095 flow_id=99 listener_pid=42 listener_comm="tempo \"ls\"" duration_ms=2.5 bytes_received=10 bytes_sent=20 srtt_us=42 retransmits=1 end=rst"#,
+            ),
+            (
+                &close,
+                FlowFormat::Text,
+                "2023-11-14T22:13:21.123456Z close   tempo/live-store-0 198.18.0.1:40000 -> :12345 => :9095 2.500ms rx=10B tx=20B srtt=42us retrans=1 end=rst",
+            ),
+            (
+                &refused,
+                FlowFormat::Json,
+                r#"{"event":"refused","time":"2023-11-14T22:13:21.123456Z","netns":"cookie:8","netns_cookie":8,"client_addr":"fd00:5eed::1","client_port":40000,"local_addr":"fd00:5eed::2","advertise_port":12345,"listen_port":9095}"#,
+            ),
+            (
+                &refused,
+                FlowFormat::Logfmt,
+                "event=refused time=2023-11-14T22:13:21.123456Z netns=cookie:8 netns_cookie=8 client_addr=fd00:5eed::1 client_port=40000 local_addr=fd00:5eed::2 advertise_port=12345 listen_port=9095",
+            ),
+            (
+                &refused,
+                FlowFormat::Text,
+                "2023-11-14T22:13:21.123456Z refused cookie:8 [fd00:5eed::1]:40000 -> :12345 => :9095",
+            ),
+        ] {
+            let want = format!("{want}\n");
+            let record = recorder.record(e).expect("known kind");
+            let mut line = Vec::new();
+            write_line(&mut line, format, &record).expect("write");
+            assert_eq!(String::from_utf8_lossy(&line), want, "{format:?}");
+            let mut rendered = Vec::new();
+            let ns = table.get(&e.netns_cookie).map(Ns::new);
+            let offset = recorder.clock_offset_ns;
+            assert!(Renderer::default().render(&mut rendered, format, e, ns, offset));
+            assert_eq!(String::from_utf8_lossy(&rendered), want, "{format:?}");
+        }
+    }
+
     #[test]
     fn ipv6_addresses_round_trip() {
         let addr: Ipv6Addr = "fd00:5eed::1".parse().expect("addr");
