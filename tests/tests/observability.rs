@@ -23,7 +23,7 @@ use serde_json::Value;
 /// Redirected connections each test makes (besides one refused connection).
 const N: u64 = 5;
 
-/// The content types the agent serves (redirector/src/telemetry.rs).
+/// The content types the agent serves (redirector/src/telemetry/http.rs).
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const CLASSIC: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// What Prometheus 2.x sends in `Accept` when it scrapes.

@@ -4,20 +4,18 @@
 //! run), and the kernel's run-time statistics of every program (aya's
 //! `enable_stats` and `ProgramInfo::run_time`/`run_count`).
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 
 use anyhow::{bail, Context, Result};
+use redirector::sys::bpf::prog_test_run;
 use serde::Serialize;
 
 pub use redirector_tests::{PROG_SK_LOOKUP, PROG_SOCK_OPS};
 
 use super::topology::{ADVERTISE_PORT, LIVE_STORE_V4, QUERIER_V4};
 
-// BPF_PROG_TEST_RUN by hand: aya 0.14's `TestRun` covers socket filters,
-// tc, XDP, cgroup skb, flow dissector, raw tracepoint and fexit programs, not
-// sk_lookup, and only for programs it loaded itself (here: the agent's).
-
-/// `struct bpf_sk_lookup` (uapi/linux/bpf.h), as BPF_PROG_TEST_RUN takes it.
+/// `struct bpf_sk_lookup` (uapi/linux/bpf.h), the context BPF_PROG_TEST_RUN
+/// runs an sk_lookup program on.
 #[repr(C)]
 #[derive(Default)]
 struct SkLookupCtx {
@@ -33,30 +31,6 @@ struct SkLookupCtx {
     local_port: u32,
     ingress_ifindex: u32,
 }
-
-/// The `test` member of `union bpf_attr`.
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
-}
-
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ProgCost {
@@ -82,7 +56,7 @@ pub fn measure(repeat: u32, runs: usize) -> Result<Vec<ProgCost>> {
     let mut chosen = None;
     for info in &candidates {
         let fd = info.fd().context("program fd")?;
-        match test_run(fd.as_fd().as_raw_fd(), ADVERTISE_PORT, 1) {
+        match test_run(fd.as_fd(), ADVERTISE_PORT, 1) {
             Ok(_) => {
                 chosen = Some(fd);
                 break;
@@ -112,7 +86,7 @@ pub fn measure(repeat: u32, runs: usize) -> Result<Vec<ProgCost>> {
         let mut repeat = repeat;
         for _ in 0..runs.max(1) {
             let (r, ns) = loop {
-                match test_run(fd.as_fd().as_raw_fd(), port, repeat) {
+                match test_run(fd.as_fd(), port, repeat) {
                     // Seen on 6.18 for large repeat counts: retry with fewer runs.
                     Err(e) if repeat > 10_000 => {
                         eprintln!("bench: BPF_PROG_TEST_RUN x{repeat}: {e:#}; retrying with fewer");
@@ -135,7 +109,7 @@ pub fn measure(repeat: u32, runs: usize) -> Result<Vec<ProgCost>> {
     Ok(out)
 }
 
-fn test_run(fd: i32, port: u16, repeat: u32) -> Result<(u32, f64)> {
+fn test_run(prog: BorrowedFd<'_>, port: u16, repeat: u32) -> Result<(u32, f64)> {
     let ctx = SkLookupCtx {
         family: libc::AF_INET as u32,
         protocol: libc::IPPROTO_TCP as u32,
@@ -145,30 +119,9 @@ fn test_run(fd: i32, port: u16, repeat: u32) -> Result<(u32, f64)> {
         local_port: port as u32,
         ..Default::default()
     };
-    let mut attr = TestRunAttr {
-        prog_fd: fd as u32,
-        repeat,
-        ctx_size_in: std::mem::size_of::<SkLookupCtx>() as u32,
-        ctx_in: &ctx as *const SkLookupCtx as u64,
-        ..Default::default()
-    };
-    // SAFETY: bpf(2) with a correctly laid out, fully initialised attr whose
-    // ctx_in pointer stays valid for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRunAttr,
-            std::mem::size_of::<TestRunAttr>() as u32,
-        )
-    };
-    if rc != 0 {
-        bail!(
-            "BPF_PROG_TEST_RUN on {PROG_SK_LOOKUP}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok((attr.retval, attr.duration as f64))
+    let run = prog_test_run(prog, &ctx, repeat)
+        .with_context(|| format!("BPF_PROG_TEST_RUN on {PROG_SK_LOOKUP}"))?;
+    Ok((run.retval, run.duration_ns as f64))
 }
 
 /// Run-time statistics of redirector's programs: one definition, shared with
@@ -210,6 +163,5 @@ mod tests {
         // sizeof(struct bpf_sk_lookup) is 72 on every arch the kernel builds for.
         assert_eq!(std::mem::size_of::<SkLookupCtx>(), 72);
         assert_eq!(std::mem::offset_of!(SkLookupCtx, local_port), 60);
-        assert_eq!(std::mem::offset_of!(TestRunAttr, batch_size), 72);
     }
 }
