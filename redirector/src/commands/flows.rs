@@ -231,18 +231,9 @@ impl WireRecord {
     /// Back into the agent's record, so every format renders exactly as the
     /// agent's own log does.
     fn into_record(self) -> FlowRecord {
-        let event = match self.event.as_str() {
-            "open" => "open",
-            "close" => "close",
-            "refused" => "refused",
-            _ => "unknown",
-        };
-        let end = self.end.as_deref().map(|e| match e {
-            "fin" => "fin",
-            "rst" => "rst",
-            "aborted" => "aborted",
-            _ => "unknown",
-        });
+        // The names the agent writes, from the one place it takes them.
+        let event = log::event_named(&self.event);
+        let end = self.end.as_deref().map(log::end_named);
         FlowRecord {
             event,
             time: self.time,
@@ -536,6 +527,32 @@ mod tests {
             Line::Notice(Notice::Lost(3))
         ));
         assert!(parse_line("not json").is_err());
+    }
+
+    /// Every event and end the agent writes is read back as itself: an
+    /// update record once came out of `redirector flows` as "unknown".
+    #[test]
+    fn every_event_and_end_name_is_read_back_as_itself() {
+        for (event, end) in [
+            ("open", None),
+            ("update", None),
+            ("close", Some("fin")),
+            ("close", Some("rst")),
+            ("close", Some("aborted")),
+            ("refused", None),
+        ] {
+            let end_field = end.map(|e| format!(r#","end":"{e}""#)).unwrap_or_default();
+            let raw = format!(
+                r#"{{"event":"{event}","time":"t","netns":"n","netns_cookie":1,"client_addr":"198.18.0.1","client_port":1,"local_addr":"198.18.0.2","advertise_port":12345,"listen_port":9095{end_field}}}"#
+            );
+            let Line::Record(r) = parse_line(&raw).expect("parses") else {
+                panic!("not a record");
+            };
+            let record = r.into_record();
+            assert_eq!((record.event, record.end), (event, end), "{raw}");
+        }
+        assert_eq!(log::event_named("reset"), "unknown");
+        assert_eq!(log::end_named("timeout"), "unknown");
     }
 
     #[test]

@@ -17,7 +17,7 @@ mod format;
 mod record;
 mod render;
 
-pub use record::{FlowRecord, NsInfo, Recorder};
+pub use record::{end_named, event_named, FlowRecord, NsInfo, Recorder};
 pub use render::{Ns, Renderer};
 
 // The tests below name these through `super::*`, as when this was one file.

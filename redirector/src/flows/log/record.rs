@@ -151,6 +151,25 @@ pub(super) fn event_name(kind: u8) -> Option<&'static str> {
     }
 }
 
+/// A record read back (`redirector flows`): the wire's `event` as the name
+/// [`event_name`] gives it, "unknown" for any other.
+pub fn event_named(wire: &str) -> &'static str {
+    [EVENT_OPEN, EVENT_CLOSE, EVENT_UPDATE, EVENT_REFUSED]
+        .into_iter()
+        .filter_map(event_name)
+        .find(|name| *name == wire)
+        .unwrap_or("unknown")
+}
+
+/// The wire's `end` as the name [`end_name`] gives it, "unknown" for any other.
+pub fn end_named(wire: &str) -> &'static str {
+    [END_FIN, END_RST, END_ABORTED]
+        .into_iter()
+        .map(end_name)
+        .find(|name| *name == wire)
+        .unwrap_or("unknown")
+}
+
 pub(super) fn end_name(end: u8) -> &'static str {
     match end {
         END_FIN => "fin",
