@@ -4,7 +4,12 @@
 
 use std::process::ExitCode;
 
-use crate::{bpf::probe::Missing, config, flows::reader::FlowLogError, sys::netns};
+use crate::{
+    bpf::probe::Missing,
+    config,
+    flows::reader::FlowLogError,
+    sys::{netns, MissingCapabilities},
+};
 
 /// The command's own verdicts, where no subsystem error says it.
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +48,7 @@ pub fn exit_status(err: &anyhow::Error) -> u8 {
                 netns::Error::Io { .. } => 1,
             };
         }
-        if cause.is::<Missing>() {
+        if cause.is::<Missing>() || cause.is::<MissingCapabilities>() {
             return 3;
         }
     }
@@ -84,7 +89,8 @@ mod tests {
                 .into(),
                 1,
             ),
-            (Fatal::Environment("no CAP_BPF".into()).into(), 3),
+            (Fatal::Environment("no bpffs".into()).into(), 3),
+            (MissingCapabilities(vec![("CAP_BPF", "load")]).into(), 3),
         ];
         for (err, status) in cases {
             assert_eq!(exit_status(&err), status, "{err:#}");

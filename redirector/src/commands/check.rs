@@ -39,7 +39,7 @@ pub struct CheckArgs {
 pub fn main(args: CheckArgs) -> anyhow::Result<()> {
     use crate::error::Fatal;
     if let Some(url) = args.tempo_ring {
-        crate::commands::run::check_privileges()?;
+        crate::sys::require_capabilities()?;
         let report = crate::ring::check(&url)?;
         print!("{}", super::ring::render(&report, args.output));
         return if report.ok {

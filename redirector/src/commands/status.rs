@@ -62,7 +62,7 @@ pub fn main(args: StatusArgs) -> Result<()> {
 /// `redirector detach`: everything pinned removed; with --wait, then up until
 /// SIGTERM.
 pub async fn detach_main(args: DetachArgs) -> Result<()> {
-    crate::commands::run::check_privileges()?;
+    crate::sys::require_capabilities()?;
     print!("{}", detach(&PinLayout::default())?);
     if args.wait {
         use std::io::Write as _;

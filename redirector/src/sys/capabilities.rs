@@ -37,6 +37,26 @@ pub fn missing_capabilities() -> io::Result<Vec<(&'static str, &'static str)>> {
     Ok(missing_from(&effective))
 }
 
+/// The agent cannot run as it is: these capabilities are missing (exit 3).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "missing capabilities {}: run as root or grant them ({})",
+    .0.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
+    .0.iter().map(|(n, why)| format!("{n} to {why}")).collect::<Vec<_>>().join("; ")
+)]
+pub struct MissingCapabilities(pub Vec<(&'static str, &'static str)>);
+
+/// Ok when the calling thread has every required capability; else the
+/// missing ones, each with what it is for.
+pub fn require_capabilities() -> anyhow::Result<()> {
+    let missing = missing_capabilities()?;
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(MissingCapabilities(missing).into())
+    }
+}
+
 /// The required capabilities not in `effective`.
 fn missing_from(effective: &CapsHashSet) -> Vec<(&'static str, &'static str)> {
     REQUIRED_CAPABILITIES
@@ -91,6 +111,12 @@ mod tests {
         let some: CapsHashSet = [Capability::CAP_BPF, Capability::CAP_SYS_PTRACE].into();
         let names: Vec<_> = missing_from(&some).into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["CAP_NET_ADMIN", "CAP_SYS_ADMIN"]);
+        assert_eq!(
+            MissingCapabilities(missing_from(&some)).to_string(),
+            "missing capabilities CAP_NET_ADMIN, CAP_SYS_ADMIN: run as root or grant them \
+             (CAP_NET_ADMIN to attach sk_lookup to network namespaces and sock_ops to the cgroup; \
+             CAP_SYS_ADMIN to enter other network namespaces (setns) and pin to bpffs)"
+        );
         // The names operators read are the kernel's (and caps') own.
         for (cap, name, _) in REQUIRED_CAPABILITIES {
             assert_eq!(cap.to_string(), name);

@@ -42,7 +42,9 @@ pub use bpf::{
     BPF_CGROUP_INET6_POST_BIND, BPF_CGROUP_SOCK_OPS, BPF_LINK_TYPE_NETNS, BPF_NOEXIST,
     BPF_SK_LOOKUP,
 };
-pub use capabilities::{missing_capabilities, REQUIRED_CAPABILITIES};
+pub use capabilities::{
+    missing_capabilities, require_capabilities, MissingCapabilities, REQUIRED_CAPABILITIES,
+};
 pub use clock::monotonic_to_unix_offset_ns;
 pub use fs::{is_bpffs, open_path_in_root};
 pub use netns::{current_netns_cookie, in_netns};

@@ -22,8 +22,7 @@ use redirector_common::Counter;
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
-    agent::Agent, bpf::pins::PIN_ROOT, config::settings::Settings, error::Fatal, flows::sub, sys,
-    telemetry::Telemetry,
+    agent::Agent, bpf::pins::PIN_ROOT, config::settings::Settings, flows::sub, telemetry::Telemetry,
 };
 
 pub use serve::SIGHUP_IGNORED;
@@ -112,22 +111,4 @@ async fn stop(running: Running) {
             "flow records were dropped because the ring buffer was full (raise --flow-ring-bytes)"
         );
     }
-}
-
-pub fn check_privileges() -> Result<()> {
-    let missing = sys::missing_capabilities()?;
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let names: Vec<&str> = missing.iter().map(|(n, _)| *n).collect();
-    let reasons: Vec<String> = missing
-        .iter()
-        .map(|(n, why)| format!("{n} to {why}"))
-        .collect();
-    Err(Fatal::Environment(format!(
-        "missing capabilities {}: run as root or grant them ({})",
-        names.join(", "),
-        reasons.join("; ")
-    ))
-    .into())
 }

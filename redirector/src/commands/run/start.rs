@@ -13,7 +13,7 @@ use tokio::{
     sync::{mpsc, watch},
 };
 
-use super::{check_privileges, serve, Flows, Running};
+use super::{serve, Flows, Running};
 use crate::{
     agent::{self, Agent},
     bpf::{datapath::Datapath, pins::PinLayout, sockops::Scope},
@@ -53,7 +53,7 @@ pub(super) fn preflight(s: &Settings) -> Result<Output> {
             )));
         }
     }
-    check_privileges()?;
+    sys::require_capabilities()?;
     // A kernel below the minimum gets one line naming what it lacks (exit 3).
     crate::bpf::probe::require()?;
     reader::open_output(s.flow_log.as_deref(), s.flow_format)
