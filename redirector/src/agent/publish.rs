@@ -77,7 +77,7 @@ impl Agent {
         if let Err(e) = self.write_state() {
             tracing::warn!(
                 "writing {} (read by `redirector status`): {e:#}",
-                self.settings.state_file.display()
+                self.settings.state_file().display()
             );
         }
         Ok(())
@@ -158,7 +158,7 @@ impl Agent {
 
     pub(super) fn write_state(&mut self) -> Result<()> {
         self.published_inspector = self.inspector.summary();
-        let path = &self.settings.state_file;
+        let path = &self.settings.state_file();
         let tmp = path.with_extension("json.tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(&self.state())?)
             .with_context(|| format!("writing {}", tmp.display()))?;
@@ -167,6 +167,6 @@ impl Agent {
 
     /// Removes the state file: the agent is leaving.
     pub fn remove_state(&self) {
-        let _ = std::fs::remove_file(&self.settings.state_file);
+        let _ = std::fs::remove_file(self.settings.state_file());
     }
 }

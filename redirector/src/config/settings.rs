@@ -59,9 +59,6 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Where `redirector flows` subscribers connect.
     pub flows_socket: PathBuf,
-    /// What the agent serves and why, for `redirector status`: next to the
-    /// flows socket.
-    pub state_file: PathBuf,
 }
 
 impl Settings {
@@ -97,8 +94,14 @@ impl Settings {
             "flow_update_interval_secs": self.flow_update_interval.as_secs(),
             "log_format": self.log_format,
             "flows_socket": self.flows_socket,
-            "state_file": self.state_file,
+            "state_file": self.state_file(),
         })
+    }
+
+    /// What the agent serves and why, for `redirector status`: next to the
+    /// flows socket.
+    pub fn state_file(&self) -> PathBuf {
+        state_file(&self.flows_socket)
     }
 
     pub fn listen_ports(&self) -> Vec<u16> {

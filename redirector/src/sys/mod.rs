@@ -4,7 +4,7 @@
 //! openat2, statfs, fstat, clocks, the socket options it names) it is used,
 //! with no `unsafe` for it; the effective capabilities come from capget(2)
 //! through `caps`. The `unsafe` left is for plain syscalls rustix does not
-//! offer: bpf(2) (`bpf`) and getsockopt `SO_NETNS_COOKIE` (`sockopt`).
+//! offer: bpf(2) (`bpf`) and getsockopt `SO_NETNS_COOKIE` (`netns`).
 //!
 //! - `bpf`: bpf(2) commands aya 0.14 lacks, each `union bpf_attr` layout once;
 //! - `netns`: a network namespace to serve (`netns::Error`), running code

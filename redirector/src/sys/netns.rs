@@ -7,7 +7,7 @@ use std::{
     fs::File,
     io,
     os::{
-        fd::{AsFd, BorrowedFd},
+        fd::{AsFd, AsRawFd, BorrowedFd},
         unix::fs::MetadataExt,
     },
     path::{Path, PathBuf},
@@ -19,7 +19,28 @@ use rustix::{
     thread::LinkNameSpaceType,
 };
 
-use super::sockopt::netns_cookie;
+/// `SO_NETNS_COOKIE` (Linux 5.14), not in every libc crate release.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// `SO_NETNS_COOKIE` of a socket: the namespace it lives in.
+pub(super) fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut value: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) with out-pointers to a live u64 and its length.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut value as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
 
 /// Why a network namespace cannot be served.
 #[derive(Debug, thiserror::Error)]

@@ -1,38 +1,14 @@
-//! What a socket is, from its options: `SO_NETNS_COOKIE` is the one option
-//! here rustix has no accessor for (and it offers no raw getsockopt).
+//! What a socket is, from its options (its namespace's cookie comes from
+//! `netns`, the one option rustix has no accessor for).
 
-use std::{
-    io,
-    os::fd::{AsRawFd, BorrowedFd},
-};
+use std::{io, os::fd::BorrowedFd};
 
 use rustix::net::sockopt;
 
-/// `SO_NETNS_COOKIE` (Linux 5.14), not in every libc crate release.
-const SO_NETNS_COOKIE: libc::c_int = 71;
+use super::netns::netns_cookie;
 
 /// `IPPROTO_MPTCP`: what Go >= 1.24 listens with by default.
 pub const IPPROTO_MPTCP: i32 = 262;
-
-/// `SO_NETNS_COOKIE` of a socket: the namespace it lives in.
-pub(super) fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut value: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt(2) with out-pointers to a live u64 and its length.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut value as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(value)
-}
 
 /// What a socket fd copied from another process is, checked before it is
 /// registered: the copy may no longer be the socket sock_diag reported (the
@@ -62,6 +38,8 @@ pub fn socket_facts(fd: BorrowedFd<'_>) -> io::Result<SocketFacts> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd;
+
     use std::{
         fs::File,
         net::{TcpListener, UdpSocket},

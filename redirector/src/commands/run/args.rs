@@ -15,7 +15,7 @@ use crate::{
     config::{
         self,
         settings::{
-            state_file, KubeSettings, Settings, DEFAULT_LISTENER_GRACE_SECS, DEFAULT_METRICS_ADDR,
+            KubeSettings, Settings, DEFAULT_LISTENER_GRACE_SECS, DEFAULT_METRICS_ADDR,
             DEFAULT_RESYNC_SECS,
         },
         values,
@@ -466,7 +466,6 @@ pub fn resolve(args: RunArgs) -> Result<Settings> {
                 .unwrap_or(redirector_common::DEFAULT_FLOW_UPDATE_SECS),
         ),
         log_format: args.log_format.unwrap_or_default(),
-        state_file: state_file(&flows_socket),
         flows_socket,
     })
 }

@@ -48,11 +48,8 @@ pub async fn run(s: Settings, dry_run: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&s.describe())?);
         return Ok(());
     }
-    let output = start::preflight(&s)?;
-    // Signals first: a SIGTERM that arrives while attaching still ends cleanly.
-    let mut signals = serve::Signals::new()?;
-    let mut running = start::start(s, output).await?;
-    serve::serve(&mut running, &mut signals).await;
+    let mut running = start::start(s).await?;
+    serve::serve(&mut running).await;
     stop(running).await;
     Ok(())
 }

@@ -2,10 +2,7 @@
 //! verdicts, pod and sandbox events, namespace witnesses' exits, the tick)
 //! handed to the agent, until SIGTERM or SIGINT.
 
-use tokio::{
-    signal::unix::{signal, Signal, SignalKind},
-    sync::mpsc,
-};
+use tokio::{signal::unix::Signal, sync::mpsc};
 
 use super::Running;
 use crate::{
@@ -20,25 +17,17 @@ const TICK: std::time::Duration = std::time::Duration::from_secs(1);
 /// What the agent logs on SIGHUP: the settings are read once, at the start.
 pub const SIGHUP_IGNORED: &str = "SIGHUP ignored: restart to apply config changes";
 
+/// SIGTERM and SIGINT end the loop; SIGHUP is logged (its default action
+/// would end the process).
 pub(super) struct Signals {
-    term: Signal,
-    int: Signal,
-    hup: Signal,
+    pub term: Signal,
+    pub int: Signal,
+    pub hup: Signal,
 }
 
-impl Signals {
-    pub(super) fn new() -> std::io::Result<Self> {
-        Ok(Self {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-            // SIGHUP's default action ends the process: handled, it only logs.
-            hup: signal(SignalKind::hangup())?,
-        })
-    }
-}
-
-/// The loop's inputs besides signals and the tick.
+/// The loop's inputs besides the tick.
 pub(super) struct Events {
+    pub signals: Signals,
     pub listen: mpsc::Receiver<Vec<redirector_common::ListenEvent>>,
     pub verdicts: mpsc::UnboundedReceiver<Verdict>,
     pub pods: Option<mpsc::Receiver<kube::watch::PodEvent>>,
@@ -46,7 +35,7 @@ pub(super) struct Events {
     pub exits: mpsc::UnboundedReceiver<u64>,
 }
 
-pub(super) async fn serve(running: &mut Running, signals: &mut Signals) {
+pub(super) async fn serve(running: &mut Running) {
     let Running {
         agent,
         events,
@@ -56,9 +45,9 @@ pub(super) async fn serve(running: &mut Running, signals: &mut Signals) {
     let mut tick = tokio::time::interval(TICK);
     loop {
         tokio::select! {
-            _ = signals.term.recv() => { tracing::info!("SIGTERM received"); break; }
-            _ = signals.int.recv() => { tracing::info!("SIGINT received"); break; }
-            _ = signals.hup.recv() => tracing::warn!("{SIGHUP_IGNORED}"),
+            _ = events.signals.term.recv() => { tracing::info!("SIGTERM received"); break; }
+            _ = events.signals.int.recv() => { tracing::info!("SIGINT received"); break; }
+            _ = events.signals.hup.recv() => tracing::warn!("{SIGHUP_IGNORED}"),
             Some(batch) = events.listen.recv() => {
                 agent.on_listen(&batch);
                 agent.on_pending();

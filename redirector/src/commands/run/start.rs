@@ -10,6 +10,7 @@ use std::{
 use anyhow::Result;
 use tokio::{
     io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
     sync::{mpsc, watch},
 };
 
@@ -40,11 +41,11 @@ const LISTEN_BATCHES: usize = 64;
 const POD_EVENTS: usize = 256;
 
 /// The flow log, opened, and its format.
-pub(super) type Output = (FlowOut, crate::flows::log::FlowFormat);
+type Output = (FlowOut, crate::flows::log::FlowFormat);
 
 /// What must hold before anything is opened, loaded or attached: each failure
 /// is one line and leaves nothing behind.
-pub(super) fn preflight(s: &Settings) -> Result<Output> {
+fn preflight(s: &Settings) -> Result<Output> {
     for path in &s.netns {
         if !path.exists() {
             return Err(usage(format!(
@@ -59,7 +60,14 @@ pub(super) fn preflight(s: &Settings) -> Result<Output> {
     reader::open_output(s.flow_log.as_deref(), s.flow_format)
 }
 
-pub(super) async fn start(s: Settings, (flow_out, flow_format): Output) -> Result<Running> {
+pub(super) async fn start(s: Settings) -> Result<Running> {
+    let (flow_out, flow_format) = preflight(&s)?;
+    // Signals first: a SIGTERM that arrives while attaching still ends cleanly.
+    let signals = serve::Signals {
+        term: signal(SignalKind::terminate())?,
+        int: signal(SignalKind::interrupt())?,
+        hup: signal(SignalKind::hangup())?,
+    };
     let namespaces = s
         .netns
         .iter()
@@ -171,6 +179,7 @@ pub(super) async fn start(s: Settings, (flow_out, flow_format): Output) -> Resul
         agent,
         telemetry,
         events: serve::Events {
+            signals,
             listen,
             verdicts,
             pods,
