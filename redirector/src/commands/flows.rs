@@ -11,7 +11,6 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use serde::Deserialize;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::UnixStream,
@@ -174,7 +173,7 @@ pub struct Filter {
 }
 
 impl Filter {
-    fn matches(&self, r: &WireRecord) -> bool {
+    fn matches(&self, r: &FlowRecord) -> bool {
         let netns =
             self.netns.is_empty() || self.netns.iter().any(|n| r.netns.contains(n.as_str()));
         let event = self.events.is_empty() || self.events.iter().any(|e| e.name() == r.event);
@@ -203,64 +202,9 @@ impl Filter {
     }
 }
 
-/// A flow record as the agent sends it: [`FlowRecord`] with owned strings.
-#[derive(Debug, Deserialize)]
-struct WireRecord {
-    event: String,
-    time: String,
-    netns: String,
-    netns_cookie: u64,
-    pod: Option<String>,
-    client_addr: String,
-    client_port: u16,
-    local_addr: String,
-    advertise_port: u16,
-    listen_port: u16,
-    flow_id: Option<u64>,
-    listener_pid: Option<i32>,
-    listener_comm: Option<String>,
-    duration_ms: Option<f64>,
-    bytes_received: Option<u64>,
-    bytes_sent: Option<u64>,
-    srtt_us: Option<u32>,
-    retransmits: Option<u32>,
-    end: Option<String>,
-}
-
-impl WireRecord {
-    /// Back into the agent's record, so every format renders exactly as the
-    /// agent's own log does.
-    fn into_record(self) -> FlowRecord {
-        // The names the agent writes, from the one place it takes them.
-        let event = log::event_named(&self.event);
-        let end = self.end.as_deref().map(log::end_named);
-        FlowRecord {
-            event,
-            time: self.time,
-            netns: self.netns,
-            netns_cookie: self.netns_cookie,
-            pod: self.pod,
-            client_addr: self.client_addr,
-            client_port: self.client_port,
-            local_addr: self.local_addr,
-            advertise_port: self.advertise_port,
-            listen_port: self.listen_port,
-            flow_id: self.flow_id,
-            listener_pid: self.listener_pid,
-            listener_comm: self.listener_comm,
-            duration_ms: self.duration_ms,
-            bytes_received: self.bytes_received,
-            bytes_sent: self.bytes_sent,
-            srtt_us: self.srtt_us,
-            retransmits: self.retransmits,
-            end,
-        }
-    }
-}
-
 /// One line from the agent.
 enum Line {
-    Record(Box<WireRecord>),
+    Record(Box<FlowRecord>),
     Notice(Notice),
 }
 
@@ -282,11 +226,11 @@ fn print(
     out: &mut impl Write,
     format: FlowFormat,
     raw: &str,
-    record: WireRecord,
+    record: FlowRecord,
 ) -> io::Result<()> {
     match format {
         FlowFormat::Json => writeln!(out, "{raw}"),
-        _ => log::write_line(out, format, &record.into_record()),
+        _ => log::write_line(out, format, &record),
     }
 }
 
@@ -319,7 +263,7 @@ pub async fn follow(args: FlowsArgs) -> Result<()> {
         .await
         .with_context(|| format!("writing to {}", path.display()))?;
     let mut lines = BufReader::new(stream).lines();
-    let mut replay: VecDeque<(String, WireRecord)> = VecDeque::new();
+    let mut replay: VecDeque<(String, FlowRecord)> = VecDeque::new();
     let mut live = false;
     let stdout = io::stdout();
     let result = async {
@@ -436,7 +380,7 @@ mod tests {
         assert!(parse_client("10.0.0.0/x").unwrap_err().contains("0-32"));
     }
 
-    fn wire(event: &str, netns: &str, client: &str) -> WireRecord {
+    fn wire(event: &str, netns: &str, client: &str) -> FlowRecord {
         let line = format!(
             r#"{{"event":"{event}","time":"2026-01-01T00:00:00.000000Z","netns":"{netns}","netns_cookie":7,"client_addr":"{client}","client_port":4000,"local_addr":"198.18.0.2","advertise_port":12345,"listen_port":9095}}"#
         );
@@ -512,7 +456,7 @@ mod tests {
             panic!("not a record");
         };
         // Every field survives: re-serialized, it is the agent's line again.
-        let record = r.into_record();
+        let record = r;
         let mut json = Vec::new();
         log::write_line(&mut json, FlowFormat::Json, &record).expect("json");
         assert_eq!(String::from_utf8(json).expect("utf8").trim_end(), raw);
@@ -548,7 +492,7 @@ mod tests {
             let Line::Record(r) = parse_line(&raw).expect("parses") else {
                 panic!("not a record");
             };
-            let record = r.into_record();
+            let record = r;
             assert_eq!((record.event, record.end), (event, end), "{raw}");
         }
         assert_eq!(log::event_named("reset"), "unknown");
@@ -562,7 +506,7 @@ mod tests {
 
     #[test]
     fn pods_are_matched_by_name_or_namespace_slash_name_and_by_namespace() {
-        let with_pod = |pod: &str| -> WireRecord {
+        let with_pod = |pod: &str| -> FlowRecord {
             let line = format!(
                 r#"{{"event":"open","time":"2026-01-01T00:00:00.000000Z","netns":"/proc/1/ns/net","netns_cookie":7,"pod":"{pod}","client_addr":"198.18.0.1","client_port":4000,"local_addr":"198.18.0.2","advertise_port":12345,"listen_port":9095,"flow_id":42}}"#
             );
@@ -589,7 +533,7 @@ mod tests {
         assert!(!namespace.matches(&with_pod("tempo-dev/live-store-1")));
         assert!(!namespace.matches(&wire("open", "/var/run/netns/ls", "198.18.0.1")));
         // The flow id and pod survive the trip back into a record.
-        let r = with_pod("tempo/live-store-0").into_record();
+        let r = with_pod("tempo/live-store-0");
         assert_eq!(r.flow_id, Some(42));
         assert_eq!(r.pod.as_deref(), Some("tempo/live-store-0"));
     }

@@ -11,16 +11,24 @@ use std::{
 use redirector_common::{
     FlowEvent, END_ABORTED, END_FIN, END_RST, EVENT_CLOSE, EVENT_OPEN, EVENT_REFUSED, EVENT_UPDATE,
 };
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use super::fields::{ip, HasFields, Key, Value};
 use crate::sys::owners::Owner;
 
+/// One of the names the agent writes (an event, an end). An alias, not
+/// `&'static str` spelled out, so serde does not take it as borrowed from the
+/// input it reads.
+pub type Name = &'static str;
+
 /// One flow record. The formats write its fields in `fields`' order, which
-/// is also this struct's (serde's), so its JSON is the same either way.
-#[derive(Serialize, Debug)]
+/// is also this struct's (serde's), so its JSON is the same either way; the
+/// same struct reads a record back (`redirector flows`), its names mapped to
+/// the ones the agent writes.
+#[derive(Serialize, Deserialize, Debug)]
 pub struct FlowRecord {
-    pub event: &'static str,
+    #[serde(deserialize_with = "event_from_wire")]
+    pub event: Name,
     pub time: String,
     pub netns: String,
     pub netns_cookie: u64,
@@ -51,8 +59,20 @@ pub struct FlowRecord {
     pub srtt_us: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retransmits: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub end: Option<&'static str>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "end_from_wire"
+    )]
+    pub end: Option<Name>,
+}
+
+fn event_from_wire<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+    Ok(event_named(&String::deserialize(d)?))
+}
+
+fn end_from_wire<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'static str>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.as_deref().map(end_named))
 }
 
 /// Every string is looked at for escapes: a record from the wire may hold
