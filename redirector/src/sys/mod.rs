@@ -19,8 +19,8 @@
 //! - `fs`: openat2 confined to a root, and bpffs;
 //! - `clock`: the monotonic clock's offset to Unix time.
 //!
-//! The flat `sys::name` paths below are the ones callers used before the
-//! split; both they and `sys::bpf::name` (and so on) work.
+//! The system calls and what they return are re-exported here
+//! (`sys::in_netns`), so callers name the facade rather than its files.
 
 pub mod bpf;
 pub mod capabilities;
